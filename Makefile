@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv lint test demo crd docs clean
+
+# CPU torch 2.13.0 goes in first: a range that accepts it then installs nothing more, while a
+# plain `torch` would pull a multi-GB CUDA build (see docs/development.md).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[operator,trainer,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check operator trainer-image tests
+	$(BIN)/ruff format --check operator trainer-image tests
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest
+
+# Regenerate the checked-in CRD and API reference from the pydantic models.
+crd: venv
+	$(BIN)/kubetune crd --output crds/kubetune.dev_finetunejobs.yaml
+docs: venv
+	$(BIN)/kubetune api-docs --output docs/api.md
+
+demo: venv
+	@echo "make demo arrives with the trainer (issue 3): 'kubetune run examples/quickstart.yaml'."
+	@echo "Until then: $(BIN)/kubetune validate examples/*.yaml"
+	$(BIN)/kubetune validate examples/*.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
