@@ -1,0 +1,181 @@
+"""The contract between the operator and the trainer.
+
+Operator -> trainer: a `TrainerConfig` (the resolved spec, the run id and the output prefix),
+mounted from a ConfigMap. Trainer -> operator: a `TrainerResult`, written as compact JSON to the
+pod's termination message (at most 4,096 bytes) and in full to `result.json` in storage. The
+trainer's exit code says how it ended, so that a Job's podFailurePolicy can stop retrying
+failures that a retry cannot fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import Field
+
+from kubetune.api.base import ApiModel
+from kubetune.api.resource import API_VERSION, FineTuneJob
+from kubetune.api.spec import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_VIRTUAL_TOKENS,
+    LORA_METHODS,
+    VIRTUAL_TOKEN_METHODS,
+    FineTuneJobSpec,
+    LoraSpec,
+    QuantizationSpec,
+)
+from kubetune.api.status import Artifacts, GateResult, MetricsStatus
+from kubetune.api.types import RUN_ID_LENGTH
+
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class ExitCode(IntEnum):
+    """How the trainer process ended."""
+
+    SUCCEEDED = 0
+    RUNTIME_ERROR = 1  # anything a retry may fix: OOM, preemption, storage hiccup
+    INVALID_SPEC = 2  # the config cannot work; a retry would fail the same way
+    DATA_ERROR = 3  # the dataset is unreadable or empty; a retry would fail the same way
+    GATES_FAILED = 4  # trained and evaluated, but a gate failed; nothing promoted
+
+
+def make_run_id(uid: str, generation: int) -> str:
+    """The run id of one generation of one FineTuneJob: stable across operator restarts."""
+    return hashlib.sha256(f"{uid}/{generation}".encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def child_name(job_name: str, run_id: str) -> str:
+    """The name of the Job and ConfigMap of a run (at most 63 characters by construction)."""
+    return f"{job_name}-{run_id}"
+
+
+def run_prefix(output_uri: str, run_id: str) -> str:
+    """Where one run's checkpoints and artifacts go."""
+    return f"{output_uri.rstrip('/')}/runs/{run_id}"
+
+
+def resolve_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
+    """Fill the per-method defaults so the trainer gets a config with no open choices."""
+    method = spec.method
+    hp = spec.hyperparameters
+    method_updates: dict[str, object] = {}
+    if method.type in LORA_METHODS and method.lora is None:
+        method_updates["lora"] = LoraSpec()
+    if method.type == "qlora" and method.quantization is None:
+        method_updates["quantization"] = QuantizationSpec()
+    if method.type in VIRTUAL_TOKEN_METHODS and method.virtual_tokens is None:
+        method_updates["virtual_tokens"] = DEFAULT_VIRTUAL_TOKENS
+    hp_updates: dict[str, object] = {}
+    if hp.epochs is None and hp.max_steps is None:
+        hp_updates["epochs"] = DEFAULT_EPOCHS
+    if hp.learning_rate is None:
+        hp_updates["learning_rate"] = DEFAULT_LEARNING_RATE[method.type]
+    if hp.micro_batch_size is None:
+        hp_updates["micro_batch_size"] = hp.batch_size
+    if hp.gradient_checkpointing is None:
+        hp_updates["gradient_checkpointing"] = method.type in ("qlora", "full")
+    return spec.model_copy(
+        update={
+            "method": method.model_copy(update=method_updates),
+            "hyperparameters": hp.model_copy(update=hp_updates),
+        }
+    )
+
+
+class TrainerConfig(ApiModel):
+    """What the operator hands the trainer: one run of one FineTuneJob, fully resolved."""
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(
+        default=API_VERSION, alias="apiVersion", description="apiVersion is kubetune.dev/v1alpha1."
+    )
+    kind: Literal["TrainerConfig"] = Field(
+        default="TrainerConfig", description="kind is TrainerConfig."
+    )
+    job_name: str = Field(description="jobName is the FineTuneJob's name.")
+    namespace: str | None = Field(
+        default=None, description="namespace is the FineTuneJob's namespace."
+    )
+    run_id: str = Field(
+        pattern=rf"^[0-9a-f]{{{RUN_ID_LENGTH}}}$", description="runId names this run."
+    )
+    output_prefix: str = Field(description="outputPrefix is <output.uri>/runs/<runId>.")
+    spec: FineTuneJobSpec = Field(description="spec is the resolved FineTuneJob spec.")
+    metrics_port: int = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="metricsPort serves Prometheus metrics; 0 turns them off.",
+    )
+    termination_message_path: str | None = Field(
+        default=None, description="terminationMessagePath receives the compact result when set."
+    )
+
+    @classmethod
+    def for_job(cls, job: FineTuneJob, run_id: str, **fields: object) -> TrainerConfig:
+        return cls(
+            job_name=job.metadata.name,
+            namespace=job.metadata.namespace,
+            run_id=run_id,
+            output_prefix=run_prefix(job.spec.output.uri, run_id),
+            spec=resolve_spec(job.spec),
+            **fields,
+        )
+
+
+Outcome = Literal["Succeeded", "GatesFailed", "Failed"]
+
+
+class TrainerResult(ApiModel):
+    """What the trainer reports back when it ends."""
+
+    run_id: str = Field(description="runId is the run this result belongs to.")
+    outcome: Outcome = Field(description="outcome is Succeeded, GatesFailed or Failed.")
+    exit_code: ExitCode = Field(description="exitCode is the trainer's exit code.")
+    message: str = Field(default="", description="message says what happened, in one line.")
+    steps: int | None = Field(default=None, ge=0, description="steps is the optimizer steps done.")
+    epochs: float | None = Field(
+        default=None, ge=0, description="epochs is the fractional epochs done."
+    )
+    train_seconds: float | None = Field(
+        default=None, ge=0, description="trainSeconds is training wall time."
+    )
+    metrics: MetricsStatus | None = Field(
+        default=None, description="metrics of the final evaluation."
+    )
+    gates: list[GateResult] = Field(default_factory=list, description="gates are the verdicts.")
+    artifacts: Artifacts | None = Field(default=None, description="artifacts are the output URIs.")
+    promoted: bool = Field(
+        default=False, description="promoted is whether latest.json now names this run."
+    )
+    truncated: bool = Field(
+        default=False,
+        description=(
+            "truncated is set when fields were dropped to fit the termination message; see "
+            "result.json."
+        ),
+    )
+
+    def to_termination_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+        """Compact JSON that fits the kubelet's termination message, shedding detail if needed."""
+        candidate = self
+        for shed in (
+            {},
+            {"message": self.message[:512]},
+            {"artifacts": Artifacts(manifest_uri=(self.artifacts or Artifacts()).manifest_uri)},
+            {"message": self.message[:128]},
+        ):
+            if shed:
+                candidate = candidate.model_copy(update={**shed, "truncated": True})
+            text = _compact(candidate)
+            if len(text.encode()) <= limit:
+                return text
+        raise ValueError(f"result does not fit a {limit}-byte termination message")
+
+
+def _compact(model: ApiModel) -> str:
+    return json.dumps(model.model_dump(mode="json", exclude_none=True), separators=(",", ":"))

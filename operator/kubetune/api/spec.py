@@ -1,0 +1,620 @@
+"""`FineTuneJob.spec`: what to tune, on what data, how, how to judge it and where to put it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kubetune.api.base import ApiModel, Rule
+from kubetune.api.types import (
+    DatasetUri,
+    DnsLabel,
+    DnsSubdomain,
+    ModelUri,
+    OutputUri,
+    Quantity,
+    ResourceName,
+)
+
+MethodType = Literal["lora", "qlora", "dora", "ia3", "prefix", "prompt", "full"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+DatasetFormat = Literal["auto", "alpaca", "chat", "completion", "text"]
+Metric = Literal["loss", "perplexity", "rougeL", "bleu", "exactMatch"]
+LrScheduler = Literal[
+    "linear", "cosine", "cosineWithRestarts", "polynomial", "constant", "constantWithWarmup"
+]
+
+LORA_METHODS = ("lora", "qlora", "dora")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
+UNMERGEABLE_METHODS = ("prefix", "prompt")
+# Metrics where a lower value is better; gate improvements are measured the other way round.
+LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
+
+# Learning rates a practitioner starts from, per method (LoRA/QLoRA papers, PEFT examples).
+DEFAULT_LEARNING_RATE: dict[str, float] = {
+    "lora": 2e-4,
+    "qlora": 2e-4,
+    "dora": 2e-4,
+    "ia3": 3e-3,
+    "prefix": 1e-2,
+    "prompt": 3e-2,
+    "full": 2e-5,
+}
+DEFAULT_EPOCHS = 3
+DEFAULT_VIRTUAL_TOKENS = 20
+
+
+class ModelSpec(ApiModel):
+    """The base model to tune."""
+
+    uri: ModelUri = Field(
+        description=(
+            "uri is where the base model comes from: hf://ORG/NAME (Hugging Face Hub), "
+            "s3://, gs:// or az:// (a prefix holding a saved model), file:///path (a local "
+            "directory), or any of these pointing at a single .gguf file."
+        )
+    )
+    revision: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="revision is the branch, tag or commit of an hf:// model; default: main.",
+    )
+    dtype: Dtype = Field(
+        default="auto",
+        description=(
+            "dtype is the precision the model weights are loaded in; auto picks bfloat16 on "
+            "GPUs that support it and float32 elsewhere."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description=(
+            "trustRemoteCode allows running modelling code shipped with the model. Leave off "
+            "unless you trust the model's authors."
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    """The training data and how it is split into train, validation and test sets."""
+
+    __rules__ = (
+        Rule(
+            cel="self.validationSplit + self.testSplit < 1.0",
+            check=lambda s: s.validation_split + s.test_split < 1.0,
+            message="validationSplit + testSplit must be below 1 so that data is left to train on",
+            field=".testSplit",
+        ),
+        Rule(
+            cel="has(self.testUri) || self.testSplit > 0.0",
+            check=lambda s: s.test_uri is not None or s.test_split > 0.0,
+            message="evaluation needs a test set: set testUri or a testSplit above 0",
+            field=".testSplit",
+        ),
+    )
+
+    uri: DatasetUri = Field(
+        description=(
+            "uri is the training data: a .jsonl, .json, .csv or .parquet file at s3://, gs://, "
+            "az://, https:// or file:///, or hf://datasets/ORG/NAME[/path]."
+        )
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description=(
+            "format is how records are laid out: alpaca (instruction/input/output), chat "
+            "(messages with role/content), completion (prompt/completion), text (plain text). "
+            "auto detects it from the first records and reports what it chose."
+        ),
+    )
+    validation_uri: DatasetUri | None = Field(
+        default=None,
+        description=(
+            "validationUri is a separate validation file; when set, validationSplit is unused."
+        ),
+    )
+    test_uri: DatasetUri | None = Field(
+        default=None,
+        description="testUri is a separate held-out test file; when set, testSplit is unused.",
+    )
+    validation_split: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "validationSplit is the fraction of the data held out to measure eval loss during "
+            "training (0 disables it)."
+        ),
+    )
+    test_split: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "testSplit is the fraction of the data held out for the final evaluation and gates."
+        ),
+    )
+    seed: int = Field(
+        default=42, ge=0, description="seed makes the shuffle and the split reproducible."
+    )
+    max_seq_length: int = Field(
+        default=1024,
+        ge=16,
+        le=131072,
+        description=(
+            "maxSeqLength is the most tokens in one training example; longer ones are dropped."
+        ),
+    )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "packing concatenates short examples into full-length sequences for throughput."
+        ),
+    )
+    dedupe: bool = Field(
+        default=True, description="dedupe drops exact duplicate records before splitting."
+    )
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapter settings for lora, qlora and dora."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="r is the rank of the update matrices.")
+    alpha: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="alpha scales the update (the effective scale is alpha / r).",
+    )
+    dropout: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="dropout is the dropout probability on the adapter input.",
+    )
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "targetModules are the names of the modules to adapt (e.g. q_proj, v_proj); "
+            "omitted: every linear layer except the output head."
+        ),
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """How qlora quantizes the frozen base model (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="bits is the weight precision: 4 or 8.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4",
+        description="quantType is the 4-bit data type; nf4 suits normally distributed weights.",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description=(
+            "doubleQuant also quantizes the quantization constants (saves ~0.4 bits/weight)."
+        ),
+    )
+    compute_dtype: ComputeDtype = Field(
+        default="bfloat16", description="computeDtype is the precision matrix products run in."
+    )
+
+
+class MethodSpec(ApiModel):
+    """The fine-tuning method and its settings."""
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
+            check=lambda s: s.lora is None or s.type in LORA_METHODS,
+            message="lora settings apply only to type lora, qlora or dora",
+            field=".lora",
+        ),
+        Rule(
+            cel="!has(self.quantization) || self.type == 'qlora'",
+            check=lambda s: s.quantization is None or s.type == "qlora",
+            message="quantization applies only to type qlora",
+            field=".quantization",
+        ),
+        Rule(
+            cel="!has(self.virtualTokens) || self.type in ['prefix', 'prompt']",
+            check=lambda s: s.virtual_tokens is None or s.type in VIRTUAL_TOKEN_METHODS,
+            message="virtualTokens applies only to type prefix or prompt",
+            field=".virtualTokens",
+        ),
+        Rule(
+            cel="!has(self.promptInit) || self.type == 'prompt'",
+            check=lambda s: s.prompt_init is None or s.type == "prompt",
+            message="promptInit applies only to type prompt",
+            field=".promptInit",
+        ),
+    )
+
+    type: MethodType = Field(
+        description=(
+            "type is the method: lora, qlora (LoRA on a 4/8-bit base), dora, ia3, prefix "
+            "(prefix tuning), prompt (prompt tuning) or full (every weight)."
+        )
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="lora holds the adapter settings for lora, qlora and dora."
+    )
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="quantization holds the base-model quantization for qlora."
+    )
+    virtual_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description=(
+            f"virtualTokens is the number of learned tokens for prefix and prompt (default "
+            f"{DEFAULT_VIRTUAL_TOKENS})."
+        ),
+    )
+    prompt_init: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description=(
+            "promptInit is text whose tokens initialise the prompt; omitted: random initialisation."
+        ),
+    )
+
+
+class HyperparametersSpec(ApiModel):
+    """Training hyperparameters. Omitted values take per-method defaults."""
+
+    __rules__ = (
+        Rule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            check=lambda s: not (s.epochs is not None and s.max_steps is not None),
+            message="set epochs or maxSteps, not both",
+            field=".maxSteps",
+        ),
+        Rule(
+            cel="!has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0",
+            check=lambda s: s.micro_batch_size is None or s.batch_size % s.micro_batch_size == 0,
+            message="batchSize must be a multiple of microBatchSize (gradient accumulation steps)",
+            field=".microBatchSize",
+        ),
+    )
+
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description=(
+            f"epochs is the number of passes over the training set (default {DEFAULT_EPOCHS}); "
+            f"excludes maxSteps."
+        ),
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="maxSteps is the number of optimizer steps; excludes epochs.",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "learningRate is the peak learning rate; default per method: lora/qlora/dora 2e-4, "
+            "ia3 3e-3, prefix 1e-2, prompt 3e-2, full 2e-5."
+        ),
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=65536,
+        description="batchSize is the number of examples per optimizer step (global).",
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description=(
+            "microBatchSize is the number of examples per forward pass; batchSize / "
+            "microBatchSize steps are accumulated. Default: batchSize."
+        ),
+    )
+    warmup_ratio: float = Field(
+        default=0.03,
+        ge=0.0,
+        le=0.5,
+        description="warmupRatio is the fraction of steps spent warming up.",
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="weightDecay is the AdamW weight decay."
+    )
+    lr_scheduler: LrScheduler = Field(
+        default="cosine", description="lrScheduler is the learning-rate schedule after warm-up."
+    )
+    max_grad_norm: float = Field(
+        default=1.0, gt=0.0, le=1000.0, description="maxGradNorm clips the gradient norm."
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description=(
+            "gradientCheckpointing trades compute for memory; omitted: on for qlora and full, "
+            "off otherwise."
+        ),
+    )
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description=(
+            "earlyStoppingPatience stops training after this many evaluations without a lower "
+            "eval loss; needs validation data."
+        ),
+    )
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "evalEverySteps measures eval loss every N steps; omitted: at the end of each epoch."
+        ),
+    )
+    checkpoint_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "checkpointEverySteps saves a resumable checkpoint to the output every N steps; "
+            "omitted: at the end of each epoch."
+        ),
+    )
+    seed: int = Field(
+        default=42, ge=0, description="seed makes initialisation and data order reproducible."
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """How the tuned model (and the base model) are evaluated on the test set."""
+
+    metrics: list[Metric] = Field(
+        default=["loss", "perplexity"],
+        min_length=1,
+        max_length=5,
+        json_schema_extra={"uniqueItems": True},
+        description=(
+            "metrics to compute: loss and perplexity (teacher-forced), rougeL, bleu and "
+            "exactMatch (on greedy generations)."
+        ),
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _no_duplicates(cls, metrics: list[str]) -> list[str]:
+        duplicates = sorted({m for m in metrics if metrics.count(m) > 1})
+        if duplicates:
+            raise ValueError(f"lists {', '.join(duplicates)} more than once; list each metric once")
+        return metrics
+
+    max_samples: int = Field(
+        default=200, ge=1, le=100_000, description="maxSamples caps the test examples evaluated."
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=8192, description="maxNewTokens caps each generated answer."
+    )
+    compare_with_base: bool = Field(
+        default=True,
+        description=(
+            "compareWithBase also evaluates the untuned base model, for minImprovement gates and "
+            "the report."
+        ),
+    )
+
+
+class GateSpec(ApiModel):
+    """A promotion gate: a bound on one evaluated metric. Exactly one bound is set."""
+
+    __rules__ = (
+        Rule(
+            cel=(
+                "(has(self.min) ? 1 : 0) + (has(self.max) ? 1 : 0)"
+                " + (has(self.minImprovement) ? 1 : 0) == 1"
+            ),
+            check=lambda s: [s.min, s.max, s.min_improvement].count(None) == 2,
+            message="a gate sets exactly one of min, max or minImprovement",
+        ),
+    )
+
+    metric: Metric = Field(description="metric is the evaluated metric the gate tests.")
+    min: float | None = Field(
+        default=None, description="min passes when the tuned value is at least this."
+    )
+    max: float | None = Field(
+        default=None, description="max passes when the tuned value is at most this."
+    )
+    min_improvement: float | None = Field(
+        default=None,
+        description=(
+            "minImprovement passes when the tuned model beats the base by at least this much: "
+            "tuned minus base for rougeL, bleu and exactMatch; base minus tuned for loss and "
+            "perplexity, where lower is better. Needs compareWithBase."
+        ),
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where checkpoints and artifacts are written."""
+
+    uri: OutputUri = Field(
+        description=(
+            "uri is the output prefix: s3://, gs://, az:// or file:///. Runs go under "
+            "<uri>/runs/<runId>/ and <uri>/latest.json names the last run that passed its gates."
+        )
+    )
+    merge_adapter: bool = Field(
+        default=False,
+        description=(
+            "mergeAdapter also exports the base model with the adapter merged in (not for prefix "
+            "or prompt)."
+        ),
+    )
+    credentials_secret: DnsSubdomain | None = Field(
+        default=None,
+        description=(
+            "credentialsSecret is a Secret in the job's own namespace with the storage "
+            "credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, "
+            "AWS_REGION, or the GOOGLE_/AZURE_STORAGE_ equivalents."
+        ),
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration for the trainer pod."""
+
+    key: str | None = Field(
+        default=None, max_length=316, description="key is the taint key; empty matches all keys."
+    )
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal",
+        description="operator is Equal (key and value match) or Exists (key matches).",
+    )
+    value: str | None = Field(
+        default=None, max_length=63, description="value is the taint value for Equal."
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="effect is the taint effect to tolerate; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="tolerationSeconds bounds how long a NoExecute taint is tolerated.",
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Compute for the trainer pod."""
+
+    gpus: int = Field(
+        default=1, ge=0, le=16, description="gpus is the number of GPUs for the trainer pod."
+    )
+    gpu_resource_name: ResourceName = Field(
+        default="nvidia.com/gpu",
+        description="gpuResourceName is the extended resource that counts GPUs.",
+    )
+    cpu: Quantity | None = Field(
+        default=None, description="cpu is the CPU request and limit (e.g. 8, 500m)."
+    )
+    memory: Quantity | None = Field(
+        default=None, description="memory is the memory request and limit (e.g. 32Gi)."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="nodeSelector places the pod on matching nodes.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="tolerations let the pod run on tainted (e.g. GPU) nodes.",
+    )
+    priority_class_name: DnsSubdomain | None = Field(
+        default=None, description="priorityClassName is the PriorityClass of the trainer pod."
+    )
+
+
+def _gates_use_evaluated_metrics(spec: FineTuneJobSpec) -> bool:
+    return all(g.metric in spec.evaluation.metrics for g in spec.gates)
+
+
+class FineTuneJobSpec(ApiModel):
+    """The desired fine-tuning run. A changed spec starts a new run."""
+
+    __rules__ = (
+        Rule(
+            cel="self.gates.all(g, g.metric in self.evaluation.metrics)",
+            check=_gates_use_evaluated_metrics,
+            message="every gate's metric must be listed in evaluation.metrics",
+            field=".gates",
+        ),
+        Rule(
+            cel="self.evaluation.compareWithBase || self.gates.all(g, !has(g.minImprovement))",
+            check=lambda s: (
+                s.evaluation.compare_with_base or all(g.min_improvement is None for g in s.gates)
+            ),
+            message="minImprovement gates need evaluation.compareWithBase: true",
+            field=".gates",
+        ),
+        Rule(
+            cel="!(self.output.mergeAdapter && self.method.type in ['prefix', 'prompt'])",
+            check=lambda s: not (s.output.merge_adapter and s.method.type in UNMERGEABLE_METHODS),
+            message=(
+                "prefix and prompt tuning cannot be merged into the base model; set mergeAdapter:"
+                " false"
+            ),
+            field=".output.mergeAdapter",
+        ),
+        Rule(
+            cel=(
+                "!has(self.hyperparameters.earlyStoppingPatience) || "
+                "has(self.dataset.validationUri) || self.dataset.validationSplit > 0.0"
+            ),
+            check=lambda s: (
+                s.hyperparameters.early_stopping_patience is None
+                or s.dataset.validation_uri is not None
+                or s.dataset.validation_split > 0.0
+            ),
+            message=(
+                "earlyStoppingPatience needs validation data: set dataset.validationUri or "
+                "validationSplit"
+            ),
+            field=".hyperparameters.earlyStoppingPatience",
+        ),
+    )
+
+    model: ModelSpec = Field(description="model is the base model to tune.")
+    dataset: DatasetSpec = Field(description="dataset is the training data and its splits.")
+    method: MethodSpec = Field(description="method is the fine-tuning method.")
+    hyperparameters: HyperparametersSpec = Field(
+        default_factory=HyperparametersSpec, description="hyperparameters of training."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="evaluation is how the tuned model is measured."
+    )
+    gates: list[GateSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="gates must all pass for the run's artifacts to be promoted (latest.json).",
+    )
+    output: OutputSpec = Field(description="output is where checkpoints and artifacts go.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="resources of the trainer pod."
+    )
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description=(
+            "image overrides the trainer image; the operator allows only images its policy lists."
+        ),
+    )
+    queue_name: DnsLabel | None = Field(
+        default=None,
+        description=(
+            "queueName is the Kueue LocalQueue to submit to; the run waits (Queued) until admitted."
+        ),
+    )
+    suspend: bool = Field(
+        default=False,
+        description="suspend pauses the run (its pod is removed) until set back to false.",
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="backoffLimit is how many pod failures are retried."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="activeDeadlineSeconds fails the run when it runs longer."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="ttlSecondsAfterFinished deletes the finished trainer Job after this delay.",
+    )

@@ -1,0 +1,202 @@
+"""`FineTuneJob.status` and the parts of it the trainer produces: metrics, gates, artifacts.
+
+Status types are written by the operator and read by people, `kubectl`, Argo CD and Flux. Optional
+fields are `nullable` in the CRD so that the operator can clear them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from kubetune.api.base import ApiModel
+from kubetune.api.spec import Metric
+
+
+class StatusModel(ApiModel):
+    """Status types are read back from the API server, where timestamps are strings."""
+
+    model_config = ConfigDict(strict=False)
+
+
+Phase = Literal["Pending", "Queued", "Running", "Evaluating", "Succeeded", "Failed", "Suspended"]
+Bound = Literal["min", "max", "minImprovement"]
+
+
+class Condition(StatusModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(
+        min_length=1,
+        max_length=316,
+        description="type of the condition: Ready, Running, Complete, ...",
+    )
+    status: Literal["True", "False", "Unknown"] = Field(
+        description="status is True, False or Unknown."
+    )
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="reason is a CamelCase word for the cause, e.g. InvalidSpec or GatesFailed.",
+    )
+    message: str = Field(
+        default="", max_length=32768, description="message says what happened, for people."
+    )
+    last_transition_time: datetime = Field(
+        description="lastTransitionTime is when status last changed."
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        ge=0,
+        description="observedGeneration is the spec generation the condition describes.",
+    )
+
+
+class Progress(StatusModel):
+    """Training progress, read from the trainer's metrics while it runs."""
+
+    step: int = Field(default=0, ge=0, description="step is the optimizer steps done.")
+    total_steps: int | None = Field(
+        default=None, ge=0, description="totalSteps is the steps the run will take."
+    )
+    percent: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="percent is step / totalSteps as a whole percentage.",
+    )
+    epoch: float | None = Field(
+        default=None, ge=0, description="epoch is the fractional epoch reached."
+    )
+    loss: float | None = Field(default=None, description="loss is the latest training loss.")
+    tokens_per_second: float | None = Field(
+        default=None, ge=0, description="tokensPerSecond is the training throughput."
+    )
+    eta_seconds: int | None = Field(
+        default=None, ge=0, description="etaSeconds estimates the time left."
+    )
+    updated_at: datetime | None = Field(
+        default=None, description="updatedAt is when this was read."
+    )
+
+
+class EvalMetrics(StatusModel):
+    """Metric values of one model on the test set."""
+
+    loss: float | None = Field(default=None, description="loss is the mean token cross-entropy.")
+    perplexity: float | None = Field(default=None, ge=0, description="perplexity is exp(loss).")
+    rouge_l: float | None = Field(
+        default=None, ge=0, le=1, description="rougeL is the ROUGE-L F1 (0-1)."
+    )
+    bleu: float | None = Field(
+        default=None, ge=0, le=100, description="bleu is the corpus BLEU (0-100)."
+    )
+    exact_match: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="exactMatch is the fraction of answers equal to the reference.",
+    )
+
+
+class MetricsStatus(StatusModel):
+    """Evaluation results of the tuned model and, when compared, of the base model."""
+
+    tuned: EvalMetrics | None = Field(
+        default=None, description="tuned holds the tuned model's metrics."
+    )
+    base: EvalMetrics | None = Field(
+        default=None, description="base holds the base model's metrics."
+    )
+
+
+class GateResult(StatusModel):
+    """The verdict of one gate."""
+
+    metric: Metric = Field(description="metric is the gated metric.")
+    bound: Bound = Field(description="bound is min, max or minImprovement.")
+    threshold: float = Field(description="threshold is the bound's value from the spec.")
+    value: float | None = Field(
+        default=None,
+        description=(
+            "value is what was observed: the tuned value for min and max, the improvement over "
+            "the base for minImprovement; null when the metric could not be computed."
+        ),
+    )
+    passed: bool = Field(description="passed is whether the gate held.")
+
+
+class Artifacts(StatusModel):
+    """Where the run's outputs are."""
+
+    adapter_uri: str | None = Field(
+        default=None, description="adapterUri is the adapter (PEFT format) prefix."
+    )
+    merged_uri: str | None = Field(
+        default=None, description="mergedUri is the merged model prefix, when exported."
+    )
+    manifest_uri: str | None = Field(
+        default=None,
+        description="manifestUri is manifest.json: size and sha256 of every file, written last.",
+    )
+    report_uri: str | None = Field(
+        default=None, description="reportUri is the model card report.md."
+    )
+    result_uri: str | None = Field(
+        default=None, description="resultUri is result.json, the full result."
+    )
+
+
+class FineTuneJobStatus(StatusModel):
+    """The observed state of the run, written by the operator."""
+
+    phase: Phase | None = Field(
+        default=None,
+        description=(
+            "phase summarises the conditions: Pending, Queued, Running, Evaluating, Succeeded, "
+            "Failed or Suspended."
+        ),
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="conditions are the standard conditions; Ready is what GitOps tools read.",
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="observedGeneration is the spec generation last acted on."
+    )
+    run_id: str | None = Field(
+        default=None,
+        description="runId names the current run; artifacts go under <output.uri>/runs/<runId>/.",
+    )
+    attempts: int = Field(
+        default=0, ge=0, description="attempts counts trainer pods started for this run."
+    )
+    job_name: str | None = Field(
+        default=None, description="jobName is the batch/v1 Job running the trainer."
+    )
+    start_time: datetime | None = Field(
+        default=None, description="startTime is when training started."
+    )
+    completion_time: datetime | None = Field(
+        default=None, description="completionTime is when the run finished."
+    )
+    progress: Progress | None = Field(default=None, description="progress of training.")
+    metrics: MetricsStatus | None = Field(
+        default=None, description="metrics from the final evaluation."
+    )
+    gates: list[GateResult] = Field(
+        default_factory=list, max_length=16, description="gates are the verdict of each gate."
+    )
+    gates_summary: str | None = Field(
+        default=None,
+        description="gatesSummary is a one-word verdict for kubectl: e.g. 2/2 passed, 1/2 passed.",
+    )
+    artifacts: Artifacts | None = Field(
+        default=None, description="artifacts are the URIs of the outputs."
+    )
+    message: str | None = Field(default=None, description="message explains the current phase.")

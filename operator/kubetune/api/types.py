@@ -1,0 +1,169 @@
+"""Constrained string types shared by the spec: URIs, Kubernetes names and quantities.
+
+Each type carries one regular expression. pydantic checks it with a message that names the fix,
+and the CRD carries the same expression as `pattern`, so both sides accept the same strings.
+The expressions use only syntax that Python's `re`, Rust's `regex` and Go's RE2 agree on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
+
+# A run id is this many lowercase hex characters; child objects are named `<job name>-<run id>`.
+RUN_ID_LENGTH = 8
+# Kubernetes label values (and so Job names, which become the pods' job-name label) are at most
+# 63 characters; a FineTuneJob name leaves room for "-" and the run id.
+MAX_NAME_LENGTH = 63 - 1 - RUN_ID_LENGTH
+
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+MODEL_SCHEMES = ("hf://", "s3://", "gs://", "az://", "file:///")
+MODEL_URI = (
+    r"^(hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(/[^\s]+\.gguf)?"
+    r"|(s3|gs|az)://[a-z0-9][-_.a-z0-9]*(/[^\s]*)?"
+    r"|file:///[^\s]*)$"
+)
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+DATA_SCHEMES = ("hf://datasets/", "s3://", "gs://", "az://", "https://", "file:///")
+DATASET_URI = (
+    r"^(hf://datasets/[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(/[^\s]+)?"
+    r"|((s3|gs|az)://[a-z0-9][-_.a-z0-9]*/|https://[^\s/]+/|file:///)[^\s]*"
+    r"\.(jsonl|json|csv|parquet))$"
+)
+OUTPUT_SCHEMES = ("s3://", "gs://", "az://", "file:///")
+OUTPUT_URI = r"^((s3|gs|az)://[a-z0-9][-_.a-z0-9]*(/[^\s]*)?|file:///[^\s]*)$"
+# Kubernetes resource.Quantity without a sign: 8, 500m, 16Gi, 1.5, 1e3.
+QUANTITY = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# An extended resource name such as nvidia.com/gpu or amd.com/gpu.
+RESOURCE_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[-_.A-Za-z0-9]+$"
+)
+
+
+def _scheme_of(value: str) -> str:
+    return value.split("://", 1)[0] + "://" if "://" in value else value
+
+
+@dataclass(frozen=True)
+class _JsonPattern:
+    """Puts the pattern into the JSON schema (and so the CRD) without pydantic's own check,
+    whose message ("String should match pattern ...") does not say how to fix the value."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = handler(core_schema)
+        schema["pattern"] = self.pattern
+        return schema
+
+
+def _pattern_check(pattern: str, explain: Callable[[str], str]) -> tuple[Any, ...]:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(explain(value))
+        return value
+
+    return AfterValidator(check), _JsonPattern(pattern)
+
+
+def _explain_model_uri(value: str) -> str:
+    if not value.startswith(MODEL_SCHEMES):
+        return (
+            f"unsupported model URI {value!r}; use one of {', '.join(MODEL_SCHEMES)} "
+            "(e.g. hf://HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
+    if value.startswith("hf://"):
+        return f"{value!r} is not hf://ORG/NAME (optionally followed by /path/to/file.gguf)"
+    return f"{value!r} is not a valid model URI (bucket names are lowercase; no spaces)"
+
+
+def _explain_dataset_uri(value: str) -> str:
+    if not value.startswith(DATA_SCHEMES):
+        return f"unsupported dataset URI {value!r}; use one of {', '.join(DATA_SCHEMES)}"
+    if value.startswith("hf://"):
+        return f"{value!r} is not hf://datasets/ORG/NAME[/path]"
+    if not value.endswith(DATA_EXTENSIONS):
+        return f"dataset file {value!r} must end in one of {', '.join(DATA_EXTENSIONS)}"
+    return f"{value!r} is not a valid dataset URI (bucket names are lowercase; no spaces)"
+
+
+def _explain_output_uri(value: str) -> str:
+    if not value.startswith(OUTPUT_SCHEMES):
+        return (
+            f"unsupported output URI {value!r} (scheme {_scheme_of(value)!r}); "
+            f"use one of {', '.join(OUTPUT_SCHEMES)}"
+        )
+    return f"{value!r} is not a valid output URI (bucket names are lowercase; no spaces)"
+
+
+def _quantity_from_number(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+ModelUri = Annotated[
+    str,
+    Field(min_length=1, max_length=1024),
+    *_pattern_check(MODEL_URI, _explain_model_uri),
+]
+DatasetUri = Annotated[
+    str,
+    Field(min_length=1, max_length=2048),
+    *_pattern_check(DATASET_URI, _explain_dataset_uri),
+]
+OutputUri = Annotated[
+    str,
+    Field(min_length=1, max_length=1024),
+    *_pattern_check(OUTPUT_URI, _explain_output_uri),
+]
+DnsSubdomain = Annotated[
+    str,
+    Field(min_length=1, max_length=253),
+    *_pattern_check(
+        DNS_SUBDOMAIN,
+        lambda v: f"{v!r} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.')",
+    ),
+]
+DnsLabel = Annotated[
+    str,
+    Field(min_length=1, max_length=63),
+    *_pattern_check(
+        DNS_LABEL,
+        lambda v: f"{v!r} is not a valid DNS label (lowercase letters, digits and '-')",
+    ),
+]
+ResourceName = Annotated[
+    str,
+    Field(min_length=1, max_length=253),
+    *_pattern_check(
+        RESOURCE_NAME, lambda v: f"{v!r} is not a resource name such as nvidia.com/gpu"
+    ),
+]
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_from_number),
+    *_pattern_check(
+        QUANTITY, lambda v: f"{v!r} is not a Kubernetes quantity such as 8, 500m or 32Gi"
+    ),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
