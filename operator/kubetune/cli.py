@@ -1,0 +1,78 @@
+"""The `kubetune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubetune.api import ExitCode
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubetune.codegen.crd import render_crd
+
+    _write(render_crd(), args.output)
+    return 0
+
+
+def cmd_api_docs(args: argparse.Namespace) -> int:
+    from kubetune.codegen.apidoc import render_api_docs
+
+    _write(render_api_docs(), args.output)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kubetune.manifests import load_manifests
+
+    failed = False
+    for path in args.files:
+        for doc in load_manifests(path):
+            for problem in doc.problems:
+                print(problem, file=sys.stderr)
+            failed = failed or bool(doc.problems)
+            if doc.job is not None and not doc.problems:
+                print(f"{doc.source}: FineTuneJob {doc.job.metadata.name} is valid")
+            elif doc.skipped_kind and args.verbose:
+                print(f"{doc.source}: skipped {doc.skipped_kind} (not a FineTuneJob)")
+    return int(ExitCode.INVALID_SPEC) if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check FineTuneJob manifests; one line per problem")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list skipped documents")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API types")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("api-docs", help="print the API reference (docs/api.md)")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_api_docs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
