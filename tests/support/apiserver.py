@@ -1,0 +1,167 @@
+"""What the Kubernetes API server does with a custom resource before storing it, for tests.
+
+No kube-apiserver can run here, so this applies the CRD's openAPIV3Schema the way the API server
+does, in its order: prune nulls from non-nullable fields, apply structural defaults, validate the
+schema (with kubectl's strict field validation: unknown fields are errors), then evaluate every
+`x-kubernetes-validations` CEL rule with a real CEL implementation (cel-python), with values typed
+by the schema as the API server types them (`number` fields are doubles even when written `0`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import celpy
+import jsonschema
+from celpy import celtypes
+
+
+def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _prune_nulls(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        out = {}
+        for key, item in value.items():
+            sub = (
+                props.get(key, {}) if props is not None else schema.get("additionalProperties", {})
+            )
+            if item is None and not sub.get("nullable"):
+                continue
+            out[key] = _prune_nulls(sub, item)
+        return out
+    if isinstance(value, list):
+        return [_prune_nulls(schema.get("items", {}), v) for v in value]
+    return value
+
+
+def _apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        return [_apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def _strict(schema: Any) -> Any:
+    """The schema as JSON Schema draft 4, which shares OpenAPI 3.0's boolean exclusiveMinimum."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items() if k != "x-kubernetes-validations"}
+    if "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False  # kubectl --validate=strict (the default)
+    if schema.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    if schema.get("nullable") and "type" in schema:
+        out["type"] = [schema["type"], "null"]
+    return out
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _to_cel(schema: dict[str, Any], value: Any) -> Any:
+    kind = schema.get("type")
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        return celtypes.MapType(
+            {
+                celtypes.StringType(k): _to_cel(
+                    props.get(k, {})
+                    if props is not None
+                    else schema.get("additionalProperties", {}),
+                    v,
+                )
+                for k, v in value.items()
+            }
+        )
+    if isinstance(value, list):
+        return celtypes.ListType([_to_cel(schema.get("items", {}), v) for v in value])
+    if isinstance(value, bool):
+        return celtypes.BoolType(value)
+    if kind == "number":
+        return celtypes.DoubleType(float(value))
+    if isinstance(value, int):
+        return celtypes.IntType(value)
+    if isinstance(value, float):
+        return celtypes.DoubleType(value)
+    return celtypes.StringType(value)
+
+
+class ApiServer:
+    """Admits or rejects objects of one CRD as the API server would."""
+
+    def __init__(self, crd: dict[str, Any]) -> None:
+        self.schema = openapi_schema(crd)
+        self.validator = jsonschema.Draft4Validator(_strict(self.schema))
+        self.cel = celpy.Environment()
+        self._programs: dict[str, Any] = {}
+
+    def admit(self, obj: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The object as it would be stored, and the errors that would reject it."""
+        stored = _apply_defaults(self.schema, _prune_nulls(self.schema, copy.deepcopy(obj)))
+        errors = [
+            f"{_path(e.absolute_path) or '<root>'}: {e.message}"
+            for e in sorted(self.validator.iter_errors(stored), key=lambda e: list(e.absolute_path))
+        ]
+        if not errors:
+            self._rules(self.schema, stored, [], errors)
+        return stored, errors
+
+    def rules_count(self) -> int:
+        count = 0
+
+        def walk(node: Any) -> None:
+            nonlocal count
+            if isinstance(node, dict):
+                count += len(node.get("x-kubernetes-validations", ()))
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(self.schema)
+        return count
+
+    def _program(self, rule: str) -> Any:
+        if rule not in self._programs:
+            self._programs[rule] = self.cel.program(self.cel.compile(rule))
+        return self._programs[rule]
+
+    def _rules(
+        self, schema: dict[str, Any], value: Any, path: list[Any], errors: list[str]
+    ) -> None:
+        for rule in schema.get("x-kubernetes-validations", ()):
+            result = self._program(rule["rule"]).evaluate({"self": _to_cel(schema, value)})
+            if isinstance(result, Exception):
+                raise AssertionError(f"CEL rule {rule['rule']!r} failed to evaluate: {result}")
+            if not isinstance(result, celtypes.BoolType):
+                raise AssertionError(f"CEL rule {rule['rule']!r} gave {result!r}, not a bool")
+            if not result:
+                where = _path(path) or "<root>"
+                if "fieldPath" in rule:
+                    where = (_path(path) + rule["fieldPath"]) if path else rule["fieldPath"][1:]
+                errors.append(f"{where}: Invalid value: {rule['message']}")
+        if isinstance(value, dict):
+            props = schema.get("properties")
+            for key, item in value.items():
+                sub = props.get(key) if props is not None else schema.get("additionalProperties")
+                if sub:
+                    self._rules(sub, item, [*path, key], errors)
+        elif isinstance(value, list) and "items" in schema:
+            for i, item in enumerate(value):
+                self._rules(schema["items"], item, [*path, i], errors)

@@ -1,0 +1,217 @@
+"""Every invalid manifest is rejected by the pydantic models AND by the generated CRD (schema and
+CEL rules, as the API server applies them), both naming the same field; valid ones pass both."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from tests.conftest import ROOT, valid_job
+from tests.support.apiserver import ApiServer
+
+from kubetune.api import MAX_NAME_LENGTH, FineTuneJob, describe_errors
+from kubetune.manifests import Loader
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def at(path: str, value: Any) -> Edit:
+    """An edit that sets spec.a.b (creating mappings on the way) to value."""
+
+    def edit(job: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = job
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+
+    return edit
+
+
+def drop(path: str) -> Edit:
+    def edit(job: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = job
+        for key in parents:
+            node = node[key]
+        del node[last]
+
+    return edit
+
+
+def both(*edits: Edit) -> Edit:
+    def edit(job: dict[str, Any]) -> None:
+        for e in edits:
+            e(job)
+
+    return edit
+
+
+# (edit, path pydantic names, text the API server's error must contain)
+# fmt: off
+INVALID = [
+    pytest.param(at("spec.method.type", "lorra"), "spec.method.type", "spec.method.type: 'lorra' is not one of", id="method-enum"),
+    pytest.param(at("spec.model.dtype", "fp8"), "spec.model.dtype", "spec.model.dtype: 'fp8'", id="dtype-enum"),
+    pytest.param(at("spec.dataset.format", "xml"), "spec.dataset.format", "spec.dataset.format: 'xml'", id="format-enum"),
+    pytest.param(at("spec.hyperparameters.lrScheduler", "step"), "spec.hyperparameters.lrScheduler", "spec.hyperparameters.lrScheduler: 'step'", id="scheduler-enum"),
+    pytest.param(at("spec.method.quantization", {"bits": 6}), "spec.method.quantization.bits", "spec.method.quantization.bits: 6", id="bits-enum"),
+    pytest.param(at("spec.hyperparameters.learningRate", -1e-4), "spec.hyperparameters.learningRate", "spec.hyperparameters.learningRate: -0.0001 is less than or equal to the minimum", id="negative-lr"),
+    pytest.param(at("spec.hyperparameters.learningRate", 0), "spec.hyperparameters.learningRate", "spec.hyperparameters.learningRate: 0 is less than or equal to the minimum", id="zero-lr"),
+    pytest.param(at("spec.hyperparameters.batchSize", 0), "spec.hyperparameters.batchSize", "spec.hyperparameters.batchSize: 0 is less than the minimum", id="zero-batch"),
+    pytest.param(at("spec.hyperparameters.epochs", -2), "spec.hyperparameters.epochs", "spec.hyperparameters.epochs: -2", id="negative-epochs"),
+    pytest.param(at("spec.resources", {"gpus": -1}), "spec.resources.gpus", "spec.resources.gpus: -1", id="negative-gpus"),
+    pytest.param(at("spec.dataset.maxSeqLength", 8), "spec.dataset.maxSeqLength", "spec.dataset.maxSeqLength: 8", id="short-seq"),
+    pytest.param(at("spec.dataset.validationSplit", 1.5), "spec.dataset.validationSplit", "spec.dataset.validationSplit: 1.5", id="split-over-one"),
+    pytest.param(at("spec.dataset.testSplit", -0.1), "spec.dataset.testSplit", "spec.dataset.testSplit: -0.1", id="split-negative"),
+    pytest.param(both(at("spec.dataset.validationSplit", 0.6), at("spec.dataset.testSplit", 0.5)), "spec.dataset.testSplit", "spec.dataset.testSplit: Invalid value: validationSplit + testSplit", id="splits-leave-no-training-data"),
+    pytest.param(at("spec.dataset.testSplit", 0), "spec.dataset.testSplit", "spec.dataset.testSplit: Invalid value: evaluation needs a test set", id="no-test-set"),
+    pytest.param(at("spec.hyperparameters.maxSteps", 100), "spec.hyperparameters.maxSteps", "spec.hyperparameters.maxSteps: Invalid value: set epochs or maxSteps, not both", id="epochs-and-maxsteps"),
+    pytest.param(at("spec.hyperparameters.microBatchSize", 3), "spec.hyperparameters.microBatchSize", "spec.hyperparameters.microBatchSize: Invalid value: batchSize must be a multiple", id="micro-batch-not-a-divisor"),
+    pytest.param(at("spec.hyperparameters.epochs", "three"), "spec.hyperparameters.epochs", "spec.hyperparameters.epochs: 'three' is not of type 'integer'", id="string-for-integer"),
+    pytest.param(at("spec.hyperparameters.epochs", "3"), "spec.hyperparameters.epochs", "spec.hyperparameters.epochs: '3' is not of type 'integer'", id="quoted-integer"),
+    pytest.param(at("spec.model.trustRemoteCode", "yes"), "spec.model.trustRemoteCode", "spec.model.trustRemoteCode: 'yes' is not of type 'boolean'", id="string-for-boolean"),
+    pytest.param(at("spec.gates", [{"metric": "exactMatch"}]), "spec.gates[0]", "spec.gates[0]: Invalid value: a gate sets exactly one", id="gate-without-bound"),
+    pytest.param(at("spec.gates", [{"metric": "exactMatch", "min": 0.1, "max": 0.9}]), "spec.gates[0]", "spec.gates[0]: Invalid value: a gate sets exactly one", id="gate-with-two-bounds"),
+    pytest.param(at("spec.gates", [{"metric": "accuracy", "min": 0.5}]), "spec.gates[0].metric", "spec.gates[0].metric: 'accuracy'", id="gate-unknown-metric"),
+    pytest.param(at("spec.gates", [{"metric": "bleu", "min": 10}]), "spec.gates", "spec.gates: Invalid value: every gate's metric must be listed", id="gate-on-unevaluated-metric"),
+    pytest.param(both(at("spec.evaluation.compareWithBase", False), at("spec.gates", [{"metric": "loss", "minImprovement": 0.1}])), "spec.gates", "spec.gates: Invalid value: minImprovement gates need", id="improvement-without-base"),
+    pytest.param(at("spec.evaluation.metrics", ["loss", "loss"]), "spec.evaluation.metrics", "spec.evaluation.metrics: ['loss', 'loss'] has non-unique elements", id="duplicate-metric"),
+    pytest.param(at("spec.evaluation.metrics", []), "spec.evaluation.metrics", "spec.evaluation.metrics: [] should be non-empty", id="no-metrics"),
+    pytest.param(both(at("spec.method", {"type": "prefix"}), at("spec.output.mergeAdapter", True)), "spec.output.mergeAdapter", "spec.output.mergeAdapter: Invalid value: prefix and prompt tuning cannot be merged", id="merge-prefix"),
+    pytest.param(both(at("spec.method", {"type": "prompt"}), at("spec.output.mergeAdapter", True)), "spec.output.mergeAdapter", "spec.output.mergeAdapter: Invalid value: prefix and prompt tuning cannot be merged", id="merge-prompt"),
+    pytest.param(at("spec.method.quantization", {"bits": 4}), "spec.method.quantization", "spec.method.quantization: Invalid value: quantization applies only to type qlora", id="quantization-on-lora"),
+    pytest.param(at("spec.method", {"type": "ia3", "lora": {"r": 8}}), "spec.method.lora", "spec.method.lora: Invalid value: lora settings apply only", id="lora-on-ia3"),
+    pytest.param(at("spec.method", {"type": "prefix", "promptInit": "Answer:"}), "spec.method.promptInit", "spec.method.promptInit: Invalid value: promptInit applies only to type prompt", id="prompt-init-on-prefix"),
+    pytest.param(at("spec.method.virtualTokens", 20), "spec.method.virtualTokens", "spec.method.virtualTokens: Invalid value: virtualTokens applies only", id="virtual-tokens-on-lora"),
+    pytest.param(both(at("spec.dataset.validationSplit", 0), at("spec.hyperparameters.earlyStoppingPatience", 3)), "spec.hyperparameters.earlyStoppingPatience", "spec.hyperparameters.earlyStoppingPatience: Invalid value: earlyStoppingPatience needs validation data", id="early-stopping-without-validation"),
+    pytest.param(at("spec.model.uri", "ftp://models/llama"), "spec.model.uri", "spec.model.uri: 'ftp://models/llama' does not match", id="model-scheme"),
+    pytest.param(at("spec.model.uri", "hf://just-a-name"), "spec.model.uri", "spec.model.uri: 'hf://just-a-name' does not match", id="model-hf-without-org"),
+    pytest.param(at("spec.model.uri", "file://relative/dir"), "spec.model.uri", "spec.model.uri: 'file://relative/dir' does not match", id="model-relative-file"),
+    pytest.param(at("spec.dataset.uri", "s3://data/sql/train.txt"), "spec.dataset.uri", "spec.dataset.uri: 's3://data/sql/train.txt' does not match", id="dataset-extension"),
+    pytest.param(at("spec.dataset.uri", "http://data.example.com/train.jsonl"), "spec.dataset.uri", "spec.dataset.uri: 'http://data.example.com/train.jsonl' does not match", id="dataset-plain-http"),
+    pytest.param(at("spec.output.uri", "https://models.example.com/sql"), "spec.output.uri", "spec.output.uri: 'https://models.example.com/sql' does not match", id="output-scheme"),
+    pytest.param(at("spec.output.uri", "s3://Models/sql"), "spec.output.uri", "spec.output.uri: 's3://Models/sql' does not match", id="output-uppercase-bucket"),
+    pytest.param(at("spec.output.credentialsSecret", "My_Secret"), "spec.output.credentialsSecret", "spec.output.credentialsSecret: 'My_Secret' does not match", id="secret-name"),
+    pytest.param(at("spec.resources", {"memory": "lots"}), "spec.resources.memory", "spec.resources.memory: 'lots' does not match", id="bad-quantity"),
+    pytest.param(at("spec.resources", {"tolerations": [{"operator": "Maybe"}]}), "spec.resources.tolerations[0].operator", "spec.resources.tolerations[0].operator: 'Maybe'", id="toleration-operator"),
+    pytest.param(at("spec.queueName", "Team_Queue"), "spec.queueName", "spec.queueName: 'Team_Queue' does not match", id="queue-name"),
+    pytest.param(at("spec.learningRate", 1e-4), "spec.learningRate", "spec: Additional properties are not allowed ('learningRate' was unexpected)", id="unknown-field-in-spec"),
+    pytest.param(at("spec.hyperparameters.lr", 1e-4), "spec.hyperparameters.lr", "spec.hyperparameters: Additional properties are not allowed ('lr' was unexpected)", id="unknown-nested-field"),
+    pytest.param(drop("spec.model.uri"), "spec.model.uri", "spec.model: 'uri' is a required property", id="missing-model-uri"),
+    pytest.param(drop("spec.output"), "spec.output", "spec: 'output' is a required property", id="missing-output"),
+    pytest.param(at("metadata.name", "x" * (MAX_NAME_LENGTH + 1)), "metadata.name", "<root>: Invalid value: metadata.name must be at most", id="name-too-long-for-child-names"),
+]
+# fmt: on
+
+# Valid edge cases: both sides must accept them.
+VALID = [
+    pytest.param(lambda job: None, id="base"),
+    pytest.param(drop("spec.hyperparameters"), id="no-hyperparameters"),
+    pytest.param(
+        both(drop("spec.hyperparameters.epochs"), at("spec.hyperparameters.maxSteps", 50)),
+        id="max-steps-only",
+    ),
+    pytest.param(
+        both(
+            at("spec.dataset.testSplit", 0), at("spec.dataset.testUri", "s3://data/sql/test.jsonl")
+        ),
+        id="test-uri-instead-of-split",
+    ),
+    pytest.param(
+        at("spec.method", {"type": "qlora", "quantization": {"bits": 8}, "lora": {"r": 8}}),
+        id="qlora-8bit",
+    ),
+    pytest.param(
+        at("spec.method", {"type": "prompt", "virtualTokens": 8, "promptInit": "SQL:"}),
+        id="prompt-tuning",
+    ),
+    pytest.param(at("spec.method", {"type": "full"}), id="full"),
+    pytest.param(
+        at(
+            "spec.gates",
+            [{"metric": "loss", "minImprovement": 0.05}, {"metric": "exactMatch", "max": 1}],
+        ),
+        id="improvement-gate",
+    ),
+    pytest.param(
+        at("spec.resources", {"cpu": 8, "memory": "32Gi", "gpus": 0}), id="integer-quantity"
+    ),
+    pytest.param(at("metadata.name", "x" * MAX_NAME_LENGTH), id="longest-name"),
+    pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
+    pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
+    pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),
+]
+
+
+def pydantic_problems(job: dict[str, Any]) -> list[str]:
+    try:
+        FineTuneJob.model_validate(job)
+    except ValidationError as exc:
+        return describe_errors(exc, FineTuneJob)
+    return []
+
+
+@pytest.mark.parametrize(("edit", "path", "server_says"), INVALID)
+def test_invalid_manifest_is_rejected_by_both(
+    apiserver: ApiServer, edit: Edit, path: str, server_says: str
+) -> None:
+    job = valid_job()
+    edit(job)
+
+    problems = pydantic_problems(job)
+    assert any(p.startswith(f"{path}: ") for p in problems), problems
+
+    _, errors = apiserver.admit(job)
+    assert any(server_says in e for e in errors), errors
+
+
+@pytest.mark.parametrize("edit", VALID)
+def test_valid_manifest_is_accepted_by_both(apiserver: ApiServer, edit: Edit) -> None:
+    job = valid_job()
+    edit(job)
+    assert pydantic_problems(job) == []
+    assert apiserver.admit(job)[1] == []
+
+
+def test_table_is_large_enough_and_covers_every_rule(apiserver: ApiServer) -> None:
+    assert len(INVALID) >= 20
+    tested = {
+        p.values[2].split("Invalid value: ", 1)[1]
+        for p in INVALID
+        if "Invalid value: " in p.values[2]
+    }
+    crd_messages = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            crd_messages.extend(r["message"] for r in node.get("x-kubernetes-validations", ()))
+            for value in node.values():
+                walk(value)
+
+    walk(apiserver.schema)
+    untested = [m for m in crd_messages if not any(m.startswith(t) for t in tested)]
+    assert untested == []
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_accepted_by_both(apiserver: ApiServer, path: Path) -> None:
+    for doc in yaml.load_all(path.read_text(), Loader=Loader):
+        if doc and doc.get("kind") == "FineTuneJob":
+            assert pydantic_problems(doc) == []
+            assert apiserver.admit(doc)[1] == []
+
+
+def test_defaults_agree(apiserver: ApiServer) -> None:
+    """What the API server stores after defaulting equals what pydantic fills in."""
+    job = valid_job()
+    stored, errors = apiserver.admit(job)
+    assert errors == []
+    parsed = FineTuneJob.model_validate(job).model_dump(mode="json", exclude_none=True)
+    assert stored["spec"] == parsed["spec"]
