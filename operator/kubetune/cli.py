@@ -48,6 +48,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return int(ExitCode.INVALID_SPEC) if failed else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubetune.local import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest."
@@ -58,6 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("-v", "--verbose", action="store_true", help="also list skipped documents")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "run",
+        help="run a FineTuneJob on this machine with the real trainer",
+        description=(
+            "Runs a FineTuneJob locally: validation, data, training with a progress bar, "
+            "evaluation against the base model, gates, artifacts. Exit codes: 0 succeeded, "
+            "1 runtime failure, 2 invalid spec, 3 data error, 4 gates failed."
+        ),
+    )
+    p.add_argument("file", metavar="JOB.yaml")
+    p.add_argument("--name", help="the FineTuneJob to run when the file holds several")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a field, e.g. --set spec.hyperparameters.maxSteps=20 (repeatable)",
+    )
+    p.add_argument("--model", help="override spec.model.uri (a URI or a local path)")
+    p.add_argument("--dataset", help="override spec.dataset.uri (a URI or a local path)")
+    p.add_argument("--output", help="override spec.output.uri (a URI or a local directory)")
+    p.add_argument("--run-id", help="use this run id (8 hex characters) instead of the derived one")
+    p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming")
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on 127.0.0.1"
+    )
+    p.add_argument("--workdir", help="local working directory (default ~/.cache/kubetune)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API types")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")

@@ -144,6 +144,11 @@ class TrainerResult(ApiModel):
     train_seconds: float | None = Field(
         default=None, ge=0, description="trainSeconds is training wall time."
     )
+    resumed_from_step: int | None = Field(
+        default=None,
+        ge=0,
+        description="resumedFromStep is the checkpoint step training resumed from.",
+    )
     metrics: MetricsStatus | None = Field(
         default=None, description="metrics of the final evaluation."
     )

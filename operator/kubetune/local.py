@@ -1,0 +1,238 @@
+"""`kubetune run`: one FineTuneJob on this machine, no cluster, with the same trainer.
+
+The manifest is validated exactly as the operator validates it; `--set path=value`, `--model`,
+`--dataset` and `--output` change it first (local paths become file:// URIs). The run id is
+derived from the job's name and spec, so running an interrupted job again resumes it from its
+last checkpoint; `--fresh` starts a new run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune.api import (
+    RUN_ID_LENGTH,
+    ExitCode,
+    FineTuneJob,
+    TrainerConfig,
+    TrainerResult,
+    describe_errors,
+)
+from kubetune.manifests import Loader, load_manifests
+
+
+class UsageError(Exception):
+    pass
+
+
+def to_uri(value: str) -> str:
+    """A URI as is; a local path (relative to the working directory) as an absolute file:// URI."""
+    if "://" in value:
+        return value
+    return Path(value).expanduser().resolve().as_uri()
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    """Sets spec.a.b (or spec.gates.0.min) in a manifest, creating mappings on the way."""
+    parts = path.split(".")
+    node: Any = doc
+    for i, key in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UsageError(f"--set {path}: {key!r} is not an index of the list")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise UsageError(f"--set {path}: {'.'.join(parts[:i])} is not a mapping")
+
+
+def apply_overrides(
+    doc: dict[str, Any], sets: list[str], model: str | None, dataset: str | None, output: str | None
+) -> None:
+    for item in sets:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise UsageError(
+                f"--set {item!r}: expected PATH=VALUE, e.g. spec.hyperparameters.maxSteps=20"
+            )
+        set_path(doc, path, yaml.load(text, Loader=Loader) if text else "")
+    for path, value in (
+        ("spec.model.uri", model),
+        ("spec.dataset.uri", dataset),
+        ("spec.output.uri", output),
+    ):
+        if value:
+            set_path(doc, path, to_uri(value))
+
+
+def local_run_id(job: FineTuneJob) -> str:
+    canonical = json.dumps(job.spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(f"{job.metadata.name}/{canonical}".encode()).hexdigest()[:RUN_ID_LENGTH]
+
+
+def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTuneJob:
+    """The one FineTuneJob of the file (or the one named), overridden, then validated."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        raw_docs = list(yaml.load_all(text, Loader=Loader))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValidationProblems([p for d in load_manifests(path) for p in d.problems]) from exc
+    jobs = [d for d in raw_docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    if name:
+        jobs = [d for d in jobs if (d.get("metadata") or {}).get("name") == name]
+    if not jobs:
+        raise UsageError(f"{path}: no FineTuneJob{f' named {name!r}' if name else ''} in this file")
+    if len(jobs) > 1:
+        raise UsageError(f"{path}: {len(jobs)} FineTuneJobs in this file; choose one with --name")
+    raw = jobs[0]
+    apply_overrides(
+        raw, overrides["sets"], overrides["model"], overrides["dataset"], overrides["output"]
+    )
+    try:
+        return FineTuneJob.model_validate(raw)
+    except ValidationError as exc:
+        raise ValidationProblems(
+            [f"{path}: {p}" for p in describe_errors(exc, FineTuneJob)]
+        ) from exc
+
+
+class ValidationProblems(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ProgressBar:
+    """Draws stages as lines and training as a tqdm bar with loss, throughput and ETA."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def stage(self, name: str, detail: str = "") -> None:
+        if self.bar is not None and name != "train":
+            self.bar.close()
+            self.bar = None
+        if name in ("done", "failed"):
+            return
+        print(f"==> {name}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
+
+    def step(self, info: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=info.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+            self.bar.update(info.step - 1)
+        self.bar.total = info.total_steps
+        self.bar.update(info.step - self.bar.n)
+        postfix = {}
+        if info.loss is not None:
+            postfix["loss"] = f"{info.loss:.3f}"
+        if info.tokens_per_second:
+            postfix["tok/s"] = f"{info.tokens_per_second:.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def eval_loss(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.write(f"    eval loss at step {step}: {loss:.4f}")
+
+
+def summary(job: FineTuneJob, result: TrainerResult) -> str:
+    from kubetune_trainer.gates import describe
+
+    lines = [f"Run {result.run_id} of {job.metadata.name}: {result.outcome} — {result.message}"]
+    metrics = result.metrics
+    if metrics and metrics.tuned:
+        tuned = metrics.tuned.model_dump(by_alias=True)
+        base = metrics.base.model_dump(by_alias=True) if metrics.base else {}
+        lines += ["", f"  {'metric':<12} {'base':>10} {'tuned':>10}"]
+        for name in job.spec.evaluation.metrics:
+            b, t = base.get(name), tuned.get(name)
+            lines.append(f"  {name:<12} {_num(b):>10} {_num(t):>10}")
+    if result.gates:
+        lines += ["", "  gates:"]
+        lines += [f"    {'PASS' if g.passed else 'FAIL'}  {describe(g)}" for g in result.gates]
+    if result.artifacts:
+        lines += ["", "  artifacts:"]
+        for key, value in result.artifacts.model_dump(by_alias=True, exclude_none=True).items():
+            lines.append(f"    {key:<12} {value}")
+    if result.steps is not None:
+        resumed = (
+            f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
+        )
+        lines += [
+            "",
+            f"  trained {result.steps} steps in {result.train_seconds or 0:.0f} s{resumed}",
+        ]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run(args: Any) -> int:
+    overrides = {
+        "sets": args.set or [],
+        "model": args.model,
+        "dataset": args.dataset,
+        "output": args.output,
+    }
+    try:
+        job = load_job(args.file, args.name, overrides)
+    except ValidationProblems as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    except UsageError as exc:
+        print(f"kubetune run: {exc}", file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+
+    from kubetune_trainer.pipeline import run as run_pipeline
+    from kubetune_trainer.telemetry import PrometheusReporter, Reporters, TrainerMetrics
+
+    run_id = args.run_id or (
+        secrets.token_hex(RUN_ID_LENGTH // 2) if args.fresh else local_run_id(job)
+    )
+    config = TrainerConfig.for_job(job, run_id, metrics_port=args.metrics_port)
+    home = Path(
+        args.workdir or os.environ.get("KUBETUNE_HOME", Path.home() / ".cache" / "kubetune")
+    )
+    reporters: list[Any] = [ProgressBar()]
+    if args.metrics_port:
+        prometheus = PrometheusReporter(TrainerMetrics())
+        prometheus.serve(args.metrics_port, addr="127.0.0.1")
+        reporters.append(prometheus)
+    print(
+        f"==> run {run_id}: {job.spec.method.type} on {job.spec.model.uri} "
+        f"-> {config.output_prefix}",
+        file=sys.stderr,
+    )
+    result = run_pipeline(
+        config,
+        Reporters(*reporters),
+        home / "runs" / f"{job.metadata.name}-{run_id}",
+        cache=home / "cache",
+    )
+    print(summary(job, result))
+    return int(result.exit_code)

@@ -1,0 +1,346 @@
+"""Stage 1, data: read records, detect the format, clean, split, render prompts, tokenize.
+
+Every record becomes an `Example`: the prompt the model sees and the completion it must learn
+(loss is computed on completion tokens only). Text datasets have no prompt: loss on every token.
+Problems are reported as one line naming the file and line: `train.jsonl line 17: invalid JSON`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from kubetune.api import DatasetSpec
+from kubetune_trainer import storage
+from kubetune_trainer.errors import DataError
+
+CHAT_KEYS = ("messages", "conversations")
+# The prompt layout for tokenizers without a chat template (documented in docs/trainer.md).
+DEFAULT_USER = "### User:\n{content}\n\n### Assistant:\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # "" for text datasets
+    completion: str
+    source: str  # "train.jsonl line 17", for error messages
+    templated: bool = False  # the prompt came from the chat template and holds its special tokens
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    format: str
+    report: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    data: Any
+    where: str  # "train.jsonl line 17"
+
+
+def _name(uri: str) -> str:
+    return PurePosixPath(urlsplit(uri).path).name or uri
+
+
+def fetch(uri: str, cache: Path) -> Path:
+    """The dataset file on local disk (remote files are staged into cache first)."""
+    if uri.startswith("file://"):
+        path = Path(urlsplit(uri).path)
+        if not path.is_file():
+            raise DataError(f"dataset {uri}: no such file")
+        return path
+    if uri.startswith("hf://datasets/"):
+        return _fetch_hf(uri, cache)
+    target = cache / _name(uri)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(uri))
+    except FileNotFoundError as exc:
+        raise DataError(f"dataset {uri}: no such object") from exc
+    return target
+
+
+def _fetch_hf(uri: str, cache: Path) -> Path:
+    """A Hub dataset, exported to JSON lines (its train split) through the datasets library."""
+    import datasets
+
+    repo_and_path = uri.removeprefix("hf://datasets/").split("/", 2)
+    repo = "/".join(repo_and_path[:2])
+    try:
+        ds = datasets.load_dataset(
+            repo, data_files=repo_and_path[2] if len(repo_and_path) > 2 else None
+        )
+    except Exception as exc:
+        raise DataError(f"dataset {uri}: cannot load from the Hub: {exc}".splitlines()[0]) from exc
+    split = ds["train"] if "train" in ds else next(iter(ds.values()))
+    target = cache / f"{repo.replace('/', '--')}.jsonl"
+    split.to_json(str(target), lines=True)
+    return target
+
+
+def read_records(path: Path, name: str) -> list[Record]:
+    raw = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(io.BytesIO(raw)).to_pylist()
+        except Exception as exc:
+            raise DataError(f"{name}: not a readable parquet file: {exc}") from exc
+        return [Record(r, f"{name} row {i + 1}") for i, r in enumerate(rows)]
+    text = _decode(raw, name)
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Record(json.loads(line), f"{name} line {number}"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{name} line {number}: invalid JSON ({exc.msg})") from exc
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+        if (
+            isinstance(data, dict)
+            and len(data) == 1
+            and isinstance(next(iter(data.values())), list)
+        ):
+            data = next(iter(data.values()))
+        if not isinstance(data, list):
+            raise DataError(f"{name}: expected a JSON array of records")
+        return [Record(r, f"{name} record {i + 1}") for i, r in enumerate(data)]
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        return [Record(r, f"{name} line {reader.line_num}") for r in reader]
+    raise DataError(
+        f"{name}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
+    )
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{name} line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+            "save the file as UTF-8"
+        ) from exc
+
+
+def detect_format(record: Record) -> str:
+    data = record.data
+    if not isinstance(data, dict):
+        raise DataError(f"{record.where}: expected a JSON object, got {type(data).__name__}")
+    keys = set(data)
+    if keys & set(CHAT_KEYS):
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
+    if "text" in keys:
+        return "text"
+    raise DataError(
+        f"{record.where}: cannot tell the format from fields {sorted(keys)}; expected "
+        "messages (chat), instruction/output (alpaca), prompt/completion or text, or set "
+        "spec.dataset.format"
+    )
+
+
+def _field(record: Record, key: str, fmt: str, required: bool = True) -> str:
+    data = record.data
+    if not isinstance(data, dict):
+        raise DataError(f"{record.where}: expected a JSON object, got {type(data).__name__}")
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{record.where}: missing '{key}' for the {fmt} format")
+        return ""
+    if not isinstance(value, str):
+        value = str(value)
+    return value.strip()
+
+
+def to_turns(record: Record, fmt: str) -> tuple[list[dict[str, str]], str] | tuple[None, str]:
+    """(messages before the answer, the answer); messages is None for plain prompt text."""
+    if fmt == "alpaca":
+        instruction = _field(record, "instruction", fmt)
+        extra = _field(record, "input", fmt, required=False)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return [{"role": "user", "content": user}], _field(record, "output", fmt)
+    if fmt == "chat":
+        data = record.data if isinstance(record.data, dict) else {}
+        turns = next((data[k] for k in CHAT_KEYS if k in data), None)
+        if not isinstance(turns, list) or not turns:
+            raise DataError(
+                f"{record.where}: 'messages' must be a non-empty list for the chat format"
+            )
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise DataError(f"{record.where}: message {i + 1} is not an object")
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            role = {"human": "user", "gpt": "assistant"}.get(role, role)
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise DataError(
+                    f"{record.where}: message {i + 1} needs a role (system, user, assistant) "
+                    "and string content"
+                )
+            messages.append({"role": role, "content": content.strip()})
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{record.where}: the last message must be the assistant's answer")
+        return messages[:-1], messages[-1]["content"]
+    if fmt == "completion":
+        return None, _field(record, "completion", fmt)
+    raise DataError(f"unknown dataset format {fmt!r}")
+
+
+def _examples(records: list[Record], fmt: str, tokenizer: Any) -> tuple[list[Example], Counter]:
+    dropped: Counter = Counter()
+    out = []
+    for record in records:
+        if fmt == "text":
+            text = _field(record, "text", fmt)
+            if not text:
+                dropped["empty"] += 1
+                continue
+            out.append(Example("", text, record.where))
+            continue
+        messages, answer = to_turns(record, fmt)
+        if fmt == "completion":
+            prompt = _field(record, "prompt", fmt)
+        elif not messages or not any(m["content"] for m in messages):
+            prompt = ""
+        else:
+            prompt = render_prompt(tokenizer, messages)
+        if not prompt.strip() or not answer:
+            dropped["empty"] += 1
+            continue
+        templated = fmt != "completion" and bool(getattr(tokenizer, "chat_template", None))
+        out.append(Example(prompt, answer, record.where, templated))
+    return out, dropped
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text for messages, through the tokenizer's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    parts = [
+        m["content"] + "\n\n"
+        if m["role"] == "assistant"
+        else DEFAULT_USER.format(content=m["content"])
+        for m in messages
+    ]
+    return "".join(parts)
+
+
+def _dedupe(examples: list[Example]) -> tuple[list[Example], int]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for ex in examples:
+        key = (ex.prompt, ex.completion)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out, len(examples) - len(out)
+
+
+def _split(
+    examples: list[Example], fraction: float, rng: random.Random
+) -> tuple[list[Example], list[Example]]:
+    if fraction <= 0:
+        return examples, []
+    count = max(1, round(len(examples) * fraction))
+    return examples[count:], examples[:count]
+
+
+def load_examples(
+    uri: str, spec: DatasetSpec, tokenizer: Any, cache: Path, fmt: str
+) -> tuple[list[Example], str, Counter]:
+    path = fetch(uri, cache)
+    records = read_records(path, _name(uri))
+    if not records:
+        raise DataError(f"{_name(uri)}: the file has no records")
+    if fmt == "auto":
+        fmt = detect_format(records[0])
+    examples, dropped = _examples(records, fmt, tokenizer)
+    dropped["read"] = len(records)
+    return examples, fmt, dropped
+
+
+def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
+    """Reads, cleans and splits the data as the spec says."""
+    examples, fmt, report = load_examples(spec.uri, spec, tokenizer, cache, spec.format)
+    if spec.dedupe:
+        examples, report["duplicates"] = _dedupe(examples)
+    if not examples:
+        raise DataError(
+            f"{_name(spec.uri)}: no usable records after cleaning ({report['read']} read, "
+            f"{report['empty']} empty, {report.get('duplicates', 0)} duplicates)"
+        )
+    rng = random.Random(spec.seed)
+    rng.shuffle(examples)
+    test: list[Example]
+    validation: list[Example]
+    if spec.test_uri:
+        test, _, _ = load_examples(spec.test_uri, spec, tokenizer, cache, fmt)
+    else:
+        examples, test = _split(examples, spec.test_split, rng)
+    if spec.validation_uri:
+        validation, _, _ = load_examples(spec.validation_uri, spec, tokenizer, cache, fmt)
+    else:
+        examples, validation = _split(examples, spec.validation_split, rng)
+    if not examples:
+        raise DataError(
+            f"{_name(spec.uri)}: nothing left to train on after the validation and test splits"
+        )
+    if not test:
+        raise DataError(f"{_name(spec.uri)}: the test set is empty")
+    report.update(train=len(examples), validation=len(validation), test=len(test))
+    return Splits(examples, validation, test, fmt, dict(report))
+
+
+def tokenize(
+    examples: list[Example], tokenizer: Any, max_length: int
+) -> tuple[list[dict[str, list[int]]], int]:
+    """input_ids and labels (-100 on prompt tokens); examples longer than max_length are dropped."""
+    rows = []
+    too_long = 0
+    eos = tokenizer.eos_token_id
+    for ex in examples:
+        prompt_ids = (
+            tokenizer(ex.prompt, add_special_tokens=not ex.templated)["input_ids"]
+            if ex.prompt
+            else []
+        )
+        answer = (
+            (" " + ex.completion) if ex.prompt and not ex.prompt[-1:].isspace() else ex.completion
+        )
+        completion_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        if not ex.prompt and tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id]
+        ids = prompt_ids + completion_ids
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        labels = [-100] * len(prompt_ids) + completion_ids
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows, too_long

@@ -1,0 +1,147 @@
+"""Stage 4, evaluate: teacher-forced loss and perplexity, and greedy generations scored with
+rougeL, bleu and exactMatch, for the tuned model and (before training) the base model."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api import EvalMetrics, EvaluationSpec
+from kubetune_trainer.data import Example
+
+GENERATION_METRICS = ("rougeL", "bleu", "exactMatch")
+
+
+@dataclass
+class EvalOutput:
+    metrics: EvalMetrics
+    generations: list[str]
+
+
+def normalize(text: str) -> str:
+    """What exactMatch compares: the text with runs of whitespace made one space, trimmed."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if not references:
+        return out
+    if "exactMatch" in metrics:
+        hits = sum(
+            normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)
+        )
+        out["exact_match"] = hits / len(references)
+    if "rougeL" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        f1 = [
+            scorer.score(r, p)["rougeL"].fmeasure
+            for p, r in zip(predictions, references, strict=True)
+        ]
+        out["rouge_l"] = sum(f1) / len(f1)
+    if "bleu" in metrics:
+        import sacrebleu
+
+        out["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    return out
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def teacher_forced_loss(
+    model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int
+) -> float:
+    """Mean cross-entropy over every completion token of rows."""
+    import torch
+
+    total, tokens = 0.0, 0
+    device = _device(model)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n] = torch.tensor(r["input_ids"])
+                labels[i, :n] = torch.tensor(r["labels"])
+                mask[i, :n] = 1
+            out = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+            )
+            count = int((labels[:, 1:] != -100).sum())
+            total += float(out.loss) * count
+            tokens += count
+    return total / max(tokens, 1)
+
+
+def generate(
+    model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy answers to each example's prompt, batched with left padding."""
+    import torch
+
+    device = _device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                encoded = [
+                    tokenizer(ex.prompt, add_special_tokens=not ex.templated)["input_ids"]
+                    for ex in batch
+                ]
+                padded = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+                generated = model.generate(
+                    input_ids=padded["input_ids"].to(device),
+                    attention_mask=padded["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                width = padded["input_ids"].shape[1]
+                for row in generated:
+                    outputs.append(tokenizer.decode(row[width:], skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    rows: list[dict[str, list[int]]],
+    spec: EvaluationSpec,
+    batch_size: int = 16,
+) -> EvalOutput:
+    was_training = model.training
+    model.eval()
+    try:
+        values: dict[str, float] = {}
+        if {"loss", "perplexity"} & set(spec.metrics) and rows:
+            loss = teacher_forced_loss(model, rows, tokenizer.pad_token_id, batch_size)
+            values["loss"] = loss
+            values["perplexity"] = math.exp(min(loss, 700.0))
+        generations: list[str] = []
+        if set(GENERATION_METRICS) & set(spec.metrics):
+            generations = generate(model, tokenizer, examples, spec.max_new_tokens, batch_size)
+            values.update(score(generations, [ex.completion for ex in examples], spec.metrics))
+    finally:
+        model.train(was_training)
+    wanted = {m: values.get(_field(m)) for m in spec.metrics}
+    return EvalOutput(EvalMetrics(**{_field(m): v for m, v in wanted.items()}), generations)
+
+
+def _field(metric: str) -> str:
+    return {"rougeL": "rouge_l", "exactMatch": "exact_match"}.get(metric, metric)

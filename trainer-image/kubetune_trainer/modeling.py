@@ -1,0 +1,220 @@
+"""Stage 2, model: load the base model (4/8-bit for qlora) and apply the fine-tuning method."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from kubetune.api import FineTuneJobSpec
+from kubetune_trainer import storage
+from kubetune_trainer.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained reads: a local directory or a Hub id, and a GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+def locate_model(uri: str, revision: str | None, cache: Path) -> ModelSource:
+    """Resolves the model URI to something from_pretrained can read, staging remote files."""
+    if uri.startswith("hf://"):
+        parts = uri.removeprefix("hf://").split("/", 2)
+        return ModelSource("/".join(parts[:2]), parts[2] if len(parts) > 2 else None, revision)
+    if uri.startswith("file://"):
+        path = Path(urlsplit(uri).path)
+        if not path.exists():
+            raise SpecError(f"spec.model.uri: {uri} does not exist")
+        if path.suffix == ".gguf":
+            return ModelSource(str(path.parent), path.name)
+        return ModelSource(str(path))
+    target = cache / "model" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    try:
+        if uri.endswith(".gguf"):
+            storage.download(uri, target / Path(urlsplit(uri).path).name)
+            return ModelSource(str(target), Path(urlsplit(uri).path).name)
+        if not storage.list_keys(uri):
+            raise SpecError(f"spec.model.uri: nothing stored under {uri}")
+        storage.download(uri, target)
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec.model.uri: {uri} does not exist") from exc
+    return ModelSource(str(target))
+
+
+def _from_pretrained(loader: Any, source: ModelSource, trust: bool, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=source.revision,
+            trust_remote_code=trust,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"spec.model.uri: cannot load {source.path}: {first}") from exc
+
+
+def materialize_gguf(source: ModelSource, cache: Path, trust: bool = False) -> ModelSource:
+    """A GGUF model dequantized once into a safetensors directory (reused on later runs)."""
+    if source.gguf_file is None:
+        return source
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = hashlib.sha256(f"{source.path}/{source.gguf_file}/{source.revision}".encode()).hexdigest()
+    target = cache / "gguf" / key[:16]
+    if (target / "config.json").exists():
+        return ModelSource(str(target))
+    log.info("Converting GGUF model once file=%s target=%s", source.gguf_file, target)
+    tokenizer = _from_pretrained(AutoTokenizer, source, trust)
+    model = _from_pretrained(AutoModelForCausalLM, source, trust)
+    # A dequantized GGUF model is a plain float model; drop the GGUF quantizer so it saves as such.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_suffix(".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return ModelSource(str(target))
+
+
+def load_tokenizer(source: ModelSource, trust: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, source, trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
+    """The base model, quantized for qlora, ready for the method to be applied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.model.dtype)}
+    quant = spec.method.quantization
+    if spec.method.type == "qlora" and quant is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant.bits == 4,
+            load_in_8bit=quant.bits == 8,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        )
+        if not torch.cuda.is_available():
+            # bitsandbytes computes in float32 on CPUs without bf16 matmuls in autograd.
+            kwargs["dtype"] = torch.float32
+    model = _from_pretrained(AutoModelForCausalLM, source, spec.model.trust_remote_code, **kwargs)
+    if spec.method.type == "qlora":
+        keep_4bit_layers_trainable(model)
+    return model
+
+
+def load_unquantized(spec: FineTuneJobSpec, source: ModelSource) -> Any:
+    """The base model in its own precision (never quantized): what an adapter is merged into."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(spec.model.dtype)
+    return _from_pretrained(AutoModelForCausalLM, source, spec.model.trust_remote_code, dtype=dtype)
+
+
+def keep_4bit_layers_trainable(model: Any) -> int:
+    """Stops bitsandbytes from repacking 4-bit weights into its CPU inference-only layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks every Linear4bit on the first no-grad
+    forward (an evaluation pass); training after that silently gets wrong gradients. Returns the
+    number of layers changed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def apply_method(model: Any, spec: FineTuneJobSpec, source: ModelSource) -> Any:
+    """Wraps the model in the PEFT method (or leaves every weight trainable for full)."""
+    method = spec.method
+    if method.type == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    import peft
+
+    gc = bool(spec.hyperparameters.gradient_checkpointing)
+    if method.type == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    elif gc:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config: Any
+    if method.type in ("lora", "qlora", "dora"):
+        lora = method.lora
+        assert lora is not None, "resolve_spec fills lora settings"
+        config = peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules or "all-linear",
+            use_dora=method.type == "dora",
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    elif method.type == "ia3":
+        config = peft.IA3Config(task_type=peft.TaskType.CAUSAL_LM)
+    elif method.type == "prefix":
+        config = peft.PrefixTuningConfig(
+            num_virtual_tokens=method.virtual_tokens, task_type=peft.TaskType.CAUSAL_LM
+        )
+    else:
+        init = peft.PromptTuningInit.TEXT if method.prompt_init else peft.PromptTuningInit.RANDOM
+        config = peft.PromptTuningConfig(
+            num_virtual_tokens=method.virtual_tokens,
+            prompt_tuning_init=init,
+            prompt_tuning_init_text=method.prompt_init,
+            tokenizer_name_or_path=source.path if method.prompt_init else None,
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise SpecError(
+            f"spec.method: {method.type} cannot be applied to this model: {exc}"
+        ) from exc
+    if method.type == "qlora":
+        keep_4bit_layers_trainable(model)
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,142 @@
+"""One storage client for every scheme: s3://, gs://, az://, file:// and https:// (obstore).
+
+Credentials come from the standard environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
+GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_NAME, ...); an S3-compatible endpoint over plain
+http (MinIO, SeaweedFS on a private network) is allowed when AWS_ENDPOINT_URL says http://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.store import from_url
+
+from kubetune_trainer.errors import TrainerError
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store (one bucket or root) and a key prefix inside it."""
+
+    store: Any
+    prefix: str
+
+    def key(self, relative: str = "") -> str:
+        return "/".join(p for p in (self.prefix.strip("/"), relative.strip("/")) if p)
+
+
+def _store_root(uri: str) -> tuple[str, str]:
+    """('s3://bucket/a/b') -> ('s3://bucket', 'a/b'); file URIs keep the whole path as prefix."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return "file:///", parts.path.lstrip("/")
+    if parts.scheme in ("s3", "gs", "az", "https", "http"):
+        return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/")
+    raise TrainerError(f"unsupported storage URI {uri!r}")
+
+
+def locate(uri: str) -> Location:
+    root, prefix = _store_root(uri)
+    options: dict[str, Any] = {}
+    if root.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        options["client_options"] = {"allow_http": True}
+    if root.startswith("http://"):
+        options["client_options"] = {"allow_http": True}
+    return Location(from_url(root, **options), prefix)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = locate(uri)
+    try:
+        return bytes(obstore.get(loc.store, loc.key()).bytes())
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise TrainerError(f"cannot read {uri}: {_first_line(exc)}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    loc = locate(uri)
+    try:
+        obstore.put(loc.store, loc.key(), data)
+    except Exception as exc:
+        raise TrainerError(f"cannot write {uri}: {_first_line(exc)}") from exc
+
+
+def exists(uri: str) -> bool:
+    loc = locate(uri)
+    try:
+        obstore.head(loc.store, loc.key())
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def list_keys(uri: str) -> list[str]:
+    """Every object under the prefix uri, as paths relative to it."""
+    loc = locate(uri)
+    prefix = loc.key()
+    try:
+        keys = [
+            m["path"] for batch in obstore.list(loc.store, prefix=prefix or None) for m in batch
+        ]
+    except FileNotFoundError:
+        return []
+    except Exception as exc:
+        raise TrainerError(f"cannot list {uri}: {_first_line(exc)}") from exc
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    return sorted(k[len(base) :] for k in keys if k.startswith(base))
+
+
+def download(uri: str, dest: Path) -> Path:
+    """Copies one object (when uri names one) or every object under a prefix into dest."""
+    keys = list_keys(uri)
+    if not keys:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(read_bytes(uri))
+        return dest
+    for key in keys:
+        target = dest / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(join(uri, key)))
+    return dest
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    path: str  # relative to the prefix
+    size: int
+    sha256: str
+
+
+def upload_file(path: Path, uri: str) -> Uploaded:
+    data = path.read_bytes()
+    write_bytes(uri, data)
+    return Uploaded(path.name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def upload_dir(local: Path, uri: str, relative_to: Path | None = None) -> list[Uploaded]:
+    """Uploads every file under local to uri/<path>; returns what was written, sorted."""
+    base = relative_to or local
+    out = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(base).as_posix()
+        data = path.read_bytes()
+        write_bytes(join(uri, path.relative_to(local).as_posix()), data)
+        out.append(Uploaded(rel, len(data), hashlib.sha256(data).hexdigest()))
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

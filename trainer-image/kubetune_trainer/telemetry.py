@@ -1,0 +1,155 @@
+"""Progress reporting: every trainer metric is declared here, and reporters receive events.
+
+The trainer serves these on a port as Prometheus metrics (the operator reads them into
+`status.progress`); `kubetune run` also draws a progress bar from the same events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Enum, Gauge, Info, start_http_server
+
+log = logging.getLogger("kubetune_trainer")
+
+STAGES = ["starting", "data", "model", "baseline", "train", "evaluate", "export", "done", "failed"]
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, detail: str = "") -> None: ...
+    def step(self, info: StepInfo) -> None: ...
+    def eval_loss(self, step: int, loss: float) -> None: ...
+
+
+class TrainerMetrics:
+    """The trainer's Prometheus metrics, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.info = Info("kubetune_trainer", "The run this trainer serves.", registry=r)
+        self.stage = Enum("kubetune_trainer_stage", "Pipeline stage.", states=STAGES, registry=r)
+        self.step = Gauge("kubetune_trainer_step", "Optimizer steps done.", registry=r)
+        self.total_steps = Gauge(
+            "kubetune_trainer_total_steps", "Optimizer steps the run will take.", registry=r
+        )
+        self.epoch = Gauge("kubetune_trainer_epoch", "Fractional epoch reached.", registry=r)
+        self.train_loss = Gauge("kubetune_trainer_train_loss", "Latest training loss.", registry=r)
+        self.eval_loss = Gauge("kubetune_trainer_eval_loss", "Latest validation loss.", registry=r)
+        self.learning_rate = Gauge(
+            "kubetune_trainer_learning_rate", "Current learning rate.", registry=r
+        )
+        self.tokens_per_second = Gauge(
+            "kubetune_trainer_tokens_per_second",
+            "Training throughput in tokens per second.",
+            registry=r,
+        )
+        self.eta_seconds = Gauge(
+            "kubetune_trainer_eta_seconds", "Estimated seconds left in training.", registry=r
+        )
+        self.gpu_memory_bytes = Gauge(
+            "kubetune_trainer_gpu_memory_bytes",
+            "Peak GPU memory allocated by the trainer.",
+            registry=r,
+        )
+
+
+class PrometheusReporter:
+    def __init__(self, metrics: TrainerMetrics) -> None:
+        self.metrics = metrics
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.metrics.registry)
+
+    def stage(self, name: str, detail: str = "") -> None:
+        self.metrics.stage.state(name)
+
+    def step(self, info: StepInfo) -> None:
+        m = self.metrics
+        m.step.set(info.step)
+        m.total_steps.set(info.total_steps)
+        m.epoch.set(info.epoch)
+        for gauge, value in (
+            (m.train_loss, info.loss),
+            (m.learning_rate, info.learning_rate),
+            (m.tokens_per_second, info.tokens_per_second),
+            (m.eta_seconds, info.eta_seconds),
+        ):
+            if value is not None:
+                gauge.set(value)
+        _record_gpu_memory(m)
+
+    def eval_loss(self, step: int, loss: float) -> None:
+        self.metrics.eval_loss.set(loss)
+
+
+def _record_gpu_memory(metrics: TrainerMetrics) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
+
+
+class LogReporter:
+    """Log lines for the pod log: one per stage and one every few percent of training."""
+
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        self.every = every_seconds
+        self.last = 0.0
+
+    def stage(self, name: str, detail: str = "") -> None:
+        log.info("Stage %s %s", name, detail)
+
+    def step(self, info: StepInfo) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or info.step == info.total_steps:
+            self.last = now
+            log.info(
+                "Step step=%d total=%d epoch=%.2f loss=%s tokens_per_second=%s eta_seconds=%s",
+                info.step,
+                info.total_steps,
+                info.epoch,
+                _fmt(info.loss),
+                _fmt(info.tokens_per_second),
+                _fmt(info.eta_seconds),
+            )
+
+    def eval_loss(self, step: int, loss: float) -> None:
+        log.info("Evaluated step=%d eval_loss=%.4f", step, loss)
+
+
+class Reporters:
+    """Fans every event out to several reporters."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def stage(self, name: str, detail: str = "") -> None:
+        for r in self.reporters:
+            r.stage(name, detail)
+
+    def step(self, info: StepInfo) -> None:
+        for r in self.reporters:
+            r.step(info)
+
+    def eval_loss(self, step: int, loss: float) -> None:
+        for r in self.reporters:
+            r.eval_loss(step, loss)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
