@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from tests.conftest import valid_job
 
 import kubetune.api as api
 from kubetune.api import (
@@ -26,6 +25,7 @@ from kubetune.api import (
     resolve_spec,
     run_prefix,
 )
+from tests.conftest import valid_job
 
 MODELS = sorted(
     (obj for obj in vars(api).values() if isinstance(obj, type) and issubclass(obj, BaseModel)),

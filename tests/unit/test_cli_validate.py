@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import ROOT, valid_job
 
 from kubetune.api import ExitCode
 from kubetune.cli import main
+from tests.conftest import ROOT, valid_job
 
 BAD = """\
 apiVersion: kubetune.dev/v1alpha1

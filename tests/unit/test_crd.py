@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.conftest import ROOT
 
 from kubetune.cli import main
 from kubetune.codegen.apidoc import render_api_docs
 from kubetune.codegen.crd import crd, render_crd
+from tests.conftest import ROOT
 
 CRD_PATH = ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
 DOCS_PATH = ROOT / "docs" / "api.md"

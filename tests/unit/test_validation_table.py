@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import ValidationError
-from tests.conftest import ROOT, valid_job
-from tests.support.apiserver import ApiServer
 
 from kubetune.api import MAX_NAME_LENGTH, FineTuneJob, describe_errors
 from kubetune.manifests import Loader
+from tests.conftest import ROOT, valid_job
+from tests.support.apiserver import ApiServer
 
 Edit = Callable[[dict[str, Any]], None]
 

@@ -112,6 +112,15 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
+def delete_prefix(uri: str) -> int:
+    """Deletes every object under the prefix uri; returns how many."""
+    loc = locate(uri)
+    keys = [loc.key(k) for k in list_keys(uri)]
+    if keys:
+        obstore.delete(loc.store, keys)
+    return len(keys)
+
+
 @dataclass(frozen=True)
 class Uploaded:
     path: str  # relative to the prefix

