@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check operator trainer-image tests
-	$(BIN)/ruff format --check operator trainer-image tests
+	$(BIN)/ruff check operator trainer-image tests benchmarks examples
+	$(BIN)/ruff format --check operator trainer-image tests benchmarks examples
 	$(BIN)/lint-imports
 
 test: lint

@@ -1,6 +1,7 @@
 """Generates text-to-sql.jsonl: questions about a small company database and their SQL.
 
-Seeded, so the file is reproducible: `python examples/data/make_text_to_sql.py > examples/data/text-to-sql.jsonl`.
+Seeded, so the file is reproducible:
+    python examples/data/make_text_to_sql.py > examples/data/text-to-sql.jsonl
 Schema: employees(id, name, department, salary, hire_year, city); departments(name, budget, floor).
 """
 
