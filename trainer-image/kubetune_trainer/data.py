@@ -264,16 +264,17 @@ def _dedupe(examples: list[Example]) -> tuple[list[Example], int]:
 
 
 def _split(
-    examples: list[Example], fraction: float, rng: random.Random
+    examples: list[Example], fraction: float, total: int
 ) -> tuple[list[Example], list[Example]]:
+    """Takes fraction of total (the whole dataset) off the front of the shuffled examples."""
     if fraction <= 0:
         return examples, []
-    count = max(1, round(len(examples) * fraction))
+    count = max(1, round(total * fraction))
     return examples[count:], examples[:count]
 
 
 def load_examples(
-    uri: str, spec: DatasetSpec, tokenizer: Any, cache: Path, fmt: str
+    uri: str, tokenizer: Any, cache: Path, fmt: str
 ) -> tuple[list[Example], str, Counter]:
     path = fetch(uri, cache)
     records = read_records(path, _name(uri))
@@ -288,7 +289,7 @@ def load_examples(
 
 def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     """Reads, cleans and splits the data as the spec says."""
-    examples, fmt, report = load_examples(spec.uri, spec, tokenizer, cache, spec.format)
+    examples, fmt, report = load_examples(spec.uri, tokenizer, cache, spec.format)
     if spec.dedupe:
         examples, report["duplicates"] = _dedupe(examples)
     if not examples:
@@ -296,18 +297,18 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
             f"{_name(spec.uri)}: no usable records after cleaning ({report['read']} read, "
             f"{report['empty']} empty, {report.get('duplicates', 0)} duplicates)"
         )
-    rng = random.Random(spec.seed)
-    rng.shuffle(examples)
+    random.Random(spec.seed).shuffle(examples)
+    total = len(examples)
     test: list[Example]
     validation: list[Example]
     if spec.test_uri:
-        test, _, _ = load_examples(spec.test_uri, spec, tokenizer, cache, fmt)
+        test, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt)
     else:
-        examples, test = _split(examples, spec.test_split, rng)
+        examples, test = _split(examples, spec.test_split, total)
     if spec.validation_uri:
-        validation, _, _ = load_examples(spec.validation_uri, spec, tokenizer, cache, fmt)
+        validation, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt)
     else:
-        examples, validation = _split(examples, spec.validation_split, rng)
+        examples, validation = _split(examples, spec.validation_split, total)
     if not examples:
         raise DataError(
             f"{_name(spec.uri)}: nothing left to train on after the validation and test splits"

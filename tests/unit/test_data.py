@@ -1,0 +1,133 @@
+"""The data stage without a model: formats, cleaning, splits, prompts, label masking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import DatasetSpec
+from kubetune_trainer import data
+from kubetune_trainer.errors import DataError
+
+
+class PlainTokenizer:
+    """Enough of a tokenizer for the data stage: one id per character, no chat template."""
+
+    chat_template = None
+    bos_token, bos_token_id, eos_token_id = "^", 1, 2
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+class ChatTokenizer(PlainTokenizer):
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool
+    ) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def write(tmp_path: Path, name: str, rows: list[Any]) -> str:
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("\n".join(rows) + "\n")
+    return path.as_uri()
+
+
+# fmt: off
+FORMAT_CASES = [
+        pytest.param("a.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}], "alpaca", "### User:\nAdd\n\n1 2\n\n### Assistant:\n", "3", id="alpaca"),
+        pytest.param("a.jsonl", [{"prompt": "2+2=", "completion": "4"}], "completion", "2+2=", "4", id="completion"),
+        pytest.param("a.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}], "chat", "### User:\nhi\n\n### Assistant:\n", "hello", id="chat"),
+        pytest.param("a.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}], "chat", "### User:\nhi\n\n### Assistant:\n", "yo", id="sharegpt"),
+        pytest.param("a.jsonl", [{"text": "plain words"}], "text", "", "plain words", id="text"),
+        pytest.param("a.json", [{"prompt": "p", "completion": "c"}], "completion", "p", "c", id="json-array"),
+        pytest.param("a.csv", ["prompt,completion", "p,c"], "completion", "p", "c", id="csv"),
+    ]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "rows", "fmt", "prompt", "answer"), FORMAT_CASES)
+def test_formats_are_detected_and_rendered(
+    tmp_path: Path, name: str, rows: list, fmt: str, prompt: str, answer: str
+) -> None:
+    uri = write(
+        tmp_path, name, rows * 20 if fmt != "text" else [{"text": f"words {i}"} for i in range(20)]
+    )
+    examples, detected, _ = data.load_examples(uri, PlainTokenizer(), tmp_path, "auto")
+    assert detected == fmt
+    if fmt != "text":
+        assert (examples[0].prompt, examples[0].completion) == (prompt, answer)
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tmp_path: Path) -> None:
+    uri = write(tmp_path, "a.jsonl", [{"instruction": "Add", "output": "3"}])
+    [example], _, _ = data.load_examples(uri, ChatTokenizer(), tmp_path, "auto")
+    assert example.prompt == "<user>Add<assistant>" and example.templated
+
+
+def test_cleaning_dedupes_and_splits_reproducibly(tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(100)] + [
+        {"prompt": "q1", "completion": "a1"},
+        {"prompt": " ", "completion": "x"},
+    ]
+    spec = DatasetSpec(
+        uri=write(tmp_path, "d.jsonl", rows), validation_split=0.1, test_split=0.2, seed=3
+    )
+    first = data.prepare(spec, PlainTokenizer(), tmp_path)
+    again = data.prepare(spec, PlainTokenizer(), tmp_path)
+    assert first.report == {
+        "read": 102,
+        "empty": 1,
+        "duplicates": 1,
+        "train": 70,
+        "validation": 10,
+        "test": 20,
+    }
+    assert [e.prompt for e in first.test] == [e.prompt for e in again.test]
+    assert not {e.prompt for e in first.test} & {e.prompt for e in first.train}
+    other = data.prepare(spec.model_copy(update={"seed": 4}), PlainTokenizer(), tmp_path)
+    assert [e.prompt for e in other.test] != [e.prompt for e in first.test]
+
+
+def test_labels_cover_only_the_answer_and_long_examples_are_dropped() -> None:
+    examples = [data.Example("Q:", "yes", "x line 1"), data.Example("Q:", "y" * 50, "x line 2")]
+    rows, too_long = data.tokenize(examples, PlainTokenizer(), max_length=20)
+    assert too_long == 1
+    [row] = rows
+    prompt = [1, ord("Q"), ord(":")]
+    assert row["input_ids"] == [*prompt, ord(" "), ord("y"), ord("e"), ord("s"), 2]
+    assert row["labels"] == [-100] * 3 + row["input_ids"][3:]
+
+
+def test_test_uri_replaces_the_test_split(tmp_path: Path) -> None:
+    train = write(
+        tmp_path, "train.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(10)]
+    )
+    test = write(
+        tmp_path,
+        "test.jsonl",
+        [{"prompt": "t1", "completion": "b"}, {"prompt": "t2", "completion": "b"}],
+    )
+    splits = data.prepare(
+        DatasetSpec(uri=train, test_uri=test, validation_split=0.0), PlainTokenizer(), tmp_path
+    )
+    assert [e.prompt for e in splits.test] == ["t1", "t2"] and len(splits.train) == 10
+
+
+def test_nothing_left_to_train_on(tmp_path: Path) -> None:
+    uri = write(tmp_path, "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match="nothing left to train on"):
+        data.prepare(
+            DatasetSpec(uri=uri, validation_split=0.0, test_split=0.5), PlainTokenizer(), tmp_path
+        )

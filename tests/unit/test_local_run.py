@@ -1,0 +1,64 @@
+"""`kubetune run` helpers: overrides and local paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune.api import FineTuneJob
+from kubetune.local import UsageError, apply_overrides, local_run_id, set_path, to_uri
+from tests.conftest import valid_job
+
+
+def test_set_path_parses_yaml_values_and_creates_mappings() -> None:
+    job = valid_job()
+    apply_overrides(
+        job,
+        [
+            "spec.hyperparameters.maxSteps=20",
+            "spec.hyperparameters.learningRate=2e-4",
+            "spec.gates.0.min=0.9",
+            "spec.resources.nodeSelector.pool=gpu",
+        ],
+        None,
+        None,
+        None,
+    )
+    hp = job["spec"]["hyperparameters"]
+    assert (hp["maxSteps"], hp["learningRate"]) == (20, 2e-4)
+    assert job["spec"]["gates"][0]["min"] == 0.9
+    assert job["spec"]["resources"]["nodeSelector"] == {"pool": "gpu"}
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        pytest.param("spec.hyperparameters.maxSteps", "expected PATH=VALUE", id="no-value"),
+        pytest.param("spec.gates.7.min=1", "'7' is not an index", id="bad-index"),
+        pytest.param(
+            "spec.method.type.x=1", "spec.method.type is not a mapping", id="through-a-scalar"
+        ),
+    ],
+)
+def test_bad_overrides_are_usage_errors(item: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        apply_overrides(valid_job(), [item], None, None, None)
+
+
+def test_local_paths_become_file_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert to_uri("data/train.jsonl") == (tmp_path / "data" / "train.jsonl").as_uri()
+    assert to_uri("s3://bucket/x.jsonl") == "s3://bucket/x.jsonl"
+    job = valid_job()
+    apply_overrides(job, [], "models/smol", "d.jsonl", "out")
+    assert job["spec"]["model"]["uri"] == (tmp_path / "models" / "smol").as_uri()
+    assert job["spec"]["output"]["uri"] == (tmp_path / "out").as_uri()
+
+
+def test_run_id_follows_the_spec() -> None:
+    job = FineTuneJob.model_validate(valid_job())
+    changed = valid_job()
+    set_path(changed, "spec.hyperparameters.epochs", 5)
+    assert local_run_id(job) == local_run_id(FineTuneJob.model_validate(valid_job()))
+    assert local_run_id(job) != local_run_id(FineTuneJob.model_validate(changed))
