@@ -15,6 +15,9 @@ from kubetune_trainer.errors import SpecError
 
 log = logging.getLogger(__name__)
 
+# Non-reentrant activation checkpointing: the recommended mode, and the only one in future torch.
+NON_REENTRANT = {"use_reentrant": False}
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -172,9 +175,11 @@ def apply_method(model: Any, spec: FineTuneJobSpec, source: ModelSource) -> Any:
 
     gc = bool(spec.hyperparameters.gradient_checkpointing)
     if method.type == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=NON_REENTRANT
+        )
     elif gc:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         model.enable_input_require_grads()
     config: Any
     if method.type in ("lora", "qlora", "dora"):

@@ -1,7 +1,8 @@
 """The trainer's pipeline: one explicit sequence of named stages for one run.
 
-data -> model -> baseline (the base model evaluated before training) -> train -> evaluate ->
-gates -> export -> promote. Every failure ends as a TrainerResult with an exit code.
+model (locate, tokenizer) -> data (the tokenizer renders prompts) -> baseline (the base model
+evaluated before training) -> train -> evaluate -> gates -> export -> promote. Every failure ends
+as a TrainerResult with an exit code.
 """
 
 from __future__ import annotations

@@ -173,6 +173,7 @@ def training_arguments(
         "bf16": bf16,
         "fp16": cuda and dtype == "float16",
         "activation_checkpointing": bool(hp.gradient_checkpointing) and spec.method.type == "full",
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "dataloader_num_workers": 0,
         "optim": "adamw_torch",
     }
