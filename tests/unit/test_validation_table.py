@@ -87,6 +87,7 @@ INVALID = [
     pytest.param(at("spec.method", {"type": "ia3", "lora": {"r": 8}}), "spec.method.lora", "spec.method.lora: Invalid value: lora settings apply only", id="lora-on-ia3"),
     pytest.param(at("spec.method", {"type": "prefix", "promptInit": "Answer:"}), "spec.method.promptInit", "spec.method.promptInit: Invalid value: promptInit applies only to type prompt", id="prompt-init-on-prefix"),
     pytest.param(at("spec.method.virtualTokens", 20), "spec.method.virtualTokens", "spec.method.virtualTokens: Invalid value: virtualTokens applies only", id="virtual-tokens-on-lora"),
+    pytest.param(both(at("spec.method", {"type": "prompt"}), at("spec.dataset.packing", True)), "spec.dataset.packing", "spec.dataset.packing: Invalid value: packing cannot be used with prefix or prompt", id="packing-prompt-tuning"),
     pytest.param(both(at("spec.dataset.validationSplit", 0), at("spec.hyperparameters.earlyStoppingPatience", 3)), "spec.hyperparameters.earlyStoppingPatience", "spec.hyperparameters.earlyStoppingPatience: Invalid value: earlyStoppingPatience needs validation data", id="early-stopping-without-validation"),
     pytest.param(at("spec.model.uri", "ftp://models/llama"), "spec.model.uri", "spec.model.uri: 'ftp://models/llama' does not match", id="model-scheme"),
     pytest.param(at("spec.model.uri", "hf://just-a-name"), "spec.model.uri", "spec.model.uri: 'hf://just-a-name' does not match", id="model-hf-without-org"),

@@ -105,6 +105,13 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                 )
             )
 
+    class SaveAtEpochEnd(TrainerCallback):
+        """Checkpoints every N steps and also at the end of each epoch."""
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if args.save_strategy == "steps":
+                control.should_save = True
+
     class UploadCheckpoints(TrainerCallback):
         """Copies each saved checkpoint to storage; the marker goes last."""
 
@@ -123,7 +130,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                 storage.delete_prefix(storage.join(old_uri, MARKER))
                 storage.delete_prefix(old_uri)
 
-    return [Progress(), UploadCheckpoints()]
+    return [Progress(), SaveAtEpochEnd(), UploadCheckpoints()]
 
 
 def training_arguments(
@@ -187,6 +194,18 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
+def make_collator(tokenizer: Any, packing: bool) -> Any:
+    """Padding-free packing (each micro-batch one sequence, positions restarting per example)
+    or dynamic padding to the longest example of the batch."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
+    )
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -198,7 +217,7 @@ def train(
     reporter: Reporter,
 ) -> TrainOutcome:
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     args = training_arguments(spec, workdir, bool(validation_rows))
     callbacks = _callbacks(reporter, checkpoints_uri)
@@ -216,9 +235,7 @@ def train(
             else None
         )
 
-    collator = DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
-    )
+    collator = make_collator(tokenizer, spec.dataset.packing)
     trainer = Trainer(
         model=model,
         args=args,
@@ -242,7 +259,14 @@ def train(
             storage.join(checkpoints_uri, f"checkpoint-{resume}"),
         )
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    use_cache = model.config.use_cache
+    # Without a KV cache the attention mask follows the position ids, so packed examples do not
+    # attend to each other; a cache is no use in training anyway.
+    model.config.use_cache = False
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    finally:
+        model.config.use_cache = use_cache
     seconds = time.monotonic() - started
     state = trainer.state
     history = [

@@ -151,7 +151,9 @@ class DatasetSpec(ApiModel):
     packing: bool = Field(
         default=False,
         description=(
-            "packing concatenates short examples into full-length sequences for throughput."
+            "packing trains padding-free: each micro-batch becomes one sequence, with "
+            "positions restarting per example so that examples do not attend to each other. "
+            "Not for prefix or prompt tuning."
         ),
     )
     dedupe: bool = Field(
@@ -552,6 +554,15 @@ class FineTuneJobSpec(ApiModel):
                 " false"
             ),
             field=".output.mergeAdapter",
+        ),
+        Rule(
+            cel="!(self.dataset.packing && self.method.type in ['prefix', 'prompt'])",
+            check=lambda s: not (s.dataset.packing and s.method.type in VIRTUAL_TOKEN_METHODS),
+            message=(
+                "packing cannot be used with prefix or prompt tuning (their virtual tokens need "
+                "one example per sequence); set dataset.packing: false"
+            ),
+            field=".dataset.packing",
         ),
         Rule(
             cel=(

@@ -1,0 +1,81 @@
+"""Training options that change how the Trainer runs: packing, early stopping, epoch checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kubetune.api import ExitCode
+from kubetune_trainer.training import complete_checkpoints, make_collator
+from tests.trainer.conftest import job_manifest, run_job
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False  # as during training
+    first, second = [5, 9, 13, 20, 7], [30, 31, 32]
+    batch = make_collator(AutoTokenizer.from_pretrained(tiny_model), packing=True)(
+        [{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}]
+    )
+    assert batch["input_ids"].shape == (1, 8)
+    assert batch["labels"][0].tolist() == [-100, 9, 13, 20, 7, -100, 31, 32]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (first, second)]
+    assert torch.allclose(packed[:5], alone[0], atol=1e-5)
+    assert torch.allclose(packed[5:], alone[1], atol=1e-5)
+
+
+def test_lora_with_packing_learns_the_task(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    doc = job_manifest(
+        tiny_model, task_file, (tmp_path / "out").as_uri(), "lora", dataset__packing=True
+    )
+    result, _ = run_job(doc, tmp_path / "work")
+    assert result.exit_code == ExitCode.SUCCEEDED, result.message
+    assert result.metrics.tuned.loss < result.metrics.base.loss - 1.0
+    assert result.metrics.tuned.exact_match > 0.5
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    # A learning rate of ~0 leaves eval loss flat, so patience 1 stops at the second evaluation.
+    doc = job_manifest(
+        tiny_model,
+        task_file,
+        (tmp_path / "out").as_uri(),
+        "lora",
+        hyperparameters__learningRate=1e-12,
+        hyperparameters__evalEverySteps=5,
+        hyperparameters__checkpointEverySteps=5,
+        hyperparameters__earlyStoppingPatience=1,
+    )
+    result, recorder = run_job(doc, tmp_path / "work")
+    assert result.exit_code == ExitCode.SUCCEEDED, result.message
+    assert result.steps == 10
+    assert len(recorder.eval_losses) == 2
+
+
+def test_checkpoints_every_n_steps_and_at_each_epoch_end(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    doc = job_manifest(
+        tiny_model,
+        task_file,
+        out.as_uri(),
+        "lora",
+        hyperparameters={"epochs": 2, "batchSize": 64, "checkpointEverySteps": 4},
+    )
+    result, _ = run_job(doc, tmp_path / "work")
+    assert result.exit_code == ExitCode.SUCCEEDED, result.message
+    per_epoch = result.steps // 2
+    assert per_epoch % 4, "the epoch must not end on a multiple of checkpointEverySteps"
+    saved = {step for step in range(4, result.steps + 1, 4)} | {per_epoch, result.steps}
+    # Only the two newest are kept; the last one exists only because epochs end with a save.
+    assert complete_checkpoints(f"{out.as_uri()}/runs/0123abcd/checkpoints") == sorted(saved)[-2:]
+    assert result.steps % 4
