@@ -123,6 +123,9 @@ def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) 
     reporter.stage("baseline")
     baseline = _baseline(config, model, tokenizer, test_examples, test_rows)
 
+    # Seed again: loading (or converting) the model may have drawn from the RNG, and the adapter's
+    # initialisation must not depend on whether a converted model was already cached.
+    transformers.set_seed(spec.hyperparameters.seed)
     model = modeling.apply_method(model, spec, source)
     trainable, total = modeling.count_parameters(model)
     reporter.stage("train", f"{trainable:,} of {total:,} parameters trainable")
