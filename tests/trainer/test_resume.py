@@ -55,7 +55,7 @@ def test_killed_trainer_resumes_from_its_checkpoint(
     first.send_signal(signal.SIGKILL)  # preempted: no clean shutdown
     first.wait()
     killed_at = complete_checkpoints(checkpoints)[-1]
-    assert 20 <= killed_at < 300
+    assert 0 < killed_at < 300
     assert not (out / "latest.json").exists() and not termination.exists()
 
     second = _start(config_path, tmp_path / "work2", log)
