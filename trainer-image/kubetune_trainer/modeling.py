@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from kubetune.api import FineTuneJobSpec
 from kubetune_trainer import storage
-from kubetune_trainer.errors import SpecError
+from kubetune_trainer.errors import SpecError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,23 @@ def _from_pretrained(loader: Any, source: ModelSource, trust: bool, **kwargs: An
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_connection_problem(exc):
+            # The Hub or the network is down: a retry may succeed, so not an invalid spec.
+            raise TrainerError(f"spec.model.uri: cannot reach {source.path}: {first}") from exc
         raise SpecError(f"spec.model.uri: cannot load {source.path}: {first}") from exc
+
+
+def is_connection_problem(exc: BaseException) -> bool:
+    """Whether exc (or what caused it) is a failure to reach a server rather than a bad name."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if (
+            isinstance(seen, ConnectionError | TimeoutError)
+            or "couldn't connect" in str(seen).lower()
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def materialize_gguf(source: ModelSource, cache: Path, trust: bool = False) -> ModelSource:
