@@ -73,28 +73,17 @@ def _condition(
 def conditions_for(
     state: State, previous: list[Condition], generation: int | None, now: datetime
 ) -> list[Condition]:
+    def flag(kind: str, active: bool, idle_reason: str) -> Condition:
+        reason, message = (state.reason, state.message) if active else (idle_reason, "")
+        return _condition(kind, active, reason, message, previous, generation, now)
+
+    ready = _condition(
+        "Ready", state.succeeded, state.reason, state.message, previous, generation, now
+    )
     return [
-        _condition(
-            "Ready", state.succeeded, state.reason, state.message, previous, generation, now
-        ),
-        _condition(
-            "Running",
-            state.running,
-            state.reason if state.running else "NotRunning",
-            state.message if state.running else "",
-            previous,
-            generation,
-            now,
-        ),
-        _condition(
-            "Failed",
-            state.failed,
-            state.reason if state.failed else "NotFailed",
-            state.message if state.failed else "",
-            previous,
-            generation,
-            now,
-        ),
+        ready,
+        flag("Running", state.running, "NotRunning"),
+        flag("Failed", state.failed, "NotFailed"),
     ]
 
 
