@@ -66,7 +66,7 @@ def exact_match(model: Any, tokenizer: Any, splits: Any, spec: Any) -> float:
 
     test = splits.test[: spec.evaluation.max_samples]
     answers = generate(model, tokenizer, test, spec.evaluation.max_new_tokens, 16)
-    return score(answers, [ex.completion for ex in test], ["exactMatch"])["exact_match"]
+    return score(answers, [ex.completion for ex in test], ["exactMatch"])["exactMatch"]
 
 
 def run_ours(steps: int, workdir: Path) -> dict[str, Any]:

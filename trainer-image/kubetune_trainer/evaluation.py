@@ -33,7 +33,7 @@ def score(predictions: list[str], references: list[str], metrics: list[str]) -> 
         hits = sum(
             normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)
         )
-        out["exact_match"] = hits / len(references)
+        out["exactMatch"] = hits / len(references)
     if "rougeL" in metrics:
         from rouge_score import rouge_scorer
 
@@ -42,7 +42,7 @@ def score(predictions: list[str], references: list[str], metrics: list[str]) -> 
             scorer.score(r, p)["rougeL"].fmeasure
             for p, r in zip(predictions, references, strict=True)
         ]
-        out["rouge_l"] = sum(f1) / len(f1)
+        out["rougeL"] = sum(f1) / len(f1)
     if "bleu" in metrics:
         import sacrebleu
 
@@ -139,9 +139,7 @@ def evaluate(
             values.update(score(generations, [ex.completion for ex in examples], spec.metrics))
     finally:
         model.train(was_training)
-    wanted = {m: values.get(_field(m)) for m in spec.metrics}
-    return EvalOutput(EvalMetrics(**{_field(m): v for m, v in wanted.items()}), generations)
-
-
-def _field(metric: str) -> str:
-    return {"rougeL": "rouge_l", "exactMatch": "exact_match"}.get(metric, metric)
+    # score() and the loss use the metrics' API names, which are EvalMetrics' field aliases.
+    return EvalOutput(
+        EvalMetrics.model_validate({m: values.get(m) for m in spec.metrics}), generations
+    )

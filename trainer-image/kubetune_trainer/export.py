@@ -187,8 +187,6 @@ def publish(staging: Path, config: TrainerConfig, promote: bool, latest: dict[st
     storage.write_bytes(storage.join(run, "manifest.json"), json.dumps(manifest, indent=2).encode())
     log.info("Published files=%d uri=%s", len(uploaded), run)
     if promote:
-        output = run.rsplit("/runs/", 1)[0]
-        storage.write_bytes(
-            storage.join(output, "latest.json"), json.dumps(latest, indent=2).encode()
-        )
-        log.info("Promoted run=%s uri=%s", config.run_id, storage.join(output, "latest.json"))
+        latest_uri = storage.join(config.spec.output.uri, "latest.json")
+        storage.write_bytes(latest_uri, json.dumps(latest, indent=2).encode())
+        log.info("Promoted run=%s uri=%s", config.run_id, latest_uri)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +66,12 @@ def run(
     workdir holds this run's local files; cache (default workdir/cache) holds staged data and
     converted models, and may be shared between runs.
     """
-    started = time.monotonic()
     try:
         return _run(config, reporter, workdir, cache or workdir / "cache")
     except TrainerError as exc:
         reporter.stage("failed", str(exc))
-        outcome = "Failed"
         return TrainerResult(
-            run_id=config.run_id, outcome=outcome, exit_code=exc.exit_code, message=str(exc)
+            run_id=config.run_id, outcome="Failed", exit_code=exc.exit_code, message=str(exc)
         )
     except Exception as exc:  # a bug or an environment failure: retryable
         log.exception("Trainer failed")
@@ -85,7 +82,6 @@ def run(
             outcome="Failed",
             exit_code=ExitCode.RUNTIME_ERROR,
             message=f"{type(exc).__name__}: {first}",
-            train_seconds=time.monotonic() - started,
         )
 
 
@@ -200,13 +196,15 @@ def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) 
         artifacts=artifact_uris(config, spec, merged),
         promoted=passed,
     )
+    artifacts = result.artifacts
+    assert artifacts is not None
     (staging / "result.json").write_text(result.model_dump_json(indent=2, exclude_none=True))
     latest = {
         "runId": config.run_id,
         "job": config.job_name,
-        "manifestUri": result.artifacts.manifest_uri if result.artifacts else None,
-        "adapterUri": result.artifacts.adapter_uri if result.artifacts else None,
-        "mergedUri": result.artifacts.merged_uri if result.artifacts else None,
+        "manifestUri": artifacts.manifest_uri,
+        "adapterUri": artifacts.adapter_uri,
+        "mergedUri": artifacts.merged_uri,
         "metrics": tuned.metrics.model_dump(mode="json", exclude_none=True),
     }
     publish(staging, config, passed, latest)

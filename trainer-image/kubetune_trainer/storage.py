@@ -7,6 +7,7 @@ http (MinIO, SeaweedFS on a private network) is allowed when AWS_ENDPOINT_URL sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
+def delete(uri: str) -> None:
+    """Deletes one object (nothing if it does not exist)."""
+    loc = locate(uri)
+    with contextlib.suppress(FileNotFoundError):
+        obstore.delete(loc.store, loc.key())
+
+
 def delete_prefix(uri: str) -> int:
     """Deletes every object under the prefix uri; returns how many."""
     loc = locate(uri)
@@ -128,20 +136,13 @@ class Uploaded:
     sha256: str
 
 
-def upload_file(path: Path, uri: str) -> Uploaded:
-    data = path.read_bytes()
-    write_bytes(uri, data)
-    return Uploaded(path.name, len(data), hashlib.sha256(data).hexdigest())
-
-
-def upload_dir(local: Path, uri: str, relative_to: Path | None = None) -> list[Uploaded]:
+def upload_dir(local: Path, uri: str) -> list[Uploaded]:
     """Uploads every file under local to uri/<path>; returns what was written, sorted."""
-    base = relative_to or local
     out = []
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        rel = path.relative_to(base).as_posix()
+        rel = path.relative_to(local).as_posix()
         data = path.read_bytes()
-        write_bytes(join(uri, path.relative_to(local).as_posix()), data)
+        write_bytes(join(uri, rel), data)
         out.append(Uploaded(rel, len(data), hashlib.sha256(data).hexdigest()))
     return out
 

@@ -127,7 +127,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
             for old in complete_checkpoints(checkpoints_uri)[:-KEEP_CHECKPOINTS]:
                 # The marker goes first, so a half-deleted checkpoint never looks complete.
                 old_uri = storage.join(checkpoints_uri, f"checkpoint-{old}")
-                storage.delete_prefix(storage.join(old_uri, MARKER))
+                storage.delete(storage.join(old_uri, MARKER))
                 storage.delete_prefix(old_uri)
 
     return [Progress(), SaveAtEpochEnd(), UploadCheckpoints()]
