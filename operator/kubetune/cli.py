@@ -54,6 +54,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from kubetune.api import describe_errors
+    from kubetune.operator.settings import OperatorSettings
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        settings = OperatorSettings()
+    except ValidationError as exc:
+        for line in describe_errors(exc):
+            field, _, problem = line.partition(": ")
+            print(f"KUBETUNE_{field.upper()}: {problem}", file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    from kubetune.operator.handlers import run
+
+    run(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest."
@@ -92,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="local working directory (default ~/.cache/kubetune)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "operator",
+        help="run the operator against the current cluster (in-cluster or kubeconfig)",
+        description="Runs the FineTuneJob operator. Settings come from KUBETUNE_* variables "
+        "(see docs/operator.md); credentials from the service account or KUBECONFIG.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API types")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")

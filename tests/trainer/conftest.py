@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from kubetune.api import FineTuneJob, TrainerConfig, TrainerResult
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.telemetry import StepInfo
-from tests.support import s3
-from tests.support.tiny import build_tiny_model, task_records, write_jsonl
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -28,30 +23,6 @@ LEARNING_RATE = {
     "prompt": 3e-2,
     "full": 1e-3,
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("task") / "reviews.jsonl", task_records(400, seed=1))
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3.S3Server]:
-    server = s3.start(tmp_path_factory.mktemp("seaweedfs"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server: s3.S3Server, monkeypatch: pytest.MonkeyPatch) -> s3.S3Server:
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    return s3_server
 
 
 class Recorder:

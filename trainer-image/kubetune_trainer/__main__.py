@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     prometheus = PrometheusReporter(metrics)
     if config.metrics_port:
-        prometheus.serve(config.metrics_port)
+        # 0.0.0.0 in a pod (its own network namespace); tests listen on 127.0.0.1 only.
+        prometheus.serve(config.metrics_port, os.environ.get("KUBETUNE_METRICS_ADDR", "0.0.0.0"))
     workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune"))
     result = run(config, Reporters(prometheus, LogReporter()), workdir)
     log.info(

@@ -77,8 +77,12 @@ def _state(job: FineTuneJob, observed: Observed) -> State:
     spec = job.spec
     current = observed.job
     result = observed.result
-    if current is None:
-        return State("Suspended" if spec.suspend else ("Queued" if spec.queue_name else "Pending"))
+    if current is None:  # being created now: the same state as a Job whose pod is not up yet
+        if spec.suspend:
+            return State("Suspended", "spec.suspend is true")
+        if spec.queue_name:
+            return State("Queued", f"waiting in queue {spec.queue_name}")
+        return State("Pending", "waiting for the trainer pod to start")
     if current.complete:
         return State("Succeeded", result.message if result else "the trainer finished")
     if current.failed_reason:
@@ -112,7 +116,9 @@ def _status(
     result = observed.result if (state.succeeded or state.failed) else None
     current = observed.job
     same_run = previous.run_id == run_id
-    progress = observed.progress if state.running else (previous.progress if same_run else None)
+    kept = previous.progress if same_run else None
+    # Progress is read on the poll timer only; other reconciles keep the last reading.
+    progress = (observed.progress or kept) if state.running else kept
     gates = list(result.gates) if result else []
     return FineTuneJobStatus(
         phase=phase_of(conditions),
@@ -165,4 +171,31 @@ def decide(
         kind = "Warning" if state.failed else "Normal"
         message = state.message or f"run {run_id} is {decision.status.phase}"
         decision.events.append(Event(kind, state.reason, message))
+    return decision
+
+
+def decide_unparseable(
+    name: str,
+    uid: str,
+    generation: int,
+    previous: FineTuneJobStatus,
+    stale: tuple[tuple[str, str], ...],
+    problems: list[str],
+    now: datetime,
+) -> Decision:
+    """For a FineTuneJob whose spec cannot be parsed at all (so `decide` has no job to read):
+    InvalidSpec naming every problem, no run, children of earlier runs removed."""
+    run_id = make_run_id(uid, generation)
+    state = State("InvalidSpec", "; ".join(problems))
+    conditions = conditions_for(state, previous.conditions, generation, now)
+    status = FineTuneJobStatus(
+        phase=phase_of(conditions),
+        conditions=conditions,
+        observed_generation=generation,
+        run_id=run_id,
+        message=state.message,
+    )
+    decision = Decision(delete=list(stale), status=status)
+    if previous.phase != status.phase or previous.run_id != run_id:
+        decision.events.append(Event("Warning", state.reason, state.message))
     return decision

@@ -35,3 +35,9 @@ class OperatorSettings(BaseSettings):
         default=15.0, gt=0, description="How often running trainers' metrics are read."
     )
     metrics_port: int = Field(default=8080, ge=1, le=65535, description="Operator metrics port.")
+    health_port: int = Field(
+        default=8081, ge=0, le=65535, description="Liveness port (/healthz); 0 turns it off."
+    )
+    bind_address: str = Field(
+        default="0.0.0.0", description="Address the operator's HTTP endpoints listen on."
+    )

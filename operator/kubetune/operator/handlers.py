@@ -1,0 +1,163 @@
+"""The kopf wiring: which events call the reconcile, and how errors are retried. Thin on purpose.
+
+Triggers, all calling the same level-based `reconcile(namespace, name)`:
+- FineTuneJob created, its spec updated, or found at start-up (resume after a restart);
+- an event on a batch/v1 Job labelled as a FineTuneJob's child (server-side label selector);
+- a poller every `progressPollSeconds` for each FineTuneJob that is not final, which also reads
+  the trainer's metrics into status.progress (so progress writes are at most one per interval).
+
+No finalizer: children carry controller ownerReferences, so deleting a FineTuneJob lets the
+garbage collector delete its ConfigMap, Job and pods, which stops the trainer.
+kopf's own bookkeeping lives in `kubetune.dev/*` annotations; kopf posts no Events of its own
+(the reconcile posts one per phase change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import kopf
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.operator.build import JOB_LABEL
+from kubetune.operator.errors import Retry
+from kubetune.operator.kube import Kube, load_client
+from kubetune.operator.reconcile import Outcome, reconcile
+from kubetune.operator.settings import OperatorSettings
+
+log = logging.getLogger("kubetune.operator")
+
+ANNOTATION_PREFIX = "kubetune.dev"
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=kubetune-operator"
+MAX_RETRY_DELAY = 60.0
+
+
+class Reconciler:
+    """Runs reconciles, one at a time per FineTuneJob, and polls the ones that are not final.
+
+    Handlers run in kopf's thread pool, so a Job event and a spec update for the same
+    FineTuneJob could overlap: a striped lock serialises them. The poller is one thread for the
+    whole operator (not a kopf timer per object: those need a finalizer on every FineTuneJob).
+    """
+
+    STRIPES = 64
+
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._locks = [threading.Lock() for _ in range(self.STRIPES)]
+        self._active: set[tuple[str, str]] = set()
+        self._active_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def __call__(self, namespace: str, name: str, read_progress: bool = False) -> Outcome | None:
+        with self._locks[hash((namespace, name)) % self.STRIPES]:
+            outcome = reconcile(
+                self.kube, self.settings, namespace, name, read_progress=read_progress
+            )
+        with self._active_lock:
+            if outcome is None or outcome.final:
+                self._active.discard((namespace, name))
+            else:
+                self._active.add((namespace, name))
+        return outcome
+
+    def start_polling(self) -> None:
+        self._stop.clear()
+        self._poller = threading.Thread(target=self._poll, name="kubetune-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(10)
+
+    def _poll(self) -> None:
+        """Every poll interval: reconcile each non-final FineTuneJob and read its progress."""
+        while not self._stop.wait(self.settings.progress_poll_seconds):
+            with self._active_lock:
+                active = sorted(self._active)
+            for namespace, name in active:
+                if self._stop.is_set():
+                    return
+                try:
+                    self(namespace, name, read_progress=True)
+                except Retry as exc:
+                    log.info("poll of %s/%s deferred: %s", namespace, name, exc)
+                except Exception:  # one bad object must not stop the poller
+                    log.exception("poll of %s/%s failed", namespace, name)
+
+
+def _temporary(exc: Retry, retry: int) -> kopf.TemporaryError:
+    delay = min(MAX_RETRY_DELAY, exc.delay * 2**retry)
+    return kopf.TemporaryError(str(exc), delay=delay)
+
+
+def build_registry(settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(kube, settings)
+    ftj = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        storage = {"prefix": ANNOTATION_PREFIX}
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(**storage)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            **storage, key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+        settings.posting.enabled = False
+        settings.watching.label_selectors["batch", "jobs"] = MANAGED_SELECTOR
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        reconciler.start_polling()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.resume(**ftj)
+    @kopf.on.create(**ftj)
+    @kopf.on.update(**ftj, field="spec")
+    def on_change(namespace: str, name: str, retry: int, **_: Any) -> None:
+        try:
+            reconciler(namespace, name)
+        except Retry as exc:
+            raise _temporary(exc, retry) from exc
+
+    @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    def on_child(type: str | None, namespace: str, labels: dict[str, str], **_: Any) -> None:
+        if type is None:
+            return  # the initial listing: every FineTuneJob is reconciled by its resume handler
+        try:
+            reconciler(namespace, labels[JOB_LABEL])
+        except Retry as exc:  # the timer comes back to it
+            log.info("reconcile of %s/%s deferred: %s", namespace, labels[JOB_LABEL], exc)
+
+    @kopf.on.cleanup(registry=registry)
+    def stop(**_: Any) -> None:
+        reconciler.stop_polling()
+
+    return registry
+
+
+def run(settings: OperatorSettings) -> None:
+    """Run the operator until interrupted (the `kubetune operator` command)."""
+    kube = Kube(load_client())
+    registry = build_registry(settings, kube)
+    namespaces = settings.namespaces
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,  # one replica; no peering objects needed
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://{settings.bind_address}:{settings.health_port}/healthz"
+            if settings.health_port
+            else None,
+        )
+    )

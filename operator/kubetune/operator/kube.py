@@ -1,0 +1,281 @@
+"""The one module that talks to the Kubernetes API (an import-linter contract keeps it so).
+
+Everything here is plain I/O on raw dicts through the official `kubernetes` client: read a
+FineTuneJob and its children, create and delete children, patch a Job's suspend flag and the
+FineTuneJob's status, post Events, and read a trainer pod's metrics over HTTP. Errors come out
+as two kinds the handlers understand: `Retry` (conflicts, throttling, 5xx, network: try again
+later with backoff) and `Rejected` (the API server refused the object itself: retrying cannot
+help).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kubetune.operator.build import JOB_LABEL
+from kubetune.operator.errors import Rejected, Retry
+
+log = logging.getLogger("kubetune.operator")
+
+MERGE_PATCH = "application/merge-patch+json"
+TIMEOUT = (5, 30)  # connect, read seconds
+RETRYABLE = {409, 429, 500, 502, 503, 504}
+COMPONENT = "kubetune-operator"
+
+
+def _retry_after(exc: ApiException) -> float:
+    try:
+        return max(1.0, float((exc.headers or {}).get("Retry-After", 1)))
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def _translate(exc: Exception, what: str) -> Exception:
+    if isinstance(exc, ApiException):
+        if exc.status in RETRYABLE or exc.status == 0:
+            return Retry(f"{what}: HTTP {exc.status} {exc.reason}", _retry_after(exc))
+        return Rejected(f"{what}: HTTP {exc.status} {_api_message(exc)}")
+    return Retry(f"{what}: {exc}")  # connection refused, timeouts, DNS
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except (TypeError, ValueError):
+        return str(exc.reason)
+
+
+def load_client() -> kubernetes.client.ApiClient:
+    """In a pod: the service account. Elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config),
+    the same credentials kopf's login uses."""
+    try:
+        kubernetes.config.load_incluster_config()
+        return kubernetes.client.ApiClient()
+    except kubernetes.config.ConfigException:
+        return kubernetes.config.new_client_from_config()
+
+
+class Kube:
+    """API I/O for the operator, on raw dicts."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        return json.loads(response.data)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._json(
+                self.custom.get_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    _preload_content=False,
+                    _request_timeout=TIMEOUT,
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc, f"get FineTuneJob {namespace}/{name}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"get FineTuneJob {namespace}/{name}") from exc
+
+    def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
+        """The Jobs, ConfigMaps and Pods labelled as this FineTuneJob's, in its namespace."""
+        selector = f"{JOB_LABEL}={job_name}"
+        calls = {
+            "jobs": self.batch.list_namespaced_job,
+            "configmaps": self.core.list_namespaced_config_map,
+            "pods": self.core.list_namespaced_pod,
+        }
+        out: dict[str, list[dict[str, Any]]] = {}
+        for kind, call in calls.items():
+            try:
+                items = self._json(
+                    call(
+                        namespace,
+                        label_selector=selector,
+                        _preload_content=False,
+                        _request_timeout=TIMEOUT,
+                    )
+                ).get("items", [])
+            except Exception as exc:
+                raise _translate(exc, f"list {kind} of {namespace}/{job_name}") from exc
+            # Filter here too: a selector is a request, and some servers (emulators) ignore it.
+            out[kind] = [
+                i
+                for i in items
+                if ((i.get("metadata") or {}).get("labels") or {}).get(JOB_LABEL) == job_name
+            ]
+        return out
+
+    def metrics(self, pod: dict[str, Any], port: int, timeout: float = 3.0) -> str | None:
+        """The trainer's Prometheus metrics text, or None when it cannot be read right now."""
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        host = f"[{ip}]" if ":" in ip else ip
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:
+                return r.read().decode("utf-8", "replace")
+        except (OSError, urllib.error.URLError) as exc:
+            log.debug("metrics of %s not readable: %s", pod["metadata"]["name"], exc)
+            return None
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def create(self, obj: dict[str, Any]) -> None:
+        """Create a child; one that exists already (an earlier attempt's) is adopted if ours."""
+        meta = obj["metadata"]
+        namespace, name, kind = meta["namespace"], meta["name"], obj["kind"]
+        calls = {
+            "Job": self.batch.create_namespaced_job,
+            "ConfigMap": self.core.create_namespaced_config_map,
+        }
+        try:
+            calls[kind](namespace, obj, _preload_content=False, _request_timeout=TIMEOUT)
+            log.info("created %s %s/%s", kind, namespace, name)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise _translate(exc, f"create {kind} {namespace}/{name}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"create {kind} {namespace}/{name}") from exc
+        existing = self._read(kind, namespace, name)
+        if existing is None:
+            raise Retry(f"create {kind} {namespace}/{name}: conflict, but it does not exist")
+        owner_uid = meta["ownerReferences"][0]["uid"]
+        owners = (existing.get("metadata") or {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == owner_uid for ref in owners):
+            # Left by an earlier FineTuneJob of the same name; the garbage collector removes it.
+            raise Retry(f"{kind} {namespace}/{name} belongs to another owner; waiting", 5.0)
+        log.info("adopted existing %s %s/%s", kind, namespace, name)
+
+    def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        calls = {
+            "Job": self.batch.read_namespaced_job,
+            "ConfigMap": self.core.read_namespaced_config_map,
+        }
+        try:
+            return self._json(
+                calls[kind](name, namespace, _preload_content=False, _request_timeout=TIMEOUT)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc, f"read {kind} {namespace}/{name}") from exc
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete a child and what it owns (pods of a Job); gone already is fine."""
+        calls = {
+            "Job": self.batch.delete_namespaced_job,
+            "ConfigMap": self.core.delete_namespaced_config_map,
+        }
+        try:
+            calls[kind](
+                name,
+                namespace,
+                propagation_policy="Background",
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+            log.info("deleted %s %s/%s", kind, namespace, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _translate(exc, f"delete {kind} {namespace}/{name}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"delete {kind} {namespace}/{name}") from exc
+
+    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        try:
+            self.batch.patch_namespaced_job(
+                name,
+                namespace,
+                {"spec": {"suspend": suspend}},
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+            log.info("%s Job %s/%s", "suspended" if suspend else "resumed", namespace, name)
+        except Exception as exc:
+            raise _translate(exc, f"patch Job {namespace}/{name}") from exc
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch the FineTuneJob's status subresource; False when the object is gone."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": patch},
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise _translate(exc, f"patch status of {namespace}/{name}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"patch status of {namespace}/{name}") from exc
+
+    def event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
+    ) -> None:
+        """Post a core/v1 Event about the FineTuneJob. Best effort: a lost Event is logged."""
+        meta = owner["metadata"]
+        stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": COMPONENT,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(
+                meta["namespace"], body, _preload_content=False, _request_timeout=TIMEOUT
+            )
+        except Exception as exc:  # an Event is worth a log line, not a failed reconcile
+            log.warning("could not post Event %s for %s: %s", reason, meta["name"], exc)

@@ -1,0 +1,227 @@
+"""The emulated platform: an API server (kmock + tests/support/cluster.py), the real operator
+(`kubetune operator`, a subprocess, restartable), a test node (tests/support/kubelet.py) that
+runs each trainer pod's command as a local process on the tiny model, and a real S3 server
+(SeaweedFS) that holds the dataset and receives the artifacts. Each test uses its own namespace."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer import storage
+from tests.support import s3
+from tests.support.cluster import Client, Cluster
+from tests.support.kubelet import Kubelet
+
+SECRET = "s3-credentials"
+ALLOWED_IMAGE = "registry.example.com/ml/trainer:custom"
+MAX_GPUS = 2
+POLL_SECONDS = 0.5
+FINAL = ("Succeeded", "Failed")
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
+        env.update(
+            {
+                "KUBECONFIG": str(self.kubeconfig),
+                "KUBETUNE_HEALTH_PORT": "0",
+                "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
+                "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
+                "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),
+                "KUBETUNE_MAX_GPUS_PER_JOB": str(MAX_GPUS),
+            }
+        )
+        kubetune = Path(sys.executable).parent / "kubetune"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(kubetune), "operator"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as when a node dies under the operator."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Platform:
+    cluster: Cluster
+    api: Client
+    kubelet: Kubelet
+    operator: OperatorProcess
+    s3: s3.S3Server
+    model: Path
+    dataset: str
+    namespaces: set[str] = field(default_factory=set)
+
+    def job(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+        """A FineTuneJob on the tiny model and the toy task; `a__b=v` sets spec.a.b."""
+        doc: dict[str, Any] = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "model": {"uri": self.model.as_uri()},
+                "dataset": {"uri": self.dataset, "testSplit": 0.1, "validationSplit": 0.05},
+                "method": {"type": "lora"},
+                "hyperparameters": {"maxSteps": 30, "batchSize": 16, "learningRate": 5e-3},
+                "evaluation": {"metrics": ["loss", "exactMatch"], "maxNewTokens": 4},
+                "gates": [],
+                "output": {"uri": f"s3://models/{namespace}/{name}", "credentialsSecret": SECRET},
+            },
+        }
+        for path, value in spec.items():
+            node = doc["spec"]
+            *parents, last = path.split("__")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = copy.deepcopy(value)
+        return doc
+
+    def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
+        namespace = doc["metadata"]["namespace"]
+        if namespace not in self.namespaces:
+            secret = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": SECRET, "namespace": namespace},
+                "data": {
+                    k: base64.b64encode(v.encode()).decode() for k, v in self.s3.env().items()
+                },
+            }
+            self.api.create("secrets", namespace, secret)
+            self.namespaces.add(namespace)
+        return self.api.create("finetunejobs", namespace, doc)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.api.get("finetunejobs", namespace, name)
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        obj = self.get(namespace, name)
+        assert obj is not None, f"{namespace}/{name} is gone"
+        return obj.get("status") or {}
+
+    def wait_for(
+        self,
+        what: str,
+        check: Callable[[], Any],
+        timeout: float = 120.0,
+        interval: float = 0.1,
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            assert self.operator.alive(), f"the operator died: {self.operator_log()}"
+            assert not self.kubelet.errors, self.kubelet.errors[0]
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {what}\n{self.operator_log()}")
+
+    def wait_phase(
+        self, namespace: str, name: str, phases: str | tuple[str, ...], timeout: float = 120.0
+    ) -> dict[str, Any]:
+        wanted = (phases,) if isinstance(phases, str) else phases
+
+        def check() -> dict[str, Any] | None:
+            status = self.status(namespace, name)
+            return status if status.get("phase") in wanted else None
+
+        return self.wait_for(f"{namespace}/{name} phase in {wanted}", check, timeout)
+
+    def children(self, namespace: str, kind: str, name: str | None = None) -> list[dict[str, Any]]:
+        items = self.api.list(kind, namespace)
+        if name is None:
+            return items
+        return [
+            i
+            for i in items
+            if (i["metadata"].get("labels") or {}).get("kubetune.dev/finetunejob") == name
+        ]
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return [
+            e for e in self.api.list("events", namespace) if e["involvedObject"]["name"] == name
+        ]
+
+    def writes(self, namespace: str, name: str) -> int:
+        assert self.cluster.emulator is not None
+        return self.cluster.emulator.writes_by_owner[f"{namespace}/{name}"]
+
+    def operator_log(self, tail: int = 4000) -> str:
+        return self.operator.log.read_text(errors="replace")[-tail:]
+
+    def checkpoints(self, namespace: str, name: str, run_id: str) -> list[str]:
+        prefix = f"s3://models/{namespace}/{name}/runs/{run_id}/checkpoints"
+        return [k for k in storage.list_keys(prefix) if k.endswith("COMPLETE")]
+
+
+@pytest.fixture(scope="session")
+def platform(
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: s3.S3Server,
+    tiny_model: Path,
+    task_file: Path,
+) -> Iterator[Platform]:
+    root = tmp_path_factory.mktemp("platform")
+    saved = {k: os.environ.get(k) for k in s3_server.env()}
+    os.environ.update(s3_server.env())  # this process reads S3 too (dataset upload, asserts)
+    dataset = "s3://data/reviews.jsonl"
+    storage.write_bytes(dataset, task_file.read_bytes())
+    cluster = Cluster().start()
+    kubeconfig = cluster.kubeconfig(root / "kubeconfig.json")
+    kubelet = Kubelet(
+        cluster.url, root / "node", env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    ).start()
+    operator = OperatorProcess(kubeconfig, root / "operator.log").start()
+    try:
+        yield Platform(
+            cluster, Client(cluster.url), kubelet, operator, s3_server, tiny_model, dataset
+        )
+    finally:
+        operator.stop()
+        kubelet.stop()
+        cluster.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def ns(request: pytest.FixtureRequest) -> str:
+    """A namespace of the test's own."""
+    return request.node.name.removeprefix("test_").replace("_", "-")[:40]

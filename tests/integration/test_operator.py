@@ -1,0 +1,162 @@
+"""The operator end to end on the emulated platform: the real operator process, the real trainer
+on the tiny model in each pod, artifacts in a real S3 server. See conftest.py for the parts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kubetune.api import TrainerResult
+from kubetune_trainer import storage
+from tests.integration.conftest import ALLOWED_IMAGE, FINAL, Platform
+
+
+def _reasons(platform: Platform, ns: str, name: str) -> list[str]:
+    return [e["reason"] for e in platform.events(ns, name)]
+
+
+def _condition(status: dict, kind: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+def _trainer_result(pod: dict) -> TrainerResult:
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    return TrainerResult.model_validate_json(terminated["message"])
+
+
+def test_happy_path(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns,
+        "reviews",
+        hyperparameters__maxSteps=120,
+        gates=[{"metric": "exactMatch", "min": 0.5}, {"metric": "loss", "minImprovement": 0.1}],
+    )
+    platform.apply(doc)
+    running = platform.wait_phase(ns, "reviews", ("Running", "Evaluating", *FINAL))
+    assert running["phase"] != "Failed", running
+    status = platform.wait_phase(ns, "reviews", FINAL)
+    assert status["phase"] == "Succeeded", status
+
+    obj = platform.get(ns, "reviews")
+    run_id = status["runId"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"] == 1
+    assert status["jobName"] == f"reviews-{run_id}"
+    assert status["attempts"] == 1
+    assert status["startTime"] and status["completionTime"]
+    ready = _condition(status, "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "True",
+        "Succeeded",
+        1,
+    )
+    assert _condition(status, "Failed")["status"] == "False"
+    assert _condition(status, "Running")["status"] == "False"
+    progress = status["progress"]
+    assert progress["step"] > 0 and progress["totalSteps"] == 120, progress
+    assert {"loss", "exactMatch"} <= set(status["metrics"]["tuned"])
+    assert {"loss", "exactMatch"} <= set(status["metrics"]["base"])
+    assert [g["passed"] for g in status["gates"]] == [True, True]
+    assert status["gatesSummary"] == "2/2 passed"
+    prefix = f"s3://models/{ns}/reviews/runs/{run_id}"
+    assert status["artifacts"]["adapterUri"] == f"{prefix}/adapter/"
+
+    # The artifacts are in S3, the manifest last, and latest.json points at this run.
+    keys = set(storage.list_keys(prefix))
+    assert {"manifest.json", "result.json", "adapter/adapter_config.json"} <= keys
+    latest = json.loads(storage.read_bytes(f"s3://models/{ns}/reviews/latest.json"))
+    assert latest["runId"] == run_id
+
+    # Children: one ConfigMap and one Job, deterministic names, owned by the FineTuneJob.
+    for kind in ("configmaps", "jobs"):
+        (child,) = platform.children(ns, kind, "reviews")
+        assert child["metadata"]["name"] == f"reviews-{run_id}"
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert owner["uid"] == obj["metadata"]["uid"] and owner["controller"] is True
+    reasons = _reasons(platform, ns, "reviews")
+    assert reasons[0] == "Pending" and "Running" in reasons and reasons[-1] == "Succeeded"
+
+    # The storage credentials reached the pod only through the Secret.
+    secret_value = platform.s3.env()["AWS_SECRET_ACCESS_KEY"]
+    (configmap,) = platform.children(ns, "configmaps", "reviews")
+    seen = json.dumps([configmap, obj, platform.events(ns, "reviews")])
+    assert secret_value not in seen and secret_value not in platform.operator_log(10**7)
+
+
+def test_gates_failing(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns, "strict", hyperparameters__maxSteps=2, gates=[{"metric": "exactMatch", "min": 0.99}]
+    )
+    platform.apply(doc)
+    status = platform.wait_phase(ns, "strict", FINAL)
+    assert status["phase"] == "Failed", status
+    failed = _condition(status, "Failed")
+    assert failed["reason"] == "GatesFailed", failed
+    assert status["gatesSummary"] == "0/1 passed"
+    assert status["gates"][0]["passed"] is False
+    assert status["attempts"] == 1  # exit code 4 fails the Job at once: no retry
+    (job,) = platform.children(ns, "jobs", "strict")
+    assert any(c["reason"] == "PodFailurePolicy" for c in job["status"]["conditions"])
+    assert not storage.exists(f"s3://models/{ns}/strict/latest.json")
+    assert _reasons(platform, ns, "strict")[-1] == "GatesFailed"
+    warning = [e for e in platform.events(ns, "strict") if e["type"] == "Warning"]
+    assert warning and "exactMatch" in warning[-1]["message"]
+
+
+def test_killed_pod_is_retried_and_resumes(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns, "preempted", hyperparameters__maxSteps=400, hyperparameters__checkpointEverySteps=25
+    )
+    platform.apply(doc)
+    status = platform.wait_phase(ns, "preempted", ("Running", *FINAL))
+    run_id = status["runId"]
+    platform.wait_for("a checkpoint", lambda: platform.checkpoints(ns, "preempted", run_id), 120)
+    (pod,) = platform.children(ns, "pods", "preempted")
+    platform.kubelet.kill(pod["metadata"]["name"])  # OOM-killed: counts against backoffLimit
+
+    status = platform.wait_phase(ns, "preempted", FINAL, timeout=180)
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 2
+    pods = sorted(platform.children(ns, "pods", "preempted"), key=lambda p: p["metadata"]["name"])
+    assert len(pods) == 2
+    assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    result = _trainer_result(pods[1])
+    assert result.resumed_from_step and result.resumed_from_step > 0
+    assert result.steps == 400
+    assert len(platform.children(ns, "jobs", "preempted")) == 1
+
+
+def test_invalid_spec(platform: Platform, ns: str) -> None:
+    # The emulator has no CRD schema, so this reaches the operator as it would with a stale CRD.
+    doc = platform.job(ns, "typo", method__type="lorra")
+    platform.apply(doc)
+    status = platform.wait_phase(ns, "typo", "Failed", timeout=30)
+    failed = _condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.method.type" in failed["message"]
+    ready = _condition(status, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    warning = [e for e in platform.events(ns, "typo") if e["type"] == "Warning"]
+    assert len(warning) == 1 and "spec.method.type" in warning[0]["message"]
+    _assert_quiet(platform, ns, "typo")
+
+
+def test_policy_violation(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns, "greedy", image="docker.io/someone/trainer:latest", resources={"gpus": 4}
+    )
+    platform.apply(doc)
+    status = platform.wait_phase(ns, "greedy", "Failed", timeout=30)
+    failed = _condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.image" in failed["message"] and ALLOWED_IMAGE in failed["message"]
+    assert "spec.resources.gpus" in failed["message"]
+    _assert_quiet(platform, ns, "greedy")
+
+
+def _assert_quiet(platform: Platform, ns: str, name: str) -> None:
+    """Nothing created, and no retry loop: no more writes after the verdict."""
+    assert platform.children(ns, "configmaps", name) == []
+    assert platform.children(ns, "jobs", name) == []
+    writes = platform.writes(ns, name)
+    time.sleep(4 * 0.5 + 1)  # several poll intervals
+    assert platform.writes(ns, name) == writes

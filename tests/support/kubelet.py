@@ -1,0 +1,459 @@
+"""A test "node": the batch/v1 Job controller and a kubelet, for the emulated API server.
+
+For every Job it sees it does what a cluster would: creates the pod (from the Job's template,
+owned by the Job), runs the pod's container command as a local subprocess, reports the pod
+Running with a pod IP, and when the process ends writes the container's termination message
+(the file at terminationMessagePath, or with FallbackToLogsOnError the log tail) and the pod and
+Job status: Complete; Failed by the podFailurePolicy (FailJob on exit codes, Ignore for
+DisruptionTarget); a new pod while failures stay within backoffLimit, else BackoffLimitExceeded;
+DeadlineExceeded after activeDeadlineSeconds; pods removed while the Job is suspended.
+
+How a container becomes a process:
+- volumes: configMap volumes are written to a per-pod directory, emptyDirs are directories;
+  paths under a mountPath in the command, env and config file are mapped to those directories;
+- env: the container's env plus envFrom secretRef, read from the Secret through the API;
+- network: all pods share 127.0.0.1, so the node gives each pod a free port for its `metrics`
+  container port (as a hostPort mapping would) and records it in the pod's spec, where the
+  operator looks for it; the trainer listens on 127.0.0.1 (KUBETUNE_METRICS_ADDR).
+With `fake_seconds` set it runs no process at all: each pod "trains" for that long and ends with
+a valid TrainerResult (the scale benchmark's fast fake trainer).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import closing, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.support.cluster import Client
+
+TERMINATION_LIMIT = 4096
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _condition(kind: str, reason: str, message: str = "") -> dict[str, Any]:
+    now = _now()
+    return {
+        "type": kind,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": now,
+        "lastTransitionTime": now,
+    }
+
+
+@dataclass
+class PodRun:
+    name: str
+    namespace: str
+    job_uid: str
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    started: float = field(default_factory=time.monotonic)
+    termination_path: Path | None = None
+    log: Path | None = None
+    disrupted: bool = False
+    fake_result: dict[str, Any] | None = None
+
+
+@dataclass
+class JobState:
+    pods: int = 0
+    failed: int = 0
+    active: PodRun | None = None
+    started_at: float | None = None
+    done: bool = False
+
+
+class Kubelet:
+    def __init__(
+        self,
+        url: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        fake_seconds: float | None = None,
+        interval: float = 0.1,
+    ) -> None:
+        self.api = Client(url)
+        self.workdir = workdir
+        self.env = env or {}
+        self.fake_seconds = fake_seconds
+        self.interval = interval
+        self.jobs: dict[str, JobState] = {}
+        self.errors: list[str] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
+
+    # -- control --------------------------------------------------------------------------
+
+    def start(self) -> Kubelet:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        with self._lock:
+            for state in self.jobs.values():
+                if state.active is not None:
+                    self._kill(state.active)
+
+    def running_pods(self) -> list[PodRun]:
+        with self._lock:
+            return [s.active for s in self.jobs.values() if s.active is not None]
+
+    def kill(self, pod_name: str, disruption: bool = False) -> None:
+        """SIGKILL a pod's process, as an OOM kill (or, with disruption, a preemption) would."""
+        with self._lock:
+            for state in self.jobs.values():
+                run = state.active
+                if run is not None and run.name == pod_name:
+                    run.disrupted = disruption
+                    self._kill(run)
+                    return
+        raise KeyError(pod_name)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sync()
+            except Exception:  # keep the node alive; tests assert on errors
+                self.errors.append(traceback.format_exc())
+            self._stop.wait(self.interval)
+
+    def _sync(self) -> None:
+        jobs = {j["metadata"]["uid"]: j for j in self.api.list("jobs")}
+        with self._lock:
+            for uid in list(self.jobs):
+                if uid not in jobs:  # the Job was deleted; its pods went with it
+                    state = self.jobs.pop(uid)
+                    if state.active is not None:
+                        self._kill(state.active)
+            for uid, job in jobs.items():
+                self._sync_job(self.jobs.setdefault(uid, JobState()), job)
+
+    def _sync_job(self, state: JobState, job: dict[str, Any]) -> None:
+        if state.done:
+            return
+        meta, spec = job["metadata"], job["spec"]
+        ns = meta["namespace"]
+        if spec.get("suspend"):
+            if state.active is not None:
+                self._kill(state.active)
+                self.api.delete("pods", ns, state.active.name)
+                state.active = None
+            self._job_status(
+                job, {"active": 0, "ready": 0}, _condition("Suspended", "JobSuspended")
+            )
+            return
+        deadline = spec.get("activeDeadlineSeconds")
+        started = state.started_at
+        if deadline is not None and started is not None and time.monotonic() - started > deadline:
+            if state.active is not None:
+                self._kill(state.active)
+                self._finish_pod(state.active, -9, "DeadlineExceeded")
+                state.active = None
+            self._fail(
+                state, job, "DeadlineExceeded", "Job was active longer than specified deadline"
+            )
+            return
+        if state.active is None:
+            self._start_pod(state, job)
+            return
+        exit_code = self._exit_code(state.active)
+        if exit_code is None:
+            return
+        run, state.active = state.active, None
+        self._finish_pod(run, exit_code, "Completed" if exit_code == 0 else "Error")
+        if exit_code == 0:
+            state.done = True
+            self._job_status(
+                job,
+                {"active": 0, "ready": 0, "succeeded": 1, "completionTime": _now()},
+                _condition("SuccessCriteriaMet", "CompletionsReached"),
+                _condition(
+                    "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
+                ),
+            )
+            return
+        for index, rule in enumerate((spec.get("podFailurePolicy") or {}).get("rules") or []):
+            on_codes = rule.get("onExitCodes")
+            on_conditions = rule.get("onPodConditions")
+            if on_codes and exit_code in on_codes.get("values", []) and rule["action"] == "FailJob":
+                self._fail(
+                    state,
+                    job,
+                    "PodFailurePolicy",
+                    f"Container trainer for pod {ns}/{run.name} failed with exit code "
+                    f"{exit_code} matching FailJob rule at index {index}",
+                )
+                return
+            if on_conditions and run.disrupted and rule["action"] == "Ignore":
+                self._job_status(job, {"active": 0, "ready": 0})
+                return  # not counted: a new pod starts on the next pass
+        state.failed += 1
+        self._job_status(job, {"active": 0, "ready": 0, "failed": state.failed})
+        if state.failed > int(spec.get("backoffLimit", 6)):
+            self._fail(
+                state, job, "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+            )
+
+    def _fail(self, state: JobState, job: dict[str, Any], reason: str, message: str) -> None:
+        state.done = True
+        self._job_status(
+            job,
+            {"active": 0, "ready": 0, "failed": max(state.failed, 1)},
+            _condition("FailureTarget", reason, message),
+            _condition("Failed", reason, message),
+        )
+
+    def _job_status(
+        self, job: dict[str, Any], fields: dict[str, Any], *conds: dict[str, Any]
+    ) -> None:
+        meta = job["metadata"]
+        status = dict(job.get("status") or {})
+        status.update(fields)
+        if conds:
+            kept = [
+                c
+                for c in status.get("conditions") or []
+                if c["type"] not in {x["type"] for x in conds}
+            ]
+            status["conditions"] = kept + list(conds)
+        elif not job["spec"].get("suspend"):
+            status["conditions"] = [
+                c for c in status.get("conditions") or [] if c["type"] != "Suspended"
+            ]
+        if status != (job.get("status") or {}):
+            job["status"] = status
+            self.api.patch("jobs", meta["namespace"], meta["name"], {"status": status}, status=True)
+
+    # -- pods -----------------------------------------------------------------------------
+
+    def _start_pod(self, state: JobState, job: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        ns = meta["namespace"]
+        template = job["spec"]["template"]
+        state.pods += 1
+        pod_name = f"{meta['name']}-{state.pods}"
+        spec = json.loads(json.dumps(template["spec"]))
+        container = spec["containers"][0]
+        port = _free_port()
+        for p in container.get("ports") or []:
+            if p.get("name") == "metrics":
+                p["containerPort"] = port
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": ns,
+                "labels": {
+                    **(template.get("metadata") or {}).get("labels", {}),
+                    "job-name": meta["name"],
+                },
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": spec,
+        }
+        self.api.create("pods", ns, pod)
+        run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name)
+        run.directory.mkdir(parents=True, exist_ok=True)
+        if self.fake_seconds is None:
+            self._run_container(run, container, spec, port)
+        else:
+            run_id = (template.get("metadata") or {}).get("labels", {}).get("kubetune.dev/run-id")
+            run.fake_result = {
+                "runId": run_id,
+                "outcome": "Succeeded",
+                "exitCode": 0,
+                "message": "fake trainer: done",
+                "steps": 10,
+            }
+        state.active = run
+        if state.started_at is None:
+            state.started_at = time.monotonic()
+        self.api.patch(
+            "pods",
+            ns,
+            pod_name,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.1",
+                    "startTime": _now(),
+                    "containerStatuses": [
+                        {
+                            "name": container["name"],
+                            "ready": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": _now()}},
+                        }
+                    ],
+                }
+            },
+            status=True,
+        )
+        fields: dict[str, Any] = {"active": 1, "ready": 1}
+        if not (job.get("status") or {}).get("startTime"):
+            fields["startTime"] = _now()
+        self._job_status(job, fields)
+
+    def _volumes(
+        self, run: PodRun, spec: dict[str, Any], container: dict[str, Any]
+    ) -> dict[str, Path]:
+        """mountPath -> local directory."""
+        local: dict[str, Path] = {}
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes[mount["name"]]
+            target = run.directory / "volumes" / mount["name"]
+            target.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                cm = self.api.get("configmaps", run.namespace, volume["configMap"]["name"])
+                if cm is None:
+                    raise RuntimeError(
+                        f"pod {run.name}: configMap {volume['configMap']['name']} not found"
+                    )
+                for key, value in (cm.get("data") or {}).items():
+                    (target / key).write_text(value)
+            local[mount["mountPath"]] = target
+        return local
+
+    def _run_container(
+        self, run: PodRun, container: dict[str, Any], spec: dict[str, Any], port: int
+    ) -> None:
+        mounts = self._volumes(run, spec, container)
+
+        def local(value: str) -> str:
+            for mount_path, directory in sorted(mounts.items(), key=lambda m: -len(m[0])):
+                if value == mount_path or value.startswith(mount_path + "/"):
+                    return str(directory) + value[len(mount_path) :]
+            return value
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
+        env.update(self.env)
+        for source in container.get("envFrom") or []:
+            ref = source.get("secretRef")
+            if ref:
+                secret = self.api.get("secrets", run.namespace, ref["name"])
+                if secret is None:
+                    raise RuntimeError(f"pod {run.name}: secret {ref['name']} not found")
+                for key, value in (secret.get("data") or {}).items():
+                    env[key] = base64.b64decode(value).decode()
+        for item in container.get("env") or []:
+            env[item["name"]] = local(item.get("value", ""))
+        env["KUBETUNE_METRICS_ADDR"] = "127.0.0.1"
+        run.termination_path = run.directory / "termination-log"
+        command = [local(part) for part in container["command"]]
+        if command[0] == "python":
+            command[0] = sys.executable
+        # The config file names container paths too: map them as the mounts would.
+        for part in command:
+            path = Path(part)
+            if path.suffix == ".json" and path.is_file():
+                config = json.loads(path.read_text())
+                config["terminationMessagePath"] = str(run.termination_path)
+                config["metricsPort"] = port
+                path.write_text(json.dumps(config))
+        run.log = run.directory / "container.log"
+        with run.log.open("ab") as out:
+            run.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _exit_code(self, run: PodRun) -> int | None:
+        if run.process is not None:
+            return run.process.poll()
+        if run.fake_result is not None and time.monotonic() - run.started >= (
+            self.fake_seconds or 0
+        ):
+            return 0
+        return None
+
+    def _kill(self, run: PodRun) -> None:
+        if run.process is not None and run.process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(run.process.pid, signal.SIGKILL)
+            run.process.wait()
+        if run.fake_result is not None:
+            run.fake_result = None
+            run.started = float("inf")
+
+    def _finish_pod(self, run: PodRun, exit_code: int, reason: str) -> str:
+        message = ""
+        if run.termination_path is not None and run.termination_path.exists():
+            message = run.termination_path.read_text()[:TERMINATION_LIMIT]
+        elif run.fake_result is not None:
+            message = json.dumps(run.fake_result)
+        elif exit_code != 0 and run.log is not None and run.log.exists():
+            message = "\n".join(run.log.read_text(errors="replace").splitlines()[-80:])[
+                -TERMINATION_LIMIT:
+            ]
+        conditions = (
+            [_condition("DisruptionTarget", "PreemptionByScheduler")] if run.disrupted else []
+        )
+        self.api.patch(
+            "pods",
+            run.namespace,
+            run.name,
+            {
+                "status": {
+                    "phase": "Succeeded" if exit_code == 0 else "Failed",
+                    "conditions": conditions,
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {
+                                "terminated": {
+                                    "exitCode": 137 if exit_code < 0 else exit_code,
+                                    "reason": "OOMKilled"
+                                    if exit_code < 0 and not run.disrupted
+                                    else reason,
+                                    "message": message,
+                                    "finishedAt": _now(),
+                                }
+                            },
+                        }
+                    ],
+                }
+            },
+            status=True,
+        )
+        return message
