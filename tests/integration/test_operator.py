@@ -160,3 +160,139 @@ def _assert_quiet(platform: Platform, ns: str, name: str) -> None:
     writes = platform.writes(ns, name)
     time.sleep(4 * 0.5 + 1)  # several poll intervals
     assert platform.writes(ns, name) == writes
+
+
+def _patch_spec(platform: Platform, ns: str, name: str, spec: dict) -> None:
+    platform.api.patch("finetunejobs", ns, name, {"spec": spec})
+
+
+def _running_pods(platform: Platform, ns: str) -> list[str]:
+    return [p.name for p in platform.kubelet.running_pods() if p.namespace == ns]
+
+
+def test_spec_change_starts_a_new_run(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns, "gitops", hyperparameters__maxSteps=3000, hyperparameters__checkpointEverySteps=20
+    )
+    platform.apply(doc)
+    first = platform.wait_phase(ns, "gitops", "Running")["runId"]
+    platform.wait_for("a checkpoint", lambda: platform.checkpoints(ns, "gitops", first), 120)
+
+    # As when a new dataset version is committed to git: a new generation, a new run.
+    _patch_spec(platform, ns, "gitops", {"hyperparameters": {"maxSteps": 30}})
+    status = platform.wait_phase(ns, "gitops", FINAL, timeout=120)
+    assert status["phase"] == "Succeeded", status
+    assert status["observedGeneration"] == 2
+    second = status["runId"]
+    assert second != first
+    assert [j["metadata"]["name"] for j in platform.children(ns, "jobs", "gitops")] == [
+        f"gitops-{second}"
+    ]
+    assert [c["metadata"]["name"] for c in platform.children(ns, "configmaps", "gitops")] == [
+        f"gitops-{second}"
+    ]
+    assert platform.checkpoints(ns, "gitops", first), "the old run's artifacts stay"
+    assert json.loads(storage.read_bytes(f"s3://models/{ns}/gitops/latest.json"))["runId"] == second
+
+
+def test_suspend_and_resume(platform: Platform, ns: str) -> None:
+    doc = platform.job(
+        ns, "pausable", hyperparameters__maxSteps=500, hyperparameters__checkpointEverySteps=25
+    )
+    platform.apply(doc)
+    run_id = platform.wait_phase(ns, "pausable", "Running")["runId"]
+    platform.wait_for("a checkpoint", lambda: platform.checkpoints(ns, "pausable", run_id), 120)
+
+    _patch_spec(platform, ns, "pausable", {"suspend": True})
+    status = platform.wait_phase(ns, "pausable", "Suspended", timeout=30)
+    assert status["runId"] == run_id  # suspending is not a new run
+    (job,) = platform.children(ns, "jobs", "pausable")
+    assert job["spec"]["suspend"] is True
+    platform.wait_for("the pod to stop", lambda: not _running_pods(platform, ns), 30)
+
+    _patch_spec(platform, ns, "pausable", {"suspend": False})
+    platform.wait_phase(ns, "pausable", ("Running", "Evaluating", *FINAL), timeout=30)
+    status = platform.wait_phase(ns, "pausable", FINAL, timeout=180)
+    assert status["phase"] == "Succeeded", status
+    # Same run; the pod removed by the suspension is not a failed attempt.
+    assert status["runId"] == run_id and status["attempts"] == 1
+    pods = sorted(platform.children(ns, "pods", "pausable"), key=lambda p: p["metadata"]["name"])
+    assert _trainer_result(pods[-1]).resumed_from_step > 0
+    reasons = _reasons(platform, ns, "pausable")
+    assert reasons.index("Suspended") < len(reasons) - 1 and reasons[-1] == "Succeeded"
+
+
+def test_queued_through_kueue(platform: Platform, ns: str) -> None:
+    platform.apply(platform.job(ns, "queued", queueName="team-a"))
+    status = platform.wait_phase(ns, "queued", "Queued", timeout=30)
+    assert "team-a" in _condition(status, "Ready")["message"]
+    (job,) = platform.children(ns, "jobs", "queued")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    time.sleep(2)
+    assert platform.status(ns, "queued")["phase"] == "Queued"
+    assert not _running_pods(platform, ns)
+
+    # Kueue admits the workload by unsuspending the Job; the operator leaves that to Kueue.
+    platform.api.patch("jobs", ns, job["metadata"]["name"], {"spec": {"suspend": False}})
+    status = platform.wait_phase(ns, "queued", FINAL, timeout=120)
+    assert status["phase"] == "Succeeded", status
+    assert "Queued" in _reasons(platform, ns, "queued")
+
+
+def test_deletion_during_a_run(platform: Platform, ns: str) -> None:
+    platform.apply(platform.job(ns, "doomed", hyperparameters__maxSteps=3000))
+    platform.wait_phase(ns, "doomed", "Running")
+    platform.wait_for("the trainer process", lambda: _running_pods(platform, ns), 30)
+
+    platform.api.delete("finetunejobs", ns, "doomed")
+    platform.wait_for(
+        "the children to go",
+        lambda: (
+            not any(
+                platform.children(ns, kind, "doomed") for kind in ("jobs", "configmaps", "pods")
+            )
+        ),
+        30,
+    )
+    platform.wait_for("the trainer to stop", lambda: not _running_pods(platform, ns), 30)
+    assert platform.get(ns, "doomed") is None
+
+
+def test_operator_restart_adopts_the_run(platform: Platform, ns: str) -> None:
+    platform.apply(platform.job(ns, "steady", hyperparameters__maxSteps=500))
+    platform.wait_phase(ns, "steady", "Running")
+    platform.operator.kill()
+    time.sleep(1)
+    platform.operator.start()
+    status = platform.wait_phase(ns, "steady", FINAL, timeout=180)
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 1
+    assert len(platform.children(ns, "jobs", "steady")) == 1
+    assert _job_creates(platform, ns, "steady") == 1
+
+
+def _job_creates(platform: Platform, ns: str, name: str) -> int:
+    assert platform.cluster.emulator is not None
+    return sum(
+        1
+        for verb, plural, _, body in platform.cluster.emulator.write_log
+        if (verb, plural) == ("create", "jobs")
+        and body["metadata"]["namespace"] == ns
+        and body["metadata"]["labels"]["kubetune.dev/finetunejob"] == name
+    )
+
+
+def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
+    faults = [
+        platform.cluster.inject("create", "configmaps", 409),
+        platform.cluster.inject("create", "jobs", 500, times=2),
+        platform.cluster.inject("patch", "finetunejobs", 503),
+    ]
+    platform.apply(platform.job(ns, "flaky"))
+    status = platform.wait_phase(ns, "flaky", FINAL, timeout=120)
+    assert status["phase"] == "Succeeded", status
+    assert [f.remaining for f in faults] == [0, 0, 0]
+    assert len(platform.children(ns, "jobs", "flaky")) == 1
+    assert len(platform.children(ns, "configmaps", "flaky")) == 1
+    assert _job_creates(platform, ns, "flaky") == 3  # two answered 500, the third created it

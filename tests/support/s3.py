@@ -42,17 +42,23 @@ class S3Server:
 
 def _free(port: int) -> bool:
     with closing(socket.socket()) as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports p with p and p + 10000 (SeaweedFS's gRPC offset) both free."""
+    """Ports p with p and p + 10000 (SeaweedFS's gRPC offset) both free, both below Linux's
+    ephemeral range (32768+) so that no client connection can take them meanwhile."""
     ports: list[int] = []
-    candidate = 20000 + (os.getpid() * 7) % 20000
+    low, high = 10001, 22767
+    candidate = low + (os.getpid() * 7) % (high - low)
     while len(ports) < count:
         candidate += 1
-        if candidate + 10000 >= 65535:
-            candidate = 20001
+        if candidate > high:
+            candidate = low
         if _free(candidate) and _free(candidate + 10000):
             ports.append(candidate)
     return ports

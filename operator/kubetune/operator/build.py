@@ -3,6 +3,7 @@ batch/v1 Job that runs the trainer. Same input, same manifest; no I/O, no enviro
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, ExitCode, FineTuneJob, TrainerConfig, child_name
@@ -16,6 +17,7 @@ TERMINATION_LOG = "/dev/termination-log"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_LABEL = "kubetune.dev/run-id"
 JOB_LABEL = "kubetune.dev/finetunejob"
+SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
 RUN_AS = 1000
 # Exit codes that a retry cannot fix: the Job fails at once instead of using up backoffLimit.
 PERMANENT_EXIT_CODES = [
@@ -23,6 +25,12 @@ PERMANENT_EXIT_CODES = [
     int(ExitCode.DATA_ERROR),
     int(ExitCode.GATES_FAILED),
 ]
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    """What defines a run: the spec without `suspend` (pausing a run does not make a new one)."""
+    text = job.spec.model_dump_json(by_alias=True, exclude={"suspend"})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def labels(job: FineTuneJob, run_id: str) -> dict[str, str]:
@@ -199,9 +207,11 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    metadata = _metadata(job, run_id, queue)
+    metadata["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(job)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(job, run_id, queue),
+        "metadata": metadata,
         "spec": job_spec,
     }

@@ -146,9 +146,11 @@ def decide(
     settings: OperatorSettings,
     now: datetime,
     problems: list[str] | None = None,
+    run_id: str | None = None,
 ) -> Decision:
-    """What to do for job given what exists. problems: policy violations found by the caller."""
-    run_id = make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
+    """What to do for job given what exists. problems: policy violations found by the caller;
+    run_id: the run the spec asks for (observe.current_run_id), by default this generation's."""
+    run_id = run_id or make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
     decision = Decision(delete=list(observed.stale))
     if problems:
         state = State("InvalidSpec", "; ".join(problems))

@@ -10,8 +10,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from kubetune.api import Progress, TrainerResult
-from kubetune.operator.build import CONTAINER, RUN_LABEL
+from kubetune.api import FineTuneJob, Progress, TrainerResult, make_run_id
+from kubetune.operator.build import CONTAINER, RUN_LABEL, SPEC_HASH_ANNOTATION, spec_hash
 from kubetune.operator.decide import Observed, ObservedJob
 
 
@@ -64,6 +64,18 @@ def _finished_at(pod: dict[str, Any]) -> str:
         if finished:
             return finished
     return ""
+
+
+def current_run_id(job: FineTuneJob, jobs: Iterable[dict[str, Any]]) -> str:
+    """The run the spec asks for: an existing Job's run when it was built from this same spec
+    (only `suspend` changed since), else a new run id for this generation."""
+    wanted = spec_hash(job)
+    for raw in jobs:
+        meta = raw.get("metadata") or {}
+        run_id = (meta.get("labels") or {}).get(RUN_LABEL)
+        if run_id and (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted:
+            return run_id
+    return make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
 
 
 def observe(

@@ -25,7 +25,7 @@ from kubetune.api import (
 from kubetune.operator.build import CONTAINER, RUN_LABEL
 from kubetune.operator.decide import Decision, decide, decide_unparseable
 from kubetune.operator.errors import Rejected
-from kubetune.operator.observe import observe
+from kubetune.operator.observe import current_run_id, observe
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.settings import OperatorSettings
 
@@ -119,13 +119,13 @@ def reconcile(
     meta = raw.get("metadata") or {}
     uid, generation = meta.get("uid") or "", int(meta.get("generation") or 0)
     children = kube.children(namespace, name)
-    run_id = make_run_id(uid, generation)
 
     try:
         job = FineTuneJob.model_validate({k: v for k, v in raw.items() if k != "status"})
     except ValidationError as exc:
         # The API server validates against the CRD, so this means the CRD is older than the
         # operator or was bypassed: report, create nothing, remove earlier runs.
+        run_id = make_run_id(uid, generation)
         observed = observe(run_id, children["jobs"], children["configmaps"], [])
         decision = decide_unparseable(
             name,
@@ -139,6 +139,7 @@ def reconcile(
         return _apply(kube, raw, previous, decision, now)
     job = job.model_copy(update={"status": previous, "metadata": ObjectMeta.model_validate(meta)})
     problems = policy_problems(job, settings)
+    run_id = current_run_id(job, children["jobs"])
     metrics_text = None
     if read_progress and not problems:
         pod = _running_pod(children["pods"], run_id)
@@ -147,12 +148,12 @@ def reconcile(
     observed = observe(
         run_id, children["jobs"], children["configmaps"], children["pods"], metrics_text, now
     )
-    decision = decide(job, observed, settings, now, problems)
+    decision = decide(job, observed, settings, now, problems, run_id)
     try:
         return _apply(kube, raw, previous, decision, now)
     except Rejected as exc:
         # The API server refused a child (e.g. an admission policy): report it like a bad spec.
-        decision = decide(job, observed, settings, now, [str(exc)])
+        decision = decide(job, observed, settings, now, [str(exc)], run_id)
         decision.create.clear()
         return _apply(kube, raw, previous, decision, now)
 
