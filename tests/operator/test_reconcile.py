@@ -1,0 +1,195 @@
+"""One reconcile against an in-memory KubeIO: what it writes, and that a second pass writes
+nothing. (The same code against the emulated API server is in tests/integration.)"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from kubetune.operator.build import JOB_LABEL, RUN_LABEL
+from kubetune.operator.errors import Rejected
+from kubetune.operator.reconcile import merge_patch, reconcile
+from kubetune.operator.settings import OperatorSettings
+from tests.conftest import valid_job
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+SETTINGS = OperatorSettings(trainer_image="registry.example.com/trainer:1")
+
+
+class FakeKube:
+    """Stores what the reconcile writes and lists it back, like a (very small) API server."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.ftj = copy.deepcopy(doc)
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, ...]] = []
+        self.metrics_text: str | None = None
+        self.reject: str | None = None
+
+    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.ftj)
+
+    def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {"jobs": [], "configmaps": [], "pods": []}
+        plural = {"Job": "jobs", "ConfigMap": "configmaps", "Pod": "pods"}
+        for (kind, _), obj in self.objects.items():
+            if obj["metadata"]["labels"].get(JOB_LABEL) == job_name:
+                out[plural[kind]].append(copy.deepcopy(obj))
+        return out
+
+    def metrics(self, pod: dict[str, Any], port: int) -> str | None:
+        self.writes.append(("read-metrics", str(port)))
+        return self.metrics_text
+
+    def create(self, obj: dict[str, Any]) -> None:
+        if self.reject and obj["kind"] == "Job":
+            raise Rejected(self.reject)
+        self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
+        self.objects[obj["kind"], obj["metadata"]["name"]] = copy.deepcopy(obj)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.writes.append(("delete", kind, name))
+        self.objects.pop((kind, name), None)
+
+    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.writes.append(("suspend", name, str(suspend)))
+        self.objects["Job", name]["spec"]["suspend"] = suspend
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        self.writes.append(("status", str(patch.get("phase"))))
+        status = self.ftj.setdefault("status", {})
+        for key, value in patch.items():
+            if value is None:
+                status.pop(key, None)
+            elif isinstance(value, dict) and isinstance(status.get(key), dict):
+                status[key] = {k: v for k, v in {**status[key], **value}.items() if v is not None}
+            else:
+                status[key] = value
+        return True
+
+    def event(self, owner: dict[str, Any], type_: str, reason: str, message: str, now: Any) -> None:
+        self.writes.append(("event", type_, reason))
+
+
+def ftj(**spec: Any) -> dict[str, Any]:
+    doc = valid_job()
+    doc["metadata"].update(uid="uid-1", generation=1)
+    doc["spec"].update(spec)
+    return doc
+
+
+def run(kube: FakeKube, **kwargs: Any) -> list[tuple[str, ...]]:
+    start = len(kube.writes)
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, **kwargs)
+    return kube.writes[start:]
+
+
+def start_pod(kube: FakeKube) -> None:
+    ((_, name),) = [k for k in kube.objects if k[0] == "Job"]
+    job = kube.objects["Job", name]
+    job["status"] = {"active": 1, "startTime": "2026-11-22T12:00:00Z"}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    kube.objects["Pod", name + "-1"] = {
+        "metadata": {"name": name + "-1", "labels": labels},
+        "spec": {
+            "containers": [
+                {"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9555}]}
+            ]
+        },
+        "status": {"phase": "Running", "podIP": "10.0.0.7"},
+    }
+
+
+def test_first_pass_creates_children_and_second_pass_writes_nothing() -> None:
+    kube = FakeKube(ftj())
+    writes = run(kube)
+    assert [w[:2] for w in writes] == [
+        ("create", "ConfigMap"),
+        ("create", "Job"),
+        ("status", "Pending"),
+        ("event", "Normal"),
+    ]
+    assert run(kube) == []  # level-based: the same world, nothing to do
+
+
+def test_progress_is_read_only_when_asked_and_from_the_pods_port() -> None:
+    kube = FakeKube(ftj())
+    run(kube)
+    start_pod(kube)
+    assert [w[0] for w in run(kube)] == ["status", "event"]  # Running
+    kube.metrics_text = "kubetune_trainer_step 5\nkubetune_trainer_total_steps 50\n"
+    writes = run(kube, read_progress=True)
+    assert writes[0] == ("read-metrics", "9555")
+    assert writes[1] == ("status", "None")  # progress only: the phase is unchanged
+    assert kube.ftj["status"]["progress"]["step"] == 5
+    assert run(kube) == []  # without a reading the last progress stays
+
+
+def test_suspend_only_keeps_the_run_and_suspends_its_job() -> None:
+    kube = FakeKube(ftj())
+    run(kube)
+    run_id = kube.ftj["status"]["runId"]
+    kube.ftj["spec"]["suspend"] = True
+    kube.ftj["metadata"]["generation"] = 2
+    writes = run(kube)
+    assert ("suspend", f"sql-lora-{run_id}", "True") in writes
+    assert not [w for w in writes if w[0] in ("create", "delete")]
+    assert kube.ftj["status"]["runId"] == run_id and kube.ftj["status"]["phase"] == "Suspended"
+
+
+def test_a_spec_change_replaces_the_run() -> None:
+    kube = FakeKube(ftj())
+    run(kube)
+    old = kube.ftj["status"]["runId"]
+    kube.ftj["spec"]["hyperparameters"]["epochs"] = 3
+    kube.ftj["metadata"]["generation"] = 2
+    writes = run(kube)
+    new = kube.ftj["status"]["runId"]
+    assert new != old
+    assert ("delete", "Job", f"sql-lora-{old}") in writes
+    assert ("delete", "ConfigMap", f"sql-lora-{old}") in writes
+    assert ("create", "Job", f"sql-lora-{new}") in writes
+    assert {o["metadata"]["labels"][RUN_LABEL] for o in kube.objects.values()} == {new}
+
+
+def test_unparseable_spec_is_invalid_and_creates_nothing() -> None:
+    kube = FakeKube(ftj(method={"type": "lorra"}))
+    writes = run(kube)
+    assert [w[:3] for w in writes] == [("status", "Failed"), ("event", "Warning", "InvalidSpec")]
+    (failed,) = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "InvalidSpec" and "spec.method.type" in failed["message"]
+    assert run(kube) == []
+
+
+def test_garbage_status_is_replaced_not_kept() -> None:
+    doc = ftj()
+    doc["status"] = {"phase": 17, "conditions": "yes", "leftover": {"x": 1}}
+    kube = FakeKube(doc)
+    run(kube)
+    assert kube.ftj["status"]["phase"] == "Pending"
+    assert "leftover" not in kube.ftj["status"]
+
+
+def test_a_child_the_api_server_rejects_is_reported_not_retried() -> None:
+    kube = FakeKube(ftj())
+    kube.reject = "create Job ml/sql-lora-x: HTTP 422 spec.template: forbidden by policy"
+    writes = run(kube)
+    assert ("status", "Failed") in writes
+    assert "forbidden by policy" in kube.ftj["status"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+        ({"p": {"x": 1, "y": 2}}, {"p": {"x": 1}}, {"p": {"y": None}}),
+        ({"l": [1, 2]}, {"l": [2]}, {"l": [2]}),
+        ({}, {"p": {"x": 1}}, {"p": {"x": 1}}),
+    ],
+)
+def test_merge_patch(old: dict[str, Any], new: dict[str, Any], patch: dict[str, Any]) -> None:
+    assert merge_patch(old, new) == patch
