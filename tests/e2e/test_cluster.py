@@ -1,0 +1,81 @@
+"""The operator against a real API server, scheduler, Job controller and garbage collector.
+
+Expects the operator to run with KUBETUNE_MAX_GPUS_PER_JOB=1 and a trainer image that is not
+the kubetune trainer (the workflow uses python:3.12-slim), so trainer pods fail at once: this
+suite checks what the emulator cannot (admission by the real CRD schema and CEL rules, the real
+Job API accepting our Job, real garbage collection), not training.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Cluster, job
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_crd_rejects_an_invalid_spec_at_admission(cluster: Cluster, namespace: str) -> None:
+    doc = job("typo", method={"type": "lorra"})
+    with pytest.raises(cluster.ApiException) as caught:
+        cluster.apply(namespace, doc)
+    assert caught.value.status == 422
+    assert "spec.method.type" in caught.value.body
+
+
+def test_queued_job_is_created_suspended_and_owned(cluster: Cluster, namespace: str) -> None:
+    created = cluster.apply(namespace, job("queued", queueName="team-a"))
+    status = cluster.wait_phase(namespace, "queued", "Queued")
+    assert status["observedGeneration"] == 1
+    (batch_job,) = cluster.jobs(namespace, "queued")
+    assert batch_job.spec.suspend is True
+    assert batch_job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    (owner,) = batch_job.metadata.owner_references
+    assert owner.uid == created["metadata"]["uid"] and owner.controller
+    pod = batch_job.spec.template.spec
+    assert pod.automount_service_account_token is False
+    assert pod.security_context.run_as_non_root is True
+    assert pod.containers[0].security_context.read_only_root_filesystem is True
+    assert len(cluster.configmaps(namespace, "queued")) == 1
+
+
+def test_a_failing_trainer_pod_fails_the_run(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(namespace, job("broken"))
+    status = cluster.wait_phase(namespace, "broken", "Failed", timeout=300)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] in ("BackoffLimitExceeded", "TrainerFailed"), failed
+    assert status["attempts"] >= 1 and status["completionTime"]
+    assert "Warning" in {e.type for e in cluster.events(namespace, "broken")}
+
+
+def test_policy_violation_creates_nothing(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(namespace, job("greedy", resources={"gpus": 2}))
+    status = cluster.wait_phase(namespace, "greedy", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.resources.gpus" in failed["message"]
+    assert cluster.jobs(namespace, "greedy") == []
+
+
+def test_spec_change_replaces_the_job(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(namespace, job("gitops", queueName="team-a"))
+    first = cluster.wait_phase(namespace, "gitops", "Queued")["runId"]
+    cluster.patch_spec(namespace, "gitops", {"hyperparameters": {"maxSteps": 20}})
+
+    def replaced() -> bool:
+        names = [j.metadata.name for j in cluster.jobs(namespace, "gitops")]
+        status = (cluster.get(namespace, "gitops") or {}).get("status") or {}
+        return status.get("runId") not in (None, first) and names == [f"gitops-{status['runId']}"]
+
+    cluster.wait_for("the new run's Job to replace the old one", replaced)
+
+
+def test_deleting_the_finetunejob_removes_its_children(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(namespace, job("doomed", queueName="team-a"))
+    cluster.wait_phase(namespace, "doomed", "Queued")
+    cluster.delete(namespace, "doomed")
+    cluster.wait_for(
+        "the garbage collector",
+        lambda: (
+            not cluster.jobs(namespace, "doomed") and not cluster.configmaps(namespace, "doomed")
+        ),
+    )
