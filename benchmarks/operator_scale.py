@@ -44,7 +44,7 @@ def manifest(index: int, namespace: str) -> dict:
             "dataset": {"uri": f"s3://data/team-{index % 10}/train.jsonl"},
             "method": {"type": "lora"},
             "hyperparameters": {"epochs": 1},
-            "gates": [{"metric": "loss", "maxImprovement": 10}],
+            "gates": [{"metric": "loss", "max": 10}],
             "output": {"uri": f"s3://models/job-{index:04d}"},
         },
     }

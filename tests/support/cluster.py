@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 from kmock._internal import enums, rendering
+from kmock._internal.dsl import Reaction
 
 RESOURCES: dict[str, dict[str, Any]] = {
     "kubetune.dev/v1alpha1/finetunejobs": {
@@ -91,6 +92,7 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self.faults: list[Fault] = []
+        self._in_flight: set[rendering.Request] = set()
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         # Writes by anything but the tests and the test kubelet (i.e. by the operator).
         self.writes_by_owner: collections.Counter[str] = collections.Counter()
@@ -118,6 +120,14 @@ class Emulator(kmock.KubernetesEmulator):
         return "get"
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        self._in_flight.add(request)
+        self._forget_old_requests()
+        try:
+            return await self._serve(request)
+        finally:
+            self._in_flight.discard(request)
+
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None:
             return await super()._handle(request)
         verb, plural = self._verb(request), request.resource.plural
@@ -143,6 +153,16 @@ class Emulator(kmock.KubernetesEmulator):
         if verb == "delete" and request.name and response.status < 300:
             await self._collect_garbage(request)
         return response
+
+    def _forget_old_requests(self) -> None:
+        """kmock keeps every request for assertions and matches each new one by scanning all
+        earlier ones (quadratic over a long run). This suite asserts on counters instead, so
+        only requests still being served are kept."""
+        if len(self._requests) > 32:
+            self._requests[:] = [r for r in self._requests if r in self._in_flight]
+            for payload in self._payloads:
+                for reaction in payload._walk(Reaction):
+                    reaction._requests.clear()
 
     def _count_owner_write(self, request: rendering.Request, verb: str, plural: str) -> None:
         """Attribute each write to the FineTuneJob it concerns (for the scale benchmark)."""
