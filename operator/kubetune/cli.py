@@ -57,7 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     import logging
 
+    import re
+
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from kubetune.api import describe_errors
     from kubetune.operator.settings import OperatorSettings
@@ -72,6 +75,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
         for line in describe_errors(exc):
             field, _, problem = line.partition(": ")
             print(f"KUBETUNE_{field.upper()}: {problem}", file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    except SettingsError as exc:  # a list or object setting that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1).upper() if field else "?"
+        print(f'KUBETUNE_{name}: must be JSON, e.g. ["ml", "research"]', file=sys.stderr)
         return int(ExitCode.INVALID_SPEC)
     from kubetune.operator.handlers import run
 

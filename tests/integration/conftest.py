@@ -37,6 +37,7 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
@@ -48,6 +49,7 @@ class OperatorProcess:
                 "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
                 "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),
                 "KUBETUNE_MAX_GPUS_PER_JOB": str(MAX_GPUS),
+                **self.extra_env,
             }
         )
         kubetune = Path(sys.executable).parent / "kubetune"

@@ -100,6 +100,7 @@ def _temporary(exc: Retry, retry: int) -> kopf.TemporaryError:
 def build_registry(settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(kube, settings)
+    operator_settings = settings
     ftj = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
 
     @kopf.on.startup(registry=registry)
@@ -114,6 +115,9 @@ def build_registry(settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegis
         settings.watching.label_selectors["batch", "jobs"] = MANAGED_SELECTOR
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # With a list of namespaces, do not list or watch Namespace objects: the namespaced
+        # install has Roles only, and the list is fixed anyway.
+        settings.scanning.disabled = bool(operator_settings.namespaces)
         reconciler.start_polling()
 
     @kopf.on.login(registry=registry)
