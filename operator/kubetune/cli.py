@@ -56,7 +56,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     import logging
-
     import re
 
     from pydantic import ValidationError
