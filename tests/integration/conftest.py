@@ -6,7 +6,6 @@ runs each trainer pod's command as a local process on the tiny model, and a real
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ from kubetune_trainer import storage
 from tests.support import s3
 from tests.support.cluster import Client, Cluster
 from tests.support.kubelet import Kubelet
+from tests.support.specs import override
 
 SECRET = "s3-credentials"
 ALLOWED_IMAGE = "registry.example.com/ml/trainer:custom"
@@ -104,12 +104,7 @@ class Platform:
                 "output": {"uri": f"s3://models/{namespace}/{name}", "credentialsSecret": SECRET},
             },
         }
-        for path, value in spec.items():
-            node = doc["spec"]
-            *parents, last = path.split("__")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[last] = copy.deepcopy(value)
+        override(doc["spec"], **spec)
         return doc
 
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:

@@ -296,3 +296,27 @@ def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
     assert len(platform.children(ns, "jobs", "flaky")) == 1
     assert len(platform.children(ns, "configmaps", "flaky")) == 1
     assert _job_creates(platform, ns, "flaky") == 3  # two answered 500, the third created it
+
+
+def test_backoff_limit_exceeded(platform: Platform, ns: str) -> None:
+    platform.apply(platform.job(ns, "fragile", hyperparameters__maxSteps=3000, backoffLimit=0))
+    platform.wait_phase(ns, "fragile", "Running")
+    platform.wait_for("the trainer process", lambda: _running_pods(platform, ns), 30)
+    (pod,) = platform.children(ns, "pods", "fragile")
+    platform.kubelet.kill(pod["metadata"]["name"])
+    status = platform.wait_phase(ns, "fragile", FINAL, timeout=60)
+    failed = _condition(status, "Failed")
+    assert (status["phase"], failed["reason"]) == ("Failed", "BackoffLimitExceeded"), status
+    assert "backoff limit" in failed["message"]
+    assert status["completionTime"]
+
+
+def test_deadline_exceeded(platform: Platform, ns: str) -> None:
+    platform.apply(
+        platform.job(ns, "slow", hyperparameters__maxSteps=3000, activeDeadlineSeconds=8)
+    )
+    status = platform.wait_phase(ns, "slow", FINAL, timeout=60)
+    failed = _condition(status, "Failed")
+    assert (status["phase"], failed["reason"]) == ("Failed", "DeadlineExceeded"), status
+    assert not _running_pods(platform, ns)
+    assert not storage.exists(f"s3://models/{ns}/slow/latest.json")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from kubetune.api import FineTuneJob, TrainerConfig, TrainerResult
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.telemetry import StepInfo
+from tests.support.specs import override
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -64,12 +64,7 @@ def job_manifest(
             "output": {"uri": output},
         },
     }
-    for path, value in spec.items():
-        node = doc["spec"]
-        *parents, last = path.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = copy.deepcopy(value)
+    override(doc["spec"], **spec)
     return doc
 
 

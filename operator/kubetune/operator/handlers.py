@@ -97,14 +97,13 @@ def _temporary(exc: Retry, retry: int) -> kopf.TemporaryError:
     return kopf.TemporaryError(str(exc), delay=delay)
 
 
-def build_registry(settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegistry:
+def build_registry(operator_settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, settings)
-    operator_settings = settings
+    reconciler = Reconciler(kube, operator_settings)
     ftj = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:  # kopf's own settings
         storage = {"prefix": ANNOTATION_PREFIX}
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(**storage)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -139,7 +138,7 @@ def build_registry(settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegis
             return  # the initial listing: every FineTuneJob is reconciled by its resume handler
         try:
             reconciler(namespace, labels[JOB_LABEL])
-        except Retry as exc:  # the timer comes back to it
+        except Retry as exc:  # the poller comes back to it
             log.info("reconcile of %s/%s deferred: %s", namespace, labels[JOB_LABEL], exc)
 
     @kopf.on.cleanup(registry=registry)

@@ -31,6 +31,7 @@ MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 30)  # connect, read seconds
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 COMPONENT = "kubetune-operator"
+_RAISE = object()
 
 
 def _retry_after(exc: ApiException) -> float:
@@ -75,30 +76,28 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
     @staticmethod
-    def _json(response: Any) -> dict[str, Any]:
-        return json.loads(response.data)
+    def _call(what: str, method: Any, *args: Any, missing: Any = _RAISE, **kwargs: Any) -> Any:
+        """One API call on raw JSON. A 404 returns `missing` when given; other errors come out
+        as Retry or Rejected."""
+        try:
+            response = method(*args, _preload_content=False, _request_timeout=TIMEOUT, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404 and missing is not _RAISE:
+                return missing
+            raise _translate(exc, what) from exc
+        except Exception as exc:
+            raise _translate(exc, what) from exc
+        return json.loads(response.data or b"null")
 
     # -- reads --------------------------------------------------------------------------------
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._json(
-                self.custom.get_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _translate(exc, f"get FineTuneJob {namespace}/{name}") from exc
-        except Exception as exc:
-            raise _translate(exc, f"get FineTuneJob {namespace}/{name}") from exc
+        return self._call(
+            f"get FineTuneJob {namespace}/{name}",
+            self.custom.get_namespaced_custom_object,
+            *(GROUP, VERSION, namespace, PLURAL, name),
+            missing=None,
+        )
 
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
         """The Jobs, ConfigMaps and Pods labelled as this FineTuneJob's, in its namespace."""
@@ -110,17 +109,8 @@ class Kube:
         }
         out: dict[str, list[dict[str, Any]]] = {}
         for kind, call in calls.items():
-            try:
-                items = self._json(
-                    call(
-                        namespace,
-                        label_selector=selector,
-                        _preload_content=False,
-                        _request_timeout=TIMEOUT,
-                    )
-                ).get("items", [])
-            except Exception as exc:
-                raise _translate(exc, f"list {kind} of {namespace}/{job_name}") from exc
+            what = f"list {kind} of {namespace}/{job_name}"
+            items = self._call(what, call, namespace, label_selector=selector).get("items") or []
             # Filter here too: a selector is a request, and some servers (emulators) ignore it.
             out[kind] = [
                 i
@@ -148,99 +138,74 @@ class Kube:
         """Create a child; one that exists already (an earlier attempt's) is adopted if ours."""
         meta = obj["metadata"]
         namespace, name, kind = meta["namespace"], meta["name"], obj["kind"]
-        calls = {
-            "Job": self.batch.create_namespaced_job,
-            "ConfigMap": self.core.create_namespaced_config_map,
-        }
+        create, read = {
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "ConfigMap": (
+                self.core.create_namespaced_config_map,
+                self.core.read_namespaced_config_map,
+            ),
+        }[kind]
+        what = f"{kind} {namespace}/{name}"
         try:
-            calls[kind](namespace, obj, _preload_content=False, _request_timeout=TIMEOUT)
-            log.info("created %s %s/%s", kind, namespace, name)
+            create(namespace, obj, _preload_content=False, _request_timeout=TIMEOUT)
+            log.info("created %s", what)
             return
         except ApiException as exc:
             if exc.status != 409:
-                raise _translate(exc, f"create {kind} {namespace}/{name}") from exc
+                raise _translate(exc, f"create {what}") from exc
         except Exception as exc:
-            raise _translate(exc, f"create {kind} {namespace}/{name}") from exc
-        existing = self._read(kind, namespace, name)
+            raise _translate(exc, f"create {what}") from exc
+        existing = self._call(f"read {what}", read, name, namespace, missing=None)
         if existing is None:
-            raise Retry(f"create {kind} {namespace}/{name}: conflict, but it does not exist")
+            raise Retry(f"create {what}: conflict, but it does not exist")
         owner_uid = meta["ownerReferences"][0]["uid"]
         owners = (existing.get("metadata") or {}).get("ownerReferences") or []
         if not any(ref.get("uid") == owner_uid for ref in owners):
             # Left by an earlier FineTuneJob of the same name; the garbage collector removes it.
-            raise Retry(f"{kind} {namespace}/{name} belongs to another owner; waiting", 5.0)
-        log.info("adopted existing %s %s/%s", kind, namespace, name)
-
-    def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        calls = {
-            "Job": self.batch.read_namespaced_job,
-            "ConfigMap": self.core.read_namespaced_config_map,
-        }
-        try:
-            return self._json(
-                calls[kind](name, namespace, _preload_content=False, _request_timeout=TIMEOUT)
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _translate(exc, f"read {kind} {namespace}/{name}") from exc
+            raise Retry(f"{what} belongs to another owner; waiting", 5.0)
+        log.info("adopted existing %s", what)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a child and what it owns (pods of a Job); gone already is fine."""
-        calls = {
+        call = {
             "Job": self.batch.delete_namespaced_job,
             "ConfigMap": self.core.delete_namespaced_config_map,
-        }
-        try:
-            calls[kind](
+        }[kind]
+        what = f"{kind} {namespace}/{name}"
+        if (
+            self._call(
+                f"delete {what}",
+                call,
                 name,
                 namespace,
                 propagation_policy="Background",
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
+                missing=False,
             )
-            log.info("deleted %s %s/%s", kind, namespace, name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _translate(exc, f"delete {kind} {namespace}/{name}") from exc
-        except Exception as exc:
-            raise _translate(exc, f"delete {kind} {namespace}/{name}") from exc
+            is not False
+        ):
+            log.info("deleted %s", what)
 
     def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        try:
-            self.batch.patch_namespaced_job(
-                name,
-                namespace,
-                {"spec": {"suspend": suspend}},
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
-            )
-            log.info("%s Job %s/%s", "suspended" if suspend else "resumed", namespace, name)
-        except Exception as exc:
-            raise _translate(exc, f"patch Job {namespace}/{name}") from exc
+        self._call(
+            f"patch Job {namespace}/{name}",
+            self.batch.patch_namespaced_job,
+            *(name, namespace, {"spec": {"suspend": suspend}}),
+            _content_type=MERGE_PATCH,
+        )
+        log.info("%s Job %s/%s", "suspended" if suspend else "resumed", namespace, name)
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch the FineTuneJob's status subresource; False when the object is gone."""
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                {"status": patch},
+        return (
+            self._call(
+                f"patch status of {namespace}/{name}",
+                self.custom.patch_namespaced_custom_object_status,
+                *(GROUP, VERSION, namespace, PLURAL, name, {"status": patch}),
                 _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
+                missing=None,
             )
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise _translate(exc, f"patch status of {namespace}/{name}") from exc
-        except Exception as exc:
-            raise _translate(exc, f"patch status of {namespace}/{name}") from exc
+            is not None
+        )
 
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
