@@ -23,6 +23,7 @@ from kubetune_trainer import storage
 from tests.support import s3
 from tests.support.cluster import Client, Cluster
 from tests.support.kubelet import Kubelet
+from tests.support.prometheus import free_port
 from tests.support.specs import override
 
 SECRET = "s3-credentials"
@@ -38,6 +39,7 @@ class OperatorProcess:
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_env: dict[str, str] = {}
+        self.metrics_port = free_port()
 
     def start(self) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
@@ -45,6 +47,8 @@ class OperatorProcess:
             {
                 "KUBECONFIG": str(self.kubeconfig),
                 "KUBETUNE_HEALTH_PORT": "0",
+                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+                "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
                 "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
                 "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
                 "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),

@@ -296,6 +296,25 @@ def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
     assert len(platform.children(ns, "jobs", "flaky")) == 1
     assert len(platform.children(ns, "configmaps", "flaky")) == 1
     assert _job_creates(platform, ns, "flaky") == 3  # two answered 500, the third created it
+    # ...and the operator counted them (its metrics endpoint, as Prometheus would scrape it).
+    errors = _operator_metric(platform, "kubetune_operator_api_errors_total")
+    assert errors[(("code", "500"), ("operation", "create"))] >= 2
+    assert errors[(("code", "409"), ("operation", "create"))] >= 1
+
+
+def _operator_metric(platform: Platform, name: str) -> dict[tuple, float]:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{platform.operator.metrics_port}/metrics"
+    text = urlopen(url, timeout=5).read().decode()
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 def test_backoff_limit_exceeded(platform: Platform, ns: str) -> None:

@@ -25,6 +25,7 @@ from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.operator.build import JOB_LABEL
 from kubetune.operator.errors import Retry
 from kubetune.operator.kube import Kube, load_client
+from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.reconcile import Outcome, reconcile
 from kubetune.operator.settings import OperatorSettings
 
@@ -45,25 +46,35 @@ class Reconciler:
 
     STRIPES = 64
 
-    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+    def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
         self.kube = kube
         self.settings = settings
+        self.metrics = metrics
         self._locks = [threading.Lock() for _ in range(self.STRIPES)]
         self._active: set[tuple[str, str]] = set()
         self._active_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
-    def __call__(self, namespace: str, name: str, read_progress: bool = False) -> Outcome | None:
-        with self._locks[hash((namespace, name)) % self.STRIPES]:
+    def __call__(self, namespace: str, name: str, trigger: str) -> Outcome | None:
+        with (
+            self._locks[hash((namespace, name)) % self.STRIPES],
+            self.metrics.reconcile_duration.labels(trigger).time(),
+        ):
             outcome = reconcile(
-                self.kube, self.settings, namespace, name, read_progress=read_progress
+                self.kube, self.settings, namespace, name, read_progress=trigger == "poll"
             )
         with self._active_lock:
             if outcome is None or outcome.final:
                 self._active.discard((namespace, name))
             else:
                 self._active.add((namespace, name))
+        if outcome is None:
+            self.metrics.forget(namespace, name)
+        else:
+            self.metrics.observe(
+                namespace, name, outcome.before, outcome.after, outcome.status_written
+            )
         return outcome
 
     def start_polling(self) -> None:
@@ -85,7 +96,7 @@ class Reconciler:
                 if self._stop.is_set():
                     return
                 try:
-                    self(namespace, name, read_progress=True)
+                    self(namespace, name, "poll")
                 except Retry as exc:
                     log.info("poll of %s/%s deferred: %s", namespace, name, exc)
                 except Exception:  # one bad object must not stop the poller
@@ -97,9 +108,11 @@ def _temporary(exc: Retry, retry: int) -> kopf.TemporaryError:
     return kopf.TemporaryError(str(exc), delay=delay)
 
 
-def build_registry(operator_settings: OperatorSettings, kube: Kube) -> kopf.OperatorRegistry:
+def build_registry(
+    operator_settings: OperatorSettings, kube: Kube, metrics: OperatorMetrics
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, operator_settings)
+    reconciler = Reconciler(kube, operator_settings, metrics)
     ftj = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
 
     @kopf.on.startup(registry=registry)
@@ -123,21 +136,26 @@ def build_registry(operator_settings: OperatorSettings, kube: Kube) -> kopf.Oper
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
-    @kopf.on.resume(**ftj)
-    @kopf.on.create(**ftj)
-    @kopf.on.update(**ftj, field="spec")
-    def on_change(namespace: str, name: str, retry: int, **_: Any) -> None:
-        try:
-            reconciler(namespace, name)
-        except Retry as exc:
-            raise _temporary(exc, retry) from exc
+    def on_change(trigger: str) -> Any:
+        def handler(namespace: str, name: str, retry: int, **_: Any) -> None:
+            try:
+                reconciler(namespace, name, trigger)
+            except Retry as exc:
+                raise _temporary(exc, retry) from exc
+
+        handler.__name__ = handler.__qualname__ = f"on_{trigger}"
+        return handler
+
+    kopf.on.resume(**ftj)(on_change("resume"))
+    kopf.on.create(**ftj)(on_change("create"))
+    kopf.on.update(**ftj, field="spec")(on_change("update"))
 
     @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
     def on_child(type: str | None, namespace: str, labels: dict[str, str], **_: Any) -> None:
         if type is None:
             return  # the initial listing: every FineTuneJob is reconciled by its resume handler
         try:
-            reconciler(namespace, labels[JOB_LABEL])
+            reconciler(namespace, labels[JOB_LABEL], "job-event")
         except Retry as exc:  # the poller comes back to it
             log.info("reconcile of %s/%s deferred: %s", namespace, labels[JOB_LABEL], exc)
 
@@ -150,8 +168,11 @@ def build_registry(operator_settings: OperatorSettings, kube: Kube) -> kopf.Oper
 
 def run(settings: OperatorSettings) -> None:
     """Run the operator until interrupted (the `kubetune operator` command)."""
-    kube = Kube(load_client())
-    registry = build_registry(settings, kube)
+    metrics = OperatorMetrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.bind_address)
+    kube = Kube(load_client(), metrics)
+    registry = build_registry(settings, kube, metrics)
     namespaces = settings.namespaces
     asyncio.run(
         kopf.operator(

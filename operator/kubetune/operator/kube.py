@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune.operator.build import JOB_LABEL
 from kubetune.operator.errors import Rejected, Retry
+from kubetune.operator.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.operator")
 
@@ -41,7 +42,10 @@ def _retry_after(exc: ApiException) -> float:
         return 1.0
 
 
-def _translate(exc: Exception, what: str) -> Exception:
+def _translate(exc: Exception, what: str, metrics: OperatorMetrics | None = None) -> Exception:
+    if metrics is not None:
+        code = exc.status if isinstance(exc, ApiException) else 0
+        metrics.api_error(what.split(" ", 1)[0], code or 0)
     if isinstance(exc, ApiException):
         if exc.status in RETRYABLE or exc.status == 0:
             return Retry(f"{what}: HTTP {exc.status} {exc.reason}", _retry_after(exc))
@@ -69,14 +73,18 @@ def load_client() -> kubernetes.client.ApiClient:
 class Kube:
     """API I/O for the operator, on raw dicts."""
 
-    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+    def __init__(
+        self, client: kubernetes.client.ApiClient, metrics: OperatorMetrics | None = None
+    ) -> None:
         self.client = client
+        self._metrics = metrics
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
-    @staticmethod
-    def _call(what: str, method: Any, *args: Any, missing: Any = _RAISE, **kwargs: Any) -> Any:
+    def _call(
+        self, what: str, method: Any, *args: Any, missing: Any = _RAISE, **kwargs: Any
+    ) -> Any:
         """One API call on raw JSON. A 404 returns `missing` when given; other errors come out
         as Retry or Rejected."""
         try:
@@ -84,9 +92,9 @@ class Kube:
         except ApiException as exc:
             if exc.status == 404 and missing is not _RAISE:
                 return missing
-            raise _translate(exc, what) from exc
+            raise _translate(exc, what, self._metrics) from exc
         except Exception as exc:
-            raise _translate(exc, what) from exc
+            raise _translate(exc, what, self._metrics) from exc
         return json.loads(response.data or b"null")
 
     # -- reads --------------------------------------------------------------------------------
@@ -152,9 +160,11 @@ class Kube:
             return
         except ApiException as exc:
             if exc.status != 409:
-                raise _translate(exc, f"create {what}") from exc
+                raise _translate(exc, f"create {what}", self._metrics) from exc
+            if self._metrics is not None:
+                self._metrics.api_error("create", 409)
         except Exception as exc:
-            raise _translate(exc, f"create {what}") from exc
+            raise _translate(exc, f"create {what}", self._metrics) from exc
         existing = self._call(f"read {what}", read, name, namespace, missing=None)
         if existing is None:
             raise Retry(f"create {what}: conflict, but it does not exist")

@@ -51,9 +51,17 @@ class KubeIO(Protocol):
 
 @dataclass(frozen=True)
 class Outcome:
-    phase: str | None
+    before: FineTuneJobStatus
+    after: FineTuneJobStatus
     status_written: bool
-    final: bool
+
+    @property
+    def phase(self) -> str | None:
+        return self.after.phase
+
+    @property
+    def final(self) -> bool:
+        return self.after.phase in FINAL_PHASES
 
 
 def _status_dict(status: FineTuneJobStatus) -> dict[str, Any]:
@@ -187,5 +195,4 @@ def _apply(
     if written:
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
-    phase = decision.status.phase
-    return Outcome(phase=phase, status_written=written, final=phase in FINAL_PHASES)
+    return Outcome(before=previous, after=decision.status, status_written=written)

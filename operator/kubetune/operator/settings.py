@@ -34,7 +34,9 @@ class OperatorSettings(BaseSettings):
     progress_poll_seconds: float = Field(
         default=15.0, gt=0, description="How often running trainers' metrics are read."
     )
-    metrics_port: int = Field(default=8080, ge=1, le=65535, description="Operator metrics port.")
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="Operator metrics port; 0 turns it off."
+    )
     health_port: int = Field(
         default=8081, ge=0, le=65535, description="Liveness port (/healthz); 0 turns it off."
     )

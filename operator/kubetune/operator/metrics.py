@@ -1,0 +1,115 @@
+"""The operator's Prometheus metrics: every one is declared here (docs/metrics.md lists them).
+
+The trainer's metrics are declared in kubetune_trainer/telemetry.py; both sides prefix `kubetune_`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kubetune.api import FineTuneJobStatus
+
+PHASES = ("Pending", "Queued", "Suspended", "Running", "Evaluating", "Succeeded", "Failed")
+FINAL = ("Succeeded", "Failed")
+# Fine-tuning runs last minutes to days.
+DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+
+
+class _PhaseCollector(Collector):
+    """kubetune_operator_finetunejobs{namespace, phase}: every phase reported, 0 included."""
+
+    def __init__(self, phases: dict[tuple[str, str], str], lock: threading.Lock) -> None:
+        self._phases = phases
+        self._lock = lock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "kubetune_operator_finetunejobs",
+            "FineTuneJobs this operator manages, by namespace and phase.",
+            labels=["namespace", "phase"],
+        )
+        with self._lock:
+            counts = Tally((ns, phase) for (ns, _), phase in self._phases.items())
+            namespaces = sorted({ns for ns, _ in self._phases})
+        for namespace in namespaces:
+            for phase in PHASES:
+                family.add_metric([namespace, phase], counts[namespace, phase])
+        yield family
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        r.register(_PhaseCollector(self._phases, self._lock))
+        self.transitions = Counter(
+            "kubetune_operator_phase_transitions_total",
+            "FineTuneJob phase changes written by the operator.",
+            ["namespace", "from_phase", "to_phase"],
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "kubetune_operator_reconcile_duration_seconds",
+            "Time to reconcile one FineTuneJob, by what triggered it.",
+            ["trigger"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "kubetune_operator_job_duration_seconds",
+            "Run time of finished runs (Job start to completion), by outcome.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.gate_results = Counter(
+            "kubetune_operator_gate_results_total",
+            "Evaluation gate verdicts of finished runs, by metric and outcome.",
+            ["metric", "outcome"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            "kubetune_operator_api_errors_total",
+            "Kubernetes API calls that failed, by operation and HTTP status (0: no response).",
+            ["operation", "code"],
+            registry=r,
+        )
+
+    def serve(self, port: int, address: str) -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def api_error(self, operation: str, code: int) -> None:
+        self.api_errors.labels(operation, str(code)).inc()
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._phases.pop((namespace, name), None)
+
+    def observe(
+        self,
+        namespace: str,
+        name: str,
+        before: FineTuneJobStatus,
+        after: FineTuneJobStatus,
+        written: bool,
+    ) -> None:
+        """Record one reconcile's result: the phase table, and a transition when one was written."""
+        phase = after.phase or "Pending"
+        with self._lock:
+            self._phases[namespace, name] = phase
+        if not written or before.phase == after.phase:
+            return
+        self.transitions.labels(namespace, before.phase or "", phase).inc()
+        if phase in FINAL and after.start_time and after.completion_time:
+            seconds = (after.completion_time - after.start_time).total_seconds()
+            self.job_duration.labels(phase).observe(max(0.0, seconds))
+        if phase in FINAL:
+            for gate in after.gates:
+                self.gate_results.labels(gate.metric, "passed" if gate.passed else "failed").inc()
