@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv lint test demo crd docs clean
+.PHONY: venv lint test demo crd docs clean sysdeps
 
 # CPU torch 2.13.0 goes in first: a range that accepts it then installs nothing more, while a
 # plain `torch` would pull a multi-GB CUDA build (see docs/development.md).
@@ -24,12 +24,22 @@ lint: venv
 	$(BIN)/ruff format --check operator trainer-image tests benchmarks examples
 	$(BIN)/lint-imports
 
-test: lint
+# Debian packages the tests use: a real Prometheus server and promtool.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+sysdeps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || { \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }; }
+
+test: lint sysdeps
 	$(BIN)/pytest
 
 # Regenerate the checked-in CRD and API reference from the pydantic models.
 crd: venv
 	$(BIN)/kubetune crd --output crds/kubetune.dev_finetunejobs.yaml
+	cp crds/kubetune.dev_finetunejobs.yaml helm/kubetune/files/crds/
 docs: venv
 	$(BIN)/kubetune api-docs --output docs/api.md
 

@@ -6,6 +6,7 @@ The trainer's metrics are declared in kubetune_trainer/telemetry.py; both sides 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from kubetune.api import FineTuneJobStatus
 
+WAITING = ("Pending", "Queued")
 PHASES = ("Pending", "Queued", "Suspended", "Running", "Evaluating", "Succeeded", "Failed")
 FINAL = ("Succeeded", "Failed")
 # Fine-tuning runs last minutes to days.
@@ -24,7 +26,11 @@ DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 class _PhaseCollector(Collector):
     """kubetune_operator_finetunejobs{namespace, phase}: every phase reported, 0 included."""
 
-    def __init__(self, phases: dict[tuple[str, str], str], lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        phases: dict[tuple[str, str], tuple[str, float]],
+        lock: threading.Lock,
+    ) -> None:
         self._phases = phases
         self._lock = lock
 
@@ -34,20 +40,34 @@ class _PhaseCollector(Collector):
             "FineTuneJobs this operator manages, by namespace and phase.",
             labels=["namespace", "phase"],
         )
+        oldest = GaugeMetricFamily(
+            "kubetune_operator_oldest_in_phase_seconds",
+            "How long the longest-waiting FineTuneJob has been Pending or Queued, by namespace.",
+            labels=["namespace", "phase"],
+        )
+        now = time.monotonic()
         with self._lock:
-            counts = Tally((ns, phase) for (ns, _), phase in self._phases.items())
-            namespaces = sorted({ns for ns, _ in self._phases})
-        for namespace in namespaces:
+            items = list(self._phases.items())
+        counts = Tally((ns, phase) for (ns, _), (phase, _) in items)
+        ages: dict[tuple[str, str], float] = {}
+        for (ns, _), (phase, since) in items:
+            if phase in WAITING:
+                ages[ns, phase] = max(ages.get((ns, phase), 0.0), now - since)
+        for namespace in sorted({ns for (ns, _), _ in items}):
             for phase in PHASES:
                 family.add_metric([namespace, phase], counts[namespace, phase])
+            for phase in WAITING:
+                oldest.add_metric([namespace, phase], ages.get((namespace, phase), 0.0))
         yield family
+        yield oldest
 
 
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._phases: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> (phase, time.monotonic() when that phase was first seen)
+        self._phases: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
         r.register(_PhaseCollector(self._phases, self._lock))
         self.transitions = Counter(
@@ -103,7 +123,9 @@ class OperatorMetrics:
         """Record one reconcile's result: the phase table, and a transition when one was written."""
         phase = after.phase or "Pending"
         with self._lock:
-            self._phases[namespace, name] = phase
+            known = self._phases.get((namespace, name))
+            if known is None or known[0] != phase:
+                self._phases[namespace, name] = (phase, time.monotonic())
         if not written or before.phase == after.phase:
             return
         self.transitions.labels(namespace, before.phase or "", phase).inc()

@@ -1,0 +1,292 @@
+"""The Helm chart: lint, render, validate against Kubernetes' schemas, least-privilege RBAC in
+both modes, the CRD in sync, every value documented, the alert rules checked and unit-tested by
+promtool, the dashboard drawing only metrics that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.settings import OperatorSettings
+from tests.conftest import ROOT
+from tests.support.tools import helm
+
+CHART = ROOT / "helm" / "kubetune"
+NAMESPACED = [
+    "--set",
+    "watchNamespaces={ml,research}",
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+    "--set",
+    "metrics.dashboard.enabled=true",
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "trainer.allowedImages={registry.example.com/ml/trainer:1}",
+    "--set",
+    "trainer.defaultMemory=16Gi",
+]
+MODES = {"cluster-wide": [], "namespaced": NAMESPACED}
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(helm()), *args], capture_output=True, text=True, check=False)
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    done = _helm("template", "kt", str(CHART), "--namespace", "kubetune-system", *args)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lint_strict(mode: str) -> None:
+    done = _helm("lint", "--strict", str(CHART), *MODES[mode])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.34"])
+@pytest.mark.parametrize("mode", MODES)
+def test_rendered_manifests_are_valid_kubernetes(mode: str, version: str, tmp_path: Path) -> None:
+    docs = render(*MODES[mode])
+    core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    path = tmp_path / "chart.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    validate = shutil.which("kubernetes-validate", path=str(Path(ROOT / ".venv" / "bin")))
+    done = subprocess.run(
+        [validate or "kubernetes-validate", "--strict", "--quiet", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+NAMESPACED_RULES = [
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["finetunejobs"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": ["batch"],
+        "resources": ["jobs"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
+    docs = render()
+    (role,) = by_kind(docs, "ClusterRole")
+    crd_rule = {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["get", "list", "watch"],
+    }
+    assert role["rules"] == [*NAMESPACED_RULES, crd_rule]
+    assert not by_kind(docs, "Role")
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
+
+
+def test_namespaced_mode_has_roles_only() -> None:
+    docs = render(*NAMESPACED)
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
+    assert all(r["rules"] == NAMESPACED_RULES for r in roles)
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml", "research"]
+    env = _env(docs)
+    assert json.loads(env["KUBETUNE_NAMESPACES"]) == ["ml", "research"]
+
+
+def test_no_rule_grants_secrets_or_wildcards() -> None:
+    for mode in MODES.values():
+        for role in [*by_kind(render(*mode), "ClusterRole"), *by_kind(render(*mode), "Role")]:
+            for rule in role["rules"]:
+                assert "secrets" not in rule["resources"]
+                assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
+
+
+def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (deployment,) = by_kind(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_operator_settings_are_real_settings_and_parse(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _env(render(*MODES[mode]))
+    fields = {f"KUBETUNE_{name.upper()}" for name in OperatorSettings.model_fields}
+    assert set(env) <= fields, set(env) - fields
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()  # the values the chart renders are ones the operator accepts
+    assert settings.metrics_port == 8080 and settings.health_port == 8081
+
+
+def test_operator_pod_is_locked_down_with_probes() -> None:
+    (deployment,) = by_kind(render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert "resources" not in container  # unset by default
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_crd_in_the_chart_is_the_generated_one() -> None:
+    chart_copy = CHART / "files" / "crds" / "kubetune.dev_finetunejobs.yaml"
+    assert (
+        chart_copy.read_text() == (ROOT / "crds" / "kubetune.dev_finetunejobs.yaml").read_text()
+    ), "helm/kubetune/files/crds/ is stale: run `make crd`"
+    (crd,) = by_kind(render(), "CustomResourceDefinition")
+    source = yaml.safe_load(chart_copy.read_text())
+    assert crd["spec"] == source["spec"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def _leaf_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        out.append(prefix + key)
+        if isinstance(value, dict) and value and key != "labels":
+            out.extend(_leaf_paths(value, f"{prefix}{key}."))
+    return out
+
+
+def test_every_value_is_documented_by_name_and_in_the_schema() -> None:
+    text = (CHART / "values.yaml").read_text()
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w]*):", line)
+        if not match or match.group(2) == "grafana_dashboard":
+            continue
+        start = index  # the comment block right above the key; its first line names the key
+        while start > 0 and lines[start - 1].strip().startswith("#"):
+            start -= 1
+        first = lines[start].strip() if start < index else ""
+        assert first.startswith(f"# {match.group(2)}:"), f"values.yaml:{index + 1}: undocumented"
+    values = yaml.safe_load(text)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.validate(values, schema)
+    node: dict[str, Any]
+    for path in _leaf_paths(values):
+        node = schema
+        for part in path.split("."):
+            assert part in node.get("properties", {}), f"{path} is not in values.schema.json"
+            node = node["properties"][part]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "trainer.maxGpusPerJob=-1",
+        "logLevel=loud",
+        "watchNamespaces={Not_A_Namespace}",
+        "metrics.port=0",
+    ],
+)
+def test_schema_rejects_bad_values(bad: str) -> None:
+    done = _helm("template", "kt", str(CHART), "--set", bad)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+
+
+def test_prometheus_rule_is_the_promtool_tested_file(tmp_path: Path) -> None:
+    rules = CHART / "files" / "prometheus"
+    for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts_test.yaml"]):
+        done = subprocess.run(["promtool", *args], cwd=rules, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (rule,) = by_kind(render(*NAMESPACED), "PrometheusRule")
+    embedded = tmp_path / "embedded.yaml"
+    embedded.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(embedded)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {
+        "KubetuneFineTuneJobFailed",
+        "KubetuneGatesFailing",
+        "KubetuneFineTuneJobStuckPending",
+        "KubetuneFineTuneJobStuckQueued",
+        "KubetuneOperatorDown",
+    }
+
+
+def _declared_metric_names() -> set[str]:
+    from kubetune_trainer.telemetry import TrainerMetrics
+
+    names: set[str] = set()
+    for registry in (OperatorMetrics().registry, TrainerMetrics().registry):
+        for family in registry.collect():
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+    # Families that have no samples yet still have their series names.
+    return names | {n + suffix for n in names for suffix in ("_total", "_bucket", "_count", "_sum")}
+
+
+def test_dashboard_and_alerts_use_only_declared_metrics() -> None:
+    declared = _declared_metric_names()
+    dashboard = json.loads((CHART / "files" / "grafana" / "kubetune.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append((CHART / "files" / "prometheus" / "alerts.yaml").read_text())
+    used = {m for e in exprs for m in re.findall(r"\bkubetune_[a-z_]+", e)}
+    assert used and used <= declared, used - declared
+    (configmap,) = by_kind(render(*NAMESPACED), "ConfigMap")
+    assert json.loads(configmap["data"]["kubetune.json"]) == dashboard
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_pod_monitor_selects_the_trainer_pods_the_operator_labels() -> None:
+    from kubetune.api import FineTuneJob
+    from kubetune.operator.build import build_job
+    from tests.conftest import valid_job
+
+    doc = valid_job()
+    doc["metadata"]["uid"] = "uid-1"
+    job = build_job(FineTuneJob.model_validate(doc), "0123abcd", OperatorSettings())
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    (monitor,) = by_kind(render(*NAMESPACED), "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ports = job["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in ports}
+    policies = by_kind(render(*NAMESPACED), "NetworkPolicy")
+    trainers = [p for p in policies if p["metadata"]["name"].endswith("-trainers")]
+    assert sorted(p["metadata"]["namespace"] for p in trainers) == ["ml", "research"]
+    for policy in trainers:
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
