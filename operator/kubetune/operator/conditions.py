@@ -6,6 +6,7 @@ Three conditions describe a run:
 - Running: True while a trainer pod trains (reason Running) or evaluates (reason Evaluating).
 - Failed: True when the run ended without promotion (InvalidSpec, DataError, GatesFailed,
   BackoffLimitExceeded, DeadlineExceeded).
+- Stalled: the same as Failed, under the name kstatus (Flux's health checks) looks for.
 A condition's lastTransitionTime changes only when its status flips.
 """
 
@@ -84,6 +85,8 @@ def conditions_for(
         ready,
         flag("Running", state.running, "NotRunning"),
         flag("Failed", state.failed, "NotFailed"),
+        # kstatus (Flux, kubectl wait, cli-utils) reads Stalled=True as a terminal failure.
+        flag("Stalled", state.failed, "NotStalled"),
     ]
 
 
