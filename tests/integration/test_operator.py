@@ -80,6 +80,10 @@ def test_happy_path(platform: Platform, ns: str) -> None:
     (configmap,) = platform.children(ns, "configmaps", "reviews")
     seen = json.dumps([configmap, obj, platform.events(ns, "reviews")])
     assert secret_value not in seen and secret_value not in platform.operator_log(10**7)
+    (pod,) = platform.children(ns, "pods", "reviews")
+    trainer_log = platform.kubelet.workdir / ns / pod["metadata"]["name"] / "container.log"
+    assert "Published" in trainer_log.read_text()
+    assert secret_value not in trainer_log.read_text()
 
 
 def test_gates_failing(platform: Platform, ns: str) -> None:

@@ -61,23 +61,6 @@ def test_children_are_valid_kubernetes_objects(name: str) -> None:
         kubernetes_validate.validate(manifest, "1.32.0", strict=True)
 
 
-def test_pod_is_locked_down() -> None:
-    job = children(example("qlora-kueue"))["job"]
-    pod = job["spec"]["template"]["spec"]
-    [container] = pod["containers"]
-    assert pod["automountServiceAccountToken"] is False
-    assert (
-        pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-    )
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
-    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
-    assert writable == {"/work", "/tmp", "/dev/shm"}
-
-
 def test_job_shape_follows_the_spec() -> None:
     job = children(example("qlora-kueue"))["job"]
     spec = job["spec"]
