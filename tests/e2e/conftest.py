@@ -1,7 +1,6 @@
-"""Real-cluster suite (opt-in: `pytest -m e2e`): the current kubeconfig's cluster (kind, k3d),
-with the FineTuneJob CRD applied and the operator running against it (in the cluster, or
-`kubetune operator` beside it). It cannot run on the development machines (no Docker there),
-so .github/workflows/e2e.yaml runs it on a hosted runner with k3d."""
+"""Real-cluster suite (opt-in: `pytest -m e2e`): the current kubeconfig's cluster (kind, k3d)
+with the chart installed (the CRD and the operator), as .github/workflows/e2e.yaml does on a
+hosted runner with k3d. It cannot run on the development machines (no Docker engine there)."""
 
 from __future__ import annotations
 
