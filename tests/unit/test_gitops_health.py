@@ -115,3 +115,26 @@ def test_kstatus_reads_ready_and_observed_generation(reason: str, expected: str)
     obj = {"metadata": {"generation": 3}, "status": status_for(reason)}
     assert kstatus(obj) == expected
     assert kstatus({"metadata": {"generation": 4}, "status": status_for(reason)}) == "InProgress"
+
+
+def test_bumping_the_dataset_in_the_gitops_example_means_a_new_run() -> None:
+    import copy
+
+    import yaml
+
+    from kubetune.api import FineTuneJob, make_run_id
+    from kubetune.manifests import Loader
+    from kubetune.operator.build import spec_hash
+
+    doc = yaml.load((ROOT / "examples" / "gitops" / "finetunejob.yaml").read_text(), Loader=Loader)
+    doc["metadata"].update(uid="uid-1", generation=1)
+    before = FineTuneJob.model_validate(doc)
+    bumped = copy.deepcopy(doc)
+    bumped["spec"]["dataset"]["uri"] = bumped["spec"]["dataset"]["uri"].replace("/v7/", "/v8/")
+    bumped["metadata"]["generation"] = 2  # what the API server does on a spec change
+    after = FineTuneJob.model_validate(bumped)
+    assert spec_hash(after) != spec_hash(before)
+    assert make_run_id("uid-1", 2) != make_run_id("uid-1", 1)
+    paused = copy.deepcopy(doc)
+    paused["spec"]["suspend"] = True
+    assert spec_hash(FineTuneJob.model_validate(paused)) == spec_hash(before)  # same run
