@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -34,6 +35,7 @@ log = logging.getLogger("kubetune.operator")
 ANNOTATION_PREFIX = "kubetune.dev"
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=kubetune-operator"
 MAX_RETRY_DELAY = 60.0
+POLL_WORKERS = 8
 
 
 class Reconciler:
@@ -88,19 +90,24 @@ class Reconciler:
             self._poller.join(10)
 
     def _poll(self) -> None:
-        """Every poll interval: reconcile each non-final FineTuneJob and read its progress."""
-        while not self._stop.wait(self.settings.progress_poll_seconds):
-            with self._active_lock:
-                active = sorted(self._active)
-            for namespace, name in active:
-                if self._stop.is_set():
-                    return
-                try:
-                    self(namespace, name, "poll")
-                except Retry as exc:
-                    log.info("poll of %s/%s deferred: %s", namespace, name, exc)
-                except Exception:  # one bad object must not stop the poller
-                    log.exception("poll of %s/%s failed", namespace, name)
+        """Every poll interval: reconcile each non-final FineTuneJob and read its progress, a few
+        at a time (a trainer that does not answer costs its metrics timeout, not the round)."""
+        with ThreadPoolExecutor(POLL_WORKERS, thread_name_prefix="kubetune-poll") as pool:
+            while not self._stop.wait(self.settings.progress_poll_seconds):
+                with self._active_lock:
+                    active = sorted(self._active)
+                list(pool.map(self._poll_one, active))
+
+    def _poll_one(self, key: tuple[str, str]) -> None:
+        namespace, name = key
+        if self._stop.is_set():
+            return
+        try:
+            self(namespace, name, "poll")
+        except Retry as exc:
+            log.info("poll of %s/%s deferred: %s", namespace, name, exc)
+        except Exception:  # one bad object must not stop the poller
+            log.exception("poll of %s/%s failed", namespace, name)
 
 
 def _temporary(exc: Retry, retry: int) -> kopf.TemporaryError:
