@@ -177,7 +177,6 @@ def decide(
 
 
 def decide_unparseable(
-    name: str,
     uid: str,
     generation: int,
     previous: FineTuneJobStatus,

@@ -136,7 +136,6 @@ def reconcile(
         run_id = make_run_id(uid, generation)
         observed = observe(run_id, children["jobs"], children["configmaps"], [])
         decision = decide_unparseable(
-            name,
             uid,
             generation,
             previous,
