@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.request import urlopen
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api import TrainerResult
 from kubetune_trainer import storage
@@ -307,10 +310,6 @@ def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
 
 
 def _operator_metric(platform: Platform, name: str) -> dict[tuple, float]:
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     url = f"http://127.0.0.1:{platform.operator.metrics_port}/metrics"
     text = urlopen(url, timeout=5).read().decode()
     return {

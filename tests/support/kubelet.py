@@ -75,6 +75,7 @@ class PodRun:
     termination_path: Path | None = None
     log: Path | None = None
     disrupted: bool = False
+    killed: bool = False
     fake_result: dict[str, Any] | None = None
 
 
@@ -399,26 +400,24 @@ class Kubelet:
     def _exit_code(self, run: PodRun) -> int | None:
         if run.process is not None:
             return run.process.poll()
-        if run.fake_result is not None and time.monotonic() - run.started >= (
-            self.fake_seconds or 0
-        ):
+        if run.killed:
+            return -9
+        if time.monotonic() - run.started >= (self.fake_seconds or 0):
             return 0
         return None
 
     def _kill(self, run: PodRun) -> None:
+        run.killed = True
         if run.process is not None and run.process.poll() is None:
             with suppress(ProcessLookupError):
                 os.killpg(run.process.pid, signal.SIGKILL)
             run.process.wait()
-        if run.fake_result is not None:
-            run.fake_result = None
-            run.started = float("inf")
 
-    def _finish_pod(self, run: PodRun, exit_code: int, reason: str) -> str:
+    def _finish_pod(self, run: PodRun, exit_code: int, reason: str) -> None:
         message = ""
         if run.termination_path is not None and run.termination_path.exists():
             message = run.termination_path.read_text()[:TERMINATION_LIMIT]
-        elif run.fake_result is not None:
+        elif run.fake_result is not None and not run.killed:
             message = json.dumps(run.fake_result)
         elif exit_code != 0 and run.log is not None and run.log.exists():
             message = "\n".join(run.log.read_text(errors="replace").splitlines()[-80:])[
@@ -456,4 +455,3 @@ class Kubelet:
             },
             status=True,
         )
-        return message

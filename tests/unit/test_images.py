@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
+from kubetune.api import FineTuneJob
 from kubetune.cli import build_parser
 from kubetune.operator import build
 from kubetune.operator.settings import OperatorSettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, valid_job
 
 DOCKERFILES = {
     "operator": ROOT / "operator" / "Dockerfile",
@@ -81,11 +82,11 @@ def test_operator_image_runs_the_kubetune_operator_command() -> None:
 def test_trainer_image_runs_what_the_operator_puts_in_the_pod() -> None:
     path = DOCKERFILES["trainer"]
     entrypoint = exec_form(path, "ENTRYPOINT")
-    pod = build._container  # the pod command the operator builds
-    from kubetune.api import FineTuneJob
-    from tests.conftest import valid_job
-
-    command = pod(FineTuneJob.model_validate(valid_job()), OperatorSettings())["command"]
+    doc = valid_job()
+    doc["metadata"]["uid"] = "uid-1"
+    job = build.build_job(FineTuneJob.model_validate(doc), "0123abcd", OperatorSettings())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["command"]  # what the operator runs in the trainer pod
     assert command[: len(entrypoint)] == entrypoint
     assert (ROOT / "trainer-image" / "kubetune_trainer" / "__main__.py").exists()
     exposed = {int(p) for kw, rest in instructions(path) if kw == "EXPOSE" for p in rest.split()}

@@ -17,6 +17,7 @@ TERMINATION_LOG = "/dev/termination-log"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_LABEL = "kubetune.dev/run-id"
 JOB_LABEL = "kubetune.dev/finetunejob"
+MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
 RUN_AS = 1000
 # Exit codes that a retry cannot fix: the Job fails at once instead of using up backoffLimit.
@@ -38,7 +39,7 @@ def labels(job: FineTuneJob, run_id: str) -> dict[str, str]:
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/instance": job.metadata.name,
         "app.kubernetes.io/component": "trainer",
-        "app.kubernetes.io/managed-by": "kubetune-operator",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
         JOB_LABEL: job.metadata.name,
         RUN_LABEL: run_id,
     }

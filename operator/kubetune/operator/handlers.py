@@ -23,7 +23,7 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.operator.build import JOB_LABEL
+from kubetune.operator.build import JOB_LABEL, MANAGED_BY
 from kubetune.operator.errors import Retry
 from kubetune.operator.kube import Kube, load_client
 from kubetune.operator.metrics import OperatorMetrics
@@ -33,7 +33,7 @@ from kubetune.operator.settings import OperatorSettings
 log = logging.getLogger("kubetune.operator")
 
 ANNOTATION_PREFIX = "kubetune.dev"
-MANAGED_SELECTOR = "app.kubernetes.io/managed-by=kubetune-operator"
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 MAX_RETRY_DELAY = 60.0
 POLL_WORKERS = 8
 

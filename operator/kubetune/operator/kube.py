@@ -22,7 +22,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from kubetune.operator.build import JOB_LABEL
+from kubetune.operator.build import JOB_LABEL, MANAGED_BY
 from kubetune.operator.errors import Rejected, Retry
 from kubetune.operator.metrics import OperatorMetrics
 
@@ -31,7 +31,7 @@ log = logging.getLogger("kubetune.operator")
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 30)  # connect, read seconds
 RETRYABLE = {409, 429, 500, 502, 503, 504}
-COMPONENT = "kubetune-operator"
+COMPONENT = MANAGED_BY  # the Events' reporting component
 _RAISE = object()
 
 
@@ -76,7 +76,6 @@ class Kube:
     def __init__(
         self, client: kubernetes.client.ApiClient, metrics: OperatorMetrics | None = None
     ) -> None:
-        self.client = client
         self._metrics = metrics
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
@@ -115,17 +114,13 @@ class Kube:
             "configmaps": self.core.list_namespaced_config_map,
             "pods": self.core.list_namespaced_pod,
         }
-        out: dict[str, list[dict[str, Any]]] = {}
-        for kind, call in calls.items():
-            what = f"list {kind} of {namespace}/{job_name}"
-            items = self._call(what, call, namespace, label_selector=selector).get("items") or []
-            # Filter here too: a selector is a request, and some servers (emulators) ignore it.
-            out[kind] = [
-                i
-                for i in items
-                if ((i.get("metadata") or {}).get("labels") or {}).get(JOB_LABEL) == job_name
-            ]
-        return out
+        return {
+            kind: self._call(
+                f"list {kind} of {namespace}/{job_name}", call, namespace, label_selector=selector
+            ).get("items")
+            or []
+            for kind, call in calls.items()
+        }
 
     def metrics(self, pod: dict[str, Any], port: int, timeout: float = 3.0) -> str | None:
         """The trainer's Prometheus metrics text, or None when it cannot be read right now."""
