@@ -62,7 +62,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from pydantic_settings import SettingsError
 
     from kubetune.api import describe_errors
-    from kubetune.operator.settings import OperatorSettings
+    from kubetune.controller.settings import OperatorSettings
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -80,7 +80,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         name = field.group(1).upper() if field else "?"
         print(f'KUBETUNE_{name}: must be JSON, e.g. ["ml", "research"]', file=sys.stderr)
         return int(ExitCode.INVALID_SPEC)
-    from kubetune.operator.handlers import run
+    from kubetune.controller.handlers import run
 
     run(settings)
     return 0

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.metrics import OperatorMetrics
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT
 from tests.support.tools import helm
 
@@ -274,7 +274,7 @@ def test_dashboard_and_alerts_use_only_declared_metrics() -> None:
 
 def test_pod_monitor_selects_the_trainer_pods_the_operator_labels() -> None:
     from kubetune.api import FineTuneJob
-    from kubetune.operator.build import build_job
+    from kubetune.controller.build import build_job
     from tests.conftest import valid_job
 
     doc = valid_job()

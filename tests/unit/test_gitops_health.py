@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.conditions import State, conditions_for, phase_of
+from kubetune.controller.conditions import State, conditions_for, phase_of
 from tests.conftest import ROOT
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
@@ -124,7 +124,7 @@ def test_bumping_the_dataset_in_the_gitops_example_means_a_new_run() -> None:
 
     from kubetune.api import FineTuneJob, make_run_id
     from kubetune.manifests import Loader
-    from kubetune.operator.build import spec_hash
+    from kubetune.controller.build import spec_hash
 
     doc = yaml.load((ROOT / "examples" / "gitops" / "finetunejob.yaml").read_text(), Loader=Loader)
     doc["metadata"].update(uid="uid-1", generation=1)

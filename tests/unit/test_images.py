@@ -16,8 +16,8 @@ from packaging.specifiers import SpecifierSet
 
 from kubetune.api import FineTuneJob
 from kubetune.cli import build_parser
-from kubetune.operator import build
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller import build
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT, valid_job
 
 DOCKERFILES = {

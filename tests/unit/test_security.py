@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, describe_errors
 from kubetune.manifests import Loader
-from kubetune.operator.build import build_configmap, build_job
-from kubetune.operator.policy import policy_problems
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import build_configmap, build_job
+from kubetune.controller.policy import policy_problems
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT, valid_job
 
 SETTINGS = OperatorSettings(

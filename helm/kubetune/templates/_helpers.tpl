@@ -29,7 +29,7 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{/* The labels the operator puts on every trainer pod (see kubetune/operator/build.py). */}}
+{{/* The labels the operator puts on every trainer pod (see kubetune/controller/build.py). */}}
 {{- define "kubetune.trainerSelector" -}}
 app.kubernetes.io/name: kubetune
 app.kubernetes.io/component: trainer

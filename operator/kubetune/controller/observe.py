@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, Progress, TrainerResult, make_run_id
-from kubetune.operator.build import CONTAINER, RUN_LABEL, SPEC_HASH_ANNOTATION, spec_hash
-from kubetune.operator.decide import Observed, ObservedJob
+from kubetune.controller.build import CONTAINER, RUN_LABEL, SPEC_HASH_ANNOTATION, spec_hash
+from kubetune.controller.decide import Observed, ObservedJob
 
 
 def _time(value: str | None) -> datetime | None:

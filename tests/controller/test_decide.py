@@ -19,9 +19,9 @@ from kubetune.api import (
     child_name,
     make_run_id,
 )
-from kubetune.operator.conditions import phase_of
-from kubetune.operator.decide import Observed, ObservedJob, decide
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.conditions import phase_of
+from kubetune.controller.decide import Observed, ObservedJob, decide
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import valid_job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

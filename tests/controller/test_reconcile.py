@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.build import JOB_LABEL, RUN_LABEL
-from kubetune.operator.errors import Rejected
-from kubetune.operator.reconcile import merge_patch, reconcile
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import JOB_LABEL, RUN_LABEL
+from kubetune.controller.errors import Rejected
+from kubetune.controller.reconcile import merge_patch, reconcile
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import valid_job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

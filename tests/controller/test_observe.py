@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 from prometheus_client import generate_latest
 
 from kubetune.api import ExitCode, TrainerResult, make_run_id
-from kubetune.operator.build import build_configmap, build_job
-from kubetune.operator.decide import decide
-from kubetune.operator.observe import observe, parse_metrics
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import build_configmap, build_job
+from kubetune.controller.decide import decide
+from kubetune.controller.observe import observe, parse_metrics
+from kubetune.controller.settings import OperatorSettings
 from kubetune_trainer.telemetry import PrometheusReporter, StepInfo, TrainerMetrics
-from tests.operator.test_decide import job
+from tests.controller.test_decide import job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings()

@@ -22,11 +22,11 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from kubetune.operator.build import JOB_LABEL, MANAGED_BY
-from kubetune.operator.errors import Rejected, Retry
-from kubetune.operator.metrics import OperatorMetrics
+from kubetune.controller.build import JOB_LABEL, MANAGED_BY
+from kubetune.controller.errors import Rejected, Retry
+from kubetune.controller.metrics import OperatorMetrics
 
-log = logging.getLogger("kubetune.operator")
+log = logging.getLogger("kubetune.controller")
 
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 30)  # connect, read seconds

@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, ExitCode, FineTuneJob, TrainerConfig, child_name
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.settings import OperatorSettings
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"

@@ -22,14 +22,14 @@ from kubetune.api import (
     describe_errors,
     make_run_id,
 )
-from kubetune.operator.build import CONTAINER, RUN_LABEL
-from kubetune.operator.decide import Decision, decide, decide_unparseable
-from kubetune.operator.errors import Rejected
-from kubetune.operator.observe import current_run_id, observe
-from kubetune.operator.policy import policy_problems
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import CONTAINER, RUN_LABEL
+from kubetune.controller.decide import Decision, decide, decide_unparseable
+from kubetune.controller.errors import Rejected
+from kubetune.controller.observe import current_run_id, observe
+from kubetune.controller.policy import policy_problems
+from kubetune.controller.settings import OperatorSettings
 
-log = logging.getLogger("kubetune.operator")
+log = logging.getLogger("kubetune.controller")
 
 FINAL_PHASES = ("Succeeded", "Failed")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kubetune.api import FineTuneJob
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.settings import OperatorSettings
 
 
 def policy_problems(job: FineTuneJob, settings: OperatorSettings) -> list[str]:

@@ -23,14 +23,14 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.operator.build import JOB_LABEL, MANAGED_BY
-from kubetune.operator.errors import Retry
-from kubetune.operator.kube import Kube, load_client
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.reconcile import Outcome, reconcile
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import JOB_LABEL, MANAGED_BY
+from kubetune.controller.errors import Retry
+from kubetune.controller.kube import Kube, load_client
+from kubetune.controller.metrics import OperatorMetrics
+from kubetune.controller.reconcile import Outcome, reconcile
+from kubetune.controller.settings import OperatorSettings
 
-log = logging.getLogger("kubetune.operator")
+log = logging.getLogger("kubetune.controller")
 
 ANNOTATION_PREFIX = "kubetune.dev"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"

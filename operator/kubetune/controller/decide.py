@@ -20,9 +20,9 @@ from kubetune.api import (
     child_name,
     make_run_id,
 )
-from kubetune.operator.build import build_configmap, build_job
-from kubetune.operator.conditions import State, conditions_for, phase_of
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import build_configmap, build_job
+from kubetune.controller.conditions import State, conditions_for, phase_of
+from kubetune.controller.settings import OperatorSettings
 
 
 @dataclass(frozen=True)

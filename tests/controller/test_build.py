@@ -12,9 +12,9 @@ import yaml
 
 from kubetune.api import FineTuneJob, TrainerConfig, make_run_id
 from kubetune.manifests import Loader
-from kubetune.operator.build import PERMANENT_EXIT_CODES, build_configmap, build_job
-from kubetune.operator.policy import policy_problems
-from kubetune.operator.settings import OperatorSettings
+from kubetune.controller.build import PERMANENT_EXIT_CODES, build_configmap, build_job
+from kubetune.controller.policy import policy_problems
+from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT, valid_job
 
 GOLDEN = Path(__file__).parent / "golden"
