@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from kubetune.api import FineTuneJob, TrainerConfig, make_run_id
-from kubetune.manifests import Loader
 from kubetune.controller.build import PERMANENT_EXIT_CODES, build_configmap, build_job
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
+from kubetune.manifests import Loader
 from tests.conftest import ROOT, valid_job
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -123,8 +123,8 @@ def test_bumping_the_dataset_in_the_gitops_example_means_a_new_run() -> None:
     import yaml
 
     from kubetune.api import FineTuneJob, make_run_id
-    from kubetune.manifests import Loader
     from kubetune.controller.build import spec_hash
+    from kubetune.manifests import Loader
 
     doc = yaml.load((ROOT / "examples" / "gitops" / "finetunejob.yaml").read_text(), Loader=Loader)
     doc["metadata"].update(uid="uid-1", generation=1)

@@ -13,10 +13,10 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, describe_errors
-from kubetune.manifests import Loader
 from kubetune.controller.build import build_configmap, build_job
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
+from kubetune.manifests import Loader
 from tests.conftest import ROOT, valid_job
 
 SETTINGS = OperatorSettings(
