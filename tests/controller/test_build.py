@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api import FineTuneJob, TrainerConfig, make_run_id
-from kubetune.controller.build import PERMANENT_EXIT_CODES, build_configmap, build_job
+from kubetune.api import PERMANENT_EXIT_CODES, FineTuneJob, TrainerConfig, make_run_id
+from kubetune.controller.build import build_configmap, build_job
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
 from kubetune.manifests import Loader
@@ -73,7 +73,7 @@ def test_job_shape_follows_the_spec() -> None:
         spec["ttlSecondsAfterFinished"],
     ) == (4, 86400, 604800)
     [fail_fast, ignore_disruption] = spec["podFailurePolicy"]["rules"]
-    assert fail_fast["onExitCodes"]["values"] == PERMANENT_EXIT_CODES == [2, 3, 4]
+    assert fail_fast["onExitCodes"]["values"] == list(PERMANENT_EXIT_CODES) == [2, 3, 4, 5]
     assert ignore_disruption == {
         "action": "Ignore",
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],

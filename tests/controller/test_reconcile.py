@@ -4,13 +4,16 @@ nothing. (The same code against the emulated API server is in tests/integration.
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from kubetune.api import EvalMetrics, ExitCode, MetricsStatus, TrainerResult
 from kubetune.controller.build import JOB_LABEL, RUN_LABEL
-from kubetune.controller.errors import Rejected
+from kubetune.controller.errors import Misconfigured, Rejected, Retry
+from kubetune.controller.kube import classify
 from kubetune.controller.reconcile import merge_patch, reconcile
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import valid_job
@@ -26,8 +29,8 @@ class FakeKube:
         self.ftj = copy.deepcopy(doc)
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, ...]] = []
-        self.metrics_text: str | None = None
-        self.reject: str | None = None
+        self.reject: Exception | None = None
+        self.secrets: dict[str, dict[str, str]] = {}
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.ftj)
@@ -40,13 +43,12 @@ class FakeKube:
                 out[plural[kind]].append(copy.deepcopy(obj))
         return out
 
-    def metrics(self, pod: dict[str, Any], port: int) -> str | None:
-        self.writes.append(("read-metrics", str(port)))
-        return self.metrics_text
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get(name)
 
     def create(self, obj: dict[str, Any]) -> None:
         if self.reject and obj["kind"] == "Job":
-            raise Rejected(self.reject)
+            raise self.reject
         self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
         self.objects[obj["kind"], obj["metadata"]["name"]] = copy.deepcopy(obj)
 
@@ -99,7 +101,13 @@ def start_pod(kube: FakeKube) -> None:
                 {"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9555}]}
             ]
         },
-        "status": {"phase": "Running", "podIP": "10.0.0.7"},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.7",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"running": {"startedAt": "2026-11-22T12:01:00Z"}}}
+            ],
+        },
     }
 
 
@@ -115,17 +123,31 @@ def test_first_pass_creates_children_and_second_pass_writes_nothing() -> None:
     assert run(kube) == []  # level-based: the same world, nothing to do
 
 
-def test_progress_is_read_only_when_asked_and_from_the_pods_port() -> None:
+def test_progress_comes_from_the_callers_reading_of_the_pods_port() -> None:
     kube = FakeKube(ftj())
     run(kube)
     start_pod(kube)
     assert [w[0] for w in run(kube)] == ["status", "event"]  # Running
-    kube.metrics_text = "kubetune_trainer_step 5\nkubetune_trainer_total_steps 50\n"
-    writes = run(kube, read_progress=True)
-    assert writes[0] == ("read-metrics", "9555")
-    assert writes[1] == ("status", "None")  # progress only: the phase is unchanged
+    outcome = reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW)
+    assert outcome is not None and outcome.metrics_target == ("10.0.0.7", 9555)
+    assert kube.ftj["status"]["startTime"] == "2026-11-22T12:01:00Z"  # the container's start
+    text = "kubetune_trainer_step 5\nkubetune_trainer_total_steps 50\n"
+    writes = run(kube, metrics_text=text)
+    assert writes == [("status", "None")]  # progress only: the phase is unchanged
     assert kube.ftj["status"]["progress"]["step"] == 5
     assert run(kube) == []  # without a reading the last progress stays
+    assert run(kube, metrics_text=text) == []  # the same reading: nothing new to write
+
+
+def test_a_nan_loss_never_reaches_the_api() -> None:
+    kube = FakeKube(ftj())
+    run(kube)
+    start_pod(kube)
+    text = "kubetune_trainer_step 7\nkubetune_trainer_train_loss NaN\nkubetune_trainer_eta_seconds +Inf\n"
+    run(kube, metrics_text=text)
+    progress = kube.ftj["status"]["progress"]
+    assert progress["step"] == 7 and "loss" not in progress and "etaSeconds" not in progress
+    json.dumps(kube.ftj["status"], allow_nan=False)  # what the API server accepts
 
 
 def test_suspend_only_keeps_the_run_and_suspends_its_job() -> None:
@@ -175,10 +197,117 @@ def test_garbage_status_is_replaced_not_kept() -> None:
 
 def test_a_child_the_api_server_rejects_is_reported_not_retried() -> None:
     kube = FakeKube(ftj())
-    kube.reject = "create Job ml/sql-lora-x: HTTP 422 spec.template: forbidden by policy"
+    kube.reject = classify(422, "spec.template: forbidden by policy", "create Job ml/sql-lora-x")
     writes = run(kube)
     assert ("status", "Failed") in writes
-    assert "forbidden by policy" in kube.ftj["status"]["message"]
+    (failed,) = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "AdmissionDenied" and "forbidden by policy" in failed["message"]
+
+
+RBAC_403 = (
+    'jobs.batch is forbidden: User "system:serviceaccount:kubetune:kubetune" cannot create '
+    'resource "jobs" in API group "batch" in the namespace "ml"'
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "kind", "reason"),
+    [
+        pytest.param(403, RBAC_403, Misconfigured, "OperatorForbidden", id="rbac-403"),
+        pytest.param(
+            404,
+            "the server could not find the requested resource",
+            Misconfigured,
+            "ResourceMissing",
+            id="missing-api-404",
+        ),
+        pytest.param(
+            403,
+            'jobs.batch "x" is forbidden: exceeded quota: gpu-jobs',
+            Misconfigured,
+            "QuotaExceeded",
+            id="quota-403",
+        ),
+        pytest.param(
+            403,
+            'admission webhook "policy.example.com" denied the request: no GPUs on Fridays',
+            Rejected,
+            None,
+            id="webhook-403",
+        ),
+        pytest.param(
+            400,
+            'admission webhook "policy.example.com" denied the request: bad image',
+            Rejected,
+            None,
+            id="webhook-400",
+        ),
+        pytest.param(
+            422,
+            "ValidatingAdmissionPolicy 'gpu-cap' denied request: too many GPUs",
+            Rejected,
+            None,
+            id="vap-422",
+        ),
+        pytest.param(409, "already exists", Retry, None, id="conflict-409"),
+        pytest.param(503, "unavailable", Retry, None, id="unavailable-503"),
+    ],
+)
+def test_whose_fault_a_refusal_is(
+    status: int, message: str, kind: type, reason: str | None
+) -> None:
+    error = classify(status, message, "create Job ml/x")
+    assert type(error) is kind
+    assert getattr(error, "reason", None) == reason
+
+
+def test_the_operators_own_misconfiguration_is_retried_and_shown_not_blamed_on_the_spec() -> None:
+    kube = FakeKube(ftj())
+    kube.reject = classify(403, RBAC_403, "create Job ml/sql-lora-x")
+    with pytest.raises(Misconfigured):
+        run(kube)
+    status = kube.ftj["status"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Pending" and conditions["Failed"]["status"] == "False"
+    assert conditions["ReconcileError"]["reason"] == "OperatorForbidden"
+    assert "RBAC" in conditions["ReconcileError"]["message"]
+    kube.reject = None  # the platform team fixed the RBAC
+    run(kube)
+    conditions = {c["type"]: c for c in kube.ftj["status"]["conditions"]}
+    assert conditions["ReconcileError"]["status"] == "False"
+    assert [k for k in kube.objects if k[0] == "Job"]
+
+
+def test_a_finished_run_whose_pod_is_gone_reads_result_json() -> None:
+    kube = FakeKube(ftj(output={"uri": "s3://models/sql", "credentialsSecret": "s3"}))
+    kube.secrets["s3"] = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    run(kube)
+    ((_, name),) = [k for k in kube.objects if k[0] == "Job"]
+    kube.objects["Job", name]["status"] = {
+        "conditions": [
+            {"type": "Complete", "status": "True", "lastTransitionTime": "2026-11-22T13:00:00Z"}
+        ]
+    }
+    reads: list[tuple[str, str, dict[str, str]]] = []
+    stored = TrainerResult(
+        run_id="r",
+        outcome="Succeeded",
+        exit_code=ExitCode.SUCCEEDED,
+        message="promoted",
+        metrics=MetricsStatus(tuned=EvalMetrics(exact_match=0.9)),
+    )
+
+    def read_result(uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult:
+        reads.append((uri, run_id, credentials))
+        return stored
+
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, read_result=read_result)
+    status = kube.ftj["status"]
+    assert status["phase"] == "Succeeded" and status["metrics"]["tuned"]["exactMatch"] == 0.9
+    assert reads == [("s3://models/sql", status["runId"], kube.secrets["s3"])]
+    del kube.objects["Job", name]  # then the TTL controller deletes the Job
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, read_result=read_result)
+    assert len(reads) == 1 and not [k for k in kube.objects if k[0] == "Job"]
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.api import EvalMetrics, GateSpec
-from kubetune_trainer.gates import check_gate, describe, summary
+from kubetune.api import EvalMetrics, GateSpec, gates_summary
+from kubetune_trainer.gates import check_gate, describe
 
 TUNED = EvalMetrics(loss=0.5, perplexity=1.65, exact_match=0.7, rouge_l=0.9, bleu=40.0)
 BASE = EvalMetrics(loss=1.5, perplexity=4.48, exact_match=0.1, rouge_l=0.3, bleu=5.0)
@@ -48,5 +48,5 @@ def test_describe_and_summary() -> None:
     failed = check_gate(GateSpec(metric="exactMatch", min=0.8), TUNED, BASE)
     assert describe(failed) == "exactMatch >= 0.8: 0.7 (failed by 0.1)"
     ok = check_gate(GateSpec(metric="loss", max=1.0), TUNED, BASE)
-    assert summary([failed, ok]) == "1/2 passed"
-    assert summary([]) is None
+    assert gates_summary([failed, ok]) == "1/2 passed"
+    assert gates_summary([]) is None

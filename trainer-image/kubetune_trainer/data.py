@@ -1,4 +1,4 @@
-"""Stage 1, data: read records, detect the format, clean, split, render prompts, tokenize.
+"""The data stage: read records, detect the format, clean, split, render prompts, tokenize.
 
 Every record becomes an `Example`: the prompt the model sees and the completion it must learn
 (loss is computed on completion tokens only). Text datasets have no prompt: loss on every token.

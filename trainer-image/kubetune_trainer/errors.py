@@ -21,3 +21,9 @@ class DataError(TrainerError):
     """The dataset is unreadable, malformed or empty after cleaning; retrying will not help."""
 
     exit_code = ExitCode.DATA_ERROR
+
+
+class DivergedError(TrainerError):
+    """The training loss became NaN or infinite; the same settings would diverge again."""
+
+    exit_code = ExitCode.DIVERGED

@@ -1,4 +1,4 @@
-"""Stage 4, evaluate: teacher-forced loss and perplexity, and greedy generations scored with
+"""The evaluate stage: teacher-forced loss and perplexity, and greedy generations scored with
 rougeL, bleu and exactMatch, for the tuned model and (before training) the base model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 6, export and promote: artifacts under `<output>/runs/<runId>/`, `manifest.json` last,
+"""The export and promote stages: artifacts under `<output>/runs/<runId>/`, `manifest.json` last,
 and `<output>/latest.json` only when every gate passed.
 
 A reader trusts a run only when its manifest exists and the checksums match; a run that died
@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune.api import Artifacts, EvalMetrics, FineTuneJobSpec, GateResult, TrainerConfig
+from kubetune.api import (
+    ADAPTER_METHODS,
+    Artifacts,
+    EvalMetrics,
+    FineTuneJobSpec,
+    GateResult,
+    TrainerConfig,
+)
 from kubetune_trainer import storage
 from kubetune_trainer.data import Example
 from kubetune_trainer.gates import describe
@@ -35,7 +42,9 @@ class Evaluation:
 def artifact_uris(config: TrainerConfig, spec: FineTuneJobSpec, merged: bool) -> Artifacts:
     run = config.output_prefix
     return Artifacts(
-        adapter_uri=None if spec.method.type == "full" else storage.join(run, "adapter") + "/",
+        adapter_uri=None
+        if spec.method.type not in ADAPTER_METHODS
+        else storage.join(run, "adapter") + "/",
         merged_uri=storage.join(run, "merged") + "/" if merged else None,
         manifest_uri=storage.join(run, "manifest.json"),
         report_uri=storage.join(run, "report.md"),
@@ -47,7 +56,7 @@ def save_models(
     model: Any, tokenizer: Any, spec: FineTuneJobSpec, staging: Path, merge: bool, base_loader: Any
 ) -> bool:
     """Writes adapter/ (PEFT format) and, for full or merged exports, merged/. True if merged."""
-    if spec.method.type == "full":
+    if spec.method.type not in ADAPTER_METHODS:
         model.save_pretrained(staging / "merged")
         tokenizer.save_pretrained(staging / "merged")
         return True
@@ -158,7 +167,7 @@ def model_card(
         "## Use",
         "",
     ]
-    if spec.method.type == "full":
+    if spec.method.type not in ADAPTER_METHODS:
         lines += [
             "```python",
             "from transformers import AutoModelForCausalLM",

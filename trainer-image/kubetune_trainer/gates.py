@@ -1,4 +1,4 @@
-"""Stage 5, gates: pure functions from metrics to verdicts. Promotion is decided here alone."""
+"""The gates stage: pure functions from metrics to verdicts. Promotion is decided here alone."""
 
 from __future__ import annotations
 
@@ -53,9 +53,3 @@ def describe(result: GateResult) -> str:
         return f"{result.metric} {op} {result.threshold:g}: not measured (failed)"
     verdict = "passed" if result.passed else f"failed by {abs(result.value - result.threshold):.4g}"
     return f"{result.metric} {op} {result.threshold:g}: {result.value:.4g} ({verdict})"
-
-
-def summary(results: list[GateResult]) -> str | None:
-    if not results:
-        return None
-    return f"{sum(r.passed for r in results)}/{len(results)} passed"

@@ -1,4 +1,4 @@
-"""Stage 2, model: load the base model (4/8-bit for qlora) and apply the fine-tuning method."""
+"""The model stage: load the base model (4/8-bit for qlora) and apply the fine-tuning method."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kubetune.api import FineTuneJobSpec
+from kubetune.api import ADAPTER_METHODS, LORA_METHODS, FineTuneJobSpec
 from kubetune_trainer import storage
 from kubetune_trainer.errors import SpecError, TrainerError
 
@@ -183,7 +183,7 @@ def keep_4bit_layers_trainable(model: Any) -> int:
 def apply_method(model: Any, spec: FineTuneJobSpec, source: ModelSource) -> Any:
     """Wraps the model in the PEFT method (or leaves every weight trainable for full)."""
     method = spec.method
-    if method.type == "full":
+    if method.type not in ADAPTER_METHODS:  # full fine-tuning
         for param in model.parameters():
             param.requires_grad_(True)
         return model
@@ -198,7 +198,7 @@ def apply_method(model: Any, spec: FineTuneJobSpec, source: ModelSource) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         model.enable_input_require_grads()
     config: Any
-    if method.type in ("lora", "qlora", "dora"):
+    if method.type in LORA_METHODS:
         lora = method.lora
         assert lora is not None, "resolve_spec fills lora settings"
         config = peft.LoraConfig(

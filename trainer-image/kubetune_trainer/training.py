@@ -1,4 +1,4 @@
-"""Stage 3, train: the Hugging Face Trainer with checkpoints in object storage and resume.
+"""The train stage: the Hugging Face Trainer with checkpoints in object storage and resume.
 
 Each checkpoint the Trainer saves is uploaded to `<run>/checkpoints/checkpoint-<step>/` with a
 `COMPLETE` marker written last. On start, the newest complete checkpoint of the same run is
@@ -19,6 +19,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJobSpec
 from kubetune_trainer import storage
+from kubetune_trainer.errors import DivergedError
 from kubetune_trainer.telemetry import Reporter, StepInfo
 
 log = logging.getLogger("kubetune_trainer")
@@ -83,7 +84,14 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             logs = logs or {}
             if "loss" in logs:
-                self.loss = float(logs["loss"])
+                loss = float(logs["loss"])
+                if not math.isfinite(loss):
+                    raise DivergedError(
+                        f"training diverged at step {state.global_step}: the loss is {loss}; "
+                        f"lower spec.hyperparameters.learningRate ({args.learning_rate:g}) or "
+                        "raise warmupRatio"
+                    )
+                self.loss = loss
             if "learning_rate" in logs:
                 self.lr = float(logs["learning_rate"])
             if "eval_loss" in logs:
@@ -133,15 +141,13 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
     return [Progress(), SaveAtEpochEnd(), UploadCheckpoints()]
 
 
-def training_arguments(
-    spec: FineTuneJobSpec, workdir: Path, has_validation: bool, world: int = 1
-) -> Any:
+def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: bool) -> Any:
     import torch
     from transformers import TrainingArguments
 
     hp = spec.hyperparameters
     micro = hp.micro_batch_size or hp.batch_size
-    accumulation = max(1, hp.batch_size // (micro * world))
+    accumulation = max(1, hp.batch_size // micro)
     cuda = torch.cuda.is_available()
     dtype = spec.model.dtype
     bf16 = cuda and (dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()))
@@ -163,6 +169,9 @@ def training_arguments(
         "data_seed": spec.dataset.seed,
         "logging_steps": 1,
         "logging_strategy": "steps",
+        # Log a NaN/inf loss as it is (the default replaces it with a mean), so divergence stops
+        # the run with a clear verdict instead of training on garbage.
+        "logging_nan_inf_filter": False,
         "eval_strategy": ("steps" if every_eval else "epoch") if has_validation else "no",
         "eval_steps": every_eval,
         "save_strategy": "steps" if every_save else "epoch",

@@ -5,8 +5,11 @@ Imported by both images: depends on pydantic alone (no kopf, kubernetes, torch o
 
 from kubetune.api.base import ApiModel, Rule
 from kubetune.api.contract import (
+    EXIT_CODES,
+    PERMANENT_EXIT_CODES,
     TERMINATION_MESSAGE_LIMIT,
     ExitCode,
+    ExitMeaning,
     TrainerConfig,
     TrainerResult,
     child_name,
@@ -28,6 +31,10 @@ from kubetune.api.resource import (
     ObjectMeta,
 )
 from kubetune.api.spec import (
+    ADAPTER_METHODS,
+    LORA_METHODS,
+    MERGEABLE_METHODS,
+    VIRTUAL_TOKEN_METHODS,
     DatasetSpec,
     EvaluationSpec,
     FineTuneJobSpec,
@@ -42,6 +49,8 @@ from kubetune.api.spec import (
     Toleration,
 )
 from kubetune.api.status import (
+    FINAL_PHASES,
+    PHASES,
     Artifacts,
     Condition,
     EvalMetrics,
@@ -49,21 +58,30 @@ from kubetune.api.status import (
     GateResult,
     MetricsStatus,
     Progress,
+    gates_summary,
 )
 from kubetune.api.types import MAX_NAME_LENGTH, RUN_ID_LENGTH
 
 __all__ = [
+    "ADAPTER_METHODS",
     "API_VERSION",
     "CATEGORIES",
+    "EXIT_CODES",
+    "FINAL_PHASES",
     "GROUP",
     "KIND",
+    "LORA_METHODS",
     "MAX_NAME_LENGTH",
+    "MERGEABLE_METHODS",
+    "PERMANENT_EXIT_CODES",
+    "PHASES",
     "PLURAL",
     "RUN_ID_LENGTH",
     "SHORT_NAMES",
     "SINGULAR",
     "TERMINATION_MESSAGE_LIMIT",
     "VERSION",
+    "VIRTUAL_TOKEN_METHODS",
     "ApiModel",
     "Artifacts",
     "Condition",
@@ -71,6 +89,7 @@ __all__ = [
     "EvalMetrics",
     "EvaluationSpec",
     "ExitCode",
+    "ExitMeaning",
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
@@ -93,6 +112,7 @@ __all__ = [
     "child_name",
     "describe_errors",
     "format_path",
+    "gates_summary",
     "make_run_id",
     "resolve_spec",
     "run_prefix",

@@ -44,7 +44,10 @@ class ResourcesSpec(ApiModel):
         description="gpuResourceName is the extended resource that counts GPUs.",
     )
     cpu: Quantity | None = Field(
-        default=None, description="cpu is the CPU request and limit (e.g. 8, 500m)."
+        default=None,
+        description=(
+            "cpu is the CPU request (e.g. 8, 500m); no CPU limit is set, it would only throttle."
+        ),
     )
     memory: Quantity | None = Field(
         default=None, description="memory is the memory request and limit (e.g. 32Gi)."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
@@ -42,6 +43,29 @@ class ExitCode(IntEnum):
     INVALID_SPEC = 2  # the config cannot work; a retry would fail the same way
     DATA_ERROR = 3  # the dataset is unreadable or empty; a retry would fail the same way
     GATES_FAILED = 4  # trained and evaluated, but a gate failed; nothing promoted
+    DIVERGED = 5  # the training loss became NaN or infinite; the same settings diverge again
+
+
+@dataclass(frozen=True)
+class ExitMeaning:
+    """What an exit code means to the operator: the status reason, and whether a retry can help."""
+
+    reason: str
+    permanent: bool  # the Job fails at once (podFailurePolicy FailJob) instead of retrying
+
+
+# The one table of exit codes: the Job's podFailurePolicy, the status reasons and the docs read it.
+EXIT_CODES: dict[ExitCode, ExitMeaning] = {
+    ExitCode.SUCCEEDED: ExitMeaning("Succeeded", permanent=False),
+    ExitCode.RUNTIME_ERROR: ExitMeaning("TrainerFailed", permanent=False),
+    ExitCode.INVALID_SPEC: ExitMeaning("InvalidSpec", permanent=True),
+    ExitCode.DATA_ERROR: ExitMeaning("DataError", permanent=True),
+    ExitCode.GATES_FAILED: ExitMeaning("GatesFailed", permanent=True),
+    ExitCode.DIVERGED: ExitMeaning("Diverged", permanent=True),
+}
+PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(
+    int(code) for code, meaning in EXIT_CODES.items() if meaning.permanent
+)
 
 
 def make_run_id(uid: str, generation: int) -> str:

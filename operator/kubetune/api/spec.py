@@ -9,26 +9,30 @@ from pydantic import Field, field_validator
 from kubetune.api.base import ApiModel, Rule
 from kubetune.api.compute import ResourcesSpec, Toleration
 from kubetune.api.training import (
+    ADAPTER_METHODS,
     DEFAULT_EPOCHS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_VIRTUAL_TOKENS,
     LORA_METHODS,
+    MERGEABLE_METHODS,
     VIRTUAL_TOKEN_METHODS,
     HyperparametersSpec,
     LoraSpec,
     MethodSpec,
     MethodType,
     QuantizationSpec,
+    cel_list,
 )
 from kubetune.api.types import DatasetUri, DnsLabel, DnsSubdomain, ModelUri, OutputUri
 
 __all__ = [
+    "ADAPTER_METHODS",
     "DEFAULT_EPOCHS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_VIRTUAL_TOKENS",
     "LORA_METHODS",
     "LOWER_IS_BETTER",
-    "UNMERGEABLE_METHODS",
+    "MERGEABLE_METHODS",
     "VIRTUAL_TOKEN_METHODS",
     "DatasetSpec",
     "EvaluationSpec",
@@ -50,7 +54,6 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DatasetFormat = Literal["auto", "alpaca", "chat", "completion", "text"]
 Metric = Literal["loss", "perplexity", "rougeL", "bleu", "exactMatch"]
 
-UNMERGEABLE_METHODS = ("prefix", "prompt")
 # Metrics where a lower value is better; gate improvements are measured the other way round.
 LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
 
@@ -287,8 +290,11 @@ class FineTuneJobSpec(ApiModel):
             field=".gates",
         ),
         Rule(
-            cel="!(self.output.mergeAdapter && self.method.type in ['prefix', 'prompt'])",
-            check=lambda s: not (s.output.merge_adapter and s.method.type in UNMERGEABLE_METHODS),
+            cel=(
+                "!(self.output.mergeAdapter && "
+                f"self.method.type in {cel_list(VIRTUAL_TOKEN_METHODS)})"
+            ),
+            check=lambda s: not (s.output.merge_adapter and s.method.type in VIRTUAL_TOKEN_METHODS),
             message=(
                 "prefix and prompt tuning cannot be merged into the base model; set mergeAdapter:"
                 " false"
@@ -296,7 +302,7 @@ class FineTuneJobSpec(ApiModel):
             field=".output.mergeAdapter",
         ),
         Rule(
-            cel="!(self.dataset.packing && self.method.type in ['prefix', 'prompt'])",
+            cel=f"!(self.dataset.packing && self.method.type in {cel_list(VIRTUAL_TOKEN_METHODS)})",
             check=lambda s: not (s.dataset.packing and s.method.type in VIRTUAL_TOKEN_METHODS),
             message=(
                 "packing cannot be used with prefix or prompt tuning (their virtual tokens need "

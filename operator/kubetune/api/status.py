@@ -7,7 +7,7 @@ fields are `nullable` in the CRD so that the operator can clear them.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import ConfigDict, Field
 
@@ -22,6 +22,8 @@ class StatusModel(ApiModel):
 
 
 Phase = Literal["Pending", "Queued", "Running", "Evaluating", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = get_args(Phase)
+FINAL_PHASES: tuple[str, ...] = ("Succeeded", "Failed")  # a run in one of these never changes
 Bound = Literal["min", "max", "minImprovement"]
 
 
@@ -200,3 +202,10 @@ class FineTuneJobStatus(StatusModel):
         default=None, description="artifacts are the URIs of the outputs."
     )
     message: str | None = Field(default=None, description="message explains the current phase.")
+
+
+def gates_summary(gates: list[GateResult]) -> str | None:
+    """status.gatesSummary: e.g. "2/2 passed"; None when the run has no gates."""
+    if not gates:
+        return None
+    return f"{sum(g.passed for g in gates)}/{len(gates)} passed"

@@ -14,8 +14,21 @@ LrScheduler = Literal[
     "linear", "cosine", "cosineWithRestarts", "polynomial", "constant", "constantWithWarmup"
 ]
 
-LORA_METHODS = ("lora", "qlora", "dora")
-VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
+# The method families, in one place (the trainer, the CRD's CEL rules and the docs read them).
+LORA_METHODS: tuple[str, ...] = ("lora", "qlora", "dora")
+VIRTUAL_TOKEN_METHODS: tuple[str, ...] = ("prefix", "prompt")  # learned tokens, no weights changed
+# Methods that train a PEFT adapter (everything but full fine-tuning).
+ADAPTER_METHODS: tuple[str, ...] = (*LORA_METHODS, "ia3", *VIRTUAL_TOKEN_METHODS)
+# Adapters that can be merged into the base weights (virtual tokens cannot).
+MERGEABLE_METHODS: tuple[str, ...] = tuple(
+    m for m in ADAPTER_METHODS if m not in VIRTUAL_TOKEN_METHODS
+)
+
+
+def cel_list(values: tuple[str, ...]) -> str:
+    """A tuple of strings as a CEL list literal, for rules built from the families above."""
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
 
 # Learning rates a practitioner starts from, per method (LoRA/QLoRA papers, PEFT examples).
 DEFAULT_LEARNING_RATE: dict[str, float] = {
@@ -82,7 +95,7 @@ class MethodSpec(ApiModel):
 
     __rules__ = (
         Rule(
-            cel="!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
+            cel=f"!has(self.lora) || self.type in {cel_list(LORA_METHODS)}",
             check=lambda s: s.lora is None or s.type in LORA_METHODS,
             message="lora settings apply only to type lora, qlora or dora",
             field=".lora",
@@ -94,7 +107,7 @@ class MethodSpec(ApiModel):
             field=".quantization",
         ),
         Rule(
-            cel="!has(self.virtualTokens) || self.type in ['prefix', 'prompt']",
+            cel=f"!has(self.virtualTokens) || self.type in {cel_list(VIRTUAL_TOKEN_METHODS)}",
             check=lambda s: s.virtual_tokens is None or s.type in VIRTUAL_TOKEN_METHODS,
             message="virtualTokens applies only to type prefix or prompt",
             field=".virtualTokens",

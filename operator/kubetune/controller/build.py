@@ -6,7 +6,14 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from kubetune.api import API_VERSION, KIND, ExitCode, FineTuneJob, TrainerConfig, child_name
+from kubetune.api import (
+    API_VERSION,
+    KIND,
+    PERMANENT_EXIT_CODES,
+    FineTuneJob,
+    TrainerConfig,
+    child_name,
+)
 from kubetune.controller.settings import OperatorSettings
 
 CONTAINER = "trainer"
@@ -20,12 +27,6 @@ JOB_LABEL = "kubetune.dev/finetunejob"
 MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
 RUN_AS = 1000
-# Exit codes that a retry cannot fix: the Job fails at once instead of using up backoffLimit.
-PERMANENT_EXIT_CODES = [
-    int(ExitCode.INVALID_SPEC),
-    int(ExitCode.DATA_ERROR),
-    int(ExitCode.GATES_FAILED),
-]
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -63,10 +64,12 @@ def owner_reference(job: FineTuneJob) -> dict[str, Any]:
 def _metadata(
     job: FineTuneJob, run_id: str, extra_labels: dict[str, str] | None = None
 ) -> dict[str, Any]:
+    """Every child carries the run's spec hash, so the run survives its Job (observe.py)."""
     return {
         "name": child_name(job.metadata.name, run_id),
         "namespace": job.metadata.namespace,
         "labels": {**labels(job, run_id), **(extra_labels or {})},
+        "annotations": {SPEC_HASH_ANNOTATION: spec_hash(job)},
         "ownerReferences": [owner_reference(job)],
     }
 
@@ -192,7 +195,7 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": PERMANENT_EXIT_CODES,
+                        "values": list(PERMANENT_EXIT_CODES),
                     },
                 },
                 # Preemption and node drains do not count against backoffLimit; the run resumes.
@@ -209,7 +212,6 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     metadata = _metadata(job, run_id, queue)
-    metadata["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(job)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

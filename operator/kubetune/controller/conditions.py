@@ -1,37 +1,65 @@
-"""Conditions and the phase derived from them. Pure.
+"""Conditions, the phase derived from them, and the transitions a run's phase may not make. Pure.
 
-Three conditions describe a run:
+Five conditions describe a run:
 - Ready: True once the run succeeded (gates passed, artifacts promoted); otherwise False with the
-  reason the run is not there (Pending, Queued, Suspended, Running, Evaluating, or why it failed).
-- Running: True while a trainer pod trains (reason Running) or evaluates (reason Evaluating).
-- Failed: True when the run ended without promotion (InvalidSpec, DataError, GatesFailed,
-  BackoffLimitExceeded, DeadlineExceeded).
+  reason the run is not there (Pending, Queued, Suspended, Running, Evaluating, why the trainer pod
+  waits, or why the run failed).
+- Running: True while a trainer container runs (reason Running) or evaluates (reason Evaluating).
+- Failed: True when the run ended without promotion (see FAILED_REASONS).
 - Stalled: the same as Failed, under the name kstatus (Flux's health checks) looks for.
+- ReconcileError: True while the operator cannot act for a reason that is not the user's (its
+  RBAC, a missing API, a full quota); it retries with backoff and the phase does not change.
 A condition's lastTransitionTime changes only when its status flips.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from kubetune.api import Condition
+from kubetune.api import EXIT_CODES, PHASES, Condition, ExitCode
 
+# Why a run failed: the trainer's verdicts (the exit code table), the Job controller's, and the
+# operator's refusals to start a run.
 FAILED_REASONS = frozenset(
+    {m.reason for code, m in EXIT_CODES.items() if code != ExitCode.SUCCEEDED}
+    | {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy"}
+    | {"InvalidSpec", "PolicyViolation", "AdmissionDenied"}
+)
+# Why a trainer pod waits, as the kubelet and the scheduler say it (shown with phase Pending).
+WAITING_REASONS = frozenset(
     {
-        "InvalidSpec",
-        "DataError",
-        "GatesFailed",
-        "BackoffLimitExceeded",
-        "DeadlineExceeded",
-        "TrainerFailed",
+        "Unschedulable",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
     }
 )
+
+# Transitions a run's phase may not make: a finished run stays finished, and a trainer that
+# started does not go back to waiting, nor an evaluation back to training, within one attempt.
+# A new attempt (another trainer pod after a failure or preemption) starts the pipeline again, so
+# the rows marked `per_attempt` do not hold across attempts. Suspending is always allowed.
+FORBIDDEN: dict[str, frozenset[str]] = {
+    "Succeeded": frozenset(PHASES) - {"Succeeded"},
+    "Failed": frozenset(PHASES) - {"Failed"},
+    "Evaluating": frozenset({"Running", "Pending", "Queued"}),
+    "Running": frozenset({"Pending", "Queued"}),
+}
+PER_ATTEMPT = frozenset({"Evaluating", "Running"})
+
+
+def forbidden(before: str | None, after: str, new_attempt: bool) -> bool:
+    """Whether a run may not go from phase `before` to `after` (same run)."""
+    if before is None or (new_attempt and before in PER_ATTEMPT):
+        return False
+    return after in FORBIDDEN.get(before, frozenset())
 
 
 @dataclass(frozen=True)
 class State:
-    """Where a run is: a reason from the list above and a short message."""
+    """Where a run is: a reason (see the module docstring) and a short message."""
 
     reason: str
     message: str = ""
@@ -47,6 +75,10 @@ class State:
     @property
     def running(self) -> bool:
         return self.reason in ("Running", "Evaluating")
+
+    @property
+    def waiting(self) -> bool:
+        return self.reason in WAITING_REASONS
 
 
 def _condition(
@@ -72,10 +104,16 @@ def _condition(
 
 
 def conditions_for(
-    state: State, previous: list[Condition], generation: int | None, now: datetime
+    state: State,
+    previous: list[Condition],
+    generation: int | None,
+    now: datetime,
+    error: State | None = None,
 ) -> list[Condition]:
-    def flag(kind: str, active: bool, idle_reason: str) -> Condition:
-        reason, message = (state.reason, state.message) if active else (idle_reason, "")
+    """The conditions for a run in `state`; `error` is the operator's own trouble, if any."""
+
+    def flag(kind: str, active: bool, idle_reason: str, source: State = state) -> Condition:
+        reason, message = (source.reason, source.message) if active else (idle_reason, "")
         return _condition(kind, active, reason, message, previous, generation, now)
 
     ready = _condition(
@@ -87,7 +125,19 @@ def conditions_for(
         flag("Failed", state.failed, "NotFailed"),
         # kstatus (Flux, kubectl wait, cli-utils) reads Stalled=True as a terminal failure.
         flag("Stalled", state.failed, "NotStalled"),
+        flag("ReconcileError", error is not None, "NoError", error or state),
     ]
+
+
+def state_of(conditions: list[Condition]) -> State | None:
+    """The state a status was written for (Ready's reason and message), if it has one."""
+    ready = next((c for c in conditions if c.type == "Ready"), None)
+    return State(ready.reason, ready.message) if ready is not None else None
+
+
+def phase_for(state: State) -> str:
+    """The phase a status written for `state` shows."""
+    return phase_of(conditions_for(state, [], None, datetime.now(UTC)))
 
 
 def phase_of(conditions: list[Condition]) -> str:

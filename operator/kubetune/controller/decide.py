@@ -3,6 +3,14 @@
 Pure and level-based: the same inputs give the same decision, whatever event led here, so the
 operator can call it on create, update, resume, child events and timers alike. The I/O layer
 reduces the cluster to an `Observed` and carries out the `Decision`.
+
+Rules that hold whatever the order of events:
+- A finished run (Succeeded or Failed for the current run id) never gets a new Job: a Job that the
+  TTL-after-finished controller deleted is not a lost Job.
+- A refusal (invalid spec, policy, admission) only stops a run from starting: a run whose Job
+  exists finishes under the rules it started with.
+- Phases only move forward within a run (conditions.FORBIDDEN); what a reading does not say (a
+  reconcile without a metrics reading, the Job's terminal window) does not move them back.
 """
 
 from __future__ import annotations
@@ -12,16 +20,26 @@ from datetime import datetime
 from typing import Any
 
 from kubetune.api import (
+    EXIT_CODES,
+    FINAL_PHASES,
     ExitCode,
     FineTuneJob,
     FineTuneJobStatus,
     Progress,
     TrainerResult,
     child_name,
+    gates_summary,
     make_run_id,
 )
 from kubetune.controller.build import build_configmap, build_job
-from kubetune.controller.conditions import State, conditions_for, phase_of
+from kubetune.controller.conditions import (
+    State,
+    conditions_for,
+    forbidden,
+    phase_for,
+    phase_of,
+    state_of,
+)
 from kubetune.controller.settings import OperatorSettings
 
 
@@ -31,12 +49,21 @@ class ObservedJob:
 
     name: str
     suspended: bool = False
-    active: int = 0
-    complete: bool = False
-    failed_reason: str | None = None  # the Job's Failed condition reason, when it failed
+    active: int = 0  # pods not yet terminal, Pending ones included
+    complete: bool = False  # Complete, or SuccessCriteriaMet (Complete follows)
+    failed_reason: str | None = None  # the Failed (or FailureTarget) condition's reason
     failed_message: str = ""
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a trainer pod waits (the scheduler's or the kubelet's reason and message)."""
+
+    reason: str
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,9 +72,12 @@ class Observed:
     configmap: bool = False  # the current run's ConfigMap exists
     stale: tuple[tuple[str, str], ...] = ()  # (kind, name) of children of older runs
     pods_started: int = 0  # trainer pods seen for the current run
-    result: TrainerResult | None = None  # from the newest terminated pod's termination message
+    result: TrainerResult | None = None  # the newest termination message, or result.json
     progress: Progress | None = None  # from the trainer's metrics, while it runs
     stage: str | None = None  # the trainer's pipeline stage, from its metrics
+    trainer_running: bool = False  # a trainer container of the run runs now
+    trainer_started: datetime | None = None  # when the run's first trainer container started
+    waiting: Waiting | None = None  # why a pod of the run waits, if it does
 
 
 @dataclass(frozen=True)
@@ -66,18 +96,35 @@ class Decision:
     events: list[Event] = field(default_factory=list)
 
 
-_EXIT_REASONS = {
-    int(ExitCode.INVALID_SPEC): "InvalidSpec",
-    int(ExitCode.DATA_ERROR): "DataError",
-    int(ExitCode.GATES_FAILED): "GatesFailed",
-}
+def result_state(result: TrainerResult) -> State | None:
+    """The final state a trainer result announces; None for a retryable failure."""
+    code = ExitCode(result.exit_code)
+    meaning = EXIT_CODES[code]
+    if code != ExitCode.SUCCEEDED and not meaning.permanent:
+        return None
+    return State(meaning.reason, result.message)
+
+
+def _waiting_state(job: FineTuneJob, waiting: Waiting) -> State:
+    message = f"the trainer pod cannot start: {waiting.message or waiting.reason}"
+    secret = job.spec.output.credentials_secret
+    if waiting.reason == "CreateContainerConfigError" and secret and f'"{secret}"' in message:
+        message += (
+            f"; create the Secret {secret!r} in namespace {job.metadata.namespace} "
+            "or fix spec.output.credentialsSecret"
+        )
+    elif waiting.reason == "ImagePullBackOff":
+        message += "; check spec.image (or the operator's trainer image) and imagePullSecrets"
+    return State(waiting.reason, message)
 
 
 def _state(job: FineTuneJob, observed: Observed) -> State:
     spec = job.spec
     current = observed.job
     result = observed.result
-    if current is None:  # being created now: the same state as a Job whose pod is not up yet
+    if current is None:
+        if result is not None and (final := result_state(result)) is not None:
+            return final  # the Job is gone, its result.json says how the run ended
         if spec.suspend:
             return State("Suspended", "spec.suspend is true")
         if spec.queue_name:
@@ -86,8 +133,8 @@ def _state(job: FineTuneJob, observed: Observed) -> State:
     if current.complete:
         return State("Succeeded", result.message if result else "the trainer finished")
     if current.failed_reason:
-        if result is not None and int(result.exit_code) in _EXIT_REASONS:
-            return State(_EXIT_REASONS[int(result.exit_code)], result.message)
+        if result is not None and (final := result_state(result)) is not None:
+            return final
         if current.failed_reason in ("BackoffLimitExceeded", "DeadlineExceeded"):
             detail = f": {result.message}" if result and result.message else ""
             return State(
@@ -97,45 +144,66 @@ def _state(job: FineTuneJob, observed: Observed) -> State:
     if spec.suspend:
         return State("Suspended", "spec.suspend is true")
     if current.suspended:
-        return State(
-            "Queued" if spec.queue_name else "Pending",
-            f"waiting in queue {spec.queue_name}" if spec.queue_name else "",
-        )
-    if current.active:
+        if spec.queue_name:
+            return State("Queued", f"waiting in queue {spec.queue_name}")
+        return State("Pending", "the Job is suspended")
+    if observed.trainer_running:
         # The baseline evaluation comes before training and shows as Running.
         return State("Evaluating" if observed.stage in ("evaluate", "export") else "Running")
+    if observed.waiting is not None:
+        return _waiting_state(job, observed.waiting)
+    if current.active:
+        return State("Pending", "the trainer pod is starting")
     return State("Pending", "waiting for the trainer pod to start")
 
 
+def _progress(observed: Observed, kept: Progress | None, running: bool) -> Progress | None:
+    """A new reading only when it says something new: updatedAt alone is not progress."""
+    new = observed.progress if running else None
+    if new is None:
+        return kept
+    if kept is not None and new.model_copy(update={"updated_at": kept.updated_at}) == kept:
+        return kept
+    return new
+
+
 def _status(
-    job: FineTuneJob, observed: Observed, state: State, run_id: str, now: datetime
+    job: FineTuneJob,
+    observed: Observed,
+    state: State,
+    run_id: str,
+    now: datetime,
+    error: State | None,
 ) -> FineTuneJobStatus:
     previous = job.status or FineTuneJobStatus()
     generation = job.metadata.generation
-    conditions = conditions_for(state, previous.conditions, generation, now)
-    result = observed.result if (state.succeeded or state.failed) else None
-    current = observed.job
+    conditions = conditions_for(state, previous.conditions, generation, now, error)
+    final = state.succeeded or state.failed
     same_run = previous.run_id == run_id
-    kept = previous.progress if same_run else None
-    # Progress is read on the poll timer only; other reconciles keep the last reading.
-    progress = (observed.progress or kept) if state.running else kept
-    gates = list(result.gates) if result else []
+    result = observed.result if final else None
+    kept = previous if same_run else FineTuneJobStatus()
+    current = observed.job
+    gates = list(result.gates) if result else (kept.gates if final else [])
+    completion = (current.completion_time if current else None) or kept.completion_time
     return FineTuneJobStatus(
         phase=phase_of(conditions),
         conditions=conditions,
         observed_generation=generation,
         run_id=run_id,
-        attempts=max(observed.pods_started, previous.attempts if same_run else 0),
-        job_name=current.name if current else child_name(job.metadata.name, run_id),
-        start_time=current.start_time if current else None,
-        completion_time=current.completion_time
-        if current and (state.succeeded or state.failed)
-        else None,
-        progress=progress,
-        metrics=result.metrics if result else (previous.metrics if same_run else None),
+        attempts=max(observed.pods_started, kept.attempts),
+        job_name=current.name
+        if current
+        else (kept.job_name or child_name(job.metadata.name, run_id)),
+        # When training started: the trainer container, not the Job (a pod may wait for a GPU).
+        start_time=kept.start_time
+        or observed.trainer_started
+        or (current.start_time if final and current else None),
+        completion_time=completion if final else None,
+        progress=_progress(observed, kept.progress, state.running),
+        metrics=result.metrics if result else kept.metrics,
         gates=gates,
-        gates_summary=f"{sum(g.passed for g in gates)}/{len(gates)} passed" if gates else None,
-        artifacts=result.artifacts if result else None,
+        gates_summary=gates_summary(gates),
+        artifacts=result.artifacts if result else (kept.artifacts if final else None),
         message=state.message or None,
     )
 
@@ -145,58 +213,54 @@ def decide(
     observed: Observed,
     settings: OperatorSettings,
     now: datetime,
-    problems: list[str] | None = None,
+    *,
+    refusal: State | None = None,
     run_id: str | None = None,
+    error: State | None = None,
 ) -> Decision:
-    """What to do for job given what exists. problems: policy violations found by the caller;
-    run_id: the run the spec asks for (observe.current_run_id), by default this generation's."""
+    """What to do for job given what exists.
+
+    refusal: why the run may not start (InvalidSpec, PolicyViolation, AdmissionDenied); it
+    applies only while the run has no Job. For a spec that cannot be parsed at all, `job` is
+    built with `FineTuneJob.model_construct` (metadata and status only) and refusal is set.
+    run_id: the run the spec asks for (observe.current_run_id), by default this generation's.
+    error: the operator's own trouble (its RBAC, a missing API), shown as ReconcileError.
+    """
     run_id = run_id or make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
+    previous = job.status or FineTuneJobStatus()
+    same_run = previous.run_id == run_id
     decision = Decision(delete=list(observed.stale))
-    if problems:
-        state = State("InvalidSpec", "; ".join(problems))
+    current = observed.job
+    finished = same_run and previous.phase in FINAL_PHASES
+    kept = state_of(previous.conditions) if same_run else None
+    if finished and kept is not None:
+        state = kept  # whatever happened to its Job since: the TTL, a deletion, a pod GC
+    elif refusal is not None and (current is None or job.spec is None):
+        state = refusal
         observed = Observed(stale=observed.stale)
     else:
-        if not observed.configmap:
-            decision.create.append(build_configmap(job, run_id, settings))
-        if observed.job is None:
-            decision.create.append(build_job(job, run_id, settings))
-        elif (
-            not job.spec.queue_name
-            and observed.job.suspended != job.spec.suspend
-            and not (observed.job.complete or observed.job.failed_reason)
-        ):
-            decision.set_suspend = job.spec.suspend
         state = _state(job, observed)
-    decision.status = _status(job, observed, state, run_id, now)
-    previous = job.status or FineTuneJobStatus()
-    if decision.status.phase != previous.phase or previous.run_id != run_id:
-        kind = "Warning" if state.failed else "Normal"
+        spec = job.spec
+        ended = finished or state.succeeded or state.failed
+        if current is None and not ended and not (spec.suspend and spec.queue_name):
+            if not observed.configmap:
+                decision.create.append(build_configmap(job, run_id, settings))
+            decision.create.append(build_job(job, run_id, settings))
+        elif current is not None and not ended and not current.deleting:
+            if spec.queue_name and spec.suspend:
+                # Kueue owns a queued Job's suspend flag (it unsuspends what it admitted), so a
+                # suspended run gives its Job back; the run, its ConfigMap and checkpoints stay.
+                decision.delete.append(("Job", current.name))
+            elif not spec.queue_name and current.suspended != spec.suspend:
+                decision.set_suspend = spec.suspend
+    if kept is not None:
+        new_attempt = observed.pods_started > previous.attempts
+        if forbidden(previous.phase, phase_for(state), new_attempt):
+            state = kept
+    decision.status = _status(job, observed, state, run_id, now, error)
+    changed = decision.status.phase != previous.phase or (kept and kept.reason) != state.reason
+    if changed or not same_run:
+        kind = "Warning" if state.failed or state.waiting else "Normal"
         message = state.message or f"run {run_id} is {decision.status.phase}"
         decision.events.append(Event(kind, state.reason, message))
-    return decision
-
-
-def decide_unparseable(
-    uid: str,
-    generation: int,
-    previous: FineTuneJobStatus,
-    stale: tuple[tuple[str, str], ...],
-    problems: list[str],
-    now: datetime,
-) -> Decision:
-    """For a FineTuneJob whose spec cannot be parsed at all (so `decide` has no job to read):
-    InvalidSpec naming every problem, no run, children of earlier runs removed."""
-    run_id = make_run_id(uid, generation)
-    state = State("InvalidSpec", "; ".join(problems))
-    conditions = conditions_for(state, previous.conditions, generation, now)
-    status = FineTuneJobStatus(
-        phase=phase_of(conditions),
-        conditions=conditions,
-        observed_generation=generation,
-        run_id=run_id,
-        message=state.message,
-    )
-    decision = Decision(delete=list(stale), status=status)
-    if previous.phase != status.phase or previous.run_id != run_id:
-        decision.events.append(Event("Warning", state.reason, state.message))
     return decision

@@ -1,4 +1,13 @@
-"""The two ways an API call can fail, as the reconcile and the handlers see them."""
+"""The ways an API call can fail, as the reconcile and the handlers see them.
+
+Whose fault it is decides what happens:
+- `Retry`: nobody's (a conflict, throttling, a 5xx, the network): try again with backoff.
+- `Rejected`: the user's. The API server or an admission webhook/policy refused the object built
+  from the spec (400, 422, or a 403 that is not RBAC): the run fails with AdmissionDenied.
+- `Misconfigured`: the operator's or the cluster's, not the spec's (403 from RBAC, 404 of an API
+  or namespace it needs, an exhausted ResourceQuota): retried with backoff, shown as the
+  ReconcileError condition and counted in kubetune_operator_reconcile_errors_total.
+"""
 
 from __future__ import annotations
 
@@ -12,4 +21,12 @@ class Retry(Exception):
 
 
 class Rejected(Exception):
-    """The API server refused an object for good (4xx other than conflict and throttling)."""
+    """The API server refused an object built from the spec, for good."""
+
+
+class Misconfigured(Retry):
+    """The operator cannot act for a reason the user did not cause; `reason` names it."""
+
+    def __init__(self, message: str, reason: str, delay: float = 10.0) -> None:
+        super().__init__(message, delay)
+        self.reason = reason

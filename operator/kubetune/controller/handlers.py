@@ -4,7 +4,9 @@ Triggers, all calling the same level-based `reconcile(namespace, name)`:
 - FineTuneJob created, its spec updated, or found at start-up (resume after a restart);
 - an event on a batch/v1 Job labelled as a FineTuneJob's child (server-side label selector);
 - a poller every `progressPollSeconds` for each FineTuneJob that is not final, which also reads
-  the trainer's metrics into status.progress (so progress writes are at most one per interval).
+  the trainer's metrics into status.progress (so progress writes are at most one per interval);
+  the metrics are read before the object's lock is taken, so a slow trainer holds no lock.
+A FineTuneJob's DELETED watch event drops it from the poller and the operator's phase gauge.
 
 No finalizer: children carry controller ownerReferences, so deleting a FineTuneJob lets the
 garbage collector delete its ConfigMap, Job and pods, which stops the trainer.
@@ -24,7 +26,7 @@ import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
-from kubetune.controller.errors import Retry
+from kubetune.controller.errors import Misconfigured, Retry
 from kubetune.controller.kube import Kube, load_client
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.reconcile import Outcome, reconcile
@@ -54,23 +56,37 @@ class Reconciler:
         self.metrics = metrics
         self._locks = [threading.Lock() for _ in range(self.STRIPES)]
         self._active: set[tuple[str, str]] = set()
+        # Where each running trainer's metrics are, as the last reconcile found them.
+        self._targets: dict[tuple[str, str], tuple[str, int]] = {}
         self._active_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
-    def __call__(self, namespace: str, name: str, trigger: str) -> Outcome | None:
-        with (
-            self._locks[hash((namespace, name)) % self.STRIPES],
-            self.metrics.reconcile_duration.labels(trigger).time(),
-        ):
-            outcome = reconcile(
-                self.kube, self.settings, namespace, name, read_progress=trigger == "poll"
-            )
+    def __call__(
+        self, namespace: str, name: str, trigger: str, metrics_text: str | None = None
+    ) -> Outcome | None:
+        key = (namespace, name)
+        try:
+            with (
+                self._locks[hash(key) % self.STRIPES],
+                self.metrics.reconcile_duration.labels(trigger).time(),
+            ):
+                outcome = reconcile(
+                    self.kube, self.settings, namespace, name, metrics_text=metrics_text
+                )
+        except Misconfigured as exc:
+            self.metrics.reconcile_errors.labels(exc.reason).inc()
+            raise
         with self._active_lock:
             if outcome is None or outcome.final:
-                self._active.discard((namespace, name))
+                self._active.discard(key)
+                self._targets.pop(key, None)
             else:
-                self._active.add((namespace, name))
+                self._active.add(key)
+                if outcome.metrics_target is None:
+                    self._targets.pop(key, None)
+                else:
+                    self._targets[key] = outcome.metrics_target
         if outcome is None:
             self.metrics.forget(namespace, name)
         else:
@@ -78,6 +94,13 @@ class Reconciler:
                 namespace, name, outcome.before, outcome.after, outcome.status_written
             )
         return outcome
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone: stop polling it and drop it from the metrics."""
+        with self._active_lock:
+            self._active.discard((namespace, name))
+            self._targets.pop((namespace, name), None)
+        self.metrics.forget(namespace, name)
 
     def start_polling(self) -> None:
         self._stop.clear()
@@ -102,8 +125,11 @@ class Reconciler:
         namespace, name = key
         if self._stop.is_set():
             return
+        with self._active_lock:
+            target = self._targets.get(key)
+        text = self.kube.metrics(*target) if target else None  # no lock held while it answers
         try:
-            self(namespace, name, "poll")
+            self(namespace, name, "poll", text)
         except Retry as exc:
             log.info("poll of %s/%s deferred: %s", namespace, name, exc)
         except Exception:  # one bad object must not stop the poller
@@ -165,6 +191,11 @@ def build_registry(
             reconciler(namespace, labels[JOB_LABEL], "job-event")
         except Retry as exc:  # the poller comes back to it
             log.info("reconcile of %s/%s deferred: %s", namespace, labels[JOB_LABEL], exc)
+
+    @kopf.on.event(**ftj)
+    def on_finetunejob(type: str | None, namespace: str, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.forget(namespace, name)
 
     @kopf.on.cleanup(registry=registry)
     def stop(**_: Any) -> None:

@@ -2,14 +2,16 @@
 
 Everything here is plain I/O on raw dicts through the official `kubernetes` client: read a
 FineTuneJob and its children, create and delete children, patch a Job's suspend flag and the
-FineTuneJob's status, post Events, and read a trainer pod's metrics over HTTP. Errors come out
-as two kinds the handlers understand: `Retry` (conflicts, throttling, 5xx, network: try again
-later with backoff) and `Rejected` (the API server refused the object itself: retrying cannot
-help).
+FineTuneJob's status, post Events, read the storage Secret a FineTuneJob names (only to read its
+result.json when the pod that carried the result is gone), and read a trainer pod's metrics over
+HTTP. Errors come out as the kinds in errors.py: `Retry`, `Rejected` (the user's) and
+`Misconfigured` (the operator's or the cluster's). `PERMISSIONS` lists every API permission the
+operator uses; the chart's RBAC is tested against it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import urllib.error
@@ -23,16 +25,32 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
-from kubetune.controller.errors import Rejected, Retry
+from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.controller")
 
 MERGE_PATCH = "application/merge-patch+json"
-TIMEOUT = (5, 30)  # connect, read seconds
+TIMEOUT = (5, 15)  # connect, read seconds (a reconcile holds its object's lock meanwhile)
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 COMPONENT = MANAGED_BY  # the Events' reporting component
 _RAISE = object()
+
+# (API group, resource, verbs): every permission the operator uses, kopf's included (watching
+# FineTuneJobs and Jobs, its annotations on FineTuneJobs, Namespaces when cluster-wide). Updating
+# finetunejobs/finalizers is what lets children set blockOwnerDeletion on clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin (OpenShift).
+PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (GROUP, PLURAL, ("get", "list", "watch", "patch")),
+    (GROUP, f"{PLURAL}/status", ("get", "patch")),
+    (GROUP, f"{PLURAL}/finalizers", ("update",)),
+    ("batch", "jobs", ("get", "list", "watch", "create", "delete", "patch")),
+    ("", "configmaps", ("get", "list", "create", "delete")),
+    ("", "pods", ("list",)),
+    ("", "secrets", ("get",)),
+    ("", "events", ("create",)),
+    ("", "namespaces", ("list", "watch")),  # cluster-wide only (kopf's namespace scanning)
+)
 
 
 def _retry_after(exc: ApiException) -> float:
@@ -42,14 +60,35 @@ def _retry_after(exc: ApiException) -> float:
         return 1.0
 
 
+def classify(status: int, message: str, what: str, retry_after: float = 1.0) -> Exception:
+    """Whose fault a refused call is (see errors.py), from the status and the API's message."""
+    text = f"{what}: HTTP {status} {message}"
+    if status in RETRYABLE or status == 0:
+        return Retry(text, retry_after)
+    if status == 403 and "cannot " in message and "resource " in message:
+        # The authorizer's message: 'User "..." cannot create resource "jobs" in API group ...'
+        return Misconfigured(
+            f"{text} (the operator's RBAC lacks this permission; not a problem with the spec)",
+            "OperatorForbidden",
+        )
+    if status == 403 and "exceeded quota" in message:
+        return Misconfigured(f"{text} (waiting for quota)", "QuotaExceeded", delay=30.0)
+    if status == 403 and "being terminated" in message:
+        return Retry(text, 5.0)  # the namespace is going away, and this object with it
+    if status == 404:
+        return Misconfigured(
+            f"{text} (an API or namespace the operator needs is missing)", "ResourceMissing"
+        )
+    # 400/422 from validation, a webhook's or a ValidatingAdmissionPolicy's denial, other 403s.
+    return Rejected(text)
+
+
 def _translate(exc: Exception, what: str, metrics: OperatorMetrics | None = None) -> Exception:
     if metrics is not None:
         code = exc.status if isinstance(exc, ApiException) else 0
         metrics.api_error(what.split(" ", 1)[0], code or 0)
     if isinstance(exc, ApiException):
-        if exc.status in RETRYABLE or exc.status == 0:
-            return Retry(f"{what}: HTTP {exc.status} {exc.reason}", _retry_after(exc))
-        return Rejected(f"{what}: HTTP {exc.status} {_api_message(exc)}")
+        return classify(exc.status or 0, _api_message(exc), what, _retry_after(exc))
     return Retry(f"{what}: {exc}")  # connection refused, timeouts, DNS
 
 
@@ -122,17 +161,31 @@ class Kube:
             for kind, call in calls.items()
         }
 
-    def metrics(self, pod: dict[str, Any], port: int, timeout: float = 3.0) -> str | None:
-        """The trainer's Prometheus metrics text, or None when it cannot be read right now."""
-        ip = (pod.get("status") or {}).get("podIP")
-        if not ip:
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded; None when it does not exist."""
+        secret = self._call(
+            f"get Secret {namespace}/{name}",
+            self.core.read_namespaced_secret,
+            name,
+            namespace,
+            missing=None,
+        )
+        if secret is None:
             return None
+        return {
+            key: base64.b64decode(value).decode("utf-8", "replace")
+            for key, value in (secret.get("data") or {}).items()
+        }
+
+    @staticmethod
+    def metrics(ip: str, port: int, timeout: float = 3.0) -> str | None:
+        """A trainer's Prometheus metrics text, or None when it cannot be read right now."""
         host = f"[{ip}]" if ":" in ip else ip
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:
                 return r.read().decode("utf-8", "replace")
         except (OSError, urllib.error.URLError) as exc:
-            log.debug("metrics of %s not readable: %s", pod["metadata"]["name"], exc)
+            log.debug("metrics of %s:%d not readable: %s", ip, port, exc)
             return None
 
     # -- writes -------------------------------------------------------------------------------
@@ -168,6 +221,8 @@ class Kube:
         if not any(ref.get("uid") == owner_uid for ref in owners):
             # Left by an earlier FineTuneJob of the same name; the garbage collector removes it.
             raise Retry(f"{what} belongs to another owner; waiting", 5.0)
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            raise Retry(f"{what} is still being deleted; waiting", 2.0)
         log.info("adopted existing %s", what)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:

@@ -14,11 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetune.api import FineTuneJobStatus
+from kubetune.api import FINAL_PHASES, PHASES, FineTuneJobStatus
 
 WAITING = ("Pending", "Queued")
-PHASES = ("Pending", "Queued", "Suspended", "Running", "Evaluating", "Succeeded", "Failed")
-FINAL = ("Succeeded", "Failed")
 # Fine-tuning runs last minutes to days.
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 
@@ -102,6 +100,15 @@ class OperatorMetrics:
             registry=r,
         )
 
+        self.reconcile_errors = Counter(
+            "kubetune_operator_reconcile_errors_total",
+            "Reconciles that could not act for a reason that is not the user's, by reason "
+            "(OperatorForbidden: the operator's RBAC; ResourceMissing: an API or namespace it "
+            "needs; QuotaExceeded).",
+            ["reason"],
+            registry=r,
+        )
+
     def serve(self, port: int, address: str) -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
@@ -129,9 +136,9 @@ class OperatorMetrics:
         if not written or before.phase == after.phase:
             return
         self.transitions.labels(namespace, before.phase or "", phase).inc()
-        if phase in FINAL and after.start_time and after.completion_time:
+        if phase in FINAL_PHASES and after.start_time and after.completion_time:
             seconds = (after.completion_time - after.start_time).total_seconds()
             self.job_duration.labels(phase).observe(max(0.0, seconds))
-        if phase in FINAL:
+        if phase in FINAL_PHASES:
             for gate in after.gates:
                 self.gate_results.labels(gate.metric, "passed" if gate.passed else "failed").inc()

@@ -1,8 +1,19 @@
 """Reading the cluster into an `Observed`: raw Job and Pod objects and the trainer's metrics text
-in, the few facts the decision needs out. Pure: the I/O layer fetches, this module interprets."""
+in, the few facts the decision needs out. Pure: the I/O layer fetches, this module interprets.
+
+What the Job and its pods say, read as Kubernetes means it:
+- Since Kubernetes 1.31 the Job controller first adds `SuccessCriteriaMet` (or `FailureTarget`)
+  and adds `Complete` (or `Failed`) only once every pod has terminated; the interim condition
+  already announces the outcome, so it is read as the outcome.
+- `status.active` counts pods that are not terminal, Pending ones included; a run is Running only
+  while the trainer container itself runs. A pod that waits says why: the scheduler's
+  `PodScheduled=False/Unschedulable`, or the container's waiting reason (ImagePullBackOff,
+  CreateContainerConfigError for a missing Secret, ...).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -12,70 +23,139 @@ from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, Progress, TrainerResult, make_run_id
 from kubetune.controller.build import CONTAINER, RUN_LABEL, SPEC_HASH_ANNOTATION, spec_hash
-from kubetune.controller.decide import Observed, ObservedJob
+from kubetune.controller.decide import Observed, ObservedJob, Waiting
+
+# Container waiting reasons that are a normal part of starting, not a problem to report.
+STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+# ErrImagePull and ImagePullBackOff alternate while a pull keeps failing: one reason for both.
+SAME_AS = {"ErrImagePull": "ImagePullBackOff"}
 
 
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
-def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return cond
+def _condition(obj: dict[str, Any], *kinds: str) -> dict[str, Any] | None:
+    """The first of `kinds` that is True on obj (in the order given)."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    for kind in kinds:
+        for cond in conditions:
+            if cond.get("type") == kind and cond.get("status") == "True":
+                return cond
     return None
 
 
 def observe_job(raw: dict[str, Any]) -> ObservedJob:
     status = raw.get("status") or {}
-    failed = _condition(raw, "Failed")
+    failed = _condition(raw, "Failed", "FailureTarget")
+    succeeded = _condition(raw, "Complete", "SuccessCriteriaMet")
+    finished = failed or succeeded or {}
     return ObservedJob(
         name=raw["metadata"]["name"],
         suspended=bool((raw.get("spec") or {}).get("suspend")),
         active=int(status.get("active") or 0),
-        complete=_condition(raw, "Complete") is not None,
+        complete=succeeded is not None and failed is None,
         failed_reason=(failed.get("reason") or "Failed") if failed else None,
         failed_message=(failed or {}).get("message") or "",
         start_time=_time(status.get("startTime")),
         completion_time=_time(status.get("completionTime"))
-        or _time((failed or {}).get("lastTransitionTime")),
+        or _time(finished.get("lastTransitionTime")),
+        deleting=bool((raw.get("metadata") or {}).get("deletionTimestamp")),
     )
+
+
+def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") == CONTAINER:
+            return container
+    return {}
 
 
 def termination_result(pod: dict[str, Any]) -> TrainerResult | None:
     """The TrainerResult in a terminated trainer container's termination message, if any."""
-    for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        if container.get("name") != CONTAINER:
-            continue
-        terminated = (container.get("state") or {}).get("terminated") or {}
-        message = terminated.get("message")
-        if not message:
-            return None
-        try:
-            return TrainerResult.model_validate_json(message)
-        except ValidationError:
-            return None  # FallbackToLogsOnError: the message is the log tail, not a result
-    return None
+    terminated = (_trainer_status(pod).get("state") or {}).get("terminated") or {}
+    message = terminated.get("message")
+    if not message:
+        return None
+    try:
+        return TrainerResult.model_validate_json(message)
+    except ValidationError:
+        return None  # FallbackToLogsOnError: the message is the log tail, not a result
 
 
 def _finished_at(pod: dict[str, Any]) -> str:
-    for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        finished = ((container.get("state") or {}).get("terminated") or {}).get("finishedAt")
-        if finished:
-            return finished
-    return ""
+    terminated = (_trainer_status(pod).get("state") or {}).get("terminated") or {}
+    return terminated.get("finishedAt") or ""
 
 
-def current_run_id(job: FineTuneJob, jobs: Iterable[dict[str, Any]]) -> str:
-    """The run the spec asks for: an existing Job's run when it was built from this same spec
-    (only `suspend` changed since), else a new run id for this generation."""
+def _started_at(pod: dict[str, Any]) -> datetime | None:
+    state = _trainer_status(pod).get("state") or {}
+    for key in ("running", "terminated"):
+        started = _time((state.get(key) or {}).get("startedAt"))
+        if started is not None:
+            return started
+    return None
+
+
+def _trainer_running(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running" and "running" in (
+        _trainer_status(pod).get("state") or {}
+    )
+
+
+def pod_waiting(pod: dict[str, Any]) -> Waiting | None:
+    """Why a Pending pod's trainer does not run, when it is a problem rather than a start-up."""
+    status = pod.get("status") or {}
+    if status.get("phase", "Pending") != "Pending":
+        return None
+    for cond in status.get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        ):
+            return Waiting("Unschedulable", cond.get("message") or "no node fits the pod")
+    waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    if not reason or reason in STARTING:
+        return None
+    return Waiting(SAME_AS.get(reason, reason), waiting.get("message") or "")
+
+
+def current_run_id(
+    job: FineTuneJob, jobs: Iterable[dict[str, Any]], configmaps: Iterable[dict[str, Any]] = ()
+) -> str:
+    """The run the spec asks for: the run of an existing child built from this same spec (only
+    `suspend` changed since), else a new run id for this generation. The ConfigMap counts too: it
+    outlives the run's Job (after ttlSecondsAfterFinished, or a suspension under Kueue)."""
     wanted = spec_hash(job)
-    for raw in jobs:
+    for raw in (*jobs, *configmaps):
         meta = raw.get("metadata") or {}
         run_id = (meta.get("labels") or {}).get(RUN_LABEL)
         if run_id and (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted:
             return run_id
     return make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
+
+
+def running_pod(pods: Iterable[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
+    """The run's pod whose trainer container runs now (where its metrics can be read)."""
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if labels.get(RUN_LABEL) == run_id and _trainer_running(pod):
+            return pod
+    return None
+
+
+def metrics_target(pod: dict[str, Any], default_port: int) -> tuple[str, int] | None:
+    """(pod IP, port) of a trainer's metrics: the pod's own `metrics` port, not today's setting."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "metrics" and port.get("containerPort"):
+                return ip, int(port["containerPort"])
+    return ip, default_port
 
 
 def observe(
@@ -85,8 +165,10 @@ def observe(
     pods: Iterable[dict[str, Any]],
     metrics_text: str | None = None,
     now: datetime | None = None,
+    stored_result: TrainerResult | None = None,
 ) -> Observed:
-    """What exists for one FineTuneJob: its children (by run-id label) and its current pods."""
+    """What exists for one FineTuneJob: its children (by run-id label) and its current pods.
+    stored_result: the run's result.json, read by the caller when no pod carries the result."""
     jobs, configmaps = list(jobs), list(configmaps)
 
     def run_of(obj: dict[str, Any]) -> str | None:
@@ -99,19 +181,29 @@ def observe(
     run_pods = [p for p in pods if run_of(p) == run_id]
     finished = sorted((p for p in run_pods if termination_result(p)), key=_finished_at)
     progress, stage = parse_metrics(metrics_text, now) if metrics_text else (None, None)
+    starts = [t for t in map(_started_at, run_pods) if t is not None]
+    waiting = [w for w in map(pod_waiting, run_pods) if w is not None]
     return Observed(
         job=observe_job(current[0]) if current else None,
         configmap=any(run_of(c) == run_id for c in configmaps),
         stale=stale,
         pods_started=len(run_pods),
-        result=termination_result(finished[-1]) if finished else None,
+        result=termination_result(finished[-1]) if finished else stored_result,
         progress=progress,
         stage=stage,
+        trainer_running=any(map(_trainer_running, run_pods)),
+        trainer_started=min(starts) if starts else None,
+        waiting=waiting[0] if waiting else None,
     )
 
 
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | None, str | None]:
-    """status.progress and the pipeline stage from the trainer's Prometheus metrics."""
+    """status.progress and the pipeline stage from the trainer's Prometheus metrics. Values that
+    are not finite (a diverging loss is NaN) are left out: JSON, and so the API, has no NaN."""
     values: dict[str, float] = {}
     stage = None
     for family in text_string_to_metric_families(text):
@@ -119,13 +211,13 @@ def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | No
             if sample.name == "kubetune_trainer_stage":
                 if sample.value == 1:
                     stage = sample.labels.get("kubetune_trainer_stage")
-            elif not sample.labels:
+            elif not sample.labels and math.isfinite(sample.value):
                 values[sample.name] = sample.value
     if "kubetune_trainer_step" not in values:
         return None, stage
     step = int(values["kubetune_trainer_step"])
     total = int(values.get("kubetune_trainer_total_steps", 0)) or None
-    eta = values.get("kubetune_trainer_eta_seconds")
+    eta = _finite(values.get("kubetune_trainer_eta_seconds"))
     return (
         Progress(
             step=step,
@@ -134,7 +226,7 @@ def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | No
             epoch=values.get("kubetune_trainer_epoch"),
             loss=values.get("kubetune_trainer_train_loss"),
             tokens_per_second=values.get("kubetune_trainer_tokens_per_second"),
-            eta_seconds=int(eta) if eta is not None else None,
+            eta_seconds=int(eta) if eta is not None and eta >= 0 else None,
             updated_at=now,
         ),
         stage,

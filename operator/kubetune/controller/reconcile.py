@@ -2,36 +2,42 @@
 
 Level-based: it reads the FineTuneJob and its children afresh every time, so every trigger
 (create, update, resume after an operator restart, a child Job's event, the poll timer) runs the
-same code and running it twice is harmless. The I/O goes through a `Kube` (kube.py); deciding is
-pure (policy.py, observe.py, decide.py).
+same code and running it twice is harmless. The I/O goes through a `Kube` (kube.py) and, for a
+finished run whose pod is gone, results.py; deciding is pure (policy.py, observe.py, decide.py).
+The trainer's metrics are read by the caller (outside the object's lock) and passed in.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from kubetune.api import (
+    FINAL_PHASES,
     FineTuneJob,
     FineTuneJobStatus,
     ObjectMeta,
+    TrainerResult,
     describe_errors,
     make_run_id,
 )
-from kubetune.controller.build import CONTAINER, RUN_LABEL
-from kubetune.controller.decide import Decision, decide, decide_unparseable
-from kubetune.controller.errors import Rejected
-from kubetune.controller.observe import current_run_id, observe
+from kubetune.controller import results
+from kubetune.controller.conditions import State
+from kubetune.controller.decide import Decision, Observed, decide
+from kubetune.controller.errors import Misconfigured, Rejected, Retry
+from kubetune.controller.observe import current_run_id, metrics_target, observe, running_pod
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
 
-log = logging.getLogger("kubetune.controller")
+log = logging.getLogger("kubetune.operator")
 
-FINAL_PHASES = ("Succeeded", "Failed")
+ResultReader = Callable[[str, str, dict[str, str]], TrainerResult | None]
 
 
 class KubeIO(Protocol):
@@ -39,7 +45,7 @@ class KubeIO(Protocol):
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]: ...
-    def metrics(self, pod: dict[str, Any], port: int) -> str | None: ...
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
     def set_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
@@ -54,18 +60,27 @@ class Outcome:
     before: FineTuneJobStatus
     after: FineTuneJobStatus
     status_written: bool
-
-    @property
-    def phase(self) -> str | None:
-        return self.after.phase
+    metrics_target: tuple[str, int] | None = None  # (pod IP, port) of the running trainer
 
     @property
     def final(self) -> bool:
         return self.after.phase in FINAL_PHASES
 
 
+def _finite(value: Any) -> Any:
+    """JSON (and so the API server) has no NaN or infinity: such a number becomes null."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _status_dict(status: FineTuneJobStatus) -> dict[str, Any]:
-    return status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    dumped = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return _finite(dumped)
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -89,24 +104,34 @@ def _previous_status(raw: dict[str, Any]) -> FineTuneJobStatus:
         return FineTuneJobStatus()
 
 
-def _running_pod(pods: list[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
-    for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        status = pod.get("status") or {}
-        if labels.get(RUN_LABEL) == run_id and status.get("phase") == "Running":
-            names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
-            if CONTAINER in names:
-                return pod
-    return None
+def _needs_stored_result(job: FineTuneJob, observed: Observed, run_id: str) -> bool:
+    """Whether the run ended (or its Job vanished) with no pod left to carry the result."""
+    previous = job.status or FineTuneJobStatus()
+    if observed.result is not None or job.spec.suspend:
+        return False
+    same_run = previous.run_id == run_id
+    if same_run and previous.phase in FINAL_PHASES:
+        return False  # finished runs keep the status they were given
+    current = observed.job
+    if current is not None:
+        return current.complete or current.failed_reason is not None
+    return same_run and previous.phase is not None  # the run's Job existed and is gone
 
 
-def _metrics_port(pod: dict[str, Any], default: int) -> int:
-    """The pod's own `metrics` container port: the pod, not today's settings, says where."""
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for port in container.get("ports") or []:
-            if port.get("name") == "metrics" and port.get("containerPort"):
-                return int(port["containerPort"])
-    return default
+def _stored_result(
+    kube: KubeIO, job: FineTuneJob, run_id: str, read_result: ResultReader
+) -> TrainerResult | None:
+    output = job.spec.output
+    credentials: dict[str, str] = {}
+    if output.credentials_secret:
+        try:
+            credentials = kube.secret_data(job.metadata.namespace or "", output.credentials_secret)
+        except Retry as exc:
+            log.warning("result.json of run %s not read: %s", run_id, exc)
+            return None
+        if credentials is None:
+            return None
+    return read_result(output.uri, run_id, credentials)
 
 
 def reconcile(
@@ -115,54 +140,73 @@ def reconcile(
     namespace: str,
     name: str,
     *,
-    read_progress: bool = False,
+    metrics_text: str | None = None,
+    read_result: ResultReader = results.read_result,
     now: datetime | None = None,
 ) -> Outcome | None:
-    """Bring one FineTuneJob's children and status in line with its spec. None: it is gone."""
+    """Bring one FineTuneJob's children and status in line with its spec. None: it is gone.
+    metrics_text: the running trainer's metrics, when the caller read them."""
     now = now or datetime.now(UTC)
     raw = kube.get_finetunejob(namespace, name)
     if raw is None or (raw.get("metadata") or {}).get("deletionTimestamp"):
         return None  # deleted: the garbage collector removes the children via ownerReferences
     previous = _previous_status(raw)
-    meta = raw.get("metadata") or {}
-    uid, generation = meta.get("uid") or "", int(meta.get("generation") or 0)
+    meta = ObjectMeta.model_validate(raw.get("metadata") or {})
     children = kube.children(namespace, name)
-
+    refusal: State | None = None
     try:
         job = FineTuneJob.model_validate({k: v for k, v in raw.items() if k != "status"})
     except ValidationError as exc:
         # The API server validates against the CRD, so this means the CRD is older than the
         # operator or was bypassed: report, create nothing, remove earlier runs.
-        run_id = make_run_id(uid, generation)
+        job = FineTuneJob.model_construct(metadata=meta, spec=None, status=previous)
+        run_id = make_run_id(meta.uid or "", meta.generation or 0)
+        refusal = State("InvalidSpec", "; ".join(describe_errors(exc, FineTuneJob)))
         observed = observe(run_id, children["jobs"], children["configmaps"], [])
-        decision = decide_unparseable(
-            uid,
-            generation,
-            previous,
-            observed.stale,
-            describe_errors(exc, FineTuneJob),
-            now,
+    else:
+        job = job.model_copy(update={"status": previous, "metadata": meta})
+        run_id = current_run_id(job, children["jobs"], children["configmaps"])
+        problems = policy_problems(job, settings)
+        if problems:
+            refusal = State("PolicyViolation", "; ".join(problems))
+        observed = observe(
+            run_id, children["jobs"], children["configmaps"], children["pods"], metrics_text, now
         )
-        return _apply(kube, raw, previous, decision, now)
-    job = job.model_copy(update={"status": previous, "metadata": ObjectMeta.model_validate(meta)})
-    problems = policy_problems(job, settings)
-    run_id = current_run_id(job, children["jobs"])
-    metrics_text = None
-    if read_progress and not problems:
-        pod = _running_pod(children["pods"], run_id)
-        if pod is not None:
-            metrics_text = kube.metrics(pod, _metrics_port(pod, settings.trainer_metrics_port))
-    observed = observe(
-        run_id, children["jobs"], children["configmaps"], children["pods"], metrics_text, now
-    )
-    decision = decide(job, observed, settings, now, problems, run_id)
+        if _needs_stored_result(job, observed, run_id):
+            stored = _stored_result(kube, job, run_id, read_result)
+            observed = replace(observed, result=stored)
+        if problems and observed.job is not None:
+            log.info(
+                "run %s of %s/%s started under an earlier policy; it finishes under it: %s",
+                run_id,
+                namespace,
+                name,
+                "; ".join(problems),
+            )
+    running = running_pod(children["pods"], run_id)
+    target = metrics_target(running, settings.trainer_metrics_port) if running else None
+
+    def attempt(decision: Decision) -> Outcome:
+        return _apply(kube, raw, previous, decision, now, target)
+
     try:
-        return _apply(kube, raw, previous, decision, now)
+        return attempt(decide(job, observed, settings, now, refusal=refusal, run_id=run_id))
     except Rejected as exc:
-        # The API server refused a child (e.g. an admission policy): report it like a bad spec.
-        decision = decide(job, observed, settings, now, [str(exc)], run_id)
+        # The API server or an admission policy refused a child built from the spec.
+        denied = State("AdmissionDenied", f"the API server refused the run: {exc}")
+        decision = decide(job, observed, settings, now, refusal=denied, run_id=run_id)
         decision.create.clear()
-        return _apply(kube, raw, previous, decision, now)
+        return attempt(decision)
+    except Misconfigured as exc:
+        # Not the user's doing: show it, keep the phase, and let the caller retry with backoff.
+        error = State(exc.reason, str(exc))
+        decision = decide(job, observed, settings, now, refusal=refusal, run_id=run_id, error=error)
+        decision.create.clear()
+        decision.delete.clear()
+        decision.set_suspend = None
+        with suppress(Retry):
+            attempt(decision)
+        raise
 
 
 def _apply(
@@ -171,6 +215,7 @@ def _apply(
     previous: FineTuneJobStatus,
     decision: Decision,
     now: datetime,
+    target: tuple[str, int] | None,
 ) -> Outcome:
     meta = raw["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -194,4 +239,4 @@ def _apply(
     if written:
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
-    return Outcome(before=previous, after=decision.status, status_written=written)
+    return Outcome(previous, decision.status, written, target)
