@@ -2,9 +2,14 @@
 
 No kube-apiserver can run here, so this applies the CRD's openAPIV3Schema the way the API server
 does, in its order: prune nulls from non-nullable fields, apply structural defaults, validate the
-schema (with kubectl's strict field validation: unknown fields are errors), then evaluate every
-`x-kubernetes-validations` CEL rule with a real CEL implementation (cel-python), with values typed
-by the schema as the API server types them (`number` fields are doubles even when written `0`).
+schema, then evaluate every `x-kubernetes-validations` CEL rule with a real CEL implementation
+(cel-python), with values typed by the schema as the API server types them (`number` fields are
+doubles even when written `0`).
+
+Unknown fields follow the request's `fieldValidation` (KEP-2885, GA in 1.27): `Strict` (what
+kubectl sends by default) rejects them; `Warn` (the server's default, so what client libraries
+get) and `Ignore` drop them, as structural-schema pruning does. The emulated cluster
+(cluster.py) applies this to every create, update and status write of a FineTuneJob.
 """
 
 from __future__ import annotations
@@ -35,6 +40,21 @@ def _prune_nulls(schema: dict[str, Any], value: Any) -> Any:
         return out
     if isinstance(value, list):
         return [_prune_nulls(schema.get("items", {}), v) for v in value]
+    return value
+
+
+def _prune_unknown(schema: dict[str, Any], value: Any) -> Any:
+    """Structural pruning: fields the schema does not declare are dropped."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props is None:
+            extra = schema.get("additionalProperties")
+            if isinstance(extra, dict):
+                return {k: _prune_unknown(extra, v) for k, v in value.items()}
+            return value  # e.g. metadata: an object with no declared fields keeps them all
+        return {k: _prune_unknown(props[k], v) for k, v in value.items() if k in props}
+    if isinstance(value, list):
+        return [_prune_unknown(schema.get("items", {}), v) for v in value]
     return value
 
 
@@ -110,15 +130,33 @@ class ApiServer:
         self.cel = celpy.Environment()
         self._programs: dict[str, Any] = {}
 
-    def admit(self, obj: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The object as it would be stored, and the errors that would reject it."""
-        stored = _apply_defaults(self.schema, _prune_nulls(self.schema, copy.deepcopy(obj)))
+    def admit(self, obj: dict[str, Any], strict: bool = True) -> tuple[dict[str, Any], list[str]]:
+        """The object as it would be stored, and the errors that would reject it. strict:
+        fieldValidation=Strict (unknown fields are errors) rather than pruned."""
+        stored = _prune_nulls(self.schema, copy.deepcopy(obj))
+        if not strict:
+            stored = _prune_unknown(self.schema, stored)
+        stored = _apply_defaults(self.schema, stored)
         errors = [
             f"{_path(e.absolute_path) or '<root>'}: {e.message}"
             for e in sorted(self.validator.iter_errors(stored), key=lambda e: list(e.absolute_path))
         ]
         if not errors:
             self._rules(self.schema, stored, [], errors)
+        return stored, errors
+
+    def admit_status(self, status: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """A status subresource write: only `.status` is validated (and pruned: the operator's
+        client sends no fieldValidation), as the API server does for /status."""
+        schema = self.schema["properties"]["status"]
+        stored = _apply_defaults(schema, _prune_unknown(schema, _prune_nulls(schema, status)))
+        validator = jsonschema.Draft4Validator(_strict(schema))
+        errors = [
+            f"status{'.' if e.absolute_path else ''}{_path(e.absolute_path)}: {e.message}"
+            for e in sorted(validator.iter_errors(stored), key=lambda e: list(e.absolute_path))
+        ]
+        if not errors:
+            self._rules(schema, stored, ["status"], errors)
         return stored, errors
 
     def rules_count(self) -> int:

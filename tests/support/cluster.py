@@ -8,8 +8,15 @@ patches. This layer adds what a real API server does on top (see ../shared/notes
 - equality-based label selectors (`a=b,c`) on list and watch;
 - the garbage collector: deleting an owner deletes its dependents (ownerReferences by uid),
   except with propagationPolicy=Orphan, which is also batch/v1 Jobs' default;
-- fault injection: the next N requests matching (verb, plural) answer an error status;
-- a per-(verb, plural) request counter, for the scale benchmark's API-writes figure.
+- fault injection: the next N requests matching (verb, plural) answer an error status, with the
+  message a real API server would give (e.g. the RBAC authorizer's 403 text);
+- a per-(verb, plural) request counter, for the scale benchmark's API-writes figure;
+- JSON as the API server decodes it: NaN and Infinity are not JSON (RFC 8259), so a body with
+  them is a 400 Bad Request, as from kube-apiserver's decoder;
+- the CRD's admission on every FineTuneJob create, update and status write (tests/support/
+  apiserver.py: prune, default, schema, CEL; 422 Invalid with the field errors), honouring
+  `fieldValidation` (Strict rejects unknown fields, the default prunes them). `stale_crd()`
+  turns it off, as if the cluster's CRD were older than the operator.
 
 It runs in a background thread with its own event loop, so tests, the test kubelet and the
 operator (a subprocess, or kopf in a thread) all talk to it over HTTP on 127.0.0.1.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import datetime
 import itertools
 import json
@@ -34,9 +42,14 @@ from typing import Any
 
 import aiohttp.web
 import kmock
+import yaml
 from kmock._internal import enums, rendering
 from kmock._internal.dsl import Reaction
 
+from tests.support.apiserver import ApiServer
+
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
+REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
 RESOURCES: dict[str, dict[str, Any]] = {
     "kubetune.dev/v1alpha1/finetunejobs": {
         "kind": "FineTuneJob",
@@ -61,6 +74,37 @@ class Fault:
     plural: str
     status: int
     remaining: int
+    message: str = ""
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"invalid character {name[0]!r} looking for beginning of value")
+
+
+def _strict_json(body: bytes) -> str | None:
+    """Why the API server's JSON decoder would refuse body, or None."""
+    try:
+        json.loads(body, parse_constant=_reject_constant)
+    except _NotJson as exc:
+        return str(exc)
+    except ValueError:
+        return None  # not JSON at all (or YAML): kmock answers that itself
+    return None
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch that turns old into new."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if key not in old or old[key] != value:
+            patch[key] = merge_patch(old.get(key), value)
+    return patch
 
 
 def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
@@ -90,6 +134,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.admission: ApiServer | None = ApiServer(yaml.safe_load(CRD_PATH.read_text()))
         self._versions = itertools.count(1)
         self.faults: list[Fault] = []
         self._in_flight: set[rendering.Request] = set()
@@ -140,19 +185,71 @@ class Emulator(kmock.KubernetesEmulator):
                 fault.remaining -= 1
                 return await self._render_error(
                     kmock.KubernetesError(
-                        status=fault.status, reason="Injected", message=f"injected {fault.status}"
+                        status=fault.status,
+                        reason=REASONS.get(fault.status, "Injected"),
+                        message=fault.message or f"injected {fault.status}",
                     )
+                )
+        if verb in ("create", "patch") and request.body:
+            problem = _strict_json(request.body)
+            if problem is not None:
+                return await self._render_error(
+                    kmock.KubernetesError(status=400, reason="BadRequest", message=problem)
                 )
         if verb == "create" and isinstance(request.data, dict):
             self._fill_metadata(request)
         elif verb == "patch" and isinstance(request.data, dict) and request.name:
             await self._prepare_patch(request)
+        if plural == "finetunejobs" and verb in ("create", "patch") and self.admission:
+            refused = await self._admit(request, verb)
+            if refused is not None:
+                return await self._render_error(refused)
         response = await super()._handle(request)
         if verb == "create" and response.status == 200 and not response.prepared:
             response.set_status(201)  # Created, as a real API server answers
         if verb == "delete" and request.name and response.status < 300:
             await self._collect_garbage(request)
         return response
+
+    async def _admit(self, request: rendering.Request, verb: str) -> kmock.KubernetesError | None:
+        """The CRD's admission; the request's body becomes what would be stored."""
+        assert self.admission is not None
+        if not isinstance(request.data, dict):
+            return None
+        strict = request.params.get("fieldValidation") == "Strict"
+        if verb == "create":
+            stored, errors = self.admission.admit(request.data, strict)
+            if not errors:
+                request.data.clear()
+                request.data.update(stored)
+        else:
+            key = (request.resource, request.namespace, request.name)
+            async with self._lock:
+                if key not in self.objects or self.objects[key].deleted:
+                    return None
+                current = copy.deepcopy(self.objects[key].raw)
+            if request.subresource == "status":
+                old = current.get("status") or {}
+                stored, errors = self.admission.admit_status(
+                    _merge(old, request.data.get("status") or {})
+                )
+                if not errors:
+                    request.data["status"] = merge_patch(old, stored)
+            else:
+                merged = _merge(current, {k: v for k, v in request.data.items() if k != "metadata"})
+                stored, errors = self.admission.admit(merged, strict)
+                if not errors:
+                    for key_ in ("spec",):
+                        if key_ in request.data or key_ in stored:
+                            request.data[key_] = merge_patch(current.get(key_), stored.get(key_))
+        if not errors:
+            return None
+        name = request.name or ((request.data.get("metadata") or {}).get("name"))
+        return kmock.KubernetesError(
+            status=422,
+            reason="Invalid",
+            message=f'FineTuneJob.kubetune.dev "{name}" is invalid: [{", ".join(errors)}]',
+        )
 
     def _forget_old_requests(self) -> None:
         """kmock keeps every request for assertions and matches each new one by scanning all
@@ -320,11 +417,23 @@ class Cluster:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
-    def inject(self, verb: str, plural: str, status: int, times: int = 1) -> Fault:
-        fault = Fault(verb, plural, status, times)
+    def inject(
+        self, verb: str, plural: str, status: int, times: int = 1, message: str = ""
+    ) -> Fault:
+        fault = Fault(verb, plural, status, times, message)
         assert self.emulator is not None
         self.emulator.faults.append(fault)
         return fault
+
+    @contextmanager
+    def stale_crd(self) -> Iterator[None]:
+        """No CRD admission meanwhile: as if the cluster's CRD were older than the operator."""
+        assert self.emulator is not None
+        saved, self.emulator.admission = self.emulator.admission, None
+        try:
+            yield
+        finally:
+            self.emulator.admission = saved
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(
@@ -361,6 +470,9 @@ PATHS = {
     "secrets": "/api/v1",
     "events": "/api/v1",
 }
+
+
+STRICT = "?fieldValidation=Strict"
 
 
 class Client:
@@ -403,12 +515,13 @@ class Client:
             raise
 
     def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", self.path(plural, namespace), body)
+        # As kubectl does: unknown fields are errors (fieldValidation=Strict).
+        return self.request("POST", self.path(plural, namespace) + STRICT, body)
 
     def patch(
         self, plural: str, namespace: str, name: str, body: dict[str, Any], status: bool = False
     ) -> dict[str, Any]:
-        path = self.path(plural, namespace, name) + ("/status" if status else "")
+        path = self.path(plural, namespace, name) + ("/status" if status else STRICT)
         return self.request("PATCH", path, body, "application/merge-patch+json")
 
     def delete(self, plural: str, namespace: str, name: str, policy: str = "Background") -> None:

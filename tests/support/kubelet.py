@@ -1,12 +1,26 @@
-"""A test "node": the batch/v1 Job controller and a kubelet, for the emulated API server.
+"""A test "node": the batch/v1 Job controller, the TTL-after-finished controller, a scheduler
+and a kubelet, for the emulated API server. Each behaviour is the real one's, cited:
 
-For every Job it sees it does what a cluster would: creates the pod (from the Job's template,
-owned by the Job), runs the pod's container command as a local subprocess, reports the pod
-Running with a pod IP, and when the process ends writes the container's termination message
-(the file at terminationMessagePath, or with FallbackToLogsOnError the log tail) and the pod and
-Job status: Complete; Failed by the podFailurePolicy (FailJob on exit codes, Ignore for
-DisruptionTarget); a new pod while failures stay within backoffLimit, else BackoffLimitExceeded;
-DeadlineExceeded after activeDeadlineSeconds; pods removed while the Job is suspended.
+- Job controller (kubernetes.io/docs/concepts/workloads/controllers/job/): creates the pod from
+  the template, owned by the Job; `status.active` counts every pod that is not terminal, Pending
+  ones included, and `ready` the Running ones. On success it first adds `SuccessCriteriaMet`
+  and, only once the pods are terminated and accounted for, `Complete` with `completionTime`; on
+  failure `FailureTarget` first, then `Failed` with the same reason (the documented order since
+  Kubernetes 1.31, "Terminal Job conditions"); `terminal_delay` is that window. Failures follow
+  the podFailurePolicy (FailJob on exit codes, Ignore for DisruptionTarget), then backoffLimit
+  (BackoffLimitExceeded); activeDeadlineSeconds gives DeadlineExceeded; a suspended Job's pods
+  are deleted.
+- TTL-after-finished controller (.../controllers/ttlafterfinished/): `ttlSecondsAfterFinished`
+  after the Complete or Failed condition, the Job is deleted with its pods (cascading).
+- Scheduler: a pod whose nodeSelector the node's labels do not match, or that asks for more of
+  an extended resource (nvidia.com/gpu) than the node has, stays Pending with
+  `PodScheduled=False`, reason `Unschedulable` and the scheduler's "0/1 nodes are available" text.
+- Kubelet: a scheduled pod is Pending (container waiting: ContainerCreating) until its
+  container starts; an image under an unpullable prefix waits in ErrImagePull/ImagePullBackOff
+  (they alternate, as the kubelet's back-off does); a Secret named by envFrom that does not exist
+  waits in CreateContainerConfigError `secret "NAME" not found` and starts once it exists. When
+  the process ends it writes the termination message (terminationMessagePath, or with
+  FallbackToLogsOnError the log tail) and the pod's terminated state.
 
 How a container becomes a process:
 - volumes: configMap volumes are written to a per-pod directory, emptyDirs are directories;
@@ -52,11 +66,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _condition(kind: str, reason: str, message: str = "") -> dict[str, Any]:
+def _condition(kind: str, reason: str, message: str = "", status: str = "True") -> dict[str, Any]:
     now = _now()
     return {
         "type": kind,
-        "status": "True",
+        "status": status,
         "reason": reason,
         "message": message,
         "lastProbeTime": now,
@@ -77,6 +91,9 @@ class PodRun:
     disrupted: bool = False
     killed: bool = False
     fake_result: dict[str, Any] | None = None
+    running: bool = False  # the container started (the pod is Running)
+    waiting: str = ""  # the waiting reason last reported while Pending
+    started_at: str = ""
 
 
 @dataclass
@@ -86,6 +103,9 @@ class JobState:
     active: PodRun | None = None
     started_at: float | None = None
     done: bool = False
+    # The terminal window: the condition to add (Complete or Failed) and when.
+    terminal: tuple[float, dict[str, Any], dict[str, Any]] | None = None
+    finished_at: float | None = None  # when Complete or Failed was added
 
 
 class Kubelet:
@@ -96,8 +116,21 @@ class Kubelet:
         env: dict[str, str] | None = None,
         fake_seconds: float | None = None,
         interval: float = 0.1,
+        terminal_delay: float = 1.0,
+        start_delay: float = 0.2,
+        node_labels: dict[str, str] | None = None,
+        gpus: int = 8,
+        unpullable: tuple[str, ...] = ("unreachable.example.com/",),
     ) -> None:
         self.api = Client(url)
+        self.terminal_delay = terminal_delay
+        self.start_delay = start_delay
+        self.node_labels = node_labels or {
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/hostname": "test-node",
+        }
+        self.gpus = gpus
+        self.unpullable = unpullable
         self.workdir = workdir
         self.env = env or {}
         self.fake_seconds = fake_seconds
@@ -124,7 +157,7 @@ class Kubelet:
 
     def running_pods(self) -> list[PodRun]:
         with self._lock:
-            return [s.active for s in self.jobs.values() if s.active is not None]
+            return [s.active for s in self.jobs.values() if s.active and s.active.running]
 
     def kill(self, pod_name: str, disruption: bool = False) -> None:
         """SIGKILL a pod's process, as an OOM kill (or, with disruption, a preemption) would."""
@@ -159,10 +192,19 @@ class Kubelet:
                 self._sync_job(self.jobs.setdefault(uid, JobState()), job)
 
     def _sync_job(self, state: JobState, job: dict[str, Any]) -> None:
-        if state.done:
-            return
         meta, spec = job["metadata"], job["spec"]
         ns = meta["namespace"]
+        if state.done:
+            self._finish_terminal(state, job)
+            ttl = spec.get("ttlSecondsAfterFinished")
+            if (
+                ttl is not None
+                and state.finished_at is not None
+                and time.monotonic() - state.finished_at >= float(ttl)
+            ):
+                # The TTL-after-finished controller deletes the Job cascadingly.
+                self.api.delete("jobs", ns, meta["name"], policy="Foreground")
+            return
         if spec.get("suspend"):
             if state.active is not None:
                 self._kill(state.active)
@@ -186,17 +228,23 @@ class Kubelet:
         if state.active is None:
             self._start_pod(state, job)
             return
+        if not state.active.running:
+            self._try_to_run(state.active, job)
+            return
         exit_code = self._exit_code(state.active)
         if exit_code is None:
             return
         run, state.active = state.active, None
         self._finish_pod(run, exit_code, "Completed" if exit_code == 0 else "Error")
         if exit_code == 0:
-            state.done = True
             self._job_status(
                 job,
-                {"active": 0, "ready": 0, "succeeded": 1, "completionTime": _now()},
+                {"active": 0, "ready": 0, "succeeded": 1},
                 _condition("SuccessCriteriaMet", "CompletionsReached"),
+            )
+            self._terminal(
+                state,
+                {"completionTime": None},
                 _condition(
                     "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
                 ),
@@ -225,13 +273,27 @@ class Kubelet:
             )
 
     def _fail(self, state: JobState, job: dict[str, Any], reason: str, message: str) -> None:
-        state.done = True
         self._job_status(
             job,
             {"active": 0, "ready": 0, "failed": max(state.failed, 1)},
             _condition("FailureTarget", reason, message),
-            _condition("Failed", reason, message),
         )
+        self._terminal(state, {}, _condition("Failed", reason, message))
+
+    def _terminal(self, state: JobState, fields: dict[str, Any], cond: dict[str, Any]) -> None:
+        """The terminal condition comes once the pods are accounted for: terminal_delay later."""
+        state.done = True
+        state.terminal = (time.monotonic() + self.terminal_delay, fields, cond)
+
+    def _finish_terminal(self, state: JobState, job: dict[str, Any]) -> None:
+        if state.terminal is None or time.monotonic() < state.terminal[0]:
+            return
+        _, fields, cond = state.terminal
+        state.terminal = None
+        now = _now()
+        cond = {**cond, "lastProbeTime": now, "lastTransitionTime": now}
+        self._job_status(job, {k: v or now for k, v in fields.items()}, cond)
+        state.finished_at = time.monotonic()
 
     def _job_status(
         self, job: dict[str, Any], fields: dict[str, Any], *conds: dict[str, Any]
@@ -257,17 +319,16 @@ class Kubelet:
     # -- pods -----------------------------------------------------------------------------
 
     def _start_pod(self, state: JobState, job: dict[str, Any]) -> None:
+        """Create the pod; it is Pending (and counted active) until its container starts."""
         meta = job["metadata"]
         ns = meta["namespace"]
         template = job["spec"]["template"]
         state.pods += 1
         pod_name = f"{meta['name']}-{state.pods}"
         spec = json.loads(json.dumps(template["spec"]))
-        container = spec["containers"][0]
-        port = _free_port()
-        for p in container.get("ports") or []:
+        for p in spec["containers"][0].get("ports") or []:
             if p.get("name") == "metrics":
-                p["containerPort"] = port
+                p["containerPort"] = _free_port()  # a hostPort-like mapping on the shared node
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -294,45 +355,121 @@ class Kubelet:
         self.api.create("pods", ns, pod)
         run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name)
         run.directory.mkdir(parents=True, exist_ok=True)
+        state.active = run
+        if state.started_at is None:
+            state.started_at = time.monotonic()
+        self._pod_status(run, {"phase": "Pending"})
+        fields: dict[str, Any] = {"active": 1, "ready": 0}
+        if not (job.get("status") or {}).get("startTime"):
+            fields["startTime"] = _now()
+        self._job_status(job, fields)
+
+    def _blocker(self, run: PodRun, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The Pending pod status that keeps the container from starting, if any."""
+        container = spec["containers"][0]
+        selector = spec.get("nodeSelector") or {}
+        unschedulable = None
+        if any(self.node_labels.get(k) != v for k, v in selector.items()):
+            unschedulable = "1 node(s) didn't match Pod's node affinity/selector"
+        for resource, amount in ((container.get("resources") or {}).get("limits") or {}).items():
+            if resource.endswith("/gpu") and int(amount) > self.gpus:
+                unschedulable = f"1 Insufficient {resource}"
+        if unschedulable:
+            message = (
+                f"0/1 nodes are available: {unschedulable}. preemption: 0/1 nodes are "
+                "available: 1 Preemption is not helpful for scheduling."
+            )
+            return {
+                "phase": "Pending",
+                "conditions": [_condition("PodScheduled", "Unschedulable", message, "False")],
+            }
+        waiting = None
+        image = container.get("image", "")
+        if image.startswith(self.unpullable):
+            reason = "ImagePullBackOff" if run.waiting == "ErrImagePull" else "ErrImagePull"
+            waiting = {"reason": reason, "message": f'Back-off pulling image "{image}"'}
+        for source in container.get("envFrom") or []:
+            ref = source.get("secretRef")
+            if (
+                waiting is None
+                and ref
+                and not ref.get("optional")
+                and self.api.get("secrets", run.namespace, ref["name"]) is None
+            ):
+                message = f'secret "{ref["name"]}" not found'
+                waiting = {"reason": "CreateContainerConfigError", "message": message}
+        if waiting is None:
+            return None
+        return {
+            "phase": "Pending",
+            "conditions": [_condition("PodScheduled", "Scheduled")],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": waiting},
+                }
+            ],
+        }
+
+    def _try_to_run(self, run: PodRun, job: dict[str, Any]) -> None:
+        pod = self.api.get("pods", run.namespace, run.name)
+        if pod is None:
+            return
+        spec = pod["spec"]
+        blocked = self._blocker(run, spec)
+        if blocked is not None:
+            reason = (
+                ((blocked.get("containerStatuses") or [{}])[0].get("state") or {})
+                .get("waiting", {})
+                .get("reason")
+            ) or "Unschedulable"
+            if reason != run.waiting:
+                run.waiting = reason
+                self._pod_status(run, blocked)
+            return
+        if time.monotonic() - run.started < self.start_delay:
+            return
+        container = spec["containers"][0]
+        port = next(
+            (p["containerPort"] for p in container.get("ports") or [] if p["name"] == "metrics"),
+            _free_port(),
+        )
+        run.started = time.monotonic()
         if self.fake_seconds is None:
             self._run_container(run, container, spec, port)
         else:
-            run_id = (template.get("metadata") or {}).get("labels", {}).get("kubetune.dev/run-id")
+            labels = (job["spec"]["template"].get("metadata") or {}).get("labels", {})
             run.fake_result = {
-                "runId": run_id,
+                "runId": labels.get("kubetune.dev/run-id"),
                 "outcome": "Succeeded",
                 "exitCode": 0,
                 "message": "fake trainer: done",
                 "steps": 10,
             }
-        state.active = run
-        if state.started_at is None:
-            state.started_at = time.monotonic()
-        self.api.patch(
-            "pods",
-            ns,
-            pod_name,
+        run.running, run.started_at = True, _now()
+        self._pod_status(
+            run,
             {
-                "status": {
-                    "phase": "Running",
-                    "podIP": "127.0.0.1",
-                    "startTime": _now(),
-                    "containerStatuses": [
-                        {
-                            "name": container["name"],
-                            "ready": True,
-                            "restartCount": 0,
-                            "state": {"running": {"startedAt": _now()}},
-                        }
-                    ],
-                }
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "startTime": run.started_at,
+                "conditions": [_condition("PodScheduled", "Scheduled")],
+                "containerStatuses": [
+                    {
+                        "name": container["name"],
+                        "ready": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": run.started_at}},
+                    }
+                ],
             },
-            status=True,
         )
-        fields: dict[str, Any] = {"active": 1, "ready": 1}
-        if not (job.get("status") or {}).get("startTime"):
-            fields["startTime"] = _now()
-        self._job_status(job, fields)
+        self._job_status(job, {"active": 1, "ready": 1})
+
+    def _pod_status(self, run: PodRun, status: dict[str, Any]) -> None:
+        self.api.patch("pods", run.namespace, run.name, {"status": status}, status=True)
 
     def _volumes(
         self, run: PodRun, spec: dict[str, Any], container: dict[str, Any]
@@ -446,6 +583,7 @@ class Kubelet:
                                     if exit_code < 0 and not run.disrupted
                                     else reason,
                                     "message": message,
+                                    "startedAt": run.started_at or None,
                                     "finishedAt": _now(),
                                 }
                             },

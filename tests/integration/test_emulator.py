@@ -1,0 +1,228 @@
+"""The emulated cluster itself: each behaviour it was taught behaves as the real one it cites
+(tests/support/cluster.py, apiserver.py, kubelet.py). No operator here: raw requests and Jobs,
+and the node's fake trainer, so each test takes a second or two."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import valid_job
+from tests.support.cluster import TEST_AGENT, Client, Cluster, running_cluster
+from tests.support.kubelet import Kubelet
+from tests.support.specs import override
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Client, Kubelet]]:
+    with running_cluster() as cluster:
+        kubelet = Kubelet(
+            cluster.url, tmp_path_factory.mktemp("node"), fake_seconds=0.5, terminal_delay=1.5
+        ).start()
+        try:
+            yield cluster, Client(cluster.url), kubelet
+        finally:
+            kubelet.stop()
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job(ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [{"name": "trainer", "image": "trainer:test", "command": ["true"]}],
+    }
+    pod_spec.update(spec.pop("pod", {}))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}, **spec},
+    }
+
+
+def _conditions(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+
+
+def _pods(api: Client, ns: str, job: str) -> list[dict[str, Any]]:
+    return [p for p in api.list("pods", ns) if p["metadata"]["labels"].get("job-name") == job]
+
+
+def _raw(cluster: Cluster, method: str, path: str, body: bytes, ctype: str) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        cluster.url + path,
+        data=body,
+        method=method,
+        headers={"Content-Type": ctype, "User-Agent": TEST_AGENT},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _ftj(ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    doc = valid_job()
+    doc["metadata"] = {"name": name, "namespace": ns}
+    override(doc["spec"], **spec)
+    return doc
+
+
+# -- the API server -------------------------------------------------------------------------
+
+
+def test_nan_is_not_json_and_is_a_400(node: tuple[Cluster, Client, Kubelet]) -> None:
+    cluster, api, _ = node
+    api.create("finetunejobs", "emu-nan", _ftj("emu-nan", "a"))
+    path = api.path("finetunejobs", "emu-nan", "a") + "/status"
+    body = b'{"status": {"progress": {"step": 1, "loss": NaN}}}'
+    code, answer = _raw(cluster, "PATCH", path, body, "application/merge-patch+json")
+    assert code == 400 and answer["reason"] == "BadRequest"
+    assert "invalid character 'N'" in answer["message"]
+
+
+def test_finetunejobs_are_admitted_by_the_crd(node: tuple[Cluster, Client, Kubelet]) -> None:
+    cluster, api, _ = node
+    ns = "emu-admission"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api.create("finetunejobs", ns, _ftj(ns, "typo", method__type="lorra"))
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 422 and answer["reason"] == "Invalid"
+    assert "spec.method.type" in answer["message"]
+    # Defaults are applied on create, as the structural schema's defaults are.
+    created = api.create("finetunejobs", ns, _ftj(ns, "ok"))
+    assert created["spec"]["backoffLimit"] == 3 and created["metadata"]["generation"] == 1
+    # kubectl (fieldValidation=Strict) gets an error for an unknown field...
+    with pytest.raises(urllib.error.HTTPError) as strict:
+        api.patch("finetunejobs", ns, "ok", {"spec": {"learning_rate": 0.1}})
+    assert (
+        strict.value.code == 422 and "learning_rate" in json.loads(strict.value.read())["message"]
+    )
+    # ...a client that sends no fieldValidation (the server's default, Warn) has it pruned.
+    path = api.path("finetunejobs", ns, "ok")
+    body = json.dumps({"spec": {"learning_rate": 0.1, "suspend": True}}).encode()
+    code, stored = _raw(cluster, "PATCH", path, body, "application/merge-patch+json")
+    assert code == 200 and "learning_rate" not in stored["spec"] and stored["spec"]["suspend"]
+    # The status subresource is validated too: a phase the schema does not know is refused.
+    code, answer = _raw(
+        cluster,
+        "PATCH",
+        path + "/status",
+        b'{"status": {"phase": "Flickering"}}',
+        "application/merge-patch+json",
+    )
+    assert code == 422 and "status.phase" in answer["message"]
+    # With a stale CRD (no schema for this field yet) the same typo is stored as written.
+    with cluster.stale_crd():
+        api.create("finetunejobs", ns, _ftj(ns, "stale", method__type="lorra"))
+    assert api.get("finetunejobs", ns, "stale")["spec"]["method"]["type"] == "lorra"
+
+
+def test_an_injected_refusal_carries_the_real_message(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    cluster, api, _ = node
+    rbac = 'configmaps is forbidden: User "system:serviceaccount:kt:kt" cannot create resource "configmaps"'
+    cluster.inject("create", "configmaps", 403, message=rbac)
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api.create("configmaps", "emu-403", body)
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 403 and answer["reason"] == "Forbidden"
+    assert answer["message"] == rbac
+
+
+# -- the Job controller, the TTL controller, the scheduler and the kubelet -------------------
+
+
+def test_job_conditions_come_in_the_real_order(node: tuple[Cluster, Client, Kubelet]) -> None:
+    _, api, _ = node
+    ns = "emu-order"
+    api.create("jobs", ns, _job(ns, "ok"))
+    interim = _wait(
+        "SuccessCriteriaMet", lambda: "SuccessCriteriaMet" in _conditions(api.get("jobs", ns, "ok"))
+    )
+    job = api.get("jobs", ns, "ok")
+    assert "Complete" not in _conditions(job) and "completionTime" not in job["status"], interim
+    assert job["status"]["succeeded"] == 1 and job["status"]["active"] == 0
+    _wait("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "ok")))
+    assert api.get("jobs", ns, "ok")["status"]["completionTime"]
+
+
+def test_failure_target_comes_before_failed(node: tuple[Cluster, Client, Kubelet]) -> None:
+    _, api, _ = node
+    ns = "emu-failure"
+    api.create("jobs", ns, _job(ns, "slow", activeDeadlineSeconds=0))
+    _wait("FailureTarget", lambda: "FailureTarget" in _conditions(api.get("jobs", ns, "slow")))
+    assert "Failed" not in _conditions(api.get("jobs", ns, "slow"))
+    failed = _wait("Failed", lambda: _conditions(api.get("jobs", ns, "slow")).get("Failed"))
+    assert failed["reason"] == "DeadlineExceeded"
+
+
+def test_a_finished_job_is_deleted_after_its_ttl(node: tuple[Cluster, Client, Kubelet]) -> None:
+    _, api, _ = node
+    ns = "emu-ttl"
+    api.create("jobs", ns, _job(ns, "short", ttlSecondsAfterFinished=0))
+    _wait("the pod", lambda: _pods(api, ns, "short"))
+    _wait("the Job to be deleted", lambda: api.get("jobs", ns, "short") is None)
+    _wait("its pods to go with it", lambda: not _pods(api, ns, "short"))
+
+
+# fmt: off
+WAITING = [
+    pytest.param({"nodeSelector": {"gpu": "h100"}}, "Unschedulable", "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector", id="node-selector"),
+    pytest.param({"containers": [{"name": "trainer", "image": "t", "command": ["true"], "resources": {"limits": {"nvidia.com/gpu": "16"}}}]}, "Unschedulable", "1 Insufficient nvidia.com/gpu", id="too-many-gpus"),
+    pytest.param({"containers": [{"name": "trainer", "image": "unreachable.example.com/t:1", "command": ["true"]}]}, "ImagePullBackOff", 'Back-off pulling image "unreachable.example.com/t:1"', id="image-pull"),
+    pytest.param({"containers": [{"name": "trainer", "image": "t", "command": ["true"], "envFrom": [{"secretRef": {"name": "creds"}}]}]}, "CreateContainerConfigError", 'secret "creds" not found', id="missing-secret"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("pod", "reason", "message"), WAITING)
+def test_pods_that_cannot_start_stay_pending_and_say_why(
+    node: tuple[Cluster, Client, Kubelet], pod: dict[str, Any], reason: str, message: str
+) -> None:
+    _, api, _ = node
+    ns = f"emu-wait-{reason.lower()}"[:40]
+    name = f"w{abs(hash(json.dumps(pod))) % 10000}"
+    api.create("jobs", ns, _job(ns, name, pod=pod))
+
+    def why() -> tuple[str, str] | None:
+        pods = _pods(api, ns, name)
+        status = (pods[0].get("status") or {}) if pods else {}
+        for cond in status.get("conditions") or []:
+            if cond["type"] == "PodScheduled" and cond["status"] == "False":
+                return cond["reason"], cond["message"]
+        for c in status.get("containerStatuses") or []:
+            waiting = c["state"].get("waiting")
+            if waiting and waiting["reason"] == reason:
+                return waiting["reason"], waiting["message"]
+        return None
+
+    got = _wait(f"{reason}", why)
+    assert got[0] == reason and message in got[1]
+    time.sleep(0.5)
+    (pending,) = _pods(api, ns, name)
+    assert pending["status"]["phase"] == "Pending"
+    job = api.get("jobs", ns, name)
+    assert (job["status"]["active"], job["status"]["ready"]) == (1, 0)  # Pending counts active
+    if reason == "CreateContainerConfigError":  # the kubelet retries: the Secret appears, it runs
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": {}}
+        api.create("secrets", ns, secret)
+        _wait("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, name)))
