@@ -10,7 +10,7 @@ import pytest
 from kubetune.codegen.crd import crd
 from tests.support import s3
 from tests.support.apiserver import ApiServer
-from tests.support.tiny import build_tiny_model, task_records, write_jsonl
+from tests.support.tiny import build_tiny_model, poison, task_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +62,9 @@ def s3_env(s3_server: s3.S3Server, monkeypatch: pytest.MonkeyPatch) -> s3.S3Serv
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def nan_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """The tiny model with NaN embeddings: training on it diverges at once."""
+    return poison(tiny_model, tmp_path_factory.mktemp("nan") / "model")

@@ -4,6 +4,7 @@ promtool, the dashboard drawing only metrics that exist."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
+from kubetune.controller.kube import CLUSTER_PERMISSIONS, PERMISSIONS
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT
@@ -86,6 +88,7 @@ NAMESPACED_RULES = [
         "verbs": ["get", "list", "watch", "patch"],
     },
     {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
+    {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
@@ -94,6 +97,7 @@ NAMESPACED_RULES = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
 
 
@@ -123,12 +127,76 @@ def test_namespaced_mode_has_roles_only() -> None:
     assert json.loads(env["KUBETUNE_NAMESPACES"]) == ["ml", "research"]
 
 
-def test_no_rule_grants_secrets_or_wildcards() -> None:
+def _roles(*args: str) -> list[dict[str, Any]]:
+    docs = render(*args)
+    return [*by_kind(docs, "ClusterRole"), *by_kind(docs, "Role")]
+
+
+def test_secrets_are_only_read_one_by_name_and_can_be_turned_off() -> None:
     for mode in MODES.values():
-        for role in [*by_kind(render(*mode), "ClusterRole"), *by_kind(render(*mode), "Role")]:
+        for role in _roles(*mode):
             for rule in role["rules"]:
-                assert "secrets" not in rule["resources"]
                 assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
+                if "secrets" in rule["resources"]:
+                    assert rule["verbs"] == ["get"]  # never list or watch
+        for role in _roles(*mode, "--set", "readStorageSecrets=false"):
+            assert not [r for r in role["rules"] if "secrets" in r["resources"]]
+
+
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_chart_grants_every_permission_the_operator_uses(mode: str) -> None:
+    wanted = {(g, r, v) for g, r, verbs in PERMISSIONS for v in verbs}
+    if mode == "cluster-wide":
+        wanted |= {(g, r, v) for g, r, verbs in CLUSTER_PERMISSIONS for v in verbs}
+    for role in _roles(*MODES[mode]):
+        assert wanted <= _granted(role), wanted - _granted(role)
+
+
+# kubernetes client method -> (group, resource, verb), for every call kube.py makes.
+CLIENT_CALLS = {
+    "get_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "get"),
+    "patch_namespaced_custom_object_status": ("kubetune.dev", "finetunejobs/status", "patch"),
+    "list_namespaced_job": ("batch", "jobs", "list"),
+    "create_namespaced_job": ("batch", "jobs", "create"),
+    "read_namespaced_job": ("batch", "jobs", "get"),
+    "delete_namespaced_job": ("batch", "jobs", "delete"),
+    "patch_namespaced_job": ("batch", "jobs", "patch"),
+    "list_namespaced_config_map": ("", "configmaps", "list"),
+    "create_namespaced_config_map": ("", "configmaps", "create"),
+    "read_namespaced_config_map": ("", "configmaps", "get"),
+    "delete_namespaced_config_map": ("", "configmaps", "delete"),
+    "list_namespaced_pod": ("", "pods", "list"),
+    "read_namespaced_secret": ("", "secrets", "get"),
+    "create_namespaced_event": ("", "events", "create"),
+}
+
+
+def test_every_api_call_in_kube_py_is_a_declared_permission() -> None:
+    """PERMISSIONS is not a list someone keeps by hand: every client call kube.py makes is in it
+    (and the chart grants it, above). A new call without a permission fails here."""
+    source = (ROOT / "operator" / "kubetune" / "controller" / "kube.py").read_text()
+    calls = {
+        node.attr
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr in ("core", "batch", "custom")
+    }
+    assert calls, "no client calls found: the scan is broken"
+    unknown = calls - set(CLIENT_CALLS)
+    assert not unknown, f"map these client calls to a permission: {unknown}"
+    declared = {(g, r, v) for g, r, verbs in PERMISSIONS for v in verbs}
+    assert {CLIENT_CALLS[c] for c in calls} <= declared
 
 
 def _env(docs: list[dict[str, Any]]) -> dict[str, str]:

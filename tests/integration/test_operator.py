@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.error import HTTPError
 from urllib.request import urlopen
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api import TrainerResult
@@ -133,9 +135,14 @@ def test_killed_pod_is_retried_and_resumes(platform: Platform, ns: str) -> None:
 
 
 def test_invalid_spec(platform: Platform, ns: str) -> None:
-    # The emulator has no CRD schema, so this reaches the operator as it would with a stale CRD.
     doc = platform.job(ns, "typo", method__type="lorra")
-    platform.apply(doc)
+    # The API server refuses it against the CRD's schema, naming the field...
+    with pytest.raises(HTTPError) as refused:
+        platform.apply(doc)
+    assert refused.value.code == 422 and "spec.method.type" in refused.value.read().decode()
+    # ...so only a cluster whose CRD is older than the operator lets it through to the operator.
+    with platform.cluster.stale_crd():
+        platform.apply(doc)
     status = platform.wait_phase(ns, "typo", "Failed", timeout=30)
     failed = _condition(status, "Failed")
     assert failed["reason"] == "InvalidSpec"
@@ -154,7 +161,7 @@ def test_policy_violation(platform: Platform, ns: str) -> None:
     platform.apply(doc)
     status = platform.wait_phase(ns, "greedy", "Failed", timeout=30)
     failed = _condition(status, "Failed")
-    assert failed["reason"] == "InvalidSpec"
+    assert failed["reason"] == "PolicyViolation"
     assert "spec.image" in failed["message"] and ALLOWED_IMAGE in failed["message"]
     assert "spec.resources.gpus" in failed["message"]
     _assert_quiet(platform, ns, "greedy")

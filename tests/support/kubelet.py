@@ -170,6 +170,17 @@ class Kubelet:
                     return
         raise KeyError(pod_name)
 
+    def freeze(self, pod_name: str, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) a pod's process: alive, but answering nothing, as a trainer
+        stuck in a long step or a node under memory pressure; its metrics scrapes time out."""
+        with self._lock:
+            for state in self.jobs.values():
+                run = state.active
+                if run is not None and run.name == pod_name and run.process is not None:
+                    os.killpg(run.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+                    return
+        raise KeyError(pod_name)
+
     # -- the loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -86,3 +86,20 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def poison(model_dir: Path, target: Path) -> Path:
+    """A copy of a saved model whose embeddings are NaN: every loss is NaN from the first step,
+    as when training has diverged (the way to test what the trainer does then)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, target)
+    weights = target / "model.safetensors"
+    tensors = load_file(weights)
+    for name, tensor in tensors.items():
+        if "embed" in name:
+            tensor.fill_(float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return target

@@ -11,6 +11,7 @@ import yaml
 
 from kubetune.api import ExitCode
 from kubetune.cli import main
+from tests.support.tiny import task_records, write_jsonl
 from tests.trainer.conftest import job_manifest
 
 GOOD = {
@@ -66,5 +67,25 @@ def test_bad_input_is_one_clear_line(
     reported = [line for line in (captured.out + captured.err).splitlines() if message in line]
     assert len(reported) == 1, captured.out + captured.err
     assert "Traceback" not in captured.out + captured.err
+    written = [p.name for p in out.rglob("*")] if out.exists() else []
+    assert "manifest.json" not in written and "latest.json" not in written
+
+
+def test_a_diverging_loss_stops_the_run_with_its_own_verdict(
+    nan_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN loss is a verdict (exit code 5, Diverged), not a run that trains on garbage."""
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, task_records(60))
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_manifest(nan_model, data, out.as_uri())))
+    flags = ["--set", "spec.hyperparameters.maxSteps=5"]
+    code = main(["run", str(job), "--workdir", str(tmp_path / "work"), *flags])
+    assert code == ExitCode.DIVERGED
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "training diverged at step 1: the loss is nan" in text, text
+    assert "learningRate" in text and "Traceback" not in text
     written = [p.name for p in out.rglob("*")] if out.exists() else []
     assert "manifest.json" not in written and "latest.json" not in written

@@ -139,7 +139,10 @@ def evaluate(
             values.update(score(generations, [ex.completion for ex in examples], spec.metrics))
     finally:
         model.train(was_training)
+    # A model whose loss is NaN or infinite has no value for these metrics (and a gate on them
+    # fails); JSON, the status and the termination message have no NaN.
+    finite = {m: v for m, v in values.items() if math.isfinite(v)}
     # score() and the loss use the metrics' API names, which are EvalMetrics' field aliases.
     return EvalOutput(
-        EvalMetrics.model_validate({m: values.get(m) for m in spec.metrics}), generations
+        EvalMetrics.model_validate({m: finite.get(m) for m in spec.metrics}), generations
     )

@@ -44,6 +44,11 @@ app.kubernetes.io/managed-by: kubetune-operator
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+{{- /* blockOwnerDeletion on the children needs this where OwnerReferencesPermissionEnforcement
+       is on (OpenShift). */}}
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -56,4 +61,9 @@ app.kubernetes.io/managed-by: kubetune-operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.readStorageSecrets }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
 {{- end -}}

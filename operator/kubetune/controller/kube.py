@@ -36,20 +36,24 @@ RETRYABLE = {409, 429, 500, 502, 503, 504}
 COMPONENT = MANAGED_BY  # the Events' reporting component
 _RAISE = object()
 
-# (API group, resource, verbs): every permission the operator uses, kopf's included (watching
-# FineTuneJobs and Jobs, its annotations on FineTuneJobs, Namespaces when cluster-wide). Updating
+# (API group, resource, verbs): every permission the operator uses in a watched namespace, kopf's
+# included (watching FineTuneJobs and Jobs, its annotations on FineTuneJobs). Updating
 # finetunejobs/finalizers is what lets children set blockOwnerDeletion on clusters with the
-# OwnerReferencesPermissionEnforcement admission plugin (OpenShift).
+# OwnerReferencesPermissionEnforcement admission plugin (OpenShift). Secrets: `get` of the one a
+# FineTuneJob names, to read result.json when its pod is gone (optional; see results.py).
 PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, PLURAL, ("get", "list", "watch", "patch")),
-    (GROUP, f"{PLURAL}/status", ("get", "patch")),
+    (GROUP, f"{PLURAL}/status", ("patch",)),
     (GROUP, f"{PLURAL}/finalizers", ("update",)),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete", "patch")),
     ("", "configmaps", ("get", "list", "create", "delete")),
     ("", "pods", ("list",)),
     ("", "secrets", ("get",)),
     ("", "events", ("create",)),
-    ("", "namespaces", ("list", "watch")),  # cluster-wide only (kopf's namespace scanning)
+)
+# Cluster-wide only: kopf discovers the FineTuneJob CRD (it does not scan namespaces then).
+CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch")),
 )
 
 
