@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from kubetune.api import (
     RUN_ID_LENGTH,
@@ -25,9 +24,8 @@ from kubetune.api import (
     FineTuneJob,
     TrainerConfig,
     TrainerResult,
-    describe_errors,
 )
-from kubetune.manifests import Loader, load_manifests
+from kubetune.manifests import Document, Loader, read_documents, validate_document
 
 
 class UsageError(Exception):
@@ -88,31 +86,32 @@ def local_run_id(job: FineTuneJob) -> str:
 
 
 def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTuneJob:
-    """The one FineTuneJob of the file (or the one named), overridden, then validated."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        raw_docs = list(yaml.load_all(text, Loader=Loader))
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValidationProblems([p for d in load_manifests(path) for p in d.problems]) from exc
-    jobs = [d for d in raw_docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    """The one FineTuneJob of the file (or the one named), overridden, then validated by the
+    same loader as `kubetune validate`: the same problems, with file and line."""
+    raw = read_documents(path)
+    if isinstance(raw, Document):
+        if raw.problems and raw.problems[0].endswith("no such file"):
+            raise UsageError(f"{path}: cannot read: no such file")
+        raise ValidationProblems(raw.problems)
+    jobs = [r for r in raw if isinstance(r.data, dict) and r.data.get("kind") == "FineTuneJob"]
     if name:
-        jobs = [d for d in jobs if (d.get("metadata") or {}).get("name") == name]
+        jobs = [r for r in jobs if (r.data.get("metadata") or {}).get("name") == name]
     if not jobs:
         raise UsageError(f"{path}: no FineTuneJob{f' named {name!r}' if name else ''} in this file")
     if len(jobs) > 1:
         raise UsageError(f"{path}: {len(jobs)} FineTuneJobs in this file; choose one with --name")
-    raw = jobs[0]
+    (chosen,) = jobs
     apply_overrides(
-        raw, overrides["sets"], overrides["model"], overrides["dataset"], overrides["output"]
+        chosen.data,
+        overrides["sets"],
+        overrides["model"],
+        overrides["dataset"],
+        overrides["output"],
     )
-    try:
-        return FineTuneJob.model_validate(raw)
-    except ValidationError as exc:
-        raise ValidationProblems(
-            [f"{path}: {p}" for p in describe_errors(exc, FineTuneJob)]
-        ) from exc
+    doc = validate_document(chosen.data, chosen.node, chosen.doc)
+    if doc.problems or doc.job is None:
+        raise ValidationProblems(doc.problems)
+    return doc.job
 
 
 class ValidationProblems(Exception):

@@ -95,28 +95,44 @@ def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Docum
     return doc
 
 
-def load_manifests(path: str | Path) -> list[Document]:
-    """Every document of a YAML file, validated. Problems name the file, line and field."""
+@dataclass
+class RawDocument:
+    """One YAML document as read: its data, its node (for line numbers) and where it is."""
+
+    data: Any
+    node: yaml.Node | None
+    doc: Document
+
+
+def read_documents(path: str | Path) -> list[RawDocument] | Document:
+    """The documents of a YAML file, or one Document whose problem says why it cannot be read."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return [Document(source, 0, 0, problems=[f"{source}: no such file"])]
+        return Document(source, 0, 0, problems=[f"{source}: no such file"])
     except (OSError, UnicodeDecodeError) as exc:
-        return [Document(source, 0, 0, problems=[f"{source}: cannot read: {exc}"])]
+        return Document(source, 0, 0, problems=[f"{source}: cannot read: {exc}"])
     try:
         nodes = list(yaml.compose_all(text, Loader=Loader))
         datas = list(yaml.load_all(text, Loader=Loader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        return [Document(source, 0, 0, problems=[f"{where}: invalid YAML: {exc}".splitlines()[0]])]
-    docs = []
-    for index, (node, data) in enumerate(zip(nodes, datas, strict=True)):
-        if data is None:
-            continue
-        line = node.start_mark.line + 1 if node is not None else 1
-        docs.append(validate_document(data, node, Document(source, index, line)))
+        return Document(source, 0, 0, problems=[f"{where}: invalid YAML: {exc}".splitlines()[0]])
+    return [
+        RawDocument(data, node, Document(source, index, node.start_mark.line + 1 if node else 1))
+        for index, (node, data) in enumerate(zip(nodes, datas, strict=True))
+        if data is not None
+    ]
+
+
+def load_manifests(path: str | Path) -> list[Document]:
+    """Every document of a YAML file, validated. Problems name the file, line and field."""
+    raw = read_documents(path)
+    if isinstance(raw, Document):
+        return [raw]
+    docs = [validate_document(r.data, r.node, r.doc) for r in raw]
     if not docs:
-        docs.append(Document(source, 0, 1, problems=[f"{source}: no {KIND} in this file"]))
+        docs.append(Document(str(path), 0, 1, problems=[f"{path}: no {KIND} in this file"]))
     return docs

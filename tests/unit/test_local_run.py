@@ -62,3 +62,24 @@ def test_run_id_follows_the_spec() -> None:
     set_path(changed, "spec.hyperparameters.epochs", 5)
     assert local_run_id(job) == local_run_id(FineTuneJob.model_validate(valid_job()))
     assert local_run_id(job) != local_run_id(FineTuneJob.model_validate(changed))
+
+
+def test_run_and_validate_report_a_bad_field_the_same_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One loader for both: the same problem line, with the file and the line of the field."""
+    import yaml
+
+    from kubetune.cli import main
+
+    doc = valid_job()
+    doc["spec"]["method"] = {"type": "lorra"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["validate", str(path)]) == 2
+    validated = capsys.readouterr().err.strip().splitlines()
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 2
+    ran = capsys.readouterr().err.strip().splitlines()
+    assert ran == validated and len(ran) == 1
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "lorra" in text)
+    assert ran[0].startswith(f"{path}:{line}: spec.method.type")
