@@ -21,6 +21,7 @@ from kubetune.api import (
     FineTuneJobSpec,
     GateResult,
     TrainerConfig,
+    TrainerResult,
 )
 from kubetune_trainer import storage
 from kubetune_trainer.data import Example
@@ -182,6 +183,52 @@ def model_card(
             "```",
         ]
     return "\n".join(lines) + "\n"
+
+
+def write_run_files(
+    staging: Path,
+    config: TrainerConfig,
+    evaluation: Evaluation,
+    gates: list[GateResult],
+    outcome: TrainOutcome,
+    data_report: dict[str, Any],
+    data_format: str,
+    result: TrainerResult,
+) -> None:
+    """Everything of the run but the models: eval samples, loss plot, model card, metrics and the
+    full result (what the operator reads when the pod that carried the result is gone)."""
+    write_eval_samples(staging / "eval_samples.jsonl", evaluation)
+    plot_losses(staging / "loss.png", outcome.history)
+    (staging / "report.md").write_text(
+        model_card(config, evaluation, gates, outcome, data_report, data_format)
+    )
+    base = evaluation.base
+    (staging / "metrics.json").write_text(
+        json.dumps(
+            {
+                "tuned": evaluation.tuned.model_dump(mode="json"),
+                "base": base.model_dump(mode="json") if base else None,
+                "history": outcome.history,
+                "data": data_report,
+            },
+            indent=2,
+        )
+    )
+    (staging / "result.json").write_text(result.model_dump_json(indent=2, exclude_none=True))
+
+
+def latest_record(config: TrainerConfig, result: TrainerResult) -> dict[str, Any]:
+    """latest.json: which run is promoted, where its files are and how it scored."""
+    artifacts = result.artifacts or Artifacts()
+    tuned = result.metrics.tuned if result.metrics and result.metrics.tuned else EvalMetrics()
+    return {
+        "runId": config.run_id,
+        "job": config.job_name,
+        "manifestUri": artifacts.manifest_uri,
+        "adapterUri": artifacts.adapter_uri,
+        "mergedUri": artifacts.merged_uri,
+        "metrics": tuned.model_dump(mode="json", exclude_none=True),
+    }
 
 
 def publish(staging: Path, config: TrainerConfig, promote: bool, latest: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The trainer's pipeline: one explicit sequence of named stages for one run.
 
 model (locate, tokenizer) -> data (the tokenizer renders prompts) -> baseline (the base model
-evaluated before training) -> train -> evaluate -> gates -> export -> promote. Every failure ends
-as a TrainerResult with an exit code.
+evaluated before training) -> train -> evaluate -> gates -> export -> promote, one function each
+(`_prepare` holds the first two, `_evaluate` the gates, `_export` the promotion); the files of a
+run are written by export.py. Every failure ends as a TrainerResult with an exit code.
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.api import EvalMetrics, ExitCode, MetricsStatus, TrainerConfig, TrainerResult
+from kubetune.api import (
+    EvalMetrics,
+    ExitCode,
+    GateResult,
+    MetricsStatus,
+    TrainerConfig,
+    TrainerResult,
+)
 from kubetune_trainer import data, modeling, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
 from kubetune_trainer.export import (
     Evaluation,
     artifact_uris,
-    model_card,
-    plot_losses,
+    latest_record,
     publish,
     save_models,
-    write_eval_samples,
+    write_run_files,
 )
 from kubetune_trainer.gates import check_gates, describe
 from kubetune_trainer.telemetry import Reporter
-from kubetune_trainer.training import train
+from kubetune_trainer.training import TrainOutcome, train
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -85,12 +93,42 @@ def run(
         )
 
 
+@dataclass
+class Prepared:
+    """What the model and data stages hand on: the model's source, its tokenizer and the splits."""
+
+    source: modeling.ModelSource
+    tokenizer: Any
+    splits: data.Splits
+    train_rows: list[dict[str, list[int]]]
+    validation_rows: list[dict[str, list[int]]]
+    test_examples: list[data.Example]
+    test_rows: list[dict[str, list[int]]]
+
+
 def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> TrainerResult:
-    spec = config.spec
     import transformers
 
-    transformers.set_seed(spec.hyperparameters.seed)
+    transformers.set_seed(config.spec.hyperparameters.seed)
+    prepared = _prepare(config, reporter, workdir, cache)
+    model = modeling.load_model(config.spec, prepared.source)
+    reporter.stage("baseline")
+    baseline = _baseline(
+        config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
+    )
+    model, outcome = _train(config, reporter, workdir, prepared, model)
+    reporter.stage("evaluate")
+    evaluation, gates = _evaluate(config, prepared, model, baseline)
+    reporter.stage("export")
+    result = _export(config, workdir, prepared, model, outcome, evaluation, gates)
+    reporter.stage("done", result.message)
+    return result
 
+
+def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> Prepared:
+    """The model stage (locate, convert, tokenizer) and the data stage (the tokenizer renders
+    the prompts): everything but the weights."""
+    spec = config.spec
     reporter.stage("model", spec.model.uri)
     source = modeling.locate_model(spec.model.uri, spec.model.revision, cache)
     source = modeling.materialize_gguf(source, cache, spec.model.trust_remote_code)
@@ -114,68 +152,84 @@ def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) 
         splits.format,
         " ".join(f"{k}={v}" for k, v in sorted(splits.report.items())),
     )
+    return Prepared(
+        source, tokenizer, splits, train_rows, validation_rows, test_examples, test_rows
+    )
 
-    model = modeling.load_model(spec, source)
-    reporter.stage("baseline")
-    baseline = _baseline(config, model, tokenizer, test_examples, test_rows)
 
+def _train(
+    config: TrainerConfig, reporter: Reporter, workdir: Path, prepared: Prepared, model: Any
+) -> tuple[Any, TrainOutcome]:
+    """The method applied to the model, then training (with checkpoints and resume)."""
+    import transformers
+
+    spec = config.spec
     # Seed again: loading (or converting) the model may have drawn from the RNG, and the adapter's
     # initialisation must not depend on whether a converted model was already cached.
     transformers.set_seed(spec.hyperparameters.seed)
-    model = modeling.apply_method(model, spec, source)
+    model = modeling.apply_method(model, spec, prepared.source)
     trainable, total = modeling.count_parameters(model)
     reporter.stage("train", f"{trainable:,} of {total:,} parameters trainable")
     outcome = train(
         model,
-        tokenizer,
-        train_rows,
-        validation_rows,
+        prepared.tokenizer,
+        prepared.train_rows,
+        prepared.validation_rows,
         spec,
         workdir / "checkpoints",
         storage.join(config.output_prefix, "checkpoints"),
         reporter,
     )
+    return model, outcome
 
-    reporter.stage("evaluate")
-    tuned = evaluate(model, tokenizer, test_examples, test_rows, spec.evaluation)
+
+def _evaluate(
+    config: TrainerConfig, prepared: Prepared, model: Any, baseline: EvalOutput | None
+) -> tuple[Evaluation, list[GateResult]]:
+    """The tuned model on the test set, beside the baseline, and the gates' verdicts."""
+    spec = config.spec
+    tuned = evaluate(
+        model, prepared.tokenizer, prepared.test_examples, prepared.test_rows, spec.evaluation
+    )
     base_metrics = baseline.metrics if baseline else None
     gates = check_gates(spec.gates, tuned.metrics, base_metrics)
-    passed = all(g.passed for g in gates)
     for g in gates:
         log.info("Gate %s %s", "passed" if g.passed else "FAILED", describe(g))
-
-    reporter.stage("export")
-    staging = workdir / "export"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    merge = spec.output.merge_adapter and passed
-    merged = save_models(
-        model, tokenizer, spec, staging, merge, lambda: modeling.load_unquantized(spec, source)
-    )
     evaluation = Evaluation(
         tuned.metrics,
         base_metrics,
         tuned.generations,
         baseline.generations if baseline else [],
-        test_examples,
+        prepared.test_examples,
     )
-    write_eval_samples(staging / "eval_samples.jsonl", evaluation)
-    plot_losses(staging / "loss.png", outcome.history)
-    (staging / "report.md").write_text(
-        model_card(config, evaluation, gates, outcome, splits.report, splits.format)
-    )
-    metrics = MetricsStatus(tuned=tuned.metrics, base=base_metrics)
-    (staging / "metrics.json").write_text(
-        json.dumps(
-            {
-                "tuned": tuned.metrics.model_dump(mode="json"),
-                "base": base_metrics.model_dump(mode="json") if base_metrics else None,
-                "history": outcome.history,
-                "data": splits.report,
-            },
-            indent=2,
-        )
+    return evaluation, gates
+
+
+def _export(
+    config: TrainerConfig,
+    workdir: Path,
+    prepared: Prepared,
+    model: Any,
+    outcome: TrainOutcome,
+    evaluation: Evaluation,
+    gates: list[GateResult],
+) -> TrainerResult:
+    """The models and the run's files staged, then published; promoted only if every gate
+    passed."""
+    spec = config.spec
+    passed = all(g.passed for g in gates)
+    staging = workdir / "export"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    source = prepared.source
+    merged = save_models(
+        model,
+        prepared.tokenizer,
+        spec,
+        staging,
+        spec.output.merge_adapter and passed,
+        lambda: modeling.load_unquantized(spec, source),
     )
     failed = [describe(g) for g in gates if not g.passed]
     result = TrainerResult(
@@ -191,22 +245,20 @@ def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) 
         epochs=outcome.epochs,
         train_seconds=outcome.seconds,
         resumed_from_step=outcome.resumed_from_step,
-        metrics=metrics,
+        metrics=MetricsStatus(tuned=evaluation.tuned, base=evaluation.base),
         gates=gates,
         artifacts=artifact_uris(config, spec, merged),
         promoted=passed,
     )
-    artifacts = result.artifacts
-    assert artifacts is not None
-    (staging / "result.json").write_text(result.model_dump_json(indent=2, exclude_none=True))
-    latest = {
-        "runId": config.run_id,
-        "job": config.job_name,
-        "manifestUri": artifacts.manifest_uri,
-        "adapterUri": artifacts.adapter_uri,
-        "mergedUri": artifacts.merged_uri,
-        "metrics": tuned.metrics.model_dump(mode="json", exclude_none=True),
-    }
-    publish(staging, config, passed, latest)
-    reporter.stage("done", result.message)
+    write_run_files(
+        staging,
+        config,
+        evaluation,
+        gates,
+        outcome,
+        prepared.splits.report,
+        prepared.splits.format,
+        result,
+    )
+    publish(staging, config, passed, latest_record(config, result))
     return result
