@@ -321,9 +321,9 @@ def test_results_survive_a_pod_that_is_gone(platform: Platform, ns: str) -> None
     platform.wait_phase(ns, "unseen", ("Running", "Evaluating"))
     platform.operator.kill()
     try:
-        prefix = f"s3://models/{ns}/unseen/latest.json"
-        platform.wait_for("the run to publish", lambda: storage.exists(prefix), 120)
-        platform.wait_for(
+        latest = f"s3://models/{ns}/unseen/latest.json"
+        _wait_without_operator("the run to publish", lambda: storage.exists(latest), 120)
+        _wait_without_operator(
             "the TTL to remove Job and pod",
             lambda: not platform.children(ns, "jobs") and not platform.children(ns, "pods"),
             30,
@@ -336,6 +336,13 @@ def test_results_survive_a_pod_that_is_gone(platform: Platform, ns: str) -> None
     assert status["gatesSummary"] == "1/1 passed"
     assert status["artifacts"]["resultUri"].endswith("/result.json")
     assert _job_creates(platform, ns, "unseen") == 1
+
+
+def _wait_without_operator(what: str, check: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def test_a_deleted_finetunejob_leaves_the_phase_gauge(platform: Platform, ns: str) -> None:
