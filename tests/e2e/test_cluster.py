@@ -52,7 +52,7 @@ def test_policy_violation_creates_nothing(cluster: Cluster, namespace: str) -> N
     cluster.apply(namespace, job("greedy", resources={"gpus": 2}))
     status = cluster.wait_phase(namespace, "greedy", "Failed")
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "InvalidSpec" and "spec.resources.gpus" in failed["message"]
+    assert failed["reason"] == "PolicyViolation" and "spec.resources.gpus" in failed["message"]
     assert cluster.jobs(namespace, "greedy") == []
 
 

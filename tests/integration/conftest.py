@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer import storage
 from tests.support import s3
@@ -180,6 +182,42 @@ class Platform:
     def writes(self, namespace: str, name: str) -> int:
         assert self.cluster.emulator is not None
         return self.cluster.emulator.writes_by_owner[f"{namespace}/{name}"]
+
+    def assert_no_more_writes(self, namespace: str, name: str) -> None:
+        """No retry loop: once the verdict's own writes (status, Event, kopf's annotation) have
+        landed, the operator writes nothing more about this object over several poll
+        intervals."""
+        settled = self.writes(namespace, name)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            if self.writes(namespace, name) == settled:
+                break
+            settled = self.writes(namespace, name)
+        time.sleep(6 * POLL_SECONDS)
+        assert self.writes(namespace, name) == settled
+
+    def job_creates(self, namespace: str, name: str) -> int:
+        """How many times the operator created a batch Job for this FineTuneJob."""
+        assert self.cluster.emulator is not None
+        return sum(
+            1
+            for verb, plural, _, body in self.cluster.emulator.write_log
+            if (verb, plural) == ("create", "jobs")
+            and body["metadata"]["namespace"] == namespace
+            and body["metadata"]["labels"]["kubetune.dev/finetunejob"] == name
+        )
+
+    def operator_metric(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """One metric from the operator's endpoint, as Prometheus would scrape it."""
+        url = f"http://127.0.0.1:{self.operator.metrics_port}/metrics"
+        text = urlopen(url, timeout=5).read().decode()
+        return {
+            tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        }
 
     def operator_log(self, tail: int = 4000) -> str:
         return self.operator.log.read_text(errors="replace")[-tail:]

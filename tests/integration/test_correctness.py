@@ -11,9 +11,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api import FINAL_PHASES
 from kubetune.controller.conditions import forbidden
@@ -49,17 +46,6 @@ def _assert_monotonic(phases: list[str]) -> None:
         assert not forbidden(before, after, new_attempt=False), f"{before} -> {after} in {phases}"
 
 
-def _job_creates(platform: Platform, ns: str, name: str) -> int:
-    assert platform.cluster.emulator is not None
-    return sum(
-        1
-        for verb, plural, _, body in platform.cluster.emulator.write_log
-        if (verb, plural) == ("create", "jobs")
-        and body["metadata"]["namespace"] == ns
-        and body["metadata"]["labels"]["kubetune.dev/finetunejob"] == name
-    )
-
-
 def _time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -74,17 +60,6 @@ def _pod_name(platform: Platform, ns: str, name: str) -> str:
     return pods[0].name
 
 
-def _operator_metric(platform: Platform, name: str) -> dict[tuple, float]:
-    url = f"http://127.0.0.1:{platform.operator.metrics_port}/metrics"
-    text = urlopen(url, timeout=5).read().decode()
-    return {
-        tuple(sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    }
-
-
 def test_a_finished_run_is_not_run_again_after_its_job_ttl(platform: Platform, ns: str) -> None:
     """Defect 1: the TTL controller deletes the finished Job; the run must not start over."""
     platform.apply(platform.job(ns, "once", ttlSecondsAfterFinished=0))
@@ -97,7 +72,7 @@ def test_a_finished_run_is_not_run_again_after_its_job_ttl(platform: Platform, n
     assert after["metrics"] == status["metrics"] and after.get("gatesSummary") == status.get(
         "gatesSummary"
     )
-    assert _job_creates(platform, ns, "once") == 1
+    assert platform.job_creates(ns, "once") == 1
     assert not [p for p in platform.kubelet.running_pods() if p.namespace == ns]
     assert _events(platform, ns, "once")[-1] == ("Normal", "Succeeded")
     # ...nor after an operator restart, when it resumes every FineTuneJob.
@@ -105,7 +80,7 @@ def test_a_finished_run_is_not_run_again_after_its_job_ttl(platform: Platform, n
     platform.operator.start()
     time.sleep(4)
     assert platform.status(ns, "once")["phase"] == "Succeeded"
-    assert _job_creates(platform, ns, "once") == 1
+    assert platform.job_creates(ns, "once") == 1
 
 
 def test_phases_only_move_forward_through_the_jobs_terminal_window(
@@ -170,7 +145,7 @@ def test_the_operators_rbac_is_not_the_users_fault(platform: Platform, ns: str) 
     assert fault.remaining == 0
     assert _condition(status, "ReconcileError")["status"] == "False"
     assert "Failed" not in _phases_written(platform, ns, "blocked")
-    errors = _operator_metric(platform, "kubetune_operator_reconcile_errors_total")
+    errors = platform.operator_metric("kubetune_operator_reconcile_errors_total")
     assert errors[(("reason", "OperatorForbidden"),)] >= 1
 
 
@@ -181,9 +156,7 @@ def test_an_admission_webhooks_denial_is_the_users_to_fix(platform: Platform, ns
     status = platform.wait_phase(ns, "denied", "Failed", timeout=30)
     failed = _condition(status, "Failed")
     assert failed["reason"] == "AdmissionDenied" and "no H100 for team-x" in failed["message"]
-    writes = platform.writes(ns, "denied")
-    time.sleep(3)
-    assert platform.writes(ns, "denied") == writes  # no retry loop
+    platform.assert_no_more_writes(ns, "denied")
 
 
 def test_a_diverging_run_is_reported_as_diverged(
@@ -335,7 +308,7 @@ def test_results_survive_a_pod_that_is_gone(platform: Platform, ns: str) -> None
     assert {"loss", "exactMatch"} <= set(status["metrics"]["tuned"])
     assert status["gatesSummary"] == "1/1 passed"
     assert status["artifacts"]["resultUri"].endswith("/result.json")
-    assert _job_creates(platform, ns, "unseen") == 1
+    assert platform.job_creates(ns, "unseen") == 1
 
 
 def _wait_without_operator(what: str, check: Any, timeout: float) -> None:
@@ -351,7 +324,7 @@ def test_a_deleted_finetunejob_leaves_the_phase_gauge(platform: Platform, ns: st
     platform.wait_phase(ns, "forgotten", "Failed", timeout=30)
 
     def failed_here() -> float:
-        gauge = _operator_metric(platform, "kubetune_operator_finetunejobs")
+        gauge = platform.operator_metric("kubetune_operator_finetunejobs")
         return gauge.get((("namespace", ns), ("phase", "Failed")), 0.0)
 
     platform.wait_for("the gauge to count it", lambda: failed_here() == 1.0, 10)

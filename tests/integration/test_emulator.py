@@ -128,10 +128,17 @@ def test_finetunejobs_are_admitted_by_the_crd(node: tuple[Cluster, Client, Kubel
         "application/merge-patch+json",
     )
     assert code == 422 and "status.phase" in answer["message"]
-    # With a stale CRD (no schema for this field yet) the same typo is stored as written.
+    # With a stale CRD (no schema for this field yet) the same typo is stored as written...
     with cluster.stale_crd():
         api.create("finetunejobs", ns, _ftj(ns, "stale", method__type="lorra"))
     assert api.get("finetunejobs", ns, "stale")["spec"]["method"]["type"] == "lorra"
+    # ...and, validation ratcheting, an update that leaves it alone is admitted; one that
+    # touches it is not.
+    api.patch("finetunejobs", ns, "stale", {"metadata": {"annotations": {"a": "b"}}})
+    api.patch("finetunejobs", ns, "stale", {"spec": {"suspend": True}})
+    with pytest.raises(urllib.error.HTTPError) as touched:
+        api.patch("finetunejobs", ns, "stale", {"spec": {"method": {"type": "lorax"}}})
+    assert touched.value.code == 422
 
 
 def test_an_injected_refusal_carries_the_real_message(

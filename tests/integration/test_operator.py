@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import time
 from urllib.error import HTTPError
-from urllib.request import urlopen
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api import TrainerResult
 from kubetune_trainer import storage
@@ -149,7 +147,11 @@ def test_invalid_spec(platform: Platform, ns: str) -> None:
     assert "spec.method.type" in failed["message"]
     ready = _condition(status, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-    warning = [e for e in platform.events(ns, "typo") if e["type"] == "Warning"]
+    warning = platform.wait_for(
+        "the Warning Event",
+        lambda: [e for e in platform.events(ns, "typo") if e["type"] == "Warning"],
+        10,
+    )
     assert len(warning) == 1 and "spec.method.type" in warning[0]["message"]
     _assert_quiet(platform, ns, "typo")
 
@@ -168,12 +170,10 @@ def test_policy_violation(platform: Platform, ns: str) -> None:
 
 
 def _assert_quiet(platform: Platform, ns: str, name: str) -> None:
-    """Nothing created, and no retry loop: no more writes after the verdict."""
+    """Nothing created, and no retry loop."""
     assert platform.children(ns, "configmaps", name) == []
     assert platform.children(ns, "jobs", name) == []
-    writes = platform.writes(ns, name)
-    time.sleep(4 * 0.5 + 1)  # several poll intervals
-    assert platform.writes(ns, name) == writes
+    platform.assert_no_more_writes(ns, name)
 
 
 def _patch_spec(platform: Platform, ns: str, name: str, spec: dict) -> None:
@@ -283,18 +283,7 @@ def test_operator_restart_adopts_the_run(platform: Platform, ns: str) -> None:
     assert status["phase"] == "Succeeded", status
     assert status["attempts"] == 1
     assert len(platform.children(ns, "jobs", "steady")) == 1
-    assert _job_creates(platform, ns, "steady") == 1
-
-
-def _job_creates(platform: Platform, ns: str, name: str) -> int:
-    assert platform.cluster.emulator is not None
-    return sum(
-        1
-        for verb, plural, _, body in platform.cluster.emulator.write_log
-        if (verb, plural) == ("create", "jobs")
-        and body["metadata"]["namespace"] == ns
-        and body["metadata"]["labels"]["kubetune.dev/finetunejob"] == name
-    )
+    assert platform.job_creates(ns, "steady") == 1
 
 
 def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
@@ -309,22 +298,11 @@ def test_api_errors_on_create_are_retried(platform: Platform, ns: str) -> None:
     assert [f.remaining for f in faults] == [0, 0, 0]
     assert len(platform.children(ns, "jobs", "flaky")) == 1
     assert len(platform.children(ns, "configmaps", "flaky")) == 1
-    assert _job_creates(platform, ns, "flaky") == 3  # two answered 500, the third created it
+    assert platform.job_creates(ns, "flaky") == 3  # two answered 500, the third created it
     # ...and the operator counted them (its metrics endpoint, as Prometheus would scrape it).
-    errors = _operator_metric(platform, "kubetune_operator_api_errors_total")
+    errors = platform.operator_metric("kubetune_operator_api_errors_total")
     assert errors[(("code", "500"), ("operation", "create"))] >= 2
     assert errors[(("code", "409"), ("operation", "create"))] >= 1
-
-
-def _operator_metric(platform: Platform, name: str) -> dict[tuple, float]:
-    url = f"http://127.0.0.1:{platform.operator.metrics_port}/metrics"
-    text = urlopen(url, timeout=5).read().decode()
-    return {
-        tuple(sorted(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    }
 
 
 def test_backoff_limit_exceeded(platform: Platform, ns: str) -> None:

@@ -15,8 +15,9 @@ patches. This layer adds what a real API server does on top (see ../shared/notes
   them is a 400 Bad Request, as from kube-apiserver's decoder;
 - the CRD's admission on every FineTuneJob create, update and status write (tests/support/
   apiserver.py: prune, default, schema, CEL; 422 Invalid with the field errors), honouring
-  `fieldValidation` (Strict rejects unknown fields, the default prunes them). `stale_crd()`
-  turns it off, as if the cluster's CRD were older than the operator.
+  `fieldValidation` (Strict rejects unknown fields, the default prunes them) and validation
+  ratcheting on updates (KEP-4008: errors in fields an update leaves unchanged do not refuse
+  it). `stale_crd()` turns it off, as if the cluster's CRD were older than the operator.
 
 It runs in a background thread with its own event loop, so tests, the test kubelet and the
 operator (a subprocess, or kopf in a thread) all talk to it over HTTP on 127.0.0.1.
@@ -238,6 +239,10 @@ class Emulator(kmock.KubernetesEmulator):
             else:
                 merged = _merge(current, {k: v for k, v in request.data.items() if k != "metadata"})
                 stored, errors = self.admission.admit(merged, strict)
+                # Validation ratcheting (KEP-4008, on by default since 1.30): an update is not
+                # refused for errors in fields it leaves as they were (e.g. kopf annotating an
+                # object stored under an older schema).
+                errors = [e for e in errors if _at(stored, e) != _at(current, e)]
                 if not errors:
                     for key_ in ("spec",):
                         if key_ in request.data or key_ in stored:
@@ -365,6 +370,25 @@ class Emulator(kmock.KubernetesEmulator):
                 or _selector_matches(selector, _labels(event.get("object") or {}))
             ):
                 yield event
+
+
+_MISSING = object()
+
+
+def _at(obj: Any, error: str) -> Any:
+    """The value at an admission error's path ("spec.gates[0].min: ..."), or _MISSING."""
+    path = error.split(": ", 1)[0]
+    if path == "<root>":
+        return {k: v for k, v in obj.items() if k != "metadata"}
+    node = obj
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
 
 
 def _merge(base: Any, patch: Any) -> Any:
