@@ -377,3 +377,19 @@ def test_a_new_attempt_may_go_back_to_waiting_and_training() -> None:
     assert decide(with_status(ftj, previous), retried, SETTINGS, NOW).status.phase == "Pending"
     assert not forbidden("Running", "Pending", new_attempt=True)
     assert forbidden("Succeeded", "Running", new_attempt=True)
+
+
+def test_the_terminal_window_writes_the_outcome_once() -> None:
+    """SuccessCriteriaMet (at T1) and then Complete with completionTime (T2): one status."""
+    t1, t2 = NOW, NOW + timedelta(seconds=1)
+    interim = Observed(
+        job=ObservedJob(NAME, complete=True, completion_time=t1),
+        configmap=True,
+        pods_started=1,
+        result=result(ExitCode.SUCCEEDED),
+    )
+    first = decide(job(), interim, SETTINGS, NOW)
+    assert first.status.phase == "Succeeded" and first.status.completion_time == t1
+    complete = replace(interim, job=ObservedJob(NAME, complete=True, completion_time=t2))
+    second = decide(with_status(job(), first.status), complete, SETTINGS, t2)
+    assert second.status == first.status and second.events == []

@@ -127,6 +127,9 @@ class ApiServer:
     def __init__(self, crd: dict[str, Any]) -> None:
         self.schema = openapi_schema(crd)
         self.validator = jsonschema.Draft4Validator(_strict(self.schema))
+        self.status_validator = jsonschema.Draft4Validator(
+            _strict(self.schema["properties"]["status"])
+        )
         self.cel = celpy.Environment()
         self._programs: dict[str, Any] = {}
 
@@ -150,10 +153,11 @@ class ApiServer:
         client sends no fieldValidation), as the API server does for /status."""
         schema = self.schema["properties"]["status"]
         stored = _apply_defaults(schema, _prune_unknown(schema, _prune_nulls(schema, status)))
-        validator = jsonschema.Draft4Validator(_strict(schema))
         errors = [
             f"status{'.' if e.absolute_path else ''}{_path(e.absolute_path)}: {e.message}"
-            for e in sorted(validator.iter_errors(stored), key=lambda e: list(e.absolute_path))
+            for e in sorted(
+                self.status_validator.iter_errors(stored), key=lambda e: list(e.absolute_path)
+            )
         ]
         if not errors:
             self._rules(schema, stored, ["status"], errors)

@@ -91,6 +91,7 @@ class PodRun:
     disrupted: bool = False
     killed: bool = False
     fake_result: dict[str, Any] | None = None
+    spec: dict[str, Any] = field(default_factory=dict)  # the pod's spec, as created
     running: bool = False  # the container started (the pod is Running)
     waiting: str = ""  # the waiting reason last reported while Pending
     started_at: str = ""
@@ -364,7 +365,7 @@ class Kubelet:
             "spec": spec,
         }
         self.api.create("pods", ns, pod)
-        run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name)
+        run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name, spec=spec)
         run.directory.mkdir(parents=True, exist_ok=True)
         state.active = run
         if state.started_at is None:
@@ -425,10 +426,7 @@ class Kubelet:
         }
 
     def _try_to_run(self, run: PodRun, job: dict[str, Any]) -> None:
-        pod = self.api.get("pods", run.namespace, run.name)
-        if pod is None:
-            return
-        spec = pod["spec"]
+        spec = run.spec
         blocked = self._blocker(run, spec)
         if blocked is not None:
             reason = (

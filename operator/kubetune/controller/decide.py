@@ -152,8 +152,6 @@ def _state(job: FineTuneJob, observed: Observed) -> State:
         return State("Evaluating" if observed.stage in ("evaluate", "export") else "Running")
     if observed.waiting is not None:
         return _waiting_state(job, observed.waiting)
-    if current.active:
-        return State("Pending", "the trainer pod is starting")
     return State("Pending", "waiting for the trainer pod to start")
 
 
@@ -184,7 +182,8 @@ def _status(
     kept = previous if same_run else FineTuneJobStatus()
     current = observed.job
     gates = list(result.gates) if result else (kept.gates if final else [])
-    completion = (current.completion_time if current else None) or kept.completion_time
+    # Set once: SuccessCriteriaMet (or FailureTarget) comes first, Complete's time a moment later.
+    completion = kept.completion_time or (current.completion_time if current else None)
     return FineTuneJobStatus(
         phase=phase_of(conditions),
         conditions=conditions,
