@@ -156,6 +156,12 @@ def main() -> int:
         "operatorWritesByKind": {f"{v} {p}": n for (v, p), n in sorted(by_kind.items())},
         "requestsPerJobAllClients": round(sum(requests.values()) / args.jobs, 1),
         "operatorPeakRssMB": round(rss, 1),
+        # The test node (Job controller + kubelet) is one thread: its passes bound the pace.
+        "nodePassSeconds": {
+            "mean": round(sum(kubelet.pass_seconds) / max(1, len(kubelet.pass_seconds)), 2),
+            "max": round(max(kubelet.pass_seconds, default=0.0), 2),
+            "passes": len(kubelet.pass_seconds),
+        },
     }
     cluster.stop()
     text = json.dumps(results, indent=2)
