@@ -16,6 +16,7 @@ from kubetune.api import FINAL_PHASES
 from kubetune.controller.conditions import forbidden
 from kubetune_trainer import storage
 from tests.integration.conftest import ALLOWED_IMAGE, FINAL, Platform
+from tests.support.cluster import wait_until
 
 RBAC_403 = (
     'jobs.batch is forbidden: User "system:serviceaccount:kubetune:kubetune" cannot create '
@@ -295,8 +296,8 @@ def test_results_survive_a_pod_that_is_gone(platform: Platform, ns: str) -> None
     platform.operator.kill()
     try:
         latest = f"s3://models/{ns}/unseen/latest.json"
-        _wait_without_operator("the run to publish", lambda: storage.exists(latest), 120)
-        _wait_without_operator(
+        wait_until("the run to publish", lambda: storage.exists(latest), 120)
+        wait_until(
             "the TTL to remove Job and pod",
             lambda: not platform.children(ns, "jobs") and not platform.children(ns, "pods"),
             30,
@@ -309,13 +310,6 @@ def test_results_survive_a_pod_that_is_gone(platform: Platform, ns: str) -> None
     assert status["gatesSummary"] == "1/1 passed"
     assert status["artifacts"]["resultUri"].endswith("/result.json")
     assert platform.job_creates(ns, "unseen") == 1
-
-
-def _wait_without_operator(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_a_deleted_finetunejob_leaves_the_phase_gauge(platform: Platform, ns: str) -> None:

@@ -8,13 +8,13 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import valid_job
-from tests.support.cluster import TEST_AGENT, Client, Cluster, running_cluster
+from tests.support.cluster import TEST_AGENT, Client, Cluster, running_cluster, wait_until
 from tests.support.kubelet import Kubelet
 from tests.support.specs import override
 
@@ -29,16 +29,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Cl
             yield cluster, Client(cluster.url), kubelet
         finally:
             kubelet.stop()
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _job(ns: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -162,13 +152,13 @@ def test_job_conditions_come_in_the_real_order(node: tuple[Cluster, Client, Kube
     _, api, _ = node
     ns = "emu-order"
     api.create("jobs", ns, _job(ns, "ok"))
-    interim = _wait(
+    interim = wait_until(
         "SuccessCriteriaMet", lambda: "SuccessCriteriaMet" in _conditions(api.get("jobs", ns, "ok"))
     )
     job = api.get("jobs", ns, "ok")
     assert "Complete" not in _conditions(job) and "completionTime" not in job["status"], interim
     assert job["status"]["succeeded"] == 1 and job["status"]["active"] == 0
-    _wait("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "ok")))
+    wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "ok")))
     assert api.get("jobs", ns, "ok")["status"]["completionTime"]
 
 
@@ -176,9 +166,9 @@ def test_failure_target_comes_before_failed(node: tuple[Cluster, Client, Kubelet
     _, api, _ = node
     ns = "emu-failure"
     api.create("jobs", ns, _job(ns, "slow", activeDeadlineSeconds=0))
-    _wait("FailureTarget", lambda: "FailureTarget" in _conditions(api.get("jobs", ns, "slow")))
+    wait_until("FailureTarget", lambda: "FailureTarget" in _conditions(api.get("jobs", ns, "slow")))
     assert "Failed" not in _conditions(api.get("jobs", ns, "slow"))
-    failed = _wait("Failed", lambda: _conditions(api.get("jobs", ns, "slow")).get("Failed"))
+    failed = wait_until("Failed", lambda: _conditions(api.get("jobs", ns, "slow")).get("Failed"))
     assert failed["reason"] == "DeadlineExceeded"
 
 
@@ -186,9 +176,9 @@ def test_a_finished_job_is_deleted_after_its_ttl(node: tuple[Cluster, Client, Ku
     _, api, _ = node
     ns = "emu-ttl"
     api.create("jobs", ns, _job(ns, "short", ttlSecondsAfterFinished=0))
-    _wait("the pod", lambda: _pods(api, ns, "short"))
-    _wait("the Job to be deleted", lambda: api.get("jobs", ns, "short") is None)
-    _wait("its pods to go with it", lambda: not _pods(api, ns, "short"))
+    wait_until("the pod", lambda: _pods(api, ns, "short"))
+    wait_until("the Job to be deleted", lambda: api.get("jobs", ns, "short") is None)
+    wait_until("its pods to go with it", lambda: not _pods(api, ns, "short"))
 
 
 # fmt: off
@@ -222,7 +212,7 @@ def test_pods_that_cannot_start_stay_pending_and_say_why(
                 return waiting["reason"], waiting["message"]
         return None
 
-    got = _wait(f"{reason}", why)
+    got = wait_until(f"{reason}", why)
     assert got[0] == reason and message in got[1]
     time.sleep(0.5)
     (pending,) = _pods(api, ns, name)
@@ -232,4 +222,4 @@ def test_pods_that_cannot_start_stay_pending_and_say_why(
     if reason == "CreateContainerConfigError":  # the kubelet retries: the Secret appears, it runs
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": {}}
         api.create("secrets", ns, secret)
-        _wait("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, name)))
+        wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, name)))

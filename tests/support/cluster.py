@@ -32,6 +32,7 @@ import datetime
 import itertools
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -47,6 +48,7 @@ import yaml
 from kmock._internal import enums, rendering
 from kmock._internal.dsl import Reaction
 
+from kubetune.controller.reconcile import merge_patch
 from tests.support.apiserver import ApiServer
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
@@ -95,17 +97,6 @@ def _strict_json(body: bytes) -> str | None:
     except ValueError:
         return None  # not JSON at all (or YAML): kmock answers that itself
     return None
-
-
-def merge_patch(old: Any, new: Any) -> Any:
-    """The RFC 7386 merge patch that turns old into new."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        if key not in old or old[key] != value:
-            patch[key] = merge_patch(old.get(key), value)
-    return patch
 
 
 def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
@@ -244,9 +235,7 @@ class Emulator(kmock.KubernetesEmulator):
                 # object stored under an older schema).
                 errors = [e for e in errors if _at(stored, e) != _at(current, e)]
                 if not errors:
-                    for key_ in ("spec",):
-                        if key_ in request.data or key_ in stored:
-                            request.data[key_] = merge_patch(current.get(key_), stored.get(key_))
+                    request.data["spec"] = merge_patch(current.get("spec") or {}, stored["spec"])
         if not errors:
             return None
         name = request.name or ((request.data.get("metadata") or {}).get("name"))
@@ -389,6 +378,17 @@ def _at(obj: Any, error: str) -> Any:
         else:
             return _MISSING
     return node
+
+
+def wait_until(what: str, check: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """check()'s first truthy value, polled until timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _merge(base: Any, patch: Any) -> Any:

@@ -32,7 +32,7 @@ from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.reconcile import Outcome, reconcile
 from kubetune.controller.settings import OperatorSettings
 
-log = logging.getLogger("kubetune.controller")
+log = logging.getLogger("kubetune.operator")
 
 ANNOTATION_PREFIX = "kubetune.dev"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"

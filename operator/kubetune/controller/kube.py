@@ -28,7 +28,7 @@ from kubetune.controller.build import JOB_LABEL, MANAGED_BY
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
-log = logging.getLogger("kubetune.controller")
+log = logging.getLogger("kubetune.operator")
 
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 15)  # connect, read seconds (a reconcile holds its object's lock meanwhile)

@@ -197,10 +197,6 @@ def observe(
     )
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | None, str | None]:
     """status.progress and the pipeline stage from the trainer's Prometheus metrics. Values that
     are not finite (a diverging loss is NaN) are left out: JSON, and so the API, has no NaN."""
@@ -217,7 +213,7 @@ def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | No
         return None, stage
     step = int(values["kubetune_trainer_step"])
     total = int(values.get("kubetune_trainer_total_steps", 0)) or None
-    eta = _finite(values.get("kubetune_trainer_eta_seconds"))
+    eta = values.get("kubetune_trainer_eta_seconds")
     return (
         Progress(
             step=step,

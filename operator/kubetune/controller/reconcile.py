@@ -10,6 +10,7 @@ The trainer's metrics are read by the caller (outside the object's lock) and pas
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -69,7 +70,7 @@ class Outcome:
 
 def _finite(value: Any) -> Any:
     """JSON (and so the API server) has no NaN or infinity: such a number becomes null."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
