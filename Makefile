@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv lint test demo crd docs clean sysdeps
+.PHONY: venv lint test demo crd docs clean sysdeps images
 
 # CPU torch 2.13.0 goes in first: a range that accepts it then installs nothing more, while a
 # plain `torch` would pull a multi-GB CUDA build (see docs/development.md).
@@ -20,21 +20,37 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check operator trainer-image tests benchmarks examples
-	$(BIN)/ruff format --check operator trainer-image tests benchmarks examples
+	$(BIN)/ruff check operator trainer-image tests benchmarks examples hack
+	$(BIN)/ruff format --check operator trainer-image tests benchmarks examples hack
 	$(BIN)/lint-imports
 
-# Debian packages the tests use: a real Prometheus server and promtool.
+# Debian packages the tests use: a real Prometheus server and promtool; buildah (builds the
+# images without a daemon), podman and runc (run them), mmdebstrap (a Debian base image where no
+# registry can be reached). tests/images says why podman needs runc here.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSDEPS := prometheus buildah podman runc mmdebstrap uidmap
 sysdeps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+	  command -v buildah >/dev/null && command -v podman >/dev/null && \
+	  command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSDEPS) >/dev/null 2>&1 || { \
 	    $(SUDO) apt-get update -qq && \
-	    $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }; }
+	    $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSDEPS); }; }
 
+# The two images (docs/install.md): docker when an engine answers, else buildah.
+# TRAINER_VARIANT=cpu builds the CPU trainer (CI, laptops); REGISTRY and VERSION name the tags.
+TRAINER_VARIANT ?= cuda
+REGISTRY ?= ghcr.io/kubetune
+VERSION ?=
+images:
+	$(PYTHON) hack/images.py --trainer-variant $(TRAINER_VARIANT) --registry $(REGISTRY) \
+		$(if $(VERSION),--tag $(VERSION))
+
+# KUBETUNE_IMAGES=required: the image suite (tests/images) fails instead of skipping when no
+# builder is here; sysdeps installed one.
 test: lint sysdeps
-	$(BIN)/pytest
+	KUBETUNE_IMAGES=required $(BIN)/pytest
 
 # Regenerate the checked-in CRD and API reference from the pydantic models.
 crd: venv

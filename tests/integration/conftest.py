@@ -36,33 +36,45 @@ FINAL = ("Succeeded", "Failed")
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    """`kubetune operator` as a process of this machine, or, given `container`, a function from
+    the operator's environment to a command line, inside its image (tests/images)."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        container: Callable[[dict[str, str]], list[str]] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.container = container
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_env: dict[str, str] = {}
         self.metrics_port = free_port()
 
+    def settings(self) -> dict[str, str]:
+        """What the chart would set: the kubeconfig and the KUBETUNE_* settings."""
+        return {
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBETUNE_HEALTH_PORT": "0",
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
+            "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
+            "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
+            "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),
+            "KUBETUNE_MAX_GPUS_PER_JOB": str(MAX_GPUS),
+            **self.extra_env,
+        }
+
     def start(self) -> OperatorProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
-        env.update(
-            {
-                "KUBECONFIG": str(self.kubeconfig),
-                "KUBETUNE_HEALTH_PORT": "0",
-                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
-                "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
-                "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
-                "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
-                "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),
-                "KUBETUNE_MAX_GPUS_PER_JOB": str(MAX_GPUS),
-                **self.extra_env,
-            }
-        )
-        kubetune = Path(sys.executable).parent / "kubetune"
+        if self.container is not None:
+            argv, env = self.container(self.settings()), None
+        else:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
+            env.update(self.settings())
+            argv = [str(Path(sys.executable).parent / "kubetune"), "operator"]
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [str(kubetune), "operator"], env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+            self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         return self
 
     def kill(self) -> None:
