@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,23 @@ def test_operator_pod_is_locked_down_with_probes() -> None:
     assert "resources" not in container  # unset by default
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_default_images_are_the_release_built_by_make_images() -> None:
+    """The chart's appVersion is the project's version; the default tags follow it, for the
+    operator image and the trainer image (as the operator's own default names it)."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == chart["version"] == project["version"]
+    (deployment,) = by_kind(render(), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"ghcr.io/kubetune/operator:{project['version']}"
+    trainer = _env(render())["KUBETUNE_TRAINER_IMAGE"]
+    assert trainer == f"ghcr.io/kubetune/trainer:{project['version']}"
+    assert trainer == OperatorSettings.model_fields["trainer_image"].default
+    digest = "sha256:" + "a" * 64
+    pinned = _env(render("--set", f"trainer.image.digest={digest}"))["KUBETUNE_TRAINER_IMAGE"]
+    assert pinned == f"ghcr.io/kubetune/trainer@{digest}"
 
 
 def test_crd_in_the_chart_is_the_generated_one() -> None:

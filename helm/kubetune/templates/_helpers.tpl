@@ -67,3 +67,14 @@ app.kubernetes.io/managed-by: kubetune-operator
   verbs: ["get"]
 {{- end }}
 {{- end -}}
+
+{{/* An image reference from {repository, tag, digest}: repository@digest when a digest is set,
+else repository:tag, the tag defaulting to the chart's appVersion. Called with (list VALUES APPVERSION). */}}
+{{- define "kubetune.image" -}}
+{{- $image := index . 0 -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository ($image.tag | default (index . 1)) -}}
+{{- end -}}
+{{- end -}}

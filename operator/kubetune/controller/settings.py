@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,7 +17,9 @@ class OperatorSettings(BaseSettings):
         default_factory=list, description="Namespaces to watch; empty watches all."
     )
     trainer_image: str = Field(
-        default="ghcr.io/kubetune/trainer:0.1.0", description="The default trainer image."
+        # The release's own image, as the chart's default (the tag follows the version).
+        default=f"ghcr.io/kubetune/trainer:{version('kubetune')}",
+        description="The default trainer image.",
     )
     allowed_images: list[str] = Field(
         default_factory=list,

@@ -1,0 +1,1 @@
+"""Development scripts (make images). Standard library only."""
