@@ -35,6 +35,25 @@ def valid_job() -> dict[str, Any]:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The image suite last (a stable sort): its build runs beside everything before it."""
+    items.sort(key=lambda item: item.get_closest_marker("images") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the images now if the image suite is to run (tests/images/conftest.py)."""
+    if any(item.get_closest_marker("images") for item in session.items):
+        from tests.images.conftest import Background
+
+        Background.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.images.conftest import Background
+
+    Background.stop()
+
+
 @pytest.fixture(scope="session")
 def apiserver() -> ApiServer:
     return ApiServer(crd())

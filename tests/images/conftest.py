@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +43,47 @@ def builder_available() -> bool:
     return bool(docker or shutil.which("buildah"))
 
 
-def build(
-    *args: str, report: Path, context: Path = ROOT, tag: str = TAG
-) -> subprocess.CompletedProcess[str]:
-    argv = [
+def build_argv(*args: str, report: Path, context: Path = ROOT, tag: str = TAG) -> list[str]:
+    return [
         sys.executable, str(ROOT / "hack" / "images.py"), "--trainer-variant", "cpu",
         "--registry", REGISTRY, "--tag", tag, "--context", str(context), "--report", str(report),
         *args,
     ]  # fmt: skip
+
+
+def build(
+    *args: str, report: Path, context: Path = ROOT, tag: str = TAG
+) -> subprocess.CompletedProcess[str]:
+    argv = build_argv(*args, report=report, context=context, tag=tag)
     return subprocess.run(argv, capture_output=True, text=True)
+
+
+class Background:
+    """The build, started when collection ends (tests/conftest.py) so that it runs beside the
+    rest of the suite; the image tests, ordered last, wait for it."""
+
+    process: subprocess.Popen[bytes] | None = None
+    report: Path | None = None
+    log: Path | None = None
+
+    @classmethod
+    def start(cls) -> None:
+        if cls.process is not None or not builder_available():
+            return
+        workdir = Path(tempfile.mkdtemp(prefix="kubetune-images-"))
+        cls.report, cls.log = workdir / "report.json", workdir / "build.log"
+        with cls.log.open("wb") as out:
+            cls.process = subprocess.Popen(
+                build_argv(report=cls.report), stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.process is not None and cls.process.poll() is None:
+            cls.process.terminate()
+            cls.process.wait(60)
+        if cls.log is not None:
+            shutil.rmtree(cls.log.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +92,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         if os.environ.get("KUBETUNE_IMAGES") == "required":
             pytest.fail("KUBETUNE_IMAGES=required but neither a Docker engine nor buildah is here")
         pytest.skip("no image builder here: install buildah (make sysdeps) or run a Docker engine")
-    workdir = tmp_path_factory.mktemp("images")
-    report = workdir / "report.json"
-    done = build(report=report)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    rows = json.loads(report.read_text())
+    Background.start()  # a no-op when collection already started it
+    assert Background.process is not None and Background.report and Background.log
+    code = Background.process.wait()
+    assert code == 0, Background.log.read_text(errors="replace")[-6000:]
+    rows = json.loads(Background.report.read_text())
     tags = {r["name"]: r["tag"] for r in rows}
-    runtime = Runtime.detect(workdir, tags["operator"])
+    runtime = Runtime.detect(tmp_path_factory.mktemp("runtime"), tags["operator"])
     yield Built(tags["operator"], tags["trainer"], rows, runtime)
