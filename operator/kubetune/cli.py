@@ -33,18 +33,26 @@ def cmd_api_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
     from kubetune.manifests import load_manifests
 
     failed = False
+    report = []
     for path in args.files:
         for doc in load_manifests(path):
+            failed = failed or bool(doc.problems)
+            report.append(doc.to_json())
+            if args.output == "json":
+                continue
             for problem in doc.problems:
                 print(problem, file=sys.stderr)
-            failed = failed or bool(doc.problems)
             if doc.job is not None and not doc.problems:
-                print(f"{doc.source}: FineTuneJob {doc.job.metadata.name} is valid")
+                print(f"{doc.source}:{doc.line}: FineTuneJob {doc.display_name} is valid")
             elif doc.skipped_kind and args.verbose:
-                print(f"{doc.source}: skipped {doc.skipped_kind} (not a FineTuneJob)")
+                print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a FineTuneJob)")
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
     return int(ExitCode.INVALID_SPEC) if failed else 0
 
 
@@ -80,21 +88,45 @@ def cmd_operator(args: argparse.Namespace) -> int:
         name = field.group(1).upper() if field else "?"
         print(f'KUBETUNE_{name}: must be JSON, e.g. ["ml", "research"]', file=sys.stderr)
         return int(ExitCode.INVALID_SPEC)
+    from kubetune.controller.errors import NoCredentials
     from kubetune.controller.handlers import run
 
-    run(settings)
+    try:
+        run(settings)
+    except NoCredentials as exc:
+        print(f"kubetune operator: {exc}", file=sys.stderr)
+        return int(ExitCode.RUNTIME_ERROR)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest."
     )
+    parser.add_argument("--version", action="version", version=f"kubetune {version('kubetune')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check FineTuneJob manifests; one line per problem")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub.add_parser(
+        "validate",
+        help="check FineTuneJob manifests; one line per problem",
+        description=(
+            "Checks FineTuneJob manifests as the API server would admit them (kubectl's strict "
+            "field validation): one `file:line: field: problem` line per problem. Exit codes: "
+            "0 all valid, 2 a problem (or no FineTuneJob at all)."
+        ),
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML files; - reads standard input")
     p.add_argument("-v", "--verbose", action="store_true", help="also list skipped documents")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="json: one object per document on standard output (file, line, kind, name, "
+        "valid, problems with line and field)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -112,11 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="PATH=VALUE",
-        help="override a field, e.g. --set spec.hyperparameters.maxSteps=20 (repeatable)",
+        help="override a field, e.g. --set spec.hyperparameters.maxSteps=20 (repeatable); "
+        "setting epochs or maxSteps clears the other",
     )
     p.add_argument("--model", help="override spec.model.uri (a URI or a local path)")
     p.add_argument("--dataset", help="override spec.dataset.uri (a URI or a local path)")
-    p.add_argument("--output", help="override spec.output.uri (a URI or a local directory)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="override spec.output.uri (a URI or a local directory); as in the cluster, a run "
+        "is written to DIR/runs/<runId>/ and a promoted one is named by DIR/latest.json",
+    )
     p.add_argument("--run-id", help="use this run id (8 hex characters) instead of the derived one")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming")
     p.add_argument(

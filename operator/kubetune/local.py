@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from kubetune.api import (
+    MUTUALLY_EXCLUSIVE,
     RUN_ID_LENGTH,
     ExitCode,
     FineTuneJob,
@@ -61,6 +62,18 @@ def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
             raise UsageError(f"--set {path}: {'.'.join(parts[:i])} is not a mapping")
 
 
+def drop_path(doc: dict[str, Any], path: str) -> bool:
+    """Removes spec.a.b from a manifest if it is there; True when it was."""
+    *parents, last = path.split(".")
+    node: Any = doc
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node:
+        del node[last]
+        return True
+    return False
+
+
 def apply_overrides(
     doc: dict[str, Any], sets: list[str], model: str | None, dataset: str | None, output: str | None
 ) -> None:
@@ -71,6 +84,12 @@ def apply_overrides(
                 f"--set {item!r}: expected PATH=VALUE, e.g. spec.hyperparameters.maxSteps=20"
             )
         set_path(doc, path, yaml.load(text, Loader=Loader) if text else "")
+        # Setting one of a mutually exclusive group replaces the others the file set.
+        for group in MUTUALLY_EXCLUSIVE:
+            if path in group:
+                for other in group:
+                    if other != path and drop_path(doc, other):
+                        print(f"--set {path}: replaces {other}", file=sys.stderr)
     for path, value in (
         ("spec.model.uri", model),
         ("spec.dataset.uri", dataset),
@@ -90,9 +109,9 @@ def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTune
     same loader as `kubetune validate`: the same problems, with file and line."""
     raw = read_documents(path)
     if isinstance(raw, Document):
-        if raw.problems and raw.problems[0].endswith("no such file"):
+        if raw.problems and raw.problems[0].message == "no such file":
             raise UsageError(f"{path}: cannot read: no such file")
-        raise ValidationProblems(raw.problems)
+        raise ValidationProblems([str(p) for p in raw.problems])
     jobs = [r for r in raw if isinstance(r.data, dict) and r.data.get("kind") == "FineTuneJob"]
     if name:
         jobs = [r for r in jobs if (r.data.get("metadata") or {}).get("name") == name]
@@ -110,7 +129,7 @@ def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTune
     )
     doc = validate_document(chosen.data, chosen.node, chosen.doc)
     if doc.problems or doc.job is None:
-        raise ValidationProblems(doc.problems)
+        raise ValidationProblems([str(p) for p in doc.problems])
     return doc.job
 
 

@@ -7,6 +7,7 @@ manifest that passes here passes the operator and (through the generated CRD) th
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,30 @@ from kubetune.api import GROUP, KIND, FineTuneJob, describe_errors
 
 
 class Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats, as kubectl reads them: `2e-4` is a number."""
+    """PyYAML's safe loader with YAML 1.2 floats, as kubectl reads them: `2e-4` is a number; and
+    a key given twice in one mapping is an error, as the API server's strict field validation
+    (what kubectl asks for) rejects a duplicate field instead of keeping the last one
+    (kubernetes.io/docs/reference/using-api/api-concepts/#field-validation)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges; its keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first}); a mapping holds each key once",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 Loader.add_implicit_resolver(
@@ -35,6 +59,20 @@ Loader.add_implicit_resolver(
 )
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One problem: where (file, line, field) and what, with the fix when there is one."""
+
+    source: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+
 @dataclass
 class Document:
     """One YAML document of a manifest file and what validating it found."""
@@ -43,8 +81,37 @@ class Document:
     index: int
     line: int
     job: FineTuneJob | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     skipped_kind: str | None = None
+    generate_name: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The name; for a generateName the prefix, as the API server will complete it."""
+        if self.generate_name:
+            return f"{self.generate_name}* (generateName)"
+        return self.job.metadata.name if self.job is not None else "?"
+
+    def problem(self, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.problems.append(Problem(self.source, line or self.line or None, field, message))
+
+    def to_json(self) -> dict[str, Any]:
+        """What `kubetune validate -o json` prints for this document."""
+        return {
+            "file": self.source,
+            "document": self.index,
+            "line": self.line,
+            "kind": self.skipped_kind or (KIND if self.job is not None or self.problems else None),
+            "name": self.job.metadata.name
+            if self.job is not None and not self.generate_name
+            else None,
+            "generateName": self.generate_name,
+            "valid": self.job is not None and not self.problems,
+            "skipped": self.skipped_kind is not None,
+            "problems": [
+                {"line": p.line, "field": p.field, "message": p.message} for p in self.problems
+            ],
+        }
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -80,18 +147,23 @@ def _problem_line(problem: str, node: yaml.Node | None) -> int | None:
 
 def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Document:
     if not isinstance(data, dict):
-        doc.problems.append(f"{doc.source}:{doc.line}: expected a mapping (a Kubernetes object)")
+        doc.problem("expected a mapping (a Kubernetes object)")
         return doc
     api_version, kind = data.get("apiVersion"), data.get("kind")
     if kind != KIND and not str(api_version or "").startswith(f"{GROUP}/"):
         doc.skipped_kind = f"{api_version}/{kind}"
         return doc
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and not metadata.get("name"):
+        doc.generate_name = metadata.get("generateName") or None
     try:
-        doc.job = FineTuneJob.model_validate(data)
+        # By the JSON names only, as the API server reads it: `learning_rate` is an unknown
+        # field there, so it is here too (the models also accept Python names, for code).
+        doc.job = FineTuneJob.model_validate(data, by_name=False)
     except ValidationError as exc:
         for problem in describe_errors(exc, FineTuneJob):
-            line = _problem_line(problem, node) or doc.line
-            doc.problems.append(f"{doc.source}:{line}: {problem}")
+            path, _, message = problem.partition(": ")
+            doc.problem(message, _problem_line(problem, node), path)
     return doc
 
 
@@ -104,22 +176,44 @@ class RawDocument:
     doc: Document
 
 
+def _yaml_problem(source: str, exc: yaml.YAMLError) -> Document:
+    """A YAML error with its detail: where (line and column), what was found and what was
+    expected, and the construct it happened in."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    message = f"invalid YAML: {problem}"
+    if mark is not None:
+        message += f" (column {mark.column + 1})"
+    if context:
+        message += f", {context}"
+        if context_mark is not None and (mark is None or context_mark.line != mark.line):
+            message += f" at line {context_mark.line + 1}"
+    doc = Document(source, 0, mark.line + 1 if mark is not None else 0)
+    doc.problem(message)
+    return doc
+
+
 def read_documents(path: str | Path) -> list[RawDocument] | Document:
-    """The documents of a YAML file, or one Document whose problem says why it cannot be read."""
-    source = str(path)
+    """The documents of a YAML file (`-`: standard input), or one Document whose problem says
+    why it cannot be read."""
+    source = "<stdin>" if str(path) == "-" else str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Document(source, 0, 0, problems=[f"{source}: no such file"])
+        doc = Document(source, 0, 0)
+        doc.problem("no such file")
+        return doc
     except (OSError, UnicodeDecodeError) as exc:
-        return Document(source, 0, 0, problems=[f"{source}: cannot read: {exc}"])
+        doc = Document(source, 0, 0)
+        doc.problem(f"cannot read: {exc}")
+        return doc
     try:
         nodes = list(yaml.compose_all(text, Loader=Loader))
         datas = list(yaml.load_all(text, Loader=Loader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        return Document(source, 0, 0, problems=[f"{where}: invalid YAML: {exc}".splitlines()[0]])
+        return _yaml_problem(source, exc)
     return [
         RawDocument(data, node, Document(source, index, node.start_mark.line + 1 if node else 1))
         for index, (node, data) in enumerate(zip(nodes, datas, strict=True))
@@ -128,11 +222,15 @@ def read_documents(path: str | Path) -> list[RawDocument] | Document:
 
 
 def load_manifests(path: str | Path) -> list[Document]:
-    """Every document of a YAML file, validated. Problems name the file, line and field."""
+    """Every document of a YAML file, validated. Problems name the file, line and field. A file
+    with no FineTuneJob in it is a problem too: validating it checked nothing."""
     raw = read_documents(path)
     if isinstance(raw, Document):
         return [raw]
     docs = [validate_document(r.data, r.node, r.doc) for r in raw]
-    if not docs:
-        docs.append(Document(str(path), 0, 1, problems=[f"{path}: no {KIND} in this file"]))
+    if all(d.skipped_kind for d in docs):
+        found = ", ".join(sorted({str(d.skipped_kind) for d in docs})) or "nothing"
+        empty = Document("<stdin>" if str(path) == "-" else str(path), 0, 0)
+        empty.problem(f"no {KIND} in this file (found: {found})")
+        docs.append(empty)
     return docs

@@ -98,12 +98,25 @@ def test_finetunejobs_are_admitted_by_the_crd(node: tuple[Cluster, Client, Kubel
     # Defaults are applied on create, as the structural schema's defaults are.
     created = api.create("finetunejobs", ns, _ftj(ns, "ok"))
     assert created["spec"]["backoffLimit"] == 3 and created["metadata"]["generation"] == 1
-    # kubectl (fieldValidation=Strict) gets an error for an unknown field...
+    # kubectl (fieldValidation=Strict) gets a 400 for an unknown field, before validation...
     with pytest.raises(urllib.error.HTTPError) as strict:
         api.patch("finetunejobs", ns, "ok", {"spec": {"learning_rate": 0.1}})
-    assert (
-        strict.value.code == 422 and "learning_rate" in json.loads(strict.value.read())["message"]
+    message = json.loads(strict.value.read())["message"]
+    assert strict.value.code == 400
+    assert 'strict decoding error: unknown field "spec.learning_rate"' in message
+    # ...so does a metadata field that ObjectMeta does not have (metadata is not in the schema).
+    with pytest.raises(urllib.error.HTTPError) as meta:
+        api.create(
+            "finetunejobs", ns, {**_ftj(ns, "typo"), "metadata": {"name": "t", "lables": {}}}
+        )
+    assert meta.value.code == 400
+    assert 'unknown field "metadata.lables"' in json.loads(meta.value.read())["message"]
+    # generateName: the server names the object (prefix + 5 characters of its alphabet).
+    generated = api.create(
+        "finetunejobs", ns, {**_ftj(ns, "x"), "metadata": {"generateName": "sql-"}}
     )
+    suffix = generated["metadata"]["name"].removeprefix("sql-")
+    assert len(suffix) == 5 and set(suffix) <= set("bcdfghjklmnpqrstvwxz2456789")
     # ...a client that sends no fieldValidation (the server's default, Warn) has it pruned.
     path = api.path("finetunejobs", ns, "ok")
     body = json.dumps({"spec": {"learning_rate": 0.1, "suspend": True}}).encode()

@@ -10,16 +10,57 @@ Unknown fields follow the request's `fieldValidation` (KEP-2885, GA in 1.27): `S
 kubectl sends by default) rejects them; `Warn` (the server's default, so what client libraries
 get) and `Ignore` drop them, as structural-schema pruning does. The emulated cluster
 (cluster.py) applies this to every create, update and status write of a FineTuneJob.
+
+`metadata` is not in the CRD's schema, but it is always the standard ObjectMeta: its unknown
+fields are pruned, or with Strict rejected, like any other ("Pruning ... the only exception is
+metadata, which is pruned to ObjectMeta fields", kubernetes.io/docs/tasks/extend-kubernetes/
+custom-resources/custom-resource-definitions/#field-pruning). Strict also rejects a field given
+twice in the request body ("Strict: ... if any duplicate fields are present",
+kubernetes.io/docs/reference/using-api/api-concepts/#field-validation): `admit_manifest` takes
+the YAML text kubectl would send. A `generateName` without a `name` gets its name before
+validation, as the registry's create does (k8s.io/apiserver/pkg/storage/names).
 """
 
 from __future__ import annotations
 
 import copy
+import secrets
 from typing import Any
 
 import celpy
 import jsonschema
+import yaml
 from celpy import celtypes
+
+# The fields of metav1.ObjectMeta (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+        "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+        "annotations", "ownerReferences", "finalizers", "managedFields",
+    }
+)  # fmt: skip
+# names.SimpleNameGenerator: randomLength 5, MaxGeneratedNameLength 63 - 5; utilrand's alphabet.
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def generate_name(prefix: str) -> str:
+    """The name the API server gives an object created with only metadata.generateName."""
+    return prefix[: 63 - 5] + "".join(secrets.choice(_NAME_ALPHABET) for _ in range(5))
+
+
+class _DuplicateKeys(yaml.SafeLoader):
+    """The body as the server's strict decoder sees it: a key twice in one object is a
+    `duplicate field` error (reported, not last-wins)."""
+
+    duplicates: list[str]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                self.duplicates.append(f'duplicate field "{key}"')
+        return super().construct_mapping(node, deep=deep)
 
 
 def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +97,26 @@ def _prune_unknown(schema: dict[str, Any], value: Any) -> Any:
     if isinstance(value, list):
         return [_prune_unknown(schema.get("items", {}), v) for v in value]
     return value
+
+
+def _unknown(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """The paths of the fields the schema does not declare (what pruning would drop)."""
+    out: list[str] = []
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props is None:
+            extra = schema.get("additionalProperties")
+            if isinstance(extra, dict):
+                for k, v in value.items():
+                    out += _unknown(extra, v, f"{path}.{k}" if path else k)
+            return out
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else k
+            out += _unknown(props[k], v, where) if k in props else [where]
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _unknown(schema.get("items", {}), v, f"{path}[{i}]")
+    return out
 
 
 def _apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -133,13 +194,46 @@ class ApiServer:
         self.cel = celpy.Environment()
         self._programs: dict[str, Any] = {}
 
+    def decoding_errors(self, obj: dict[str, Any]) -> list[str]:
+        """Strict decoding: each field that pruning would drop is an `unknown field` error (a
+        400 BadRequest, before any validation: "strict decoding error: unknown field ...")."""
+        meta = obj.get("metadata")
+        unknown = (
+            [f"metadata.{k}" for k in meta if k not in OBJECT_META_FIELDS]
+            if isinstance(meta, dict)
+            else []
+        )
+        rest = {k: v for k, v in obj.items() if k != "metadata"}
+        unknown += _unknown(self.schema, _prune_nulls(self.schema, rest))
+        return [f'unknown field "{p}"' for p in unknown]
+
+    def admit_manifest(self, text: str, strict: bool = True) -> tuple[dict[str, Any], list[str]]:
+        """What `kubectl create -f` of this YAML text ends in (one document): the stored object
+        and the errors. With strict, a duplicate field is an error before anything else."""
+        loader = _DuplicateKeys(text)
+        loader.duplicates = []
+        try:
+            obj = loader.get_single_data()
+        finally:
+            loader.dispose()
+        if strict and loader.duplicates:
+            return obj, loader.duplicates
+        return self.admit(obj, strict=strict)
+
     def admit(self, obj: dict[str, Any], strict: bool = True) -> tuple[dict[str, Any], list[str]]:
         """The object as it would be stored, and the errors that would reject it. strict:
         fieldValidation=Strict (unknown fields are errors) rather than pruned."""
+        if strict:
+            decoding = self.decoding_errors(obj)
+            if decoding:
+                return obj, decoding
         stored = _prune_nulls(self.schema, copy.deepcopy(obj))
-        if not strict:
-            stored = _prune_unknown(self.schema, stored)
-        stored = _apply_defaults(self.schema, stored)
+        meta = stored.get("metadata")
+        if isinstance(meta, dict):
+            stored["metadata"] = meta = {k: v for k, v in meta.items() if k in OBJECT_META_FIELDS}
+            if meta.get("generateName") and not meta.get("name"):
+                meta["name"] = generate_name(meta["generateName"])
+        stored = _apply_defaults(self.schema, _prune_unknown(self.schema, stored))
         errors = [
             f"{_path(e.absolute_path) or '<root>'}: {e.message}"
             for e in sorted(self.validator.iter_errors(stored), key=lambda e: list(e.absolute_path))

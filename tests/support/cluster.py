@@ -49,7 +49,7 @@ from kmock._internal import enums, rendering
 from kmock._internal.dsl import Reaction
 
 from kubetune.controller.reconcile import merge_patch
-from tests.support.apiserver import ApiServer
+from tests.support.apiserver import ApiServer, generate_name
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
@@ -233,11 +233,20 @@ class Emulator(kmock.KubernetesEmulator):
                 # Validation ratcheting (KEP-4008, on by default since 1.30): an update is not
                 # refused for errors in fields it leaves as they were (e.g. kopf annotating an
                 # object stored under an older schema).
-                errors = [e for e in errors if _at(stored, e) != _at(current, e)]
+                if not all(e.startswith("unknown field") for e in errors):
+                    errors = [e for e in errors if _at(stored, e) != _at(current, e)]
                 if not errors:
                     request.data["spec"] = merge_patch(current.get("spec") or {}, stored["spec"])
         if not errors:
             return None
+        if all(e.startswith(("unknown field", "duplicate field")) for e in errors):
+            # Strict decoding fails before validation, as a 400 (KEP-2885).
+            return kmock.KubernetesError(
+                status=400,
+                reason="BadRequest",
+                message=f'FineTuneJob in version "v1alpha1" cannot be handled as a FineTuneJob: '
+                f"strict decoding error: {', '.join(errors)}",
+            )
         name = request.name or ((request.data.get("metadata") or {}).get("name"))
         return kmock.KubernetesError(
             status=422,
@@ -276,7 +285,7 @@ class Emulator(kmock.KubernetesEmulator):
         if request.namespace:
             meta["namespace"] = request.namespace
         if meta.get("generateName") and not meta.get("name"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta["name"] = generate_name(meta["generateName"])
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self._versions))
         meta["creationTimestamp"] = _now()

@@ -60,6 +60,7 @@ from kubetune.api.status import (
     Progress,
     gates_summary,
 )
+from kubetune.api.training import MUTUALLY_EXCLUSIVE
 from kubetune.api.types import MAX_NAME_LENGTH, RUN_ID_LENGTH
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "LORA_METHODS",
     "MAX_NAME_LENGTH",
     "MERGEABLE_METHODS",
+    "MUTUALLY_EXCLUSIVE",
     "PERMANENT_EXIT_CODES",
     "PHASES",
     "PLURAL",

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -64,6 +65,22 @@ def _innermost_model(annotation: Any) -> Any:
     return None
 
 
+def _camel(name: str) -> str:
+    head, *rest = re.split(r"[_\-]", name)
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def did_you_mean(name: str, fields: list[str]) -> str | None:
+    """The field a user most likely meant: the camelCase of a snake_case or kebab-case name, the
+    same name in other letter case, or the closest spelling."""
+    by_folded = {f.lower(): f for f in fields}
+    for candidate in (_camel(name), name):
+        if candidate.lower() in by_folded:
+            return by_folded[candidate.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_folded), n=1, cutoff=0.75)
+    return by_folded[close[0]] if close else None
+
+
 def _allowed(expected: str) -> str:
     values = [a or b for a, b in _QUOTED.findall(expected)]
     return ", ".join(values) if values else expected
@@ -77,8 +94,12 @@ def _describe(err: dict[str, Any], root: type[BaseModel] | None) -> str:
         return "required field is missing"
     if kind == "extra_forbidden":
         fields = _model_fields_at(root, tuple(err["loc"][:-1])) if root else None
-        hint = f"; valid fields here: {', '.join(fields)}" if fields else ""
-        return f"unknown field{hint}"
+        if not fields:
+            return "unknown field"
+        guess = did_you_mean(str(err["loc"][-1]), fields)
+        if guess:
+            return f"unknown field; did you mean `{guess}`?"
+        return f"unknown field; valid fields here: {', '.join(fields)}"
     if kind in ("literal_error", "enum"):
         return f"{value!r} is not one of {_allowed(str(ctx.get('expected', '')))}"
     comparisons = {

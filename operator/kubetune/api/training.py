@@ -151,6 +151,13 @@ class MethodSpec(ApiModel):
     )
 
 
+# Fields of which a manifest sets at most one: `kubetune run --set` setting one clears the others
+# (an override states the user's intent; the rule below rejects a manifest that sets both).
+MUTUALLY_EXCLUSIVE: tuple[tuple[str, ...], ...] = (
+    ("spec.hyperparameters.epochs", "spec.hyperparameters.maxSteps"),
+)
+
+
 class HyperparametersSpec(ApiModel):
     """Training hyperparameters. Omitted values take per-method defaults."""
 

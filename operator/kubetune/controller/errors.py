@@ -30,3 +30,7 @@ class Misconfigured(Retry):
     def __init__(self, message: str, reason: str, delay: float = 10.0) -> None:
         super().__init__(message, delay)
         self.reason = reason
+
+
+class NoCredentials(Exception):
+    """Neither a pod's service account nor a kubeconfig: the operator cannot start."""

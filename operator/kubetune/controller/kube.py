@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import urllib.error
 import urllib.request
 import uuid
@@ -25,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
-from kubetune.controller.errors import Misconfigured, Rejected, Retry
+from kubetune.controller.errors import Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.operator")
@@ -110,7 +111,15 @@ def load_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config()
         return kubernetes.client.ApiClient()
     except kubernetes.config.ConfigException:
+        pass
+    try:
         return kubernetes.config.new_client_from_config()
+    except (kubernetes.config.ConfigException, OSError) as exc:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise NoCredentials(
+            f"no Kubernetes credentials: not in a pod (no service account token) and no usable "
+            f"kubeconfig at {where} ({exc}); set KUBECONFIG or run the operator in the cluster"
+        ) from exc
 
 
 class Kube:

@@ -156,7 +156,9 @@ def reconcile(
     children = kube.children(namespace, name)
     refusal: State | None = None
     try:
-        job = FineTuneJob.model_validate({k: v for k, v in raw.items() if k != "status"})
+        job = FineTuneJob.model_validate(
+            {k: v for k, v in raw.items() if k != "status"}, by_name=False
+        )
     except ValidationError as exc:
         # The API server validates against the CRD, so this means the CRD is older than the
         # operator or was bypassed: report, create nothing, remove earlier runs.
