@@ -102,9 +102,17 @@ NAMESPACED_RULES = [
 ]
 
 
+def _operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The operator's own roles (not the aggregated user roles)."""
+    return [d for d in by_kind(docs, kind) if not d["metadata"]["name"].endswith(USER_ROLES)]
+
+
+USER_ROLES = ("-edit", "-view")
+
+
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
     docs = render()
-    (role,) = by_kind(docs, "ClusterRole")
+    (role,) = _operator_roles(docs, "ClusterRole")
     crd_rule = {
         "apiGroups": ["apiextensions.k8s.io"],
         "resources": ["customresourcedefinitions"],
@@ -118,7 +126,7 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
 
 def test_namespaced_mode_has_roles_only() -> None:
     docs = render(*NAMESPACED)
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    assert not _operator_roles(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
     assert all(r["rules"] == NAMESPACED_RULES for r in roles)
@@ -130,7 +138,44 @@ def test_namespaced_mode_has_roles_only() -> None:
 
 def _roles(*args: str) -> list[dict[str, Any]]:
     docs = render(*args)
-    return [*by_kind(docs, "ClusterRole"), *by_kind(docs, "Role")]
+    return [*_operator_roles(docs, "ClusterRole"), *by_kind(docs, "Role")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_users_get_finetunejobs_through_the_default_roles(mode: str) -> None:
+    """edit/admin may do everything to FineTuneJobs (patch included: suspend, a new spec), view
+    may read them; through aggregation labels, so a RoleBinding of edit is all a team needs."""
+    roles = {r["metadata"]["name"]: r for r in by_kind(render(*MODES[mode]), "ClusterRole")}
+    edit, view = roles["kt-kubetune-edit"], roles["kt-kubetune-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    granted = {(r, v) for rule in edit["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    for verb in ("create", "get", "list", "watch", "patch", "update", "delete"):
+        assert ("finetunejobs", verb) in granted
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in view["rules"])
+    assert not any("secrets" in rule["resources"] for r in (edit, view) for rule in r["rules"])
+    off = by_kind(render(*MODES[mode], "--set", "userRoles.aggregate=false"), "ClusterRole")
+    assert not [r for r in off if r["metadata"]["name"].endswith(USER_ROLES)]
+
+
+def _notes(*args: str) -> str:
+    done = _helm("install", "kt", str(CHART), "--dry-run=client", "-n", "kubetune-system", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_say_what_next_and_warn_about_unpublished_images() -> None:
+    notes = _notes()
+    assert "rollout status deploy/kt-kubetune" in notes and "kubectl get ftj -w" in notes
+    assert "WARNING: ghcr.io/kubetune/operator:0.1.0 and ghcr.io/kubetune/trainer:0.1.0" in notes
+    own = _notes("--set", "image.repository=registry.example.com/kubetune/operator")
+    assert "WARNING: ghcr.io/kubetune/trainer:0.1.0 is not published" in own
+    both = _notes(
+        "--set", "image.repository=registry.example.com/op",
+        "--set", "trainer.image.repository=registry.example.com/tr",
+    )  # fmt: skip
+    assert "WARNING" not in both
 
 
 def test_secrets_are_only_read_one_by_name_and_can_be_turned_off() -> None:

@@ -16,7 +16,10 @@ INTRO = f"""\
 Every field below is checked twice with the same rules: by `kubetune validate` (and the operator)
 through the pydantic models in `kubetune.api`, and by the Kubernetes API server through the CRD in
 `crds/`, whose schema and CEL rules (`x-kubernetes-validations`) are generated from those models.
-Unknown fields are rejected by `kubetune validate` and by `kubectl` (strict field validation).
+Unknown fields are rejected by `kubetune validate` and by `kubectl` (strict field validation),
+and so is a key given twice; fields are spelled as below (`learningRate`: `learning_rate` is an
+unknown field). `metadata.generateName` may stand in for `metadata.name` (with `kubectl
+create`), at most {MAX_NAME_LENGTH - 5} characters since the API server adds 5.
 
 `metadata.name` is at most {MAX_NAME_LENGTH} characters: a run's Job and ConfigMap are named
 `<name>-<runId>` (an 8-character run id) and Kubernetes limits Job names used in labels to 63.
@@ -25,7 +28,7 @@ Defaults that depend on the method (learning rate, LoRA settings, quantization, 
 epochs, micro-batch size, gradient checkpointing) are filled in by the operator when it resolves
 the spec for the trainer (`kubetune.api.resolve_spec`); the API server leaves them unset.
 
-## Additions and interpretations beyond the original contract
+## Interpretations worth knowing
 
 - `spec.hyperparameters.maxGradNorm`: gradient clipping, default 1.0.
 - `spec.gates[].minImprovement` is measured so that positive always means better: tuned minus base
