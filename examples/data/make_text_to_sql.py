@@ -3,6 +3,10 @@
 Seeded, so the file is reproducible:
     python examples/data/make_text_to_sql.py > examples/data/text-to-sql.jsonl
 Schema: employees(id, name, department, salary, hire_year, city); departments(name, budget, floor).
+
+Every record's SQL is different: however the file is split, no test answer occurs in training,
+so the demo's exact-match score measures whether the model learned to write the query for a
+question it has not seen (new values in known shapes), not whether it remembers one.
 """
 
 from __future__ import annotations
@@ -75,11 +79,22 @@ TEMPLATES = [
         ],
         "SELECT department, COUNT(*) FROM employees WHERE city = '{city}' GROUP BY department;",
     ),
+    (
+        ["Who in {city} earns more than {salary}?", "Names of {city} staff paid above {salary}."],
+        "SELECT name FROM employees WHERE city = '{city}' AND salary > {salary};",
+    ),
+    (
+        [
+            "How many {dept} employees were hired in {year}?",
+            "Count the {dept} hires of {year}.",
+        ],
+        "SELECT COUNT(*) FROM employees WHERE department = '{dept}' AND hire_year = {year};",
+    ),
 ]
 
 
 def records(count: int = COUNT, seed: int = SEED) -> list[dict[str, str]]:
-    """count distinct question/query pairs."""
+    """count records, each with a query of its own."""
     rng = random.Random(seed)
     out: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -95,12 +110,13 @@ def records(count: int = COUNT, seed: int = SEED) -> list[dict[str, str]]:
             "floor": rng.randint(1, 12),
         }
         question = rng.choice(phrasings).format(**slots)
-        if question in seen:
+        query = sql.format(**slots)
+        if query in seen:
             continue
-        seen.add(question)
-        out.append({"instruction": INSTRUCTION, "input": question, "output": sql.format(**slots)})
+        seen.add(query)
+        out.append({"instruction": INSTRUCTION, "input": question, "output": query})
     if len(out) < count:
-        raise SystemExit(f"only {len(out)} distinct questions can be made; lower COUNT")
+        raise SystemExit(f"only {len(out)} distinct queries can be made; lower COUNT")
     return out
 
 

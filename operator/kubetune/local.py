@@ -194,6 +194,8 @@ def summary(job: FineTuneJob, result: TrainerResult) -> str:
         lines += ["", "  artifacts:"]
         for key, value in result.artifacts.model_dump(by_alias=True, exclude_none=True).items():
             lines.append(f"    {key:<12} {value}")
+    if result.warnings:
+        lines += ["", "  warnings:"] + [f"    ! {w}" for w in result.warnings]
     if result.steps is not None:
         resumed = (
             f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""

@@ -171,6 +171,21 @@ def test_events_only_on_transitions() -> None:
     assert again.events == []
 
 
+def test_a_finished_runs_warnings_become_warning_events_once() -> None:
+    warned = result(ExitCode.SUCCEEDED).model_copy(
+        update={"warnings": ["23 of 29 test answers (79%) also occur in the training data"]}
+    )
+    observed = Observed(job=ObservedJob(NAME, complete=True), configmap=True, result=warned)
+    done = decide(job(), observed, SETTINGS, NOW)
+    assert [(e.type, e.reason) for e in done.events] == [
+        ("Normal", "Succeeded"),
+        ("Warning", "TrainerWarning"),
+    ]
+    assert "23 of 29 test answers" in done.events[1].message
+    again = decide(job().model_copy(update={"status": done.status}), observed, SETTINGS, NOW)
+    assert again.events == []
+
+
 def test_progress_is_copied_while_running() -> None:
     progress = Progress(step=40, total_steps=100, percent=40, loss=0.5, updated_at=NOW)
     status = decide(

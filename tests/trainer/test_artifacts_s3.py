@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetune.api import ExitCode, TrainerResult
 from kubetune_trainer import storage
@@ -40,7 +41,36 @@ def test_artifacts_in_s3_match_manifest_and_adapter_reloads(
         "result.json",
         "report.md",
         "loss.png",
+        "trainer.log",
     } <= stored
+    # the trainer's log survives its pod, up to the upload
+    assert "Gate passed" in storage.read_bytes(f"{run}/trainer.log").decode()
+
+    # The adapter is portable: its config names the base model as the spec did (not the pod's
+    # cache), and its README.md is the run's model card.
+    adapter_config = json.loads(storage.read_bytes(f"{run}/adapter/adapter_config.json"))
+    assert adapter_config["base_model_name_or_path"] == doc["spec"]["model"]["uri"]
+    card = storage.read_bytes(f"{run}/report.md").decode()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["base_model"] == doc["spec"]["model"]["uri"] and meta["library_name"] == "peft"
+    (index,) = meta["model-index"]
+    scored = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
+    assert scored["exact_match"] == pytest.approx(result.metrics.tuned.exact_match)
+    readme = storage.read_bytes(f"{run}/adapter/README.md").decode()
+    assert readme.startswith("---\n") and "](../loss.png)" in readme
+    for section in ("## Method", "## Data", "## Evaluation", "## Gates", "## Environment",
+                    "## Limitations", "LoRA: r ", "torch ", "hardware: "):  # fmt: skip
+        assert section in body, section
+    sha = hashlib.sha256(task_file.read_bytes()).hexdigest()
+    assert f"sha256 `{sha}`" in body
+    # the loss improvement gate: the report shows the improvement and both values
+    assert "improvement over the base" in body
+    data = json.loads(storage.read_bytes(f"{run}/metrics.json"))["data"]
+    assert data["sha256"] == sha and data["leakage"]["test"] == data["test"]
+    # a classification task: answers repeat by nature, prompts do not (the task file has no
+    # duplicate reviews), so no warning
+    assert data["leakage"]["promptsInTrain"] == 0 and result.warnings == []
 
     latest = json.loads(storage.read_bytes(f"{out}/latest.json"))
     assert latest["runId"] == "5eed0001" and latest["adapterUri"] == f"{run}/adapter/"
@@ -71,6 +101,10 @@ def test_artifacts_in_s3_match_manifest_and_adapter_reloads(
             gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True
         ).strip()
         assert answer == sample["tuned"]
+    # each sample carries its own scores; their mean is the test-set score
+    per_sample = [s["scores"]["tuned"]["exactMatch"] for s in samples]
+    assert set(per_sample) <= {0.0, 1.0}
+    assert sum(per_sample) / len(per_sample) == pytest.approx(result.metrics.tuned.exact_match)
     tuned_right = sum(s["tuned"] == s["reference"] for s in samples)
     base_right = sum(s["base"] == s["reference"] for s in samples)
     assert tuned_right > base_right

@@ -64,7 +64,7 @@ def test_formats_are_detected_and_rendered(
     uri = write(
         tmp_path, name, rows * 20 if fmt != "text" else [{"text": f"words {i}"} for i in range(20)]
     )
-    examples, detected, _ = data.load_examples(uri, PlainTokenizer(), tmp_path, "auto")
+    examples, detected, _, _ = data.load_examples(uri, PlainTokenizer(), tmp_path, "auto")
     assert detected == fmt
     if fmt != "text":
         assert (examples[0].prompt, examples[0].completion) == (prompt, answer)
@@ -72,7 +72,7 @@ def test_formats_are_detected_and_rendered(
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tmp_path: Path) -> None:
     uri = write(tmp_path, "a.jsonl", [{"instruction": "Add", "output": "3"}])
-    [example], _, _ = data.load_examples(uri, ChatTokenizer(), tmp_path, "auto")
+    [example], _, _, _ = data.load_examples(uri, ChatTokenizer(), tmp_path, "auto")
     assert example.prompt == "<user>Add<assistant>" and example.templated
 
 

@@ -8,6 +8,7 @@ Problems are reported as one line naming the file and line: `train.jsonl line 17
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -41,6 +42,82 @@ class Splits:
     test: list[Example]
     format: str
     report: dict[str, int] = field(default_factory=dict)
+    sha256: str = ""  # of the dataset file as read
+
+
+# Above this share of test examples seen in training, the test set mostly measures memorisation:
+# the report and the run's summary say so.
+LEAKAGE_WARN_SHARE = 0.2
+# Answers repeat by nature when they come from a small set (labels, yes/no): their overlap is
+# memorisation only when most training answers are distinct.
+DISTINCT_ANSWERS_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Leakage:
+    """Test examples whose answer, prompt or both also occur in the training split (whitespace
+    normalised): exact-match scores on them measure memory, not generalisation."""
+
+    test: int
+    answers_in_train: int
+    prompts_in_train: int
+    pairs_in_train: int
+    train: int = 0
+    distinct_train_answers: int = 0
+
+    @property
+    def answer_share(self) -> float:
+        return self.answers_in_train / self.test if self.test else 0.0
+
+    @property
+    def prompt_share(self) -> float:
+        return self.prompts_in_train / self.test if self.test else 0.0
+
+    @property
+    def answers_are_labels(self) -> bool:
+        """Most training answers repeat (a classification task): answer overlap is expected."""
+        return self.train > 0 and self.distinct_train_answers / self.train < DISTINCT_ANSWERS_SHARE
+
+    def warning(self) -> str | None:
+        if self.prompt_share > LEAKAGE_WARN_SHARE:
+            return (
+                f"{self.prompts_in_train} of {self.test} test prompts ({self.prompt_share:.0%}) "
+                "also occur in the training data: the test scores partly measure memorisation; "
+                "deduplicate the data or give a separate test set (spec.dataset.testUri)"
+            )
+        if self.answer_share > LEAKAGE_WARN_SHARE and not self.answers_are_labels:
+            return (
+                f"{self.answers_in_train} of {self.test} test answers ({self.answer_share:.0%}) "
+                "also occur in the training data: the test scores partly measure memorisation; "
+                "use a test set whose answers are not in training (spec.dataset.testUri)"
+            )
+        return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def leakage(train: list[Example], test: list[Example]) -> Leakage:
+    answers = {_norm(ex.completion) for ex in train}
+    prompts = {_norm(ex.prompt) for ex in train if ex.prompt}
+    pairs = {(_norm(ex.prompt), _norm(ex.completion)) for ex in train}
+    return Leakage(
+        train=len(train),
+        distinct_train_answers=len(answers),
+        test=len(test),
+        answers_in_train=sum(_norm(ex.completion) in answers for ex in test),
+        prompts_in_train=sum(bool(ex.prompt) and _norm(ex.prompt) in prompts for ex in test),
+        pairs_in_train=sum((_norm(ex.prompt), _norm(ex.completion)) in pairs for ex in test),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -275,7 +352,8 @@ def _split(
 
 def load_examples(
     uri: str, tokenizer: Any, cache: Path, fmt: str
-) -> tuple[list[Example], str, Counter]:
+) -> tuple[list[Example], str, Counter, str]:
+    """The examples of one file, its format, what was dropped, and the file's sha256."""
     path = fetch(uri, cache)
     records = read_records(path, _name(uri))
     if not records:
@@ -284,12 +362,12 @@ def load_examples(
         fmt = detect_format(records[0])
     examples, dropped = _examples(records, fmt, tokenizer)
     dropped["read"] = len(records)
-    return examples, fmt, dropped
+    return examples, fmt, dropped, file_sha256(path)
 
 
 def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     """Reads, cleans and splits the data as the spec says."""
-    examples, fmt, report = load_examples(spec.uri, tokenizer, cache, spec.format)
+    examples, fmt, report, sha256 = load_examples(spec.uri, tokenizer, cache, spec.format)
     if spec.dedupe:
         examples, report["duplicates"] = _dedupe(examples)
     if not examples:
@@ -302,11 +380,11 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     test: list[Example]
     validation: list[Example]
     if spec.test_uri:
-        test, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt)
+        test, _, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt)
     else:
         examples, test = _split(examples, spec.test_split, total)
     if spec.validation_uri:
-        validation, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt)
+        validation, _, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt)
     else:
         examples, validation = _split(examples, spec.validation_split, total)
     if not examples:
@@ -316,7 +394,7 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     if not test:
         raise DataError(f"{_name(spec.uri)}: the test set is empty")
     report.update(train=len(examples), validation=len(validation), test=len(test))
-    return Splits(examples, validation, test, fmt, dict(report))
+    return Splits(examples, validation, test, fmt, dict(report), sha256)
 
 
 def tokenize(

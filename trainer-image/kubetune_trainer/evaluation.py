@@ -3,6 +3,7 @@ rougeL, bleu and exactMatch, for the tuned model and (before training) the base 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -25,24 +26,34 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@functools.cache
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def sample_scores(prediction: str, reference: str, metrics: list[str]) -> dict[str, float]:
+    """One example's exactMatch (0 or 1) and rougeL F1: what eval_samples.jsonl records and
+    the test-set scores average (bleu is a corpus score only)."""
+    out: dict[str, float] = {}
+    if "exactMatch" in metrics:
+        out["exactMatch"] = float(normalize(prediction) == normalize(reference))
+    if "rougeL" in metrics:
+        out["rougeL"] = _rouge().score(reference, prediction)["rougeL"].fmeasure
+    return out
+
+
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     if not references:
         return out
-    if "exactMatch" in metrics:
-        hits = sum(
-            normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)
-        )
-        out["exactMatch"] = hits / len(references)
-    if "rougeL" in metrics:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        f1 = [
-            scorer.score(r, p)["rougeL"].fmeasure
-            for p, r in zip(predictions, references, strict=True)
-        ]
-        out["rougeL"] = sum(f1) / len(f1)
+    per_sample = [
+        sample_scores(p, r, metrics) for p, r in zip(predictions, references, strict=True)
+    ]
+    for name in ("exactMatch", "rougeL"):
+        if name in metrics:
+            out[name] = sum(s[name] for s in per_sample) / len(per_sample)
     if "bleu" in metrics:
         import sacrebleu
 

@@ -24,7 +24,7 @@ from kubetune.api import (
     TrainerResult,
 )
 from kubetune_trainer import storage
-from kubetune_trainer.data import Example
+from kubetune_trainer.data import Example, Leakage, Splits
 from kubetune_trainer.gates import describe
 from kubetune_trainer.training import TrainOutcome
 
@@ -75,19 +75,39 @@ def save_models(
     return True
 
 
-def write_eval_samples(path: Path, evaluation: Evaluation) -> None:
+def write_eval_samples(path: Path, evaluation: Evaluation, metrics: list[str]) -> None:
+    """One line per test example: the prompt, the reference, both models' answers, and each
+    answer's own scores (exactMatch 0/1, rougeL F1) for finding what the model gets wrong."""
+    from kubetune_trainer.evaluation import sample_scores
+
     with path.open("w", encoding="utf-8") as f:
         for i, ex in enumerate(evaluation.examples):
+            base = evaluation.base_outputs[i] if i < len(evaluation.base_outputs) else None
+            tuned = evaluation.tuned_outputs[i] if i < len(evaluation.tuned_outputs) else None
             row = {
                 "prompt": ex.prompt,
                 "reference": ex.completion,
-                "base": evaluation.base_outputs[i] if i < len(evaluation.base_outputs) else None,
-                "tuned": evaluation.tuned_outputs[i] if i < len(evaluation.tuned_outputs) else None,
+                "base": base,
+                "tuned": tuned,
+                "scores": {
+                    name: sample_scores(answer, ex.completion, metrics)
+                    for name, answer in (("base", base), ("tuned", tuned))
+                    if answer is not None
+                },
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def plot_losses(path: Path, history: list[dict[str, float]]) -> None:
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """An exponential moving average, bias-corrected (as TensorBoard's smoothing)."""
+    out, last = [], 0.0
+    for i, v in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight**i))
+    return out
+
+
+def plot_losses(path: Path, history: list[dict[str, float]], title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,9 +117,13 @@ def plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, label="train loss", linewidth=1, alpha=0.35, color="C0")
+        ax.plot(steps, _smooth(list(losses)), label="train loss (smoothed)", color="C0")
     if evals:
-        ax.plot(*zip(*evals, strict=True), label="eval loss", marker="o")
+        ax.plot(*zip(*evals, strict=True), "o", label="eval loss", color="C1")
+    if title:
+        ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -109,11 +133,139 @@ def plot_losses(path: Path, history: list[dict[str, float]]) -> None:
     plt.close(fig)
 
 
-def _row(name: str, base: float | None, tuned: float | None) -> str:
-    def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.4g}"
+def base_model_id(uri: str) -> str:
+    """The base model as the spec named it, in the form the Hub and PEFT understand: an hf://
+    URI becomes its repository id (`org/name`); any other URI stays as written. Never a path
+    of the pod's cache, which means nothing elsewhere."""
+    if uri.startswith("hf://"):
+        return "/".join(uri.removeprefix("hf://").split("/")[:2])
+    return uri
 
-    return f"| {name} | {fmt(base)} | {fmt(tuned)} |"
+
+def make_adapter_portable(adapter: Path, spec: FineTuneJobSpec, card: str) -> None:
+    """adapter_config.json names the spec's base model (PEFT writes the local path it loaded
+    from), and the folder's README.md is the run's model card, not PEFT's empty template."""
+    config_path = adapter / "adapter_config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model_id(spec.model.uri)
+        if spec.model.revision:
+            config["revision"] = spec.model.revision
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (adapter / "README.md").write_text(card.replace("](loss.png)", "](../loss.png)"))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _data_lines(report: dict[str, Any], data_format: str, sha256: str, uri: str) -> list[str]:
+    read = report.get("read", 0)
+    dropped = [
+        f"{report[k]} {label}"
+        for k, label in (
+            ("empty", "empty"),
+            ("duplicates", "duplicate"),
+            ("tooLong", "longer than maxSeqLength (not trained on)"),
+        )
+        if report.get(k)
+    ]
+    return [
+        f"- source: `{uri}` ({data_format} format), sha256 `{sha256 or 'unknown'}`",
+        f"- {read} records read" + (f"; dropped: {', '.join(dropped)}" if dropped else ""),
+        f"- split: {report.get('train', 0)} train, {report.get('validation', 0)} validation, "
+        f"{report.get('test', 0)} test",
+    ]
+
+
+def _method_lines(spec: FineTuneJobSpec) -> list[str]:
+    method = spec.method
+    lines = [f"- method: {method.type}"]
+    if method.lora is not None and method.type in ("lora", "qlora", "dora"):
+        lora = method.lora
+        targets = ", ".join(lora.target_modules) if lora.target_modules else "the model's default"
+        lines.append(
+            f"- LoRA: r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout:g}, "
+            f"target modules: {targets}"
+        )
+    if method.quantization is not None and method.type == "qlora":
+        q = method.quantization
+        lines.append(
+            f"- quantization: {q.bits}-bit {q.quant_type}, double quantization "
+            f"{'on' if q.double_quant else 'off'}, compute dtype {q.compute_dtype}"
+        )
+    if method.virtual_tokens and method.type in ("prefix", "prompt"):
+        lines.append(f"- virtual tokens: {method.virtual_tokens}")
+    lines.append(f"- base model dtype: {spec.model.dtype}")
+    return lines
+
+
+def _environment() -> tuple[list[str], str]:
+    """Framework versions and the hardware the run trained on."""
+    import importlib.metadata
+    import os
+    import platform
+
+    versions = []
+    for name in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    versions.insert(0, f"Python {platform.python_version()}")
+    hardware = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            hardware = ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
+    except ImportError:
+        pass
+    return versions, hardware
+
+
+def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
+    """Hugging Face model-card metadata (huggingface.co/docs/hub/model-cards)."""
+    import yaml
+
+    spec = config.spec
+    tuned = evaluation.tuned.model_dump(by_alias=True)
+    metric_types = {"exactMatch": "exact_match", "rougeL": "rouge", "bleu": "bleu"}
+    metrics = [
+        {"type": metric_types.get(m, m), "name": f"{m} (tuned)", "value": round(tuned[m], 6)}
+        for m in spec.evaluation.metrics
+        if tuned.get(m) is not None
+    ]
+    meta: dict[str, Any] = {
+        "base_model": base_model_id(spec.model.uri),
+        "library_name": "peft" if spec.method.type in ADAPTER_METHODS else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["kubetune", spec.method.type, "fine-tuned"],
+        "datasets": [spec.dataset.uri],
+        "model-index": [
+            {
+                "name": config.job_name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": {"name": "test split", "type": spec.dataset.uri},
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ],
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _gate_line(g: GateResult, evaluation: Evaluation) -> str:
+    line = f"- {'PASS' if g.passed else 'FAIL'} {describe(g)}"
+    if g.bound == "minImprovement" and evaluation.base is not None:
+        base = evaluation.base.model_dump(by_alias=True).get(g.metric)
+        tuned = evaluation.tuned.model_dump(by_alias=True).get(g.metric)
+        line += f" — improvement over the base ({_fmt(base)} → {_fmt(tuned)})"
+    return line
 
 
 def model_card(
@@ -121,39 +273,67 @@ def model_card(
     evaluation: Evaluation,
     gates: list[GateResult],
     outcome: TrainOutcome,
-    data_report: dict[str, int],
-    data_format: str,
+    splits: Splits,
+    leak: Leakage | None,
 ) -> str:
+    """report.md, and the adapter's README.md: a model card in the Hub's conventions."""
     spec = config.spec
     hp = spec.hyperparameters
     tuned = evaluation.tuned.model_dump(by_alias=True)
     base = evaluation.base.model_dump(by_alias=True) if evaluation.base else {}
-    rows = [_row(m, base.get(m), tuned.get(m)) for m in spec.evaluation.metrics]
-    gate_lines = [f"- {'PASS' if g.passed else 'FAIL'} {describe(g)}" for g in gates] or [
-        "- (no gates)"
+    rows = [
+        f"| {m} | {_fmt(base.get(m))} | {_fmt(tuned.get(m))} |" for m in spec.evaluation.metrics
     ]
     passed = all(g.passed for g in gates)
+    versions, hardware = _environment()
+    leak_lines = ["- not measured"]
+    if leak is not None:
+        leak_lines = [
+            f"- {leak.answers_in_train} of {leak.test} test answers also occur in the training "
+            f"split ({leak.answer_share:.0%}); {leak.prompts_in_train} test prompts do; "
+            f"{leak.pairs_in_train} test examples are in it whole",
+        ]
+        if leak.warning():
+            leak_lines.append(f"- **Warning**: {leak.warning()}")
     lines = [
+        _front_matter(config, evaluation),
         f"# {config.job_name} — run {config.run_id}",
         "",
-        f"Fine-tuned **{spec.model.uri}** with **{spec.method.type}** on `{spec.dataset.uri}` "
-        f"({data_format} format).",
+        f"**{spec.method.type}** fine-tune of **{base_model_id(spec.model.uri)}** on "
+        f"`{spec.dataset.uri}`, trained and evaluated by kubetune "
+        f"({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}). "
+        f"Verdict: **{'promoted' if passed else 'not promoted'}**.",
         "",
-        "## Data",
+        "## Method",
         "",
-        ", ".join(f"{k}: {v}" for k, v in sorted(data_report.items())),
+        *_method_lines(spec),
         "",
-        "## Training",
+        "## Hyperparameters",
         "",
         f"- steps: {outcome.steps}, epochs: {outcome.epochs:.2f}, "
         f"wall time: {outcome.seconds:.0f} s"
         + (f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""),
-        f"- learning rate {hp.learning_rate:g} ({hp.lr_scheduler}), batch size {hp.batch_size} "
-        f"(micro-batch {hp.micro_batch_size}), weight decay {hp.weight_decay:g}, seed {hp.seed}",
+        f"- learning rate {hp.learning_rate:g} ({hp.lr_scheduler}, warmup ratio "
+        f"{hp.warmup_ratio:g}), batch size {hp.batch_size} (micro-batch {hp.micro_batch_size}), "
+        f"weight decay {hp.weight_decay:g}, max grad norm {hp.max_grad_norm:g}, seed {hp.seed}",
+        f"- max sequence length {spec.dataset.max_seq_length} tokens"
+        + (", packed" if spec.dataset.packing else ""),
         "",
         "![loss](loss.png)",
         "",
-        "## Evaluation (test set)",
+        "## Data",
+        "",
+        *_data_lines(splits.report, splits.format, splits.sha256, spec.dataset.uri),
+        "",
+        "### Overlap between the test and training splits",
+        "",
+        *leak_lines,
+        "",
+        "## Evaluation (test split)",
+        "",
+        f"On {len(evaluation.examples)} test examples, greedy decoding of at most "
+        f"{spec.evaluation.max_new_tokens} new tokens; per-example outputs in "
+        "`eval_samples.jsonl`.",
         "",
         "| metric | base | tuned |",
         "|---|---|---|",
@@ -161,9 +341,19 @@ def model_card(
         "",
         "## Gates",
         "",
-        *gate_lines,
+        *([_gate_line(g, evaluation) for g in gates] or ["- (no gates)"]),
         "",
-        f"Verdict: {'promoted' if passed else 'not promoted'}.",
+        "## Environment",
+        "",
+        f"- {', '.join(versions)}",
+        f"- hardware: {hardware}",
+        "",
+        "## Limitations",
+        "",
+        f"- The scores come from {len(evaluation.examples)} held-out examples of the same "
+        "dataset; they say little about other tasks or data.",
+        "- Fine-tuning inherits the base model's biases and limits; review outputs before use.",
+        *(["- " + leak.warning()] if leak is not None and leak.warning() else []),
         "",
         "## Use",
         "",
@@ -179,6 +369,7 @@ def model_card(
         lines += [
             "```python",
             "from peft import AutoPeftModelForCausalLM",
+            "# adapter_config.json names the base model; it is fetched as the spec named it",
             'model = AutoPeftModelForCausalLM.from_pretrained("adapter/")',
             "```",
         ]
@@ -191,17 +382,28 @@ def write_run_files(
     evaluation: Evaluation,
     gates: list[GateResult],
     outcome: TrainOutcome,
-    data_report: dict[str, Any],
-    data_format: str,
+    splits: Splits,
+    leak: Leakage | None,
     result: TrainerResult,
 ) -> None:
-    """Everything of the run but the models: eval samples, loss plot, model card, metrics and the
-    full result (what the operator reads when the pod that carried the result is gone)."""
-    write_eval_samples(staging / "eval_samples.jsonl", evaluation)
-    plot_losses(staging / "loss.png", outcome.history)
-    (staging / "report.md").write_text(
-        model_card(config, evaluation, gates, outcome, data_report, data_format)
-    )
+    """Everything of the run but the models: eval samples, loss plot, model card (also the
+    adapter's README.md, whose config then names the spec's base model), metrics and the full
+    result (what the operator reads when the pod that carried the result is gone)."""
+    write_eval_samples(staging / "eval_samples.jsonl", evaluation, config.spec.evaluation.metrics)
+    plot_losses(staging / "loss.png", outcome.history, f"{config.job_name} — run {config.run_id}")
+    card = model_card(config, evaluation, gates, outcome, splits, leak)
+    (staging / "report.md").write_text(card)
+    if (staging / "adapter").is_dir():
+        make_adapter_portable(staging / "adapter", config.spec, card)
+    data_report: dict[str, Any] = dict(splits.report)
+    data_report["sha256"] = splits.sha256
+    if leak is not None:
+        data_report["leakage"] = {
+            "test": leak.test,
+            "answersInTrain": leak.answers_in_train,
+            "promptsInTrain": leak.prompts_in_train,
+            "pairsInTrain": leak.pairs_in_train,
+        }
     base = evaluation.base
     (staging / "metrics.json").write_text(
         json.dumps(

@@ -74,6 +74,13 @@ def run(
     workdir holds this run's local files; cache (default workdir/cache) holds staged data and
     converted models, and may be shared between runs.
     """
+    # The run's own log, kept beside its artifacts (trainer.log): it outlives the pod.
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
     try:
         return _run(config, reporter, workdir, cache or workdir / "cache")
     except TrainerError as exc:
@@ -91,6 +98,12 @@ def run(
             exit_code=ExitCode.RUNTIME_ERROR,
             message=f"{type(exc).__name__}: {first}",
         )
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+LOG_FILE = "trainer.log"
 
 
 @dataclass
@@ -104,6 +117,7 @@ class Prepared:
     validation_rows: list[dict[str, list[int]]]
     test_examples: list[data.Example]
     test_rows: list[dict[str, list[int]]]
+    leakage: data.Leakage | None = None
 
 
 def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> TrainerResult:
@@ -152,8 +166,18 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
         splits.format,
         " ".join(f"{k}={v}" for k, v in sorted(splits.report.items())),
     )
+    leak = data.leakage(splits.train, test_examples)
+    log.info(
+        "Test overlap test=%d answers_in_train=%d prompts_in_train=%d pairs_in_train=%d",
+        leak.test,
+        leak.answers_in_train,
+        leak.prompts_in_train,
+        leak.pairs_in_train,
+    )
+    if leak.warning():
+        log.warning("%s", leak.warning())
     return Prepared(
-        source, tokenizer, splits, train_rows, validation_rows, test_examples, test_rows
+        source, tokenizer, splits, train_rows, validation_rows, test_examples, test_rows, leak
     )
 
 
@@ -249,16 +273,12 @@ def _export(
         gates=gates,
         artifacts=artifact_uris(config, spec, merged),
         promoted=passed,
+        warnings=[w for w in [prepared.leakage.warning() if prepared.leakage else None] if w],
     )
     write_run_files(
-        staging,
-        config,
-        evaluation,
-        gates,
-        outcome,
-        prepared.splits.report,
-        prepared.splits.format,
-        result,
+        staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, result
     )
+    if (workdir / LOG_FILE).exists():
+        shutil.copyfile(workdir / LOG_FILE, staging / LOG_FILE)  # the log up to the upload
     publish(staging, config, passed, latest_record(config, result))
     return result

@@ -188,6 +188,13 @@ class TrainerResult(ApiModel):
             "result.json."
         ),
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description=(
+            "warnings are what a user should know about the run's numbers (e.g. test answers "
+            "that also occur in the training data)."
+        ),
+    )
 
     def to_termination_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
         """Compact JSON that fits the kubelet's termination message, shedding detail if needed."""
@@ -195,6 +202,7 @@ class TrainerResult(ApiModel):
         for shed in (
             {},
             {"message": self.message[:512]},
+            {"warnings": [w[:200] for w in self.warnings[:2]]},
             {"artifacts": Artifacts(manifest_uri=(self.artifacts or Artifacts()).manifest_uri)},
             {"message": self.message[:128]},
         ):

@@ -262,4 +262,9 @@ def decide(
         kind = "Warning" if state.failed or state.waiting else "Normal"
         message = state.message or f"run {run_id} is {decision.status.phase}"
         decision.events.append(Event(kind, state.reason, message))
+        result = observed.result
+        if (state.succeeded or state.failed) and result is not None:
+            # What the user should know about the numbers (e.g. a test set that overlaps the
+            # training data), once, when the run ends.
+            decision.events += [Event("Warning", "TrainerWarning", w) for w in result.warnings]
     return decision
