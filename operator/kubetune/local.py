@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -227,6 +228,15 @@ def run(args: Any) -> int:
     except UsageError as exc:
         print(f"kubetune run: {exc}", file=sys.stderr)
         return int(ExitCode.INVALID_SPEC)
+
+    # The console shows stages and the progress bar; of the trainer's log only warnings (its
+    # whole log goes to trainer.log beside the artifacts).
+    trainer_log = logging.getLogger("kubetune_trainer")
+    trainer_log.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("warning: %(message)s"))
+    trainer_log.addHandler(console)
 
     from kubetune_trainer.pipeline import run as run_pipeline
     from kubetune_trainer.telemetry import PrometheusReporter, Reporters, TrainerMetrics
