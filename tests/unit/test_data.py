@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.api import DatasetSpec
 from kubetune_trainer import data
-from kubetune_trainer.errors import DataError
+from kubetune_trainer.errors import DataError, SpecError
 
 
 class PlainTokenizer:
@@ -28,8 +28,18 @@ class ChatTokenizer(PlainTokenizer):
     chat_template = "{{ messages }}"
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool,
+        tokenize: bool,
+        chat_template: str | None = None,
     ) -> str:
+        if chat_template not in (None, self.chat_template):  # another template: a real render
+            import jinja2
+
+            return jinja2.Template(chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt
+            )
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
 
@@ -131,3 +141,52 @@ def test_nothing_left_to_train_on(tmp_path: Path) -> None:
         data.prepare(
             DatasetSpec(uri=uri, validation_split=0.0, test_split=0.5), PlainTokenizer(), tmp_path
         )
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"yo {i}"}]}
+    for i in range(20)
+]
+
+
+@pytest.mark.parametrize(
+    ("template", "system", "prompt", "templated"),
+    [
+        (None, None, "<user>hi<assistant>", True),  # the tokenizer's own template
+        ("tokenizer", "Be brief.", "<system>Be brief.<user>hi<assistant>", True),
+        ("plain", None, "### User:\nhi\n\n### Assistant:\n", False),
+        ("plain", "Be brief.", "### System:\nBe brief.\n\n### User:\nhi\n\n### Assistant:\n", False),
+        ("chatml", None, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", True),
+        ("{% for m in messages %}[{{ m.content }}]{% endfor %}>", "s", "[s][hi]>", True),
+    ],
+)  # fmt: skip
+def test_the_spec_chooses_the_prompt_layout_and_system_prompt(
+    template: str | None, system: str | None, prompt: str, templated: bool, tmp_path: Path
+) -> None:
+    spec = DatasetSpec.model_validate(
+        {"uri": write(tmp_path, "c.jsonl", CHAT_ROWS), "testSplit": 0.1}
+        | ({"chatTemplate": template} if template else {})
+        | ({"systemPrompt": system} if system is not None else {})
+    )
+    splits = data.prepare(spec, ChatTokenizer(), tmp_path / "cache")
+    example = (splits.train + splits.test)[0]
+    assert (example.prompt, example.templated) == (prompt, templated)
+    assert splits.prompts is not None and "prompt layout" in splits.prompts.describe()
+
+
+def test_a_record_with_its_own_system_message_keeps_it(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "system", "content": "mine"}, *r["messages"]]} for r in CHAT_ROWS
+    ]
+    spec = DatasetSpec.model_validate(
+        {"uri": write(tmp_path, "c.jsonl", rows), "systemPrompt": "default", "testSplit": 0.1}
+    )
+    (example, *_) = data.prepare(spec, ChatTokenizer(), tmp_path / "cache").train
+    assert example.prompt == "<system>mine<user>hi<assistant>"
+
+
+def test_chat_settings_on_a_completion_file_are_a_spec_error(tmp_path: Path) -> None:
+    uri = write(tmp_path, "p.jsonl", [{"prompt": "p", "completion": f"c{i}"} for i in range(20)])
+    spec = DatasetSpec.model_validate({"uri": uri, "systemPrompt": "x", "testSplit": 0.1})
+    with pytest.raises(SpecError, match="apply only to the alpaca and chat formats"):
+        data.prepare(spec, ChatTokenizer(), tmp_path / "cache")

@@ -69,6 +69,7 @@ INVALID = [
     pytest.param(at("spec.dataset.testSplit", -0.1), "spec.dataset.testSplit", "spec.dataset.testSplit: -0.1", id="split-negative"),
     pytest.param(both(at("spec.dataset.validationSplit", 0.6), at("spec.dataset.testSplit", 0.5)), "spec.dataset.testSplit", "spec.dataset.testSplit: Invalid value: validationSplit + testSplit", id="splits-leave-no-training-data"),
     pytest.param(at("spec.dataset.testSplit", 0), "spec.dataset.testSplit", "spec.dataset.testSplit: Invalid value: evaluation needs a test set", id="no-test-set"),
+    pytest.param(both(at("spec.dataset.format", "completion"), at("spec.dataset.systemPrompt", "Be brief.")), "spec.dataset.chatTemplate", "spec.dataset.chatTemplate: Invalid value: chatTemplate and systemPrompt apply only", id="chat-settings-for-completions"),
     pytest.param(at("spec.hyperparameters.maxSteps", 100), "spec.hyperparameters.maxSteps", "spec.hyperparameters.maxSteps: Invalid value: set epochs or maxSteps, not both", id="epochs-and-maxsteps"),
     pytest.param(at("spec.hyperparameters.microBatchSize", 3), "spec.hyperparameters.microBatchSize", "spec.hyperparameters.microBatchSize: Invalid value: batchSize must be a multiple", id="micro-batch-not-a-divisor"),
     pytest.param(at("spec.hyperparameters.epochs", "three"), "spec.hyperparameters.epochs", "spec.hyperparameters.epochs: 'three' is not of type 'integer'", id="string-for-integer"),
@@ -112,6 +113,10 @@ INVALID = [
 VALID = [
     pytest.param(lambda job: None, id="base"),
     pytest.param(drop("spec.hyperparameters"), id="no-hyperparameters"),
+    pytest.param(
+        both(at("spec.dataset.chatTemplate", "chatml"), at("spec.dataset.systemPrompt", "")),
+        id="chat-template-and-empty-system-prompt",
+    ),
     pytest.param(
         both(drop("spec.hyperparameters.epochs"), at("spec.hyperparameters.maxSteps", 50)),
         id="max-steps-only",

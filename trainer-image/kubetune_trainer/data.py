@@ -20,11 +20,52 @@ from urllib.parse import urlsplit
 
 from kubetune.api import DatasetSpec
 from kubetune_trainer import storage
-from kubetune_trainer.errors import DataError
+from kubetune_trainer.errors import DataError, SpecError
 
 CHAT_KEYS = ("messages", "conversations")
 # The prompt layout for tokenizers without a chat template (documented in docs/trainer.md).
 DEFAULT_USER = "### User:\n{content}\n\n### Assistant:\n"
+DEFAULT_SYSTEM = "### System:\n{content}\n\n"
+# Named templates for spec.dataset.chatTemplate (besides `tokenizer` and `plain`).
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """How chat and alpaca records become prompt text: a Jinja chat template (None: the plain
+    layout) and an optional system prompt put first."""
+
+    template: str | None
+    system: str | None = None
+    choice: str = "tokenizer"  # what the spec asked for, for the model card
+
+    @classmethod
+    def for_spec(cls, spec: DatasetSpec, tokenizer: Any) -> Prompts:
+        choice = spec.chat_template or "tokenizer"
+        if choice == "plain":
+            template = None
+        elif choice == "tokenizer":
+            template = getattr(tokenizer, "chat_template", None) or None
+        else:
+            template = NAMED_TEMPLATES.get(choice, choice)
+        return cls(template, spec.system_prompt, choice)
+
+    def describe(self) -> str:
+        if self.choice == "tokenizer":
+            layout = "the model's chat template" if self.template else "plain (the model has none)"
+        elif self.choice in ("plain", *NAMED_TEMPLATES):
+            layout = self.choice
+        else:
+            digest = hashlib.sha256(self.choice.encode()).hexdigest()[:12]
+            layout = f"an inline chat template (sha256 {digest})"
+        system = "none" if self.system is None else repr(self.system)
+        return f"prompt layout: {layout}; system prompt: {system}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,7 @@ class Splits:
     format: str
     report: dict[str, int] = field(default_factory=dict)
     sha256: str = ""  # of the dataset file as read
+    prompts: Prompts | None = None
 
 
 # Above this share of test examples seen in training, the test set mostly measures memorisation:
@@ -290,7 +332,11 @@ def to_turns(record: Record, fmt: str) -> tuple[list[dict[str, str]], str] | tup
     raise DataError(f"unknown dataset format {fmt!r}")
 
 
-def _examples(records: list[Record], fmt: str, tokenizer: Any) -> tuple[list[Example], Counter]:
+def _examples(
+    records: list[Record], fmt: str, tokenizer: Any, prompts: Prompts | None = None
+) -> tuple[list[Example], Counter]:
+    if prompts is None:
+        prompts = Prompts(getattr(tokenizer, "chat_template", None) or None)
     dropped: Counter = Counter()
     out = []
     for record in records:
@@ -307,22 +353,33 @@ def _examples(records: list[Record], fmt: str, tokenizer: Any) -> tuple[list[Exa
         elif not messages or not any(m["content"] for m in messages):
             prompt = ""
         else:
-            prompt = render_prompt(tokenizer, messages)
+            prompt = render_prompt(tokenizer, messages, prompts)
         if not prompt.strip() or not answer:
             dropped["empty"] += 1
             continue
-        templated = fmt != "completion" and bool(getattr(tokenizer, "chat_template", None))
+        templated = fmt != "completion" and prompts.template is not None
         out.append(Example(prompt, answer, record.where, templated))
     return out, dropped
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text for messages, through the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], prompts: Prompts | None = None
+) -> str:
+    """The prompt text for messages: the system prompt first (unless the record has its own),
+    then the chat template (the tokenizer's by default), or the plain layout without one."""
+    if prompts is None:
+        prompts = Prompts(getattr(tokenizer, "chat_template", None) or None)
+    if prompts.system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": prompts.system}, *messages]
+    if prompts.template is not None:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=prompts.template, add_generation_prompt=True, tokenize=False
+        )
     parts = [
         m["content"] + "\n\n"
         if m["role"] == "assistant"
+        else DEFAULT_SYSTEM.format(content=m["content"])
+        if m["role"] == "system"
         else DEFAULT_USER.format(content=m["content"])
         for m in messages
     ]
@@ -351,7 +408,7 @@ def _split(
 
 
 def load_examples(
-    uri: str, tokenizer: Any, cache: Path, fmt: str
+    uri: str, tokenizer: Any, cache: Path, fmt: str, prompts: Prompts | None = None
 ) -> tuple[list[Example], str, Counter, str]:
     """The examples of one file, its format, what was dropped, and the file's sha256."""
     path = fetch(uri, cache)
@@ -360,14 +417,20 @@ def load_examples(
         raise DataError(f"{_name(uri)}: the file has no records")
     if fmt == "auto":
         fmt = detect_format(records[0])
-    examples, dropped = _examples(records, fmt, tokenizer)
+    examples, dropped = _examples(records, fmt, tokenizer, prompts)
     dropped["read"] = len(records)
     return examples, fmt, dropped, file_sha256(path)
 
 
 def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     """Reads, cleans and splits the data as the spec says."""
-    examples, fmt, report, sha256 = load_examples(spec.uri, tokenizer, cache, spec.format)
+    prompts = Prompts.for_spec(spec, tokenizer)
+    examples, fmt, report, sha256 = load_examples(spec.uri, tokenizer, cache, spec.format, prompts)
+    if fmt not in ("alpaca", "chat") and (spec.chat_template or spec.system_prompt is not None):
+        raise SpecError(
+            f"spec.dataset.chatTemplate: {_name(spec.uri)} is in the {fmt} format; chatTemplate "
+            "and systemPrompt apply only to the alpaca and chat formats"
+        )
     if spec.dedupe:
         examples, report["duplicates"] = _dedupe(examples)
     if not examples:
@@ -380,11 +443,11 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     test: list[Example]
     validation: list[Example]
     if spec.test_uri:
-        test, _, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt)
+        test, _, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt, prompts)
     else:
         examples, test = _split(examples, spec.test_split, total)
     if spec.validation_uri:
-        validation, _, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt)
+        validation, _, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt, prompts)
     else:
         examples, validation = _split(examples, spec.validation_split, total)
     if not examples:
@@ -394,7 +457,7 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     if not test:
         raise DataError(f"{_name(spec.uri)}: the test set is empty")
     report.update(train=len(examples), validation=len(validation), test=len(test))
-    return Splits(examples, validation, test, fmt, dict(report), sha256)
+    return Splits(examples, validation, test, fmt, dict(report), sha256, prompts)
 
 
 def tokenize(

@@ -324,6 +324,7 @@ def model_card(
         "## Data",
         "",
         *_data_lines(splits.report, splits.format, splits.sha256, spec.dataset.uri),
+        *([f"- {splits.prompts.describe()}"] if splits.prompts is not None else []),
         "",
         "### Overlap between the test and training splits",
         "",

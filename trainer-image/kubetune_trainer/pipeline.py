@@ -150,6 +150,9 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
 
     reporter.stage("data", spec.dataset.uri)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")
+    if spec.dataset.chat_template is not None and splits.prompts is not None:
+        # The exported tokenizer renders prompts the way training saw them.
+        tokenizer.chat_template = splits.prompts.template
     _check_spec(config, splits.format)
     max_len = spec.dataset.max_seq_length
     train_rows, too_long = data.tokenize(splits.train, tokenizer, max_len)

@@ -106,6 +106,19 @@ class DatasetSpec(ApiModel):
             message="evaluation needs a test set: set testUri or a testSplit above 0",
             field=".testSplit",
         ),
+        Rule(
+            cel=(
+                "!(has(self.chatTemplate) || has(self.systemPrompt)) || "
+                "self.format in ['auto', 'alpaca', 'chat']"
+            ),
+            check=lambda s: (s.chat_template is None and s.system_prompt is None)
+            or s.format in ("auto", "alpaca", "chat"),
+            message=(
+                "chatTemplate and systemPrompt apply only to the alpaca and chat formats "
+                "(completion prompts are used as written, text has none)"
+            ),
+            field=".chatTemplate",
+        ),
     )
 
     uri: DatasetUri = Field(
@@ -170,6 +183,26 @@ class DatasetSpec(ApiModel):
     )
     dedupe: bool = Field(
         default=True, description="dedupe drops exact duplicate records before splitting."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16384,
+        description=(
+            "chatTemplate is how alpaca and chat records become prompts: tokenizer (the "
+            "model's own chat template, or plain when it has none; the default), plain "
+            "(### User: / ### Assistant: text, no special tokens), chatml, or an inline Jinja "
+            "chat template (Hugging Face syntax). The exported tokenizer carries it."
+        ),
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=8192,
+        description=(
+            "systemPrompt is a system message put before each example's messages (records "
+            "that have one keep theirs). It replaces any default system prompt the template "
+            "adds (SmolLM2's does); an empty string gives an empty system turn."
+        ),
     )
 
 
