@@ -115,20 +115,23 @@ class Document:
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the deepest YAML node along loc (a pydantic error location)."""
+    """The 1-based line of the deepest YAML node along loc (a pydantic error location). A field
+    that is missing is blamed on the key of the mapping that lacks it (`spec:`), not on that
+    mapping's first child."""
     line = node.start_mark.line + 1 if node is not None else None
+    parent_key_line = line
     for part in loc:
         if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-            if match is None:
-                # An unknown field is reported at its key, which does exist.
-                key = next((k for k, _ in node.value if getattr(k, "value", None) == part), None)
-                return key.start_mark.line + 1 if key is not None else line
-            node = match
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if pair is None:  # a missing field: the key of the mapping it is missing from
+                return parent_key_line
+            parent_key_line = pair[0].start_mark.line + 1
+            node = pair[1]
         elif (
             isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
         ):
             node = node.value[part]
+            parent_key_line = node.start_mark.line + 1
         else:
             break
         line = node.start_mark.line + 1

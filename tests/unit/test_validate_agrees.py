@@ -192,3 +192,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"kubetune {version('kubetune')}"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (edit("  output:\n    uri: s3://models/sql\n    credentialsSecret: s3-credentials\n", ""),
+         ":6: spec.output: required field is missing"),  # at `spec:`, not at its first child
+        (edit("    uri: hf://HuggingFaceTB/SmolLM2-135M-Instruct\n", "    revision: main\n"),
+         ":7: spec.model.uri: required field is missing"),  # at `model:`
+        ("apiVersion: kubetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata:\n  name: x\n",
+         ":1: spec: required field is missing"),
+    ],
+)  # fmt: skip
+def test_a_missing_field_is_blamed_on_the_mapping_that_lacks_it(
+    text: str, said: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    (doc,) = load_manifests(path)
+    assert said in "\n".join(map(str, doc.problems)), doc.problems

@@ -111,8 +111,10 @@ class DatasetSpec(ApiModel):
                 "!(has(self.chatTemplate) || has(self.systemPrompt)) || "
                 "self.format in ['auto', 'alpaca', 'chat']"
             ),
-            check=lambda s: (s.chat_template is None and s.system_prompt is None)
-            or s.format in ("auto", "alpaca", "chat"),
+            check=lambda s: (
+                (s.chat_template is None and s.system_prompt is None)
+                or s.format in ("auto", "alpaca", "chat")
+            ),
             message=(
                 "chatTemplate and systemPrompt apply only to the alpaca and chat formats "
                 "(completion prompts are used as written, text has none)"
