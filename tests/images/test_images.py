@@ -10,7 +10,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.integration.conftest import OperatorProcess
 from tests.support.cluster import Client, running_cluster
 from tests.support.images import Runtime, layers, node_dir
 from tests.support.kubelet import Kubelet
+from tests.support.specs import minimal_job
 
 pytestmark = pytest.mark.images
 
@@ -146,7 +146,7 @@ def test_operator_image_runs_the_operator_as_the_chart_deploys_it(
         operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", container=in_image)
         operator.start()
         try:
-            api.create("finetunejobs", "team-a", _job("sql"))
+            api.create("finetunejobs", "team-a", minimal_job("sql"))
             phases = []
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and "Succeeded" not in phases:
@@ -168,20 +168,6 @@ def test_operator_image_runs_the_operator_as_the_chart_deploys_it(
             operator.stop()
             kubelet.stop()
     assert not kubelet.errors, kubelet.errors
-
-
-def _job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "method": {"type": "lora"},
-            "output": {"uri": "s3://models/sql"},
-        },
-    }
 
 
 def _get(url: str) -> str:

@@ -10,20 +10,7 @@ from pathlib import Path
 from tests.integration.conftest import OperatorProcess
 from tests.support.cluster import Client, running_cluster
 from tests.support.kubelet import Kubelet
-
-
-def _job(name: str) -> dict:
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "method": {"type": "lora"},
-            "output": {"uri": "s3://models/x"},
-        },
-    }
+from tests.support.specs import minimal_job
 
 
 def test_only_the_watched_namespaces_are_reconciled(tmp_path: Path) -> None:
@@ -35,7 +22,7 @@ def test_only_the_watched_namespaces_are_reconciled(tmp_path: Path) -> None:
         operator.start()
         try:
             for namespace in ("team-a", "team-b", "elsewhere"):
-                api.create("finetunejobs", namespace, _job("sql"))
+                api.create("finetunejobs", namespace, minimal_job("sql"))
             deadline = time.monotonic() + 60
             phases: dict[str, str | None] = {}
             while time.monotonic() < deadline:

@@ -15,3 +15,18 @@ def override(spec: dict[str, Any], **paths: Any) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[last] = copy.deepcopy(value)
     return spec
+
+
+def minimal_job(name: str) -> dict[str, Any]:
+    """The smallest valid FineTuneJob, for tests where the test node's fake trainer runs it."""
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "dataset": {"uri": "s3://data/train.jsonl"},
+            "method": {"type": "lora"},
+            "output": {"uri": f"s3://models/{name}"},
+        },
+    }
