@@ -101,7 +101,7 @@ def apply_overrides(
 
 
 def local_run_id(job: FineTuneJob) -> str:
-    canonical = json.dumps(job.spec.model_dump(mode="json"), sort_keys=True)
+    canonical = json.dumps(job.spec.model_dump(mode="json", exclude_none=True), sort_keys=True)
     return hashlib.sha256(f"{job.metadata.name}/{canonical}".encode()).hexdigest()[:RUN_ID_LENGTH]
 
 

@@ -144,3 +144,26 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         2,
         "example.com/trainer:1",
     )
+
+
+def test_a_new_optional_field_left_unset_keeps_every_runs_hash() -> None:
+    """An operator upgrade that adds an optional spec field must not change the hash of specs
+    that do not set it: a changed hash is a new run, so every finished job would train again."""
+    from pydantic import Field, create_model
+
+    from kubetune.api import DatasetSpec, FineTuneJobSpec
+    from kubetune.controller.build import spec_hash
+
+    job = example("lora-s3")
+    future_dataset = create_model(
+        "FutureDatasetSpec",
+        __base__=DatasetSpec,
+        futureOption=(str | None, Field(default=None)),
+    )
+    future_spec = create_model(
+        "FutureSpec", __base__=FineTuneJobSpec, dataset=(future_dataset, ...)
+    )
+    spec = future_spec.model_validate(job.spec.model_dump(by_alias=True))
+    future = job.model_copy(update={"spec": spec})
+    assert "futureOption" in spec.model_dump_json(by_alias=True)
+    assert spec_hash(future) == spec_hash(job)

@@ -30,8 +30,10 @@ RUN_AS = 1000
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What defines a run: the spec without `suspend` (pausing a run does not make a new one)."""
-    text = job.spec.model_dump_json(by_alias=True, exclude={"suspend"})
+    """What defines a run: the spec without `suspend` (pausing a run does not make a new one).
+    Unset optional fields are left out, so that a release adding one does not change the hash
+    of every existing spec (which would start a new run of each finished job)."""
+    text = job.spec.model_dump_json(by_alias=True, exclude={"suspend"}, exclude_none=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
