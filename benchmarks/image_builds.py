@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hack import images  # noqa: E402
 
 
 def build(context: Path, tag: str, report: Path) -> tuple[float, list[dict]]:
@@ -55,14 +56,7 @@ def main() -> int:
         subprocess.run(["buildah", "rmi", "--all", "--force"], check=False, capture_output=True)
     out: dict = {"fresh": args.fresh}
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
-        context = Path(tmp) / "context"
-        context.mkdir()
-        for part in ("pyproject.toml", "README.md", ".dockerignore"):
-            shutil.copy(ROOT / part, context / part)
-        for tree in ("operator", "trainer-image"):
-            shutil.copytree(
-                ROOT / tree, context / tree, ignore=shutil.ignore_patterns("__pycache__")
-            )
+        context = images.copy_context(Path(tmp) / "context")
         seconds, rows = build(context, "first", Path(tmp) / "first.json")
         out["first_build_seconds"] = round(seconds, 1)
         out["images"] = {

@@ -143,6 +143,21 @@ def local_base(builder: str) -> str:
     return LOCAL_BASE
 
 
+# What the Dockerfiles COPY (and .dockerignore lets through), for a build from a copy.
+CONTEXT_FILES = ("pyproject.toml", "README.md", ".dockerignore")
+CONTEXT_TREES = ("operator", "trainer-image")
+
+
+def copy_context(dest: Path) -> Path:
+    """A copy of the build context (to change a file and rebuild without touching the repo)."""
+    dest.mkdir(parents=True)
+    for name in CONTEXT_FILES:
+        shutil.copy(ROOT / name, dest / name)
+    for tree in CONTEXT_TREES:
+        shutil.copytree(ROOT / tree, dest / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def host_pip_config(workdir: Path) -> list[str]:
     """buildah --volume arguments that give the build this machine's pip configuration."""
     done = subprocess.run(

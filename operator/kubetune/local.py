@@ -232,11 +232,9 @@ def run(args: Any) -> int:
     # The console shows stages and the progress bar; of the trainer's log only warnings (its
     # whole log goes to trainer.log beside the artifacts).
     trainer_log = logging.getLogger("kubetune_trainer")
-    trainer_log.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("warning: %(message)s"))
-    trainer_log.addHandler(console)
 
     from kubetune_trainer.pipeline import run as run_pipeline
     from kubetune_trainer.telemetry import PrometheusReporter, Reporters, TrainerMetrics
@@ -258,11 +256,17 @@ def run(args: Any) -> int:
         f"-> {config.output_prefix}",
         file=sys.stderr,
     )
-    result = run_pipeline(
-        config,
-        Reporters(*reporters),
-        home / "runs" / f"{job.metadata.name}-{run_id}",
-        cache=home / "cache",
-    )
+    trainer_log.addHandler(console)
+    propagate, trainer_log.propagate = trainer_log.propagate, False
+    try:
+        result = run_pipeline(
+            config,
+            Reporters(*reporters),
+            home / "runs" / f"{job.metadata.name}-{run_id}",
+            cache=home / "cache",
+        )
+    finally:
+        trainer_log.removeHandler(console)
+        trainer_log.propagate = propagate
     print(summary(job, result))
     return int(result.exit_code)

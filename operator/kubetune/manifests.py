@@ -198,10 +198,14 @@ def _yaml_problem(source: str, exc: yaml.YAMLError) -> Document:
     return doc
 
 
+def _source(path: str | Path) -> str:
+    return "<stdin>" if str(path) == "-" else str(path)
+
+
 def read_documents(path: str | Path) -> list[RawDocument] | Document:
     """The documents of a YAML file (`-`: standard input), or one Document whose problem says
     why it cannot be read."""
-    source = "<stdin>" if str(path) == "-" else str(path)
+    source = _source(path)
     try:
         text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -233,7 +237,7 @@ def load_manifests(path: str | Path) -> list[Document]:
     docs = [validate_document(r.data, r.node, r.doc) for r in raw]
     if all(d.skipped_kind for d in docs):
         found = ", ".join(sorted({str(d.skipped_kind) for d in docs})) or "nothing"
-        empty = Document("<stdin>" if str(path) == "-" else str(path), 0, 0)
+        empty = Document(_source(path), 0, 0)
         empty.problem(f"no {KIND} in this file (found: {found})")
         docs.append(empty)
     return docs

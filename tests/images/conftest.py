@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hack import images
 from tests.conftest import ROOT
 from tests.support.images import Runtime
 
@@ -36,11 +37,7 @@ class Built:
 
 
 def builder_available() -> bool:
-    docker = (
-        shutil.which("docker")
-        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    )
-    return bool(docker or shutil.which("buildah"))
+    return images.docker_engine() or shutil.which("buildah") is not None
 
 
 def build_argv(*args: str, report: Path, context: Path = ROOT, tag: str = TAG) -> list[str]:

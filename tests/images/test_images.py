@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from hack import images
 from kubetune.api import FineTuneJob, TrainerResult
 from kubetune.controller import build
 from kubetune.controller.settings import OperatorSettings
@@ -74,7 +75,7 @@ def test_trainer_image_fine_tunes_as_the_operators_pod_runs_it(
         termination_log=termination,
     )
     assert "--read-only" in argv and "--user" in argv
-    done = built.runtime.run(argv, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
 
     result = TrainerResult.model_validate_json(termination.read_text())
@@ -101,7 +102,7 @@ def test_trainer_image_cannot_write_outside_its_volumes(built: Built) -> None:
         "    except OSError as e: print(d, errno.errorcode[e.errno])\n"
         "tempfile.mkdtemp()\n"
     )
-    done = built.runtime.run(
+    done = subprocess.run(
         [*built.runtime.base(), "--read-only", *_no_tmpfs(built.runtime), "--user", "1000:1000",
          "--network", "none", "--entrypoint", "python", built.trainer, "-c", probe],
         capture_output=True, text=True,
@@ -211,12 +212,7 @@ def test_image_sizes_are_within_the_documented_budget(built: Built) -> None:
 def test_a_code_change_rebuilds_only_the_code_layers(built: Built, tmp_path: Path) -> None:
     """Dependencies are installed from pyproject.toml before the code is copied: touching one .py
     file reuses every dependency layer (the same layer digests) and re-ships only the code."""
-    context = tmp_path / "context"
-    context.mkdir()
-    for part in ("pyproject.toml", "README.md", ".dockerignore"):
-        shutil.copy(ROOT / part, context / part)
-    for tree in ("operator", "trainer-image"):
-        shutil.copytree(ROOT / tree, context / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    context = images.copy_context(tmp_path / "context")
     touched = context / "operator" / "kubetune" / "api" / "__init__.py"
     touched.write_text(touched.read_text() + "\n# a code change\n")
     report = tmp_path / "report.json"

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hack import images
+
 SANDBOX_CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n"
 
 
@@ -42,10 +44,7 @@ class Runtime:
 
     @classmethod
     def detect(cls, workdir: Path, probe_image: str) -> Runtime:
-        if (
-            shutil.which("docker")
-            and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-        ):
+        if images.docker_engine():
             return cls("docker")
         if shutil.which("podman") is None:
             raise RuntimeError("no container runtime: neither a Docker engine nor podman")
@@ -64,7 +63,7 @@ class Runtime:
         raise RuntimeError(f"podman cannot run {probe_image} here, with its defaults or runc")
 
     def works(self, image: str) -> bool:
-        done = self.run([*self.base(), "--entrypoint", "true", image], capture_output=True)
+        done = subprocess.run([*self.base(), "--entrypoint", "true", image], capture_output=True)
         return done.returncode == 0
 
     def cli(self) -> list[str]:
@@ -74,15 +73,12 @@ class Runtime:
     def base(self) -> list[str]:
         return [*self.cli(), "run", "--rm", *self.flags]
 
-    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        return subprocess.run(argv, **kwargs)
-
     def shell(
         self, image: str, script: str, user: str = "1000:1000"
     ) -> subprocess.CompletedProcess[str]:
         """A shell command in the image (no network), for looking inside it."""
         argv = [*self.base(), "--network", "none", "--user", user, "--entrypoint", "sh", image]
-        return self.run([*argv, "-c", script], capture_output=True, text=True)
+        return subprocess.run([*argv, "-c", script], capture_output=True, text=True)
 
     def container_argv(
         self,
@@ -94,13 +90,9 @@ class Runtime:
         network: str = "none",
         extra_mounts: dict[str, tuple[Path, bool]] | None = None,
         termination_log: Path | None = None,
-        name: str | None = None,
     ) -> list[str]:
         """`volumes`: volume name -> node directory (emptyDir, configMap contents)."""
-        argv = self.base()
-        if name:
-            argv += ["--name", name]
-        argv += ["--network", network]
+        argv = [*self.base(), "--network", network]
         pod_security = pod.get("securityContext") or {}
         security = {**pod_security, **(container.get("securityContext") or {})}
         if "runAsUser" in security:
@@ -140,16 +132,11 @@ class Runtime:
         return argv + list(container.get("args") or [])
 
 
-def image_config(runtime: Runtime, image: str) -> dict[str, Any]:
-    out = runtime.run(
-        [*runtime.cli(), "image", "inspect", image], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out)[0]
-
-
 def layers(runtime: Runtime, image: str) -> list[str]:
     """The image's layer digests, base first."""
-    return list(image_config(runtime, image)["RootFS"]["Layers"])
+    argv = [*runtime.cli(), "image", "inspect", image]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out)[0]["RootFS"]["Layers"])
 
 
 def node_dir(path: Path, uid: int, copy_of: Path | None = None) -> Path:

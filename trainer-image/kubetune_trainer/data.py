@@ -46,12 +46,17 @@ class Prompts:
     choice: str = "tokenizer"  # what the spec asked for, for the model card
 
     @classmethod
+    def default(cls, tokenizer: Any) -> Prompts:
+        """The tokenizer's own chat template, or the plain layout when it has none."""
+        return cls(getattr(tokenizer, "chat_template", None) or None)
+
+    @classmethod
     def for_spec(cls, spec: DatasetSpec, tokenizer: Any) -> Prompts:
         choice = spec.chat_template or "tokenizer"
         if choice == "plain":
             template = None
         elif choice == "tokenizer":
-            template = getattr(tokenizer, "chat_template", None) or None
+            template = cls.default(tokenizer).template
         else:
             template = NAMED_TEMPLATES.get(choice, choice)
         return cls(template, spec.system_prompt, choice)
@@ -82,9 +87,9 @@ class Splits:
     validation: list[Example]
     test: list[Example]
     format: str
+    prompts: Prompts
     report: dict[str, int] = field(default_factory=dict)
     sha256: str = ""  # of the dataset file as read
-    prompts: Prompts | None = None
 
 
 # Above this share of test examples seen in training, the test set mostly measures memorisation:
@@ -336,7 +341,7 @@ def _examples(
     records: list[Record], fmt: str, tokenizer: Any, prompts: Prompts | None = None
 ) -> tuple[list[Example], Counter]:
     if prompts is None:
-        prompts = Prompts(getattr(tokenizer, "chat_template", None) or None)
+        prompts = Prompts.default(tokenizer)
     dropped: Counter = Counter()
     out = []
     for record in records:
@@ -368,7 +373,7 @@ def render_prompt(
     """The prompt text for messages: the system prompt first (unless the record has its own),
     then the chat template (the tokenizer's by default), or the plain layout without one."""
     if prompts is None:
-        prompts = Prompts(getattr(tokenizer, "chat_template", None) or None)
+        prompts = Prompts.default(tokenizer)
     if prompts.system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": prompts.system}, *messages]
     if prompts.template is not None:
@@ -457,7 +462,7 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     if not test:
         raise DataError(f"{_name(spec.uri)}: the test set is empty")
     report.update(train=len(examples), validation=len(validation), test=len(test))
-    return Splits(examples, validation, test, fmt, dict(report), sha256, prompts)
+    return Splits(examples, validation, test, fmt, prompts, dict(report), sha256)
 
 
 def tokenize(

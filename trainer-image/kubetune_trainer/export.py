@@ -26,6 +26,7 @@ from kubetune.api import (
 from kubetune_trainer import storage
 from kubetune_trainer.data import Example, Leakage, Splits
 from kubetune_trainer.gates import describe
+from kubetune_trainer.modeling import hf_repo
 from kubetune_trainer.training import TrainOutcome
 
 log = logging.getLogger("kubetune_trainer")
@@ -137,9 +138,7 @@ def base_model_id(uri: str) -> str:
     """The base model as the spec named it, in the form the Hub and PEFT understand: an hf://
     URI becomes its repository id (`org/name`); any other URI stays as written. Never a path
     of the pod's cache, which means nothing elsewhere."""
-    if uri.startswith("hf://"):
-        return "/".join(uri.removeprefix("hf://").split("/")[:2])
-    return uri
+    return hf_repo(uri)[0] if uri.startswith("hf://") else uri
 
 
 def make_adapter_portable(adapter: Path, spec: FineTuneJobSpec, card: str) -> None:
@@ -274,7 +273,7 @@ def model_card(
     gates: list[GateResult],
     outcome: TrainOutcome,
     splits: Splits,
-    leak: Leakage | None,
+    leak: Leakage,
 ) -> str:
     """report.md, and the adapter's README.md: a model card in the Hub's conventions."""
     spec = config.spec
@@ -286,15 +285,13 @@ def model_card(
     ]
     passed = all(g.passed for g in gates)
     versions, hardware = _environment()
-    leak_lines = ["- not measured"]
-    if leak is not None:
-        leak_lines = [
-            f"- {leak.answers_in_train} of {leak.test} test answers also occur in the training "
-            f"split ({leak.answer_share:.0%}); {leak.prompts_in_train} test prompts do; "
-            f"{leak.pairs_in_train} test examples are in it whole",
-        ]
-        if leak.warning():
-            leak_lines.append(f"- **Warning**: {leak.warning()}")
+    warning = leak.warning()
+    leak_lines = [
+        f"- {leak.answers_in_train} of {leak.test} test answers also occur in the training "
+        f"split ({leak.answer_share:.0%}); {leak.prompts_in_train} test prompts do; "
+        f"{leak.pairs_in_train} test examples are in it whole",
+        *([f"- **Warning**: {warning}"] if warning else []),
+    ]
     lines = [
         _front_matter(config, evaluation),
         f"# {config.job_name} — run {config.run_id}",
@@ -324,7 +321,7 @@ def model_card(
         "## Data",
         "",
         *_data_lines(splits.report, splits.format, splits.sha256, spec.dataset.uri),
-        *([f"- {splits.prompts.describe()}"] if splits.prompts is not None else []),
+        f"- {splits.prompts.describe()}",
         "",
         "### Overlap between the test and training splits",
         "",
@@ -354,7 +351,7 @@ def model_card(
         f"- The scores come from {len(evaluation.examples)} held-out examples of the same "
         "dataset; they say little about other tasks or data.",
         "- Fine-tuning inherits the base model's biases and limits; review outputs before use.",
-        *(["- " + leak.warning()] if leak is not None and leak.warning() else []),
+        *([f"- {warning}"] if warning else []),
         "",
         "## Use",
         "",
@@ -384,7 +381,7 @@ def write_run_files(
     gates: list[GateResult],
     outcome: TrainOutcome,
     splits: Splits,
-    leak: Leakage | None,
+    leak: Leakage,
     result: TrainerResult,
 ) -> None:
     """Everything of the run but the models: eval samples, loss plot, model card (also the
@@ -398,13 +395,12 @@ def write_run_files(
         make_adapter_portable(staging / "adapter", config.spec, card)
     data_report: dict[str, Any] = dict(splits.report)
     data_report["sha256"] = splits.sha256
-    if leak is not None:
-        data_report["leakage"] = {
-            "test": leak.test,
-            "answersInTrain": leak.answers_in_train,
-            "promptsInTrain": leak.prompts_in_train,
-            "pairsInTrain": leak.pairs_in_train,
-        }
+    data_report["leakage"] = {
+        "test": leak.test,
+        "answersInTrain": leak.answers_in_train,
+        "promptsInTrain": leak.prompts_in_train,
+        "pairsInTrain": leak.pairs_in_train,
+    }
     base = evaluation.base
     (staging / "metrics.json").write_text(
         json.dumps(

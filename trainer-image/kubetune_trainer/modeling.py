@@ -28,11 +28,16 @@ class ModelSource:
     revision: str | None = None
 
 
+def hf_repo(uri: str) -> tuple[str, str | None]:
+    """hf://org/name[/file] -> ("org/name", "file" or None)."""
+    parts = uri.removeprefix("hf://").split("/", 2)
+    return "/".join(parts[:2]), parts[2] if len(parts) > 2 else None
+
+
 def locate_model(uri: str, revision: str | None, cache: Path) -> ModelSource:
     """Resolves the model URI to something from_pretrained can read, staging remote files."""
     if uri.startswith("hf://"):
-        parts = uri.removeprefix("hf://").split("/", 2)
-        return ModelSource("/".join(parts[:2]), parts[2] if len(parts) > 2 else None, revision)
+        return ModelSource(*hf_repo(uri), revision)
     if uri.startswith("file://"):
         path = Path(urlsplit(uri).path)
         if not path.exists():

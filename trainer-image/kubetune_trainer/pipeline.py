@@ -117,7 +117,7 @@ class Prepared:
     validation_rows: list[dict[str, list[int]]]
     test_examples: list[data.Example]
     test_rows: list[dict[str, list[int]]]
-    leakage: data.Leakage | None = None
+    leakage: data.Leakage
 
 
 def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> TrainerResult:
@@ -150,7 +150,7 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
 
     reporter.stage("data", spec.dataset.uri)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")
-    if spec.dataset.chat_template is not None and splits.prompts is not None:
+    if spec.dataset.chat_template is not None:
         # The exported tokenizer renders prompts the way training saw them.
         tokenizer.chat_template = splits.prompts.template
     _check_spec(config, splits.format)
@@ -276,7 +276,7 @@ def _export(
         gates=gates,
         artifacts=artifact_uris(config, spec, merged),
         promoted=passed,
-        warnings=[w for w in [prepared.leakage.warning() if prepared.leakage else None] if w],
+        warnings=[w] if (w := prepared.leakage.warning()) else [],
     )
     write_run_files(
         staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, MAX_NAME_LENGTH, SHORT_NAMES
+from kubetune.api.resource import MAX_GENERATE_NAME_LENGTH
 from kubetune.codegen.crd import structural_schema
 
 INTRO = f"""\
@@ -19,7 +20,7 @@ through the pydantic models in `kubetune.api`, and by the Kubernetes API server 
 Unknown fields are rejected by `kubetune validate` and by `kubectl` (strict field validation),
 and so is a key given twice; fields are spelled as below (`learningRate`: `learning_rate` is an
 unknown field). `metadata.generateName` may stand in for `metadata.name` (with `kubectl
-create`), at most {MAX_NAME_LENGTH - 5} characters since the API server adds 5.
+create`), at most {MAX_GENERATE_NAME_LENGTH} characters since the API server adds 5.
 
 `metadata.name` is at most {MAX_NAME_LENGTH} characters: a run's Job and ConfigMap are named
 `<name>-<runId>` (an 8-character run id) and Kubernetes limits Job names used in labels to 63.
