@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kubetune.api import ExitCode
-from kubetune_trainer.training import complete_checkpoints, make_collator
-from tests.trainer.conftest import job_manifest, run_job
+import pytest
+
+from kubetune.api import ExitCode, FineTuneJob, resolve_spec
+from kubetune_trainer.training import complete_checkpoints, make_collator, train
+from tests.trainer.conftest import Recorder, job_manifest, run_job
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model: Path) -> None:
@@ -26,6 +28,38 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model: Path) -> None:
         alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (first, second)]
     assert torch.allclose(packed[:5], alone[0], atol=1e-5)
     assert torch.allclose(packed[5:], alone[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_tokens_seen_are_the_real_tokens(tiny_model: Path, tmp_path: Path, packing: bool) -> None:
+    """Throughput counts every token of every example and no padding, also when the pad token is
+    the end-of-sequence token (as SmolLM2's is) and a packed batch has no attention mask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    rows = [
+        {"input_ids": ids, "labels": ids}
+        for ids in ([5 + (i * 7 + j) % 40 for j in range(3 + i % 5)] + [eos] for i in range(12))
+    ]
+    doc = job_manifest(
+        tiny_model,
+        tmp_path / "unused.jsonl",
+        (tmp_path / "out").as_uri(),
+        "full",
+        dataset__packing=packing,
+        hyperparameters={"epochs": 1, "batchSize": 4, "learningRate": 1e-6},
+    )
+    spec = resolve_spec(FineTuneJob.model_validate(doc).spec)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    recorder = Recorder()
+    outcome = train(
+        model, tokenizer, rows, [], spec, tmp_path / "work", (tmp_path / "ckpt").as_uri(), recorder
+    )
+    assert outcome.steps == 3
+    seen = [h["num_input_tokens_seen"] for h in outcome.history if "num_input_tokens_seen" in h]
+    assert seen[-1] == sum(len(r["input_ids"]) for r in rows)  # 12 EOS tokens included
 
 
 def test_lora_with_packing_learns_the_task(

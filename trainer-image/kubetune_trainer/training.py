@@ -65,7 +65,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """Turns the Trainer's step and log events into reporter events with throughput."""
+        """Turns the Trainer's log events into reporter events (one per step) with throughput."""
 
         def __init__(self) -> None:
             self.loss: float | None = None
@@ -83,21 +83,25 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             logs = logs or {}
-            if "loss" in logs:
-                loss = float(logs["loss"])
-                if not math.isfinite(loss):
-                    raise DivergedError(
-                        f"training diverged at step {state.global_step}: the loss is {loss}; "
-                        f"lower spec.hyperparameters.learningRate ({args.learning_rate:g}) or "
-                        "raise warmupRatio"
-                    )
-                self.loss = loss
-            if "learning_rate" in logs:
-                self.lr = float(logs["learning_rate"])
             if "eval_loss" in logs:
                 reporter.eval_loss(state.global_step, float(logs["eval_loss"]))
+            if "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"training diverged at step {state.global_step}: the loss is {loss}; "
+                    f"lower spec.hyperparameters.learningRate ({args.learning_rate:g}) or "
+                    "raise warmupRatio"
+                )
+            self.loss = loss
+            if "learning_rate" in logs:
+                self.lr = float(logs["learning_rate"])
+            # Every step logs its loss (logging_steps=1), after on_step_end: a step is reported
+            # from here, with its own loss, and before its checkpoint is saved.
+            self.report(state)
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def report(self, state: Any) -> None:
             elapsed = max(time.monotonic() - self.t0, 1e-9)
             done = state.global_step - self.step0
             rate = done / elapsed if done else None
@@ -181,7 +185,10 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
         "metric_for_best_model": "eval_loss" if early else None,
         "greater_is_better": False if early else None,
         "train_sampling_strategy": "group_by_length",
-        "include_num_input_tokens_seen": "non_padding",
+        # Real tokens for tokens/s: a padded batch's attention mask counts them; a packed batch
+        # has no padding and no mask, and "non_padding" would then skip every token equal to the
+        # pad token, which is the end-of-sequence token of many models (SmolLM2, Llama 3).
+        "include_num_input_tokens_seen": "all" if spec.dataset.packing else "non_padding",
         "remove_unused_columns": False,
         "report_to": "none",
         "disable_tqdm": True,
