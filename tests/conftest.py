@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.codegen.crd import crd
-from tests.support import s3
+from tests.support import mlflow, s3
 from tests.support.apiserver import ApiServer
 from tests.support.tiny import build_tiny_model, poison, task_records, write_jsonl
 
@@ -72,6 +72,13 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3.S3Server]:
     server = s3.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mlflow.MlflowServer]:
+    server = mlflow.start(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
 

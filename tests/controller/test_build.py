@@ -105,6 +105,31 @@ def test_configmap_holds_the_resolved_config_and_no_credentials() -> None:
     assert "AWS_SECRET_ACCESS_KEY" not in text and "secretRef" not in text
 
 
+def test_tracker_secrets_are_loaded_before_the_storage_secret() -> None:
+    doc = valid_job()
+    doc["metadata"]["uid"] = "uid-tracked"
+    doc["spec"]["output"]["credentialsSecret"] = "s3"
+    doc["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": "http://mlflow.mlflow:5000", "credentialsSecret": "mlflow"},
+        "wandb": {"project": "sql", "credentialsSecret": "wandb"},
+    }
+    container = children(FineTuneJob.model_validate(doc))["job"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    # Where two Secrets set the same key, the last one wins: the storage credentials.
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "mlflow"}},
+        {"secretRef": {"name": "wandb"}},
+        {"secretRef": {"name": "s3"}},
+    ]
+    doc["spec"]["tracking"] = {"mlflow": {"trackingUri": "http://mlflow.mlflow:5000"}}
+    del doc["spec"]["output"]["credentialsSecret"]
+    container = children(FineTuneJob.model_validate(doc))["job"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert "envFrom" not in container
+
+
 # fmt: off
 POLICY_CASES = [
     pytest.param({"spec.image": "evil/miner:latest"}, "spec.image: 'evil/miner:latest' is not allowed here", id="image-not-allowed"),

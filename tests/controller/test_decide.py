@@ -306,6 +306,24 @@ def test_a_missing_credentials_secret_is_named_with_the_fix() -> None:
     assert decision.status.start_time is None  # the trainer never started
 
 
+def test_a_missing_tracker_secret_names_its_own_field() -> None:
+    waiting = Waiting("CreateContainerConfigError", 'secret "mlflow-auth" not found')
+    observed = Observed(
+        job=ObservedJob(NAME, active=1), configmap=True, pods_started=1, waiting=waiting
+    )
+    ftj = job(
+        output={"uri": "s3://models/sql", "credentialsSecret": "s3-credentials"},
+        tracking={
+            "mlflow": {"trackingUri": "http://mlflow:5000", "credentialsSecret": "mlflow-auth"}
+        },
+    )
+    ready = next(
+        c for c in decide(ftj, observed, SETTINGS, NOW).status.conditions if c.type == "Ready"
+    )
+    assert "create the Secret 'mlflow-auth' in namespace" in ready.message
+    assert ready.message.endswith("or fix spec.tracking.mlflow.credentialsSecret")
+
+
 def test_an_operator_error_is_a_condition_not_a_failure() -> None:
     error = State("OperatorForbidden", "create Job: HTTP 403 ... cannot create resource jobs")
     decision = decide(job(), Observed(), SETTINGS, NOW, error=error)

@@ -40,6 +40,15 @@ spec:
     uri: s3://models/sql
     credentialsSecret: s3-credentials
 """
+TRACKING = """\
+  tracking:
+    mlflow:
+      trackingUri: http://mlflow.mlflow:5000
+      credentialsSecret: mlflow-auth
+    wandb:
+      project: sql
+      mode: offline
+"""
 
 
 def edit(old: str, new: str) -> str:
@@ -61,6 +70,10 @@ TABLE = [
     pytest.param(edit("spec:\n", "specs:\n  x: 1\nspec:\n"), "specs", "unknown field", id="top-level-unknown"),
     pytest.param(edit("    epochs: 2\n", "    epochs: 2\n    epochs: 3\n"), "epochs", "duplicate key 'epochs' (first at line 14)", id="duplicate-key"),
     pytest.param(edit("    epochs: 2\n", "    epochs: 2\n    maxSteps: 10\n"), "spec.hyperparameters.maxSteps", "not both", id="exclusive-pair"),
+    pytest.param(BASE + TRACKING, None, None, id="tracking"),
+    pytest.param(BASE + TRACKING.replace("trackingUri", "tracking_uri"), "spec.tracking.mlflow.tracking_uri", "did you mean `trackingUri`?", id="tracking-snake-case"),
+    pytest.param(BASE + TRACKING.replace("http://mlflow", "http://me:pw@mlflow"), "spec.tracking.mlflow.trackingUri", "put them in the Secret named by credentialsSecret", id="tracking-credentials-in-uri"),
+    pytest.param(BASE + TRACKING.replace("offline", "dry-run"), "spec.tracking.wandb.mode", "online", id="wandb-mode"),
 ]
 # fmt: on
 

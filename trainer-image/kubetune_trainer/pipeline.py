@@ -35,7 +35,8 @@ from kubetune_trainer.export import (
     write_run_files,
 )
 from kubetune_trainer.gates import check_gates, describe
-from kubetune_trainer.telemetry import Reporter
+from kubetune_trainer.telemetry import Reporter, Reporters
+from kubetune_trainer.tracking import Tracking
 from kubetune_trainer.training import TrainOutcome, train
 
 log = logging.getLogger("kubetune_trainer")
@@ -81,18 +82,20 @@ def run(
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     log.addHandler(handler)
+    tracking = Tracking.for_config(config, workdir)
+    reporter = Reporters(reporter, tracking)
     try:
-        return _run(config, reporter, workdir, cache or workdir / "cache")
+        result = _run(config, reporter, tracking, workdir, cache or workdir / "cache")
     except TrainerError as exc:
         reporter.stage("failed", str(exc))
-        return TrainerResult(
+        result = TrainerResult(
             run_id=config.run_id, outcome="Failed", exit_code=exc.exit_code, message=str(exc)
         )
     except Exception as exc:  # a bug or an environment failure: retryable
         log.exception("Trainer failed")
         reporter.stage("failed", str(exc))
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return TrainerResult(
+        result = TrainerResult(
             run_id=config.run_id,
             outcome="Failed",
             exit_code=ExitCode.RUNTIME_ERROR,
@@ -101,9 +104,12 @@ def run(
     finally:
         log.removeHandler(handler)
         handler.close()
+    tracking.close(result, workdir / STAGING)
+    return result
 
 
 LOG_FILE = "trainer.log"
+STAGING = "export"  # the run's files, staged in the workdir before they are published
 
 
 @dataclass
@@ -120,11 +126,15 @@ class Prepared:
     leakage: data.Leakage
 
 
-def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> TrainerResult:
+def _run(
+    config: TrainerConfig, reporter: Reporter, tracking: Tracking, workdir: Path, cache: Path
+) -> TrainerResult:
     import transformers
 
+    tracking.start()
     transformers.set_seed(config.spec.hyperparameters.seed)
     prepared = _prepare(config, reporter, workdir, cache)
+    tracking.params(_data_params(prepared))
     model = modeling.load_model(config.spec, prepared.source)
     reporter.stage("baseline")
     baseline = _baseline(
@@ -134,7 +144,7 @@ def _run(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) 
     reporter.stage("evaluate")
     evaluation, gates = _evaluate(config, prepared, model, baseline)
     reporter.stage("export")
-    result = _export(config, workdir, prepared, model, outcome, evaluation, gates)
+    result = _export(config, workdir, prepared, model, outcome, evaluation, gates, tracking)
     reporter.stage("done", result.message)
     return result
 
@@ -182,6 +192,19 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     return Prepared(
         source, tokenizer, splits, train_rows, validation_rows, test_examples, test_rows, leak
     )
+
+
+def _data_params(prepared: Prepared) -> dict[str, Any]:
+    """What the data stage read, as tracked parameters (data.train, data.sha256, ...)."""
+    splits, leak = prepared.splits, prepared.leakage
+    return {
+        **{f"data.{key}": value for key, value in splits.report.items()},
+        "data.format": splits.format,
+        "data.sha256": splits.sha256,
+        "data.prompt": splits.prompts.describe(),
+        "data.leakage.answersInTrain": leak.answers_in_train,
+        "data.leakage.promptsInTrain": leak.prompts_in_train,
+    }
 
 
 def _train(
@@ -240,12 +263,14 @@ def _export(
     outcome: TrainOutcome,
     evaluation: Evaluation,
     gates: list[GateResult],
+    tracking: Tracking,
 ) -> TrainerResult:
     """The models and the run's files staged, then published; promoted only if every gate
-    passed."""
+    passed. The trackers get the result before the files are written (W&B's offline records
+    go into them) and the files once they are published."""
     spec = config.spec
     passed = all(g.passed for g in gates)
-    staging = workdir / "export"
+    staging = workdir / STAGING
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -278,6 +303,9 @@ def _export(
         promoted=passed,
         warnings=[w] if (w := prepared.leakage.warning()) else [],
     )
+    tracking.finish(result, staging)
+    if tracking.warnings:
+        result = result.model_copy(update={"warnings": [*result.warnings, *tracking.warnings]})
     write_run_files(
         staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, result
     )

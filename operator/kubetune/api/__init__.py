@@ -60,6 +60,7 @@ from kubetune.api.status import (
     Progress,
     gates_summary,
 )
+from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
 from kubetune.api.training import MUTUALLY_EXCLUSIVE
 from kubetune.api.types import MAX_NAME_LENGTH, RUN_ID_LENGTH
 
@@ -101,6 +102,7 @@ __all__ = [
     "LoraSpec",
     "MethodSpec",
     "MetricsStatus",
+    "MlflowSpec",
     "ModelSpec",
     "ObjectMeta",
     "OutputSpec",
@@ -109,8 +111,10 @@ __all__ = [
     "ResourcesSpec",
     "Rule",
     "Toleration",
+    "TrackingSpec",
     "TrainerConfig",
     "TrainerResult",
+    "WandbSpec",
     "child_name",
     "describe_errors",
     "format_path",

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from kubetune.api.base import ApiModel, Rule
 from kubetune.api.compute import ResourcesSpec, Toleration
+from kubetune.api.tracking import TrackingSpec
 from kubetune.api.training import (
     ADAPTER_METHODS,
     DEFAULT_EPOCHS,
@@ -48,6 +49,7 @@ __all__ = [
     "QuantizationSpec",
     "ResourcesSpec",
     "Toleration",
+    "TrackingSpec",
 ]
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -381,6 +383,13 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, description="resources of the trainer pod."
     )
+    tracking: TrackingSpec | None = Field(
+        default=None,
+        description=(
+            "tracking sends the run's parameters, curves, results and artifact URIs to MLflow "
+            "or Weights & Biases."
+        ),
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
@@ -410,3 +419,14 @@ class FineTuneJobSpec(ApiModel):
         ge=0,
         description="ttlSecondsAfterFinished deletes the finished trainer Job after this delay.",
     )
+
+    def secrets(self) -> list[tuple[str, str]]:
+        """The Secrets the trainer pod loads into its environment, each with the field that names
+        it; the storage credentials last, so that their keys win over a tracker's."""
+        named = []
+        if self.tracking and self.tracking.mlflow:
+            named.append((self.tracking.mlflow.credentials_secret, ".tracking.mlflow"))
+        if self.tracking and self.tracking.wandb:
+            named.append((self.tracking.wandb.credentials_secret, ".tracking.wandb"))
+        named.append((self.output.credentials_secret, ".output"))
+        return [(name, f"spec{path}.credentialsSecret") for name, path in named if name]

@@ -38,6 +38,8 @@ DATASET_URI = (
 )
 OUTPUT_SCHEMES = ("s3://", "gs://", "az://", "file:///")
 OUTPUT_URI = r"^((s3|gs|az)://[a-z0-9][-_.a-z0-9]*(/[^\s]*)?|file:///[^\s]*)$"
+# An experiment tracker's server: http(s)://host[:port][/path], no spaces, no credentials in it.
+TRACKING_URI = r"^https?://[^\s/@]+(/[^\s]*)?$"
 # Kubernetes resource.Quantity without a sign: 8, 500m, 16Gi, 1.5, 1e3.
 QUANTITY = (
     r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -129,6 +131,19 @@ OutputUri = Annotated[
     str,
     Field(min_length=1, max_length=1024),
     *_pattern_check(OUTPUT_URI, _explain_output_uri),
+]
+
+
+def _explain_tracking_uri(value: str) -> str:
+    if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        return f"{value!r} has credentials in it; put them in the Secret named by credentialsSecret"
+    return f"{value!r} is not an http:// or https:// URL of the tracking server"
+
+
+TrackingUri = Annotated[
+    str,
+    Field(min_length=1, max_length=1024),
+    *_pattern_check(TRACKING_URI, _explain_tracking_uri),
 ]
 DnsSubdomain = Annotated[
     str,

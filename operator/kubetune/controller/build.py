@@ -148,9 +148,10 @@ def _container(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.output.credentials_secret:
-        # Only a Secret in the job's own namespace can be named: the field has no namespace.
-        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret}}]
+    # Only Secrets in the job's own namespace can be named: the fields have no namespace. Where
+    # two Secrets set the same key the last one wins (spec.secrets() puts storage last).
+    if secrets := spec.secrets():
+        container["envFrom"] = [{"secretRef": {"name": name}} for name, _ in secrets]
     return container
 
 

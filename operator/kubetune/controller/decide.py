@@ -107,11 +107,11 @@ def result_state(result: TrainerResult) -> State | None:
 
 def _waiting_state(job: FineTuneJob, waiting: Waiting) -> State:
     message = f"the trainer pod cannot start: {waiting.message or waiting.reason}"
-    secret = job.spec.output.credentials_secret
-    if waiting.reason == "CreateContainerConfigError" and secret and f'"{secret}"' in message:
+    missing = [name_field for name_field in job.spec.secrets() if f'"{name_field[0]}"' in message]
+    if waiting.reason == "CreateContainerConfigError" and missing:
+        name, field = missing[0]
         message += (
-            f"; create the Secret {secret!r} in namespace {job.metadata.namespace} "
-            "or fix spec.output.credentialsSecret"
+            f"; create the Secret {name!r} in namespace {job.metadata.namespace} or fix {field}"
         )
     elif waiting.reason == "ImagePullBackOff":
         message += "; check spec.image (or the operator's trainer image) and imagePullSecrets"
