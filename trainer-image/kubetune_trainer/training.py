@@ -169,8 +169,9 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
         "lr_scheduler_type": SCHEDULERS[hp.lr_scheduler],
         # A float below 1 is a fraction of the total steps (transformers 5 dropped warmup_ratio).
         "warmup_steps": float(hp.warmup_ratio),
+        # hyperparameters.seed orders the batches too (as its docs say); dataset.seed only
+        # shuffles and splits the data.
         "seed": hp.seed,
-        "data_seed": spec.dataset.seed,
         "logging_steps": 1,
         "logging_strategy": "steps",
         # Log a NaN/inf loss as it is (the default replaces it with a mean), so divergence stops
@@ -184,10 +185,12 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
         "load_best_model_at_end": early,
         "metric_for_best_model": "eval_loss" if early else None,
         "greater_is_better": False if early else None,
-        "train_sampling_strategy": "group_by_length",
         # Real tokens for tokens/s: a padded batch's attention mask counts them; a packed batch
         # has no padding and no mask, and "non_padding" would then skip every token equal to the
         # pad token, which is the end-of-sequence token of many models (SmolLM2, Llama 3).
+        # Random batch order (the Trainer's own sampler); length buckets when random order would
+        # pad too much come from _trainer_class.
+        "train_sampling_strategy": "random",
         "include_num_input_tokens_seen": "all" if spec.dataset.packing else "non_padding",
         "remove_unused_columns": False,
         "report_to": "none",
@@ -210,6 +213,100 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
     return TrainingArguments(**kwargs)
 
 
+# Batch order. Batches in random order are as diverse as the data, which is what learning needs
+# early on (sorting a run's batches by length made SmolLM2 answer 3x fewer test questions after 10
+# steps: docs/benchmarks.md); but each batch is padded to its longest example. Random order is
+# kept while it wastes at most this share of the real tokens on padding; above it, batches of
+# similar length are drawn from windows of a few batches, the smallest window that meets it, and
+# still shuffled.
+PADDING_BUDGET = 0.10
+WINDOWS = (1, 2, 4, 8, 16, 32, 64)
+ESTIMATE_SAMPLE = 20_000  # examples whose lengths estimate the padding of an order
+
+
+def bucketed_order(
+    lengths: list[int], batch_size: int, window: int, generator: Any = None
+) -> list[int]:
+    """Batches of similar length in random order: the examples shuffled, cut into windows of
+    `window` batches, each window sorted by length and cut into batches, then the batches
+    shuffled (a short last batch goes last, so that every other batch stays whole). A window of
+    1 is plain random order; a window of the whole dataset sorts it by length."""
+    import torch
+
+    shuffled = torch.randperm(len(lengths), generator=generator).tolist()
+    if window == 1:
+        return shuffled
+    span = window * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(shuffled), span):
+        chunk = sorted(shuffled[start : start + span], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]
+    whole = [b for b in batches if len(b) == batch_size]
+    order = torch.randperm(len(whole), generator=generator).tolist()
+    return [i for b in [*(whole[k] for k in order), *short] for i in b]
+
+
+def padding_waste(lengths: list[int], batch_size: int, window: int, multiple: int) -> float:
+    """Padded tokens per real token when batches come in bucketed_order (the mean of 4 draws)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    if len(lengths) > ESTIMATE_SAMPLE:
+        picked = torch.randperm(len(lengths), generator=generator)[:ESTIMATE_SAMPLE].tolist()
+        lengths = [lengths[i] for i in picked]
+    padded = 0
+    for _ in range(4):
+        order = bucketed_order(lengths, batch_size, window, generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            padded += -(-max(lengths[i] for i in batch) // multiple) * multiple * len(batch)
+    return padded / (4 * sum(lengths)) - 1
+
+
+def choose_window(lengths: list[int], batch_size: int, multiple: int) -> tuple[int, float]:
+    """The smallest window whose padding stays within PADDING_BUDGET, and that padding."""
+    for window in WINDOWS:
+        waste = padding_waste(lengths, batch_size, window, multiple)
+        if waste <= PADDING_BUDGET or window * batch_size >= len(lengths):
+            return window, waste
+    return WINDOWS[-1], waste
+
+
+def _trainer_class(window: int) -> Any:
+    """The Hugging Face Trainer, with bucketed_order's batches when the window is over 1."""
+    import torch
+    from transformers import Trainer
+
+    class Order(torch.utils.data.Sampler):
+        def __init__(self, lengths: list[int], batch_size: int) -> None:
+            self.lengths, self.batch_size = lengths, batch_size
+
+        def __len__(self) -> int:
+            return len(self.lengths)
+
+        def __iter__(self) -> Any:
+            # The global RNG, as the Trainer's own samplers: seeded by the run's seed, and
+            # restored from a checkpoint on resume so that the skipped batches are the same.
+            return iter(bucketed_order(self.lengths, self.batch_size, window))
+
+    class KubetuneTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return Order(dataset["length"], self.args.train_batch_size)
+
+    # Random order is the Trainer's own sampler (train_sampling_strategy "random").
+    return Trainer if window == 1 else KubetuneTrainer
+
+
+def pad_multiple() -> int:
+    """Lengths a padded batch is rounded up to: multiples of 8 suit GPU tensor cores; on a CPU
+    they are only more padding."""
+    import torch
+
+    return 8 if torch.cuda.is_available() else 1
+
+
 def make_collator(tokenizer: Any, packing: bool) -> Any:
     """Padding-free packing (each micro-batch one sequence, positions restarting per example)
     or dynamic padding to the longest example of the batch."""
@@ -217,8 +314,12 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
 
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    multiple = pad_multiple()
     return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
+        tokenizer,
+        padding=True,
+        label_pad_token_id=-100,
+        pad_to_multiple_of=multiple if multiple > 1 else None,
     )
 
 
@@ -233,7 +334,7 @@ def train(
     reporter: Reporter,
 ) -> TrainOutcome:
     from datasets import Dataset
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     args = training_arguments(spec, workdir, bool(validation_rows))
     callbacks = _callbacks(reporter, checkpoints_uri)
@@ -252,7 +353,18 @@ def train(
         )
 
     collator = make_collator(tokenizer, spec.dataset.packing)
-    trainer = Trainer(
+    micro = args.per_device_train_batch_size
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    if spec.dataset.packing:
+        window, waste = 1, 0.0  # a packed batch has no padding
+    else:
+        window, waste = choose_window(lengths, micro, pad_multiple())
+    log.info(
+        "Batch order=%s padding=%.1f%%",
+        "random" if window == 1 else f"length-buckets window={window}",
+        100 * waste,
+    )
+    trainer = _trainer_class(window)(
         model=model,
         args=args,
         train_dataset=dataset(train_rows),
