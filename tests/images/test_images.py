@@ -45,6 +45,9 @@ def test_trainer_image_fine_tunes_as_the_operators_pod_runs_it(
             "evaluation": {"metrics": ["loss", "exactMatch"], "maxNewTokens": 4},
             "gates": [{"metric": "loss", "max": 100}],
             "output": {"uri": "file:///out/in-image"},
+            # W&B's offline mode runs its own core process: it must work with the pod's
+            # read-only root and no network, writing only into the pod's volumes.
+            "tracking": {"wandb": {"project": "in-image", "mode": "offline"}},
         },
     }
     job = FineTuneJob.model_validate(doc)
@@ -80,9 +83,12 @@ def test_trainer_image_fine_tunes_as_the_operators_pod_runs_it(
 
     result = TrainerResult.model_validate_json(termination.read_text())
     assert (result.run_id, result.outcome, result.steps) == (run_id, "Succeeded", 8)
+    assert result.warnings == []  # no tracker dropped
     run = out / "in-image" / "runs" / run_id
     manifest = json.loads((run / "manifest.json").read_text())
-    assert {f["path"] for f in manifest["files"]} >= {"adapter/adapter_config.json", "report.md"}
+    paths = {f["path"] for f in manifest["files"]}
+    assert paths >= {"adapter/adapter_config.json", "report.md"}
+    assert any(p.endswith(f"/run-in-image-{run_id}.wandb") for p in paths), sorted(paths)
     for entry in manifest["files"]:
         data = (run / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]

@@ -5,11 +5,6 @@ a tracker that is down or failing never fails training."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +12,16 @@ import pytest
 from mlflow import MlflowClient
 
 from kubetune.api import ExitCode, TrainerResult
-from kubetune_trainer.training import complete_checkpoints
 from tests.support.mlflow import MlflowServer
 from tests.support.s3 import _free_ports
 from tests.support.wandb import read_run
-from tests.trainer.conftest import config_for, job_manifest, run_job
+from tests.trainer.conftest import (
+    config_for,
+    job_manifest,
+    preempt_after_first_checkpoint,
+    run_job,
+    start_trainer,
+)
 
 
 def _mlflow_runs(server: MlflowServer, experiment: str, run_id: str) -> list[Any]:
@@ -215,29 +215,12 @@ def test_a_resumed_run_continues_its_mlflow_run(
     checkpoints = f"{config.output_prefix}/checkpoints"
     log = tmp_path / "trainer.log"
 
-    def start(workdir: Path) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "KUBETUNE_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"}
-        with log.open("ab") as sink:
-            return subprocess.Popen(
-                [sys.executable, "-m", "kubetune_trainer", str(config_path)],
-                env=env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    first = start(tmp_path / "work1")
-    deadline = time.monotonic() + 180
-    while not complete_checkpoints(checkpoints):
-        assert first.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)  # preempted
-    first.wait()
-    killed_at = complete_checkpoints(checkpoints)[-1]
+    first = start_trainer(config_path, tmp_path / "work1", log)
+    killed_at = preempt_after_first_checkpoint(first, checkpoints, log)
     (interrupted,) = _mlflow_runs(mlflow_server, "resume-test", "7eac0005")
     assert interrupted.info.status == "RUNNING"  # nobody ended it
 
-    second = start(tmp_path / "work2")
+    second = start_trainer(config_path, tmp_path / "work2", log)
     assert second.wait(timeout=600) == 0, log.read_text()[-3000:]
     (finished,) = _mlflow_runs(mlflow_server, "resume-test", "7eac0005")
     assert finished.info.run_id == interrupted.info.run_id
@@ -250,3 +233,25 @@ def test_a_resumed_run_continues_its_mlflow_run(
     assert all(steps.count(s) == 1 for s in range(1, killed_at + 1))
     assert max(steps.count(s) for s in range(killed_at + 1, 201)) <= 2
     assert finished.data.tags["kubetune.outcome"] == "Succeeded"
+
+
+def test_a_tracker_whose_client_is_missing_fails_at_once_with_the_fix(
+    tiny_model: Path, task_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune_trainer import tracking
+
+    monkeypatch.setattr(tracking, "find_spec", lambda name: None if name == "wandb" else object())
+    doc = job_manifest(
+        tiny_model,
+        task_file,
+        (tmp_path / "out").as_uri(),
+        "lora",
+        tracking={"wandb": {"project": "p", "mode": "offline"}},
+    )
+    result, recorder = run_job(doc, tmp_path / "work", run_id="7eac0006")
+    assert (result.outcome, result.exit_code) == ("Failed", ExitCode.INVALID_SPEC)
+    assert result.message == (
+        "spec.tracking.wandb: the W&B client (wandb) is not installed here; "
+        "pip install 'kubetune[tracking]' (the trainer image has it)"
+    )
+    assert recorder.steps == []  # said before training, not after

@@ -76,7 +76,7 @@ def test_operator_image_runs_the_kubetune_operator_command() -> None:
     exposed = {int(p) for kw, rest in instructions(path) if kw == "EXPOSE" for p in rest.split()}
     defaults = OperatorSettings()
     assert exposed == {defaults.metrics_port, defaults.health_port}
-    assert _installs_extra(path) == "operator"
+    assert _installs_extras(path) == ["operator"]
 
 
 def test_trainer_image_runs_what_the_operator_puts_in_the_pod() -> None:
@@ -96,16 +96,16 @@ def test_trainer_image_runs_what_the_operator_puts_in_the_pod() -> None:
         d for d in PYPROJECT["project"]["optional-dependencies"]["trainer"] if d.startswith("torch")
     ]
     assert torch in SpecifierSet(wanted.removeprefix("torch"))
-    assert _installs_extra(path) == "trainer"
+    assert _installs_extras(path) == ["trainer", "tracking"]
 
 
-def _installs_extra(path: Path) -> str:
-    """The extra whose dependencies the image installs before its code (the layer a code
+def _installs_extras(path: Path) -> list[str]:
+    """The extras whose dependencies the image installs before its code (the layer a code
     change reuses), and the code itself installed with --no-deps after."""
     runs = [rest for kw, rest in instructions(path) if kw == "RUN"]
     (deps,) = [r for r in runs if "tomllib" in r]
-    (extra,) = re.findall(r'\["optional-dependencies"\]\["(\w+)"\]', deps)
+    extras = re.findall(r'\["optional-dependencies"\]\["(\w+)"\]', deps)
     copies = [rest for kw, rest in instructions(path) if kw == "COPY"]
     assert copies[0] == "pyproject.toml ./"  # the dependencies' layer sees nothing else
     assert any("pip install --no-deps ." in r for r in runs)
-    return extra
+    return extras

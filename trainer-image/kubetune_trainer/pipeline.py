@@ -131,6 +131,7 @@ def _run(
 ) -> TrainerResult:
     import transformers
 
+    tracking.check_installed()
     tracking.start()
     transformers.set_seed(config.spec.hyperparameters.seed)
     prepared = _prepare(config, reporter, workdir, cache)

@@ -15,10 +15,12 @@ import logging
 import os
 import shutil
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api import TrainerConfig, TrainerResult
+from kubetune_trainer.errors import SpecError
 from kubetune_trainer.gates import describe
 from kubetune_trainer.telemetry import StepInfo
 
@@ -39,6 +41,8 @@ RUN_ID_TAG = "kubetune.runId"
 
 class Tracker(Protocol):
     name: str
+    field: str  # the spec field that asks for it
+    module: str  # the client library it needs
 
     def start(self) -> None: ...
     def params(self, values: dict[str, Any]) -> None: ...
@@ -127,6 +131,8 @@ class MlflowTracker:
     """One MLflow run per kubetune run, found again by its kubetune.runId tag on resume."""
 
     name = "MLflow"
+    field = "spec.tracking.mlflow"
+    module = "mlflow"
 
     def __init__(self, config: TrainerConfig) -> None:
         tracking = config.spec.tracking
@@ -261,6 +267,8 @@ class WandbTracker:
     offline, its records go into the run's folder for `wandb sync`."""
 
     name = "W&B"
+    field = "spec.tracking.wandb"
+    module = "wandb"
 
     def __init__(self, config: TrainerConfig, workdir: Path) -> None:
         tracking = config.spec.tracking
@@ -341,6 +349,16 @@ class Tracking:
         if tracking and tracking.wandb:
             trackers.append(WandbTracker(config, workdir))
         return cls(trackers)
+
+    def check_installed(self) -> None:
+        """A job that asks for a tracker needs its client; the trainer image has both, a local
+        environment may not. Said before anything runs, rather than found out after training."""
+        for tracker in self.trackers:
+            if find_spec(tracker.module) is None:
+                raise SpecError(
+                    f"{tracker.field}: the {tracker.name} client ({tracker.module}) is not "
+                    "installed here; pip install 'kubetune[tracking]' (the trainer image has it)"
+                )
 
     def _each(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):
