@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from kubetune.api import FineTuneJob, TrainerConfig, TrainerResult
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.telemetry import StepInfo
+from kubetune_trainer.training import complete_checkpoints
 from tests.support.specs import override
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -78,3 +83,30 @@ def run_job(
     recorder = Recorder()
     result = run(config_for(doc, run_id), recorder, workdir)
     return result, recorder
+
+
+def start_trainer(config_path: Path, workdir: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The trainer as its pod runs it: `python -m kubetune_trainer CONFIG`, output to log."""
+    env = {**os.environ, "KUBETUNE_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune_trainer", str(config_path)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def preempt_after_first_checkpoint(
+    trainer: subprocess.Popen[bytes], checkpoints: str, log: Path, timeout: float = 180
+) -> int:
+    """Kills the trainer with SIGKILL (a preemption: no clean shutdown) once a checkpoint is
+    complete; returns the newest complete checkpoint's step."""
+    deadline = time.monotonic() + timeout
+    while not complete_checkpoints(checkpoints):
+        assert trainer.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout} s"
+        time.sleep(0.05)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    return complete_checkpoints(checkpoints)[-1]

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerResult
 from kubetune_trainer.training import complete_checkpoints
-from tests.trainer.conftest import config_for, job_manifest
-
-
-def _start(config_path: Path, workdir: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBETUNE_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kubetune_trainer", str(config_path)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+from tests.trainer.conftest import (
+    config_for,
+    job_manifest,
+    preempt_after_first_checkpoint,
+    start_trainer,
+)
 
 
 def test_killed_trainer_resumes_from_its_checkpoint(
@@ -46,19 +35,12 @@ def test_killed_trainer_resumes_from_its_checkpoint(
     checkpoints = f"{config.output_prefix}/checkpoints"
     log = tmp_path / "trainer.log"
 
-    first = _start(config_path, tmp_path / "work1", log)
-    deadline = time.monotonic() + 120
-    while not complete_checkpoints(checkpoints):
-        assert first.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)  # preempted: no clean shutdown
-    first.wait()
-    killed_at = complete_checkpoints(checkpoints)[-1]
+    first = start_trainer(config_path, tmp_path / "work1", log)
+    killed_at = preempt_after_first_checkpoint(first, checkpoints, log, timeout=120)
     assert 0 < killed_at < 300
     assert not (out / "latest.json").exists() and not termination.exists()
 
-    second = _start(config_path, tmp_path / "work2", log)
+    second = start_trainer(config_path, tmp_path / "work2", log)
     assert second.wait(timeout=300) == ExitCode.SUCCEEDED, log.read_text()[-3000:]
     result = TrainerResult.model_validate_json(termination.read_text())
     assert result.resumed_from_step is not None and result.resumed_from_step >= killed_at
