@@ -1,16 +1,28 @@
-"""Our trainer against the recipe of typical fine-tuning guides, on the same model, data and steps.
+"""kubetune's trainer against TRL's SFTTrainer (and the pad-to-512 recipe of typical guides), on
+the same model, data, LoRA settings, learning rate, schedule, batch size, seed and split.
 
-  ours:  kubetune's train stage: length-grouped batches padded only to the longest example
-         (rounded up to 8), loss on the answer tokens only.
-  naive: HF Trainer + peft LoRA as guides write it: every example padded to 512 tokens, no
-         grouping, DataCollatorForLanguageModeling (loss on prompt and answer).
+  ours              kubetune's train stage, as the trainer runs it (training.train).
+  trl               TRL SFTTrainer, prompt-completion data (loss on the completion only), dynamic
+                    padding, random batch order; bf16 and gradient checkpointing off as ours.
+  trl-padding-free  the same with padding_free=True (examples flattened into one sequence).
+  naive             HF Trainer + peft as guides write it: every example padded to 512 tokens,
+                    DataCollatorForLanguageModeling (loss on prompt and answer).
 
-Both use the same LoRA settings, learning rate, batch size, steps, seed and train/test split of
-the demo data, and each runs in its own process so peak memory is its own. Reported: real
-(non-padding) tokens per second, wall time of training, peak resident memory, and exactMatch of
-greedy answers on the test split after training.
+  ours-grouped      kubetune's earlier default: the Trainer's group_by_length (each window of 10
+                    batches sorted, longest first), padded to multiples of 8.
+  ours-window2/4    batches from length-sorted windows of 2 or 4 batches, shuffled.
+  ours-packed       packing: true (padding-free, examples flattened into one sequence).
 
-  .venv/bin/python benchmarks/trainer_throughput.py --steps 30 > /tmp/bench.json
+Each (variant, steps, seed) runs in its own process, so peak memory is its own. Reported per run:
+real tokens per second (padding excluded: the attention mask counts them, or every token of a
+padding-free batch), wall time of training, peak resident memory, and exactMatch of greedy answers
+(model in eval mode) on the test split. The seed is hyperparameters.seed (adapter initialisation,
+dropout, batch order); the split is the same in every run. SmolLM2's GGUF is converted once into
+.cache/kubetune/cache, the cache `make demo` uses.
+
+  pip install -e '.[bench]'   # TRL, a benchmark dependency only
+  .venv/bin/python benchmarks/trainer_throughput.py --steps 10 30 --seeds 1 2 3 \\
+      --variants ours trl trl-padding-free > /tmp/bench.json
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +43,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "text-to-sql.jsonl"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+CACHE = ROOT / ".cache" / "kubetune" / "cache"
+VARIANTS = [
+    "ours",
+    "trl",
+    "trl-padding-free",
+    "naive",
+    "ours-grouped",
+    "ours-packed",
+    "ours-window2",
+    "ours-window4",
+]
 
 
 def smollm2_gguf() -> Path:
@@ -39,7 +63,8 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def setup(steps: int, workdir: Path) -> tuple[Any, Any, Any, Any, Any]:
+def setup(steps: int, seed: int, workdir: Path) -> tuple[Any, Any, Any, Any, Any]:
+    import transformers
     import yaml
 
     from kubetune.api import FineTuneJob, resolve_spec
@@ -51,33 +76,72 @@ def setup(steps: int, workdir: Path) -> tuple[Any, Any, Any, Any, Any]:
     doc["spec"]["dataset"]["uri"] = DATA.as_uri()
     doc["spec"]["output"] = {"uri": (workdir / "out").as_uri()}
     hp = doc["spec"]["hyperparameters"]
-    hp.update(maxSteps=steps, evalEverySteps=None, checkpointEverySteps=None)
+    hp.update(maxSteps=steps, seed=seed, evalEverySteps=None, checkpointEverySteps=None)
     spec = resolve_spec(FineTuneJob.model_validate(doc).spec)
-    source = modeling.materialize_gguf(
-        modeling.locate_model(spec.model.uri, None, workdir), workdir / "cache"
-    )
+    transformers.set_seed(seed)  # as the pipeline: once at the start...
+    source = modeling.materialize_gguf(modeling.locate_model(spec.model.uri, None, CACHE), CACHE)
     tokenizer = modeling.load_tokenizer(source, False)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")
-    return spec, source, tokenizer, splits, modeling
+    model = modeling.load_model(spec, source)
+    transformers.set_seed(seed)  # ...and again before the method is applied
+    return spec, source, tokenizer, splits, model
 
 
 def exact_match(model: Any, tokenizer: Any, splits: Any, spec: Any) -> float:
     from kubetune_trainer.evaluation import generate, score
 
+    model.eval()  # no dropout while answering, as evaluation.evaluate does
     test = splits.test[: spec.evaluation.max_samples]
     answers = generate(model, tokenizer, test, spec.evaluation.max_new_tokens, 16)
     return score(answers, [ex.completion for ex in test], ["exactMatch"])["exactMatch"]
 
 
-def run_ours(steps: int, workdir: Path) -> dict[str, Any]:
-    from kubetune_trainer import data
-    from kubetune_trainer.telemetry import LogReporter
-    from kubetune_trainer.training import train
+def lora_config(spec: Any) -> Any:
+    import peft
 
-    spec, source, tokenizer, splits, modeling = setup(steps, workdir)
+    lora = spec.method.lora
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
+    from kubetune_trainer import data, modeling, training
+    from kubetune_trainer.telemetry import LogReporter
+
+    spec, source, tokenizer, splits, model = setup(steps, seed, workdir)
+    if variant == "ours-packed":
+        spec = spec.model_copy(
+            update={"dataset": spec.dataset.model_copy(update={"packing": True})}
+        )
+    elif variant == "ours-grouped":
+        # kubetune before 2026-11-23: the whole epoch sorted in windows of 10 batches by the
+        # Trainer's group_by_length (longest first), padded to multiples of 8.
+        from transformers import Trainer
+
+        build = training.training_arguments
+
+        def grouped(*args: Any, **kwargs: Any) -> Any:
+            arguments = build(*args, **kwargs)
+            arguments.train_sampling_strategy = "group_by_length"
+            return arguments
+
+        training.training_arguments = grouped
+        training._trainer_class = lambda window: Trainer
+        training.pad_multiple = lambda: 8
+    elif variant.startswith("ours-window"):
+        window = int(variant.removeprefix("ours-window"))
+        training.choose_window = lambda lengths, size, multiple: (
+            window,
+            training.padding_waste(lengths, size, window, multiple),
+        )
     rows, _ = data.tokenize(splits.train, tokenizer, spec.dataset.max_seq_length)
-    model = modeling.apply_method(modeling.load_model(spec, source), spec, source)
-    outcome = train(
+    model = modeling.apply_method(model, spec, source)
+    outcome = training.train(
         model,
         tokenizer,
         rows,
@@ -93,7 +157,6 @@ def run_ours(steps: int, workdir: Path) -> dict[str, Any]:
         if "num_input_tokens_seen" in h
     )
     return {
-        "variant": "ours",
         "steps": outcome.steps,
         "train_seconds": outcome.seconds,
         "tokens": tokens,
@@ -101,44 +164,87 @@ def run_ours(steps: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def run_naive(steps: int, workdir: Path) -> dict[str, Any]:
+def common_arguments(spec: Any, steps: int, workdir: Path) -> dict[str, Any]:
+    hp = spec.hyperparameters
+    from kubetune_trainer.training import SCHEDULERS
+
+    return {
+        "output_dir": str(workdir / "hf"),
+        "per_device_train_batch_size": hp.batch_size,
+        "max_steps": steps,
+        "learning_rate": hp.learning_rate,
+        "weight_decay": hp.weight_decay,
+        "max_grad_norm": hp.max_grad_norm,
+        "warmup_steps": float(hp.warmup_ratio),
+        "lr_scheduler_type": SCHEDULERS[hp.lr_scheduler],
+        "seed": hp.seed,  # initialisation and batch order, as in ours
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "bf16": False,
+        "optim": "adamw_torch",
+        "dataloader_num_workers": 0,
+    }
+
+
+def timed(trainer: Any, tokenizer: Any, splits: Any, spec: Any) -> dict[str, Any]:
+    """Trains with a Hugging Face Trainer (TRL's is one); its figures and exactMatch after."""
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    return {
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "exact_match": exact_match(trainer.model, tokenizer, splits, spec),
+    }
+
+
+def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    spec, _, tokenizer, splits, model = setup(steps, seed, workdir)
+    padding_free = variant == "trl-padding-free"
+    dataset = Dataset.from_list(
+        [{"prompt": ex.prompt, "completion": ex.completion} for ex in splits.train]
+    )
+    args = SFTConfig(
+        **common_arguments(spec, steps, workdir),
+        # TRL refuses max_length with padding_free unless packing; no demo example is longer.
+        max_length=None if padding_free else spec.dataset.max_seq_length,
+        gradient_checkpointing=False,
+        padding_free=padding_free,
+        completion_only_loss=True,
+        # A padding-free batch has no attention mask: count all its tokens (see ours).
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec),
+    )
+    return timed(trainer, tokenizer, splits, spec)
+
+
+def run_naive(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
     import peft
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    spec, source, tokenizer, splits, modeling = setup(steps, workdir)
+    spec, _, tokenizer, splits, model = setup(steps, seed, workdir)
     texts = [ex.prompt + ex.completion + tokenizer.eos_token for ex in splits.train]
     encoded = tokenizer(texts, padding="max_length", max_length=512, truncation=True)
     dataset = Dataset.from_dict(
         {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     )
-    model = modeling.load_model(spec, source)
-    lora = spec.method.lora
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
-    hp = spec.hyperparameters
+    model = peft.get_peft_model(model, lora_config(spec))
     args = TrainingArguments(
-        output_dir=str(workdir / "naive"),
-        per_device_train_batch_size=hp.batch_size,
-        max_steps=steps,
-        learning_rate=hp.learning_rate,
-        warmup_steps=hp.warmup_ratio,
-        lr_scheduler_type="cosine",
-        seed=hp.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        **common_arguments(spec, steps, workdir), include_num_input_tokens_seen="non_padding"
     )
     trainer = Trainer(
         model=model,
@@ -146,23 +252,15 @@ def run_naive(steps: int, workdir: Path) -> dict[str, Any]:
         train_dataset=dataset,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
-    return {
-        "variant": "naive",
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "tokens": trainer.state.num_input_tokens_seen,
-        "exact_match": exact_match(model, tokenizer, splits, spec),
-    }
+    return timed(trainer, tokenizer, splits, spec)
 
 
-def child(variant: str, steps: int) -> None:
+def child(variant: str, steps: int, seed: int) -> None:
     import torch
 
+    runner = run_trl if variant.startswith("trl") else run_naive if variant == "naive" else run_ours
     with tempfile.TemporaryDirectory() as tmp:
-        result = (run_ours if variant == "ours" else run_naive)(steps, Path(tmp))
+        result = {"variant": variant, "seed": seed, **runner(variant, steps, seed, Path(tmp))}
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["device"] = (
@@ -173,36 +271,86 @@ def child(variant: str, steps: int) -> None:
     print(json.dumps(result))
 
 
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant and step count: median and range of each figure over the seeds."""
+    rows = []
+    keys = sorted({(r["variant"], r["steps"]) for r in results}, key=lambda k: (k[1], k[0]))
+    for variant, steps in keys:
+        runs = [r for r in results if (r["variant"], r["steps"]) == (variant, steps)]
+        row: dict[str, Any] = {"variant": variant, "steps": steps, "runs": len(runs)}
+        for key in ("tokens_per_second", "train_seconds", "peak_rss_mib", "exact_match"):
+            values = [r[key] for r in runs]
+            row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary as the table in docs/benchmarks.md: median (min-max) over the seeds."""
+
+    def cell(figure: dict[str, float], fmt: str) -> str:
+        low, high = format(figure["min"], fmt), format(figure["max"], fmt)
+        return f"{format(figure['median'], fmt)} ({low}-{high})"
+
+    lines = [
+        "| steps | variant | seeds | real tokens/s | train s | peak RSS GiB | exactMatch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        rss = {k: v / 1024 for k, v in row["peak_rss_mib"].items()}
+        lines.append(
+            f"| {row['steps']} | {row['variant']} | {row['runs']} "
+            f"| {cell(row['tokens_per_second'], '.1f')} | {cell(row['train_seconds'], '.0f')} "
+            f"| {cell(rss, '.2f')} | {cell(row['exact_match'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "trl"])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--markdown",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of earlier runs' output files (merged) instead of running",
+    )
     args = parser.parse_args()
-    if args.variant:
-        child(args.variant, args.steps)
+    if args.markdown:
+        merged = [
+            r for path in args.markdown for r in json.loads(Path(path).read_text())["results"]
+        ]
+        print(markdown(summarise(merged)))
         return
+    if args.child:
+        variant, steps, seed = args.child
+        child(variant, int(steps), int(seed))
+        return
+    if any(v.startswith("trl") for v in args.variants) and not importlib.util.find_spec("trl"):
+        raise SystemExit("TRL is a benchmark dependency: pip install -e '.[bench]'")
     results = []
-    for variant in ("ours", "naive"):
-        started = time.monotonic()
-        out = subprocess.run(
-            [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["process_seconds"] = time.monotonic() - started
-        results.append(result)
-        print(json.dumps(result), file=sys.stderr)
-    ours, naive = results
-    summary = {
-        "results": results,
-        "throughput_ratio": ours["tokens_per_second"] / naive["tokens_per_second"],
-        "wall_time_ratio": naive["train_seconds"] / ours["train_seconds"],
-    }
-    print(json.dumps(summary, indent=2))
+    # Seeds outermost, variants innermost: a slow spell of the machine hits every variant alike.
+    for seed in args.seeds:
+        for steps in args.steps:
+            for variant in args.variants:
+                started = time.monotonic()
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", variant, str(steps), str(seed)],
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode:
+                    raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result["process_seconds"] = time.monotonic() - started
+                results.append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)
+    print(json.dumps({"results": results, "summary": summarise(results)}, indent=2))
 
 
 if __name__ == "__main__":
