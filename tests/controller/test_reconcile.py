@@ -60,7 +60,9 @@ class FakeKube:
         self.writes.append(("suspend", name, str(suspend)))
         self.objects["Job", name]["spec"]["suspend"] = suspend
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+    ) -> bool:
         self.writes.append(("status", str(patch.get("phase"))))
         status = self.ftj.setdefault("status", {})
         for key, value in patch.items():

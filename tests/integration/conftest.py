@@ -187,9 +187,13 @@ class Platform:
         ]
 
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        return [
+        """The object's Events in the order they were posted. Lists come sorted by name, as
+        etcd's keys are; Events are never changed after they are posted here, so their
+        resourceVersion (the emulator's revision, an integer) is their posting order."""
+        events = [
             e for e in self.api.list("events", namespace) if e["involvedObject"]["name"] == name
         ]
+        return sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
     def writes(self, namespace: str, name: str) -> int:
         assert self.cluster.emulator is not None

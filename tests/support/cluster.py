@@ -13,11 +13,33 @@ patches. This layer adds what a real API server does on top (see ../shared/notes
 - a per-(verb, plural) request counter, for the scale benchmark's API-writes figure;
 - JSON as the API server decodes it: NaN and Infinity are not JSON (RFC 8259), so a body with
   them is a 400 Bad Request, as from kube-apiserver's decoder;
+- resourceVersion as etcd's revision: one counter for the whole store, assigned when a write is
+  committed (writes are serialised, as etcd's transactions are), a new one for a deletion too;
+- optimistic concurrency: a patch or PUT whose metadata.resourceVersion is not the stored one is
+  a 409 Conflict with the registry's message ("the object has been modified; please apply your
+  changes to the latest version and try again"); PUT replaces the object (Leases need it);
+- lists as the API server serves them: `metadata.resourceVersion` is the store's current
+  revision, `limit` and `continue` paginate (the continue token names the last key served; a
+  real one also pins the first page's revision, so here a later page can show newer objects,
+  which a watch from the list's revision then reports again — harmless to an informer);
+- watches as the watch cache serves them (k8s.io/apiserver/pkg/storage/cacher): without a
+  resourceVersion (or "0") the current objects as ADDED, then changes; from a resourceVersion,
+  every change after it, replayed from a bounded window of history (`history_limit` events per
+  resource); older than the window, one `ERROR` event with a 410 Status, reason Expired, "too
+  old resource version" (the client must list again); `allowWatchBookmarks=true` gets a
+  BOOKMARK (the object carries only metadata.resourceVersion) after `bookmark_seconds` without
+  an event; `timeoutSeconds` ends the stream (the server closes watches; clients reconnect).
+  `expire_watches()` compacts the history and closes every open watch, as an API server
+  restart after compaction does, so tests can show a client relisting;
 - the CRD's admission on every FineTuneJob create, update and status write (tests/support/
   apiserver.py: prune, default, schema, CEL; 422 Invalid with the field errors), honouring
   `fieldValidation` (Strict rejects unknown fields, the default prunes them) and validation
   ratcheting on updates (KEP-4008: errors in fields an update leaves unchanged do not refuse
   it). `stale_crd()` turns it off, as if the cluster's CRD were older than the operator.
+
+Only the newest version of each object is kept (kmock keeps every version; 10,000 jobs' worth
+of status patches would not fit in memory), and gets, patches and deletes find their object by
+key rather than by scanning the store.
 
 It runs in a background thread with its own event loop, so tests, the test kubelet and the
 operator (a subprocess, or kopf in a thread) all talk to it over HTTP on 127.0.0.1.
@@ -26,10 +48,10 @@ operator (a subprocess, or kopf in a thread) all talk to it over HTTP on 127.0.0
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import datetime
-import itertools
 import json
 import threading
 import time
@@ -53,6 +75,7 @@ from tests.support.apiserver import ApiServer, generate_name
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
+GROUPS = {"finetunejobs": "kubetune.dev", "jobs": "batch", "leases": "coordination.k8s.io"}
 RESOURCES: dict[str, dict[str, Any]] = {
     "kubetune.dev/v1alpha1/finetunejobs": {
         "kind": "FineTuneJob",
@@ -65,9 +88,13 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap"},
     "v1/secrets": {"kind": "Secret", "singular": "secret"},
     "v1/events": {"kind": "Event", "singular": "event"},
+    "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease"},
 }
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
-WRITES = ("create", "patch", "delete")
+WRITES = ("create", "patch", "update", "delete")
+WRITE_METHODS = {enums.method.POST, enums.method.PATCH, enums.method.PUT, enums.method.DELETE}
+HISTORY_LIMIT = 20_000  # changes kept per resource for watches that resume from a version
+BOOKMARK_SECONDS = 5.0  # the API server sends one about every minute; tests are shorter
 TEST_AGENT = "kubetune-tests"
 
 
@@ -127,7 +154,11 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.admission: ApiServer | None = ApiServer(yaml.safe_load(CRD_PATH.read_text()))
-        self._versions = itertools.count(1)
+        self.revision = 0  # etcd's revision: the newest resourceVersion handed out
+        self.history_limit = HISTORY_LIMIT
+        self.bookmark_seconds = BOOKMARK_SECONDS
+        self._buses = _Hubs(self)  # kmock publishes every committed change here
+        self._write_lock = asyncio.Lock()
         self.faults: list[Fault] = []
         self._in_flight: set[rendering.Request] = set()
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -144,6 +175,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _verb(self, request: rendering.Request) -> str:
         action = request.action
+        if request.method == enums.method.PUT:
+            return "update"
         if action == enums.action.CREATE:
             return "create"
         if action == enums.action.UPDATE:
@@ -156,10 +189,19 @@ class Emulator(kmock.KubernetesEmulator):
             return "list"
         return "get"
 
+    def next_revision(self) -> int:
+        self.revision += 1
+        return self.revision
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self._in_flight.add(request)
         self._forget_old_requests()
         try:
+            if request.method in WRITE_METHODS and request.resource is not None:
+                # One write at a time, as etcd commits them: a precondition checked here still
+                # holds when the write is stored, and revisions come in commit order.
+                async with self._write_lock:
+                    return await self._serve(request)
             return await self._serve(request)
         finally:
             self._in_flight.discard(request)
@@ -188,10 +230,14 @@ class Emulator(kmock.KubernetesEmulator):
                 return await self._render_error(
                     kmock.KubernetesError(status=400, reason="BadRequest", message=problem)
                 )
+        if request.method == enums.method.PUT and request.name and isinstance(request.data, dict):
+            return await self._replace(request, plural)
         if verb == "create" and isinstance(request.data, dict):
             self._fill_metadata(request)
         elif verb == "patch" and isinstance(request.data, dict) and request.name:
-            await self._prepare_patch(request)
+            conflict = await self._prepare_patch(request, plural)
+            if conflict is not None:
+                return await self._render_error(conflict)
         if plural == "finetunejobs" and verb in ("create", "patch") and self.admission:
             refused = await self._admit(request, verb)
             if refused is not None:
@@ -287,22 +333,27 @@ class Emulator(kmock.KubernetesEmulator):
         if meta.get("generateName") and not meta.get("name"):
             meta["name"] = generate_name(meta["generateName"])
         meta["uid"] = str(uuid.uuid4())
-        meta["resourceVersion"] = str(next(self._versions))
+        meta.pop("resourceVersion", None)  # set when the write is committed
         meta["creationTimestamp"] = _now()
         if "spec" in request.data:
             meta["generation"] = 1
 
-    async def _prepare_patch(self, request: rendering.Request) -> None:
-        """Bump resourceVersion (and generation when the spec changes) within the patch itself."""
+    async def _prepare_patch(
+        self, request: rendering.Request, plural: str
+    ) -> kmock.KubernetesError | None:
+        """Check the patch's resourceVersion precondition; bump generation on spec changes."""
         key = (request.resource, request.namespace, request.name)
         async with self._lock:
             if key not in self.objects or self.objects[key].deleted:
-                return
+                return None
             current = self.objects[key].raw
         meta = request.data.setdefault("metadata", {}) if request.data is not None else {}
         if not isinstance(meta, dict):
-            return
-        meta["resourceVersion"] = str(next(self._versions))
+            return None
+        wanted = meta.pop("resourceVersion", None)  # the new one is set when committed
+        stored = (current.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != stored:
+            return _conflict(plural, request.name)
         if request.subresource is None and "spec" in request.data:
             merged = _merge(current.get("spec") or {}, request.data["spec"])
             if merged != (current.get("spec") or {}):
@@ -311,6 +362,30 @@ class Emulator(kmock.KubernetesEmulator):
         for key in list(request.data):
             if (key == "status") != (request.subresource == "status") and key != "metadata":
                 del request.data[key]
+        return None
+
+    async def _replace(self, request: rendering.Request, plural: str) -> aiohttp.web.Response:
+        """PUT: the body replaces the stored object (update, with its precondition)."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                return await self._render_error(kmock.KubernetesObjectNotFoundError())
+            current = self.objects[key].raw
+            meta = current.get("metadata") or {}
+            body = copy.deepcopy(request.data)
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != meta.get("resourceVersion"):
+                return await self._render_error(_conflict(plural, request.name))
+            new_meta = body.setdefault("metadata", {})
+            for field in ("uid", "creationTimestamp", "namespace", "name", "generation"):
+                if field in meta:
+                    new_meta[field] = meta[field]
+            if "spec" in body and body["spec"] != current.get("spec"):
+                new_meta["generation"] = int(meta.get("generation", 1)) + 1
+            self.objects[key].create(body)
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": body})
+            stored = self.objects[key].raw
+        return aiohttp.web.json_response(stored)
 
     async def _collect_garbage(self, request: rendering.Request) -> None:
         policy = request.params.get("propagationPolicy")
@@ -349,25 +424,231 @@ class Emulator(kmock.KubernetesEmulator):
                 )
             )
 
-    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
-        payload = await super()._serve_list(request)
+    # -- reads: by key, lists with pages, watches from a resourceVersion --------------------------
+
+    def _stored(self, request: rendering.Request, name: str | None = None) -> Any:
+        """The stored object a named request is about (no scan of the whole store)."""
+        key = (request.resource, request.namespace, name or request.name)
+        if key not in self.objects:
+            return None
+        return self.objects[key]
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        obj = self._stored(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        obj = self._stored(request)
+        assert obj is not None  # patched in _handle, or it answered 404 there
+        return obj.last.raw
+
+    _serve_delete = _serve_update
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        meta = request.data.get("metadata") or {}
+        key = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
+        return self.objects[key].raw
+
+    def _current(self, request: rendering.Request) -> list[dict[str, Any]]:
+        """The request's objects, sorted by (namespace, name) as etcd's keys are."""
+        out = [
+            obj.raw
+            for (resource, namespace, _), obj in self.objects.items()
+            if resource == request.resource
+            and not obj.deleted
+            and (request.namespace is None or namespace == request.namespace)
+        ]
         selector = request.params.get("labelSelector")
         if selector:
-            payload["items"] = [
-                o for o in payload["items"] if _selector_matches(selector, _labels(o))
-            ]
-        payload["metadata"] = {"resourceVersion": str(next(self._versions))}
-        return payload
+            out = [o for o in out if _selector_matches(selector, _labels(o))]
+        return sorted(out, key=_position)
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        items = self._current(request)
+        revision = self.revision
+        token = request.params.get("continue")
+        if token:
+            state = json.loads(base64.urlsafe_b64decode(token))
+            revision, start = state["rv"], tuple(state["start"])
+            items = [o for o in items if _position(o) > start]
+        meta: dict[str, Any] = {"resourceVersion": str(revision)}
+        limit = int(request.params.get("limit") or 0)
+        if 0 < limit < len(items):
+            items, rest = items[:limit], len(items) - limit
+            state = {"rv": revision, "start": list(_position(items[-1]))}
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
+            meta["remainingItemCount"] = rest
+        info = RESOURCES.get(_resource_key(request.resource)) or {}
+        return {
+            "apiVersion": _api_version(request.resource),
+            "kind": f"{info.get('kind', 'Object')}List",
+            "metadata": meta,
+            "items": items,
+        }
 
     async def _serve_watch(self, request: rendering.Request) -> Any:
-        selector = request.params.get("labelSelector")
-        async for event in super()._serve_watch(request):
-            if (
-                not selector
-                or not isinstance(event, dict)
-                or _selector_matches(selector, _labels(event.get("object") or {}))
-            ):
+        params = request.params
+        hub = self._buses[request.resource]
+        selector = params.get("labelSelector")
+        since = params.get("resourceVersion")
+        bookmarks = params.get("allowWatchBookmarks") == "true"
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
+        yield b""  # the headers go out now, as the API server's do
+        # No await from here to the subscription: the backlog and the live events meet exactly.
+        if since in (None, "", "0"):
+            backlog = [{"type": "ADDED", "object": o} for o in self._current(request)]
+        else:
+            try:
+                start = int(since)
+            except ValueError:
+                start = -1
+            if start < hub.compacted:
+                yield {"type": "ERROR", "object": _expired(since)}
+                return
+            backlog = [e for v, e in hub.history if v > start and _watched(request, e, selector)]
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        hub.subscribers.add(queue)
+        try:
+            for event in backlog:
                 yield event
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            while True:
+                wait = self.bookmark_seconds if bookmarks else None
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        return  # timeoutSeconds: the server ends the watch
+                    wait = left if wait is None else min(wait, left)
+                try:
+                    event = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    if bookmarks and queue.empty():
+                        # Every change of this resource up to now has gone out on this stream.
+                        yield _bookmark(request.resource, self.revision)
+                    continue
+                if event is None:
+                    return  # closed by expire_watches()
+                if _watched(request, event, selector):
+                    yield event
+        finally:
+            hub.subscribers.discard(queue)
+
+    def expire_watches(self) -> None:
+        """Compact every resource's history and close every open watch (call on the loop)."""
+        for hub in self._buses.values():
+            hub.compacted = self.revision
+            hub.history.clear()
+            for queue in list(hub.subscribers):
+                queue.put_nowait(None)
+
+
+class _Hub:
+    """One resource's committed changes: a window of history and the open watches."""
+
+    def __init__(self, emulator: Emulator, resource: Any) -> None:
+        self.emulator = emulator
+        self.resource = resource
+        self.history: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self.compacted = 0  # changes at or before this revision are no longer in history
+        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    async def put(self, *events: dict[str, Any]) -> None:
+        for event in events:
+            self.publish(event)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Commit: the change gets the next revision, joins the history and every watch."""
+        emulator = self.emulator
+        revision = emulator.next_revision()
+        obj = event["object"]
+        meta = obj.setdefault("metadata", {})
+        if event["type"] == "DELETED":  # the tombstone, not the stored object's last state
+            obj = {**obj, "metadata": {**meta, "resourceVersion": str(revision)}}
+        else:  # the stored object's own metadata: what later reads return
+            meta["resourceVersion"] = str(revision)
+        event = {"type": event["type"], "object": obj}
+        self.history.append((revision, event))
+        while len(self.history) > emulator.history_limit:
+            self.compacted = self.history.popleft()[0]
+        for queue in self.subscribers:
+            queue.put_nowait(event)
+        key = (self.resource, meta.get("namespace"), meta.get("name"))
+        if key in emulator.objects:  # keep the newest version only
+            history = emulator.objects[key].history
+            if len(history) > 2:
+                del history[:-2]
+
+
+class _Hubs(dict):  # type: ignore[type-arg]
+    def __init__(self, emulator: Emulator) -> None:
+        super().__init__()
+        self.emulator = emulator
+
+    def __missing__(self, resource: Any) -> _Hub:
+        hub = self[resource] = _Hub(self.emulator, resource)
+        return hub
+
+
+def _position(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "", meta.get("name") or ""
+
+
+def _resource_key(resource: Any) -> str:
+    group = f"{resource.group}/" if resource.group else ""
+    return f"{group}{resource.version}/{resource.plural}"
+
+
+def _api_version(resource: Any) -> str:
+    return f"{resource.group}/{resource.version}" if resource.group else resource.version
+
+
+def _watched(request: rendering.Request, event: dict[str, Any], selector: str | None) -> bool:
+    obj = event.get("object") or {}
+    if request.namespace is not None and _position(obj)[0] != request.namespace:
+        return False
+    return not selector or _selector_matches(selector, _labels(obj))
+
+
+def _bookmark(resource: Any, revision: int) -> dict[str, Any]:
+    info = RESOURCES.get(_resource_key(resource)) or {}
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "apiVersion": _api_version(resource),
+            "kind": info.get("kind", "Object"),
+            "metadata": {"resourceVersion": str(revision)},
+        },
+    }
+
+
+def _expired(since: str) -> dict[str, Any]:
+    # What the watch cache sends for a resourceVersion older than its window (cacher.go).
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": f"too old resource version: {since}",
+        "reason": "Expired",
+        "code": 410,
+    }
+
+
+def _conflict(plural: str, name: str | None) -> kmock.KubernetesError:
+    # The registry's message for a failed resourceVersion precondition (storage.
+    # NewConflictError via errors.NewConflict; "OptimisticLockErrorMsg" in the apiserver).
+    group = GROUPS.get(plural)
+    resource = f"{plural}.{group}" if group else plural
+    return kmock.KubernetesError(
+        status=409,
+        reason="Conflict",
+        message=f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+    )
 
 
 _MISSING = object()

@@ -2,6 +2,7 @@
 
 Whose fault it is decides what happens:
 - `Retry`: nobody's (a conflict, throttling, a 5xx, the network): try again with backoff.
+  `Conflict`, a Retry: a write based on a stale cached object; refresh it and reconcile again.
 - `Rejected`: the user's. The API server or an admission webhook/policy refused the object built
   from the spec (400, 422, or a 403 that is not RBAC): the run fails with AdmissionDenied.
 - `Misconfigured`: the operator's or the cluster's, not the spec's (403 from RBAC, 404 of an API
@@ -18,6 +19,14 @@ class Retry(Exception):
     def __init__(self, message: str, delay: float = 1.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class Conflict(Retry):
+    """A write's resourceVersion precondition failed (409): the object changed since the cache
+    saw it. The reconcile reads it afresh from the API once and runs again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0.0)
 
 
 class Rejected(Exception):

@@ -15,18 +15,21 @@ import base64
 import json
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
-from kubetune.controller.errors import Misconfigured, NoCredentials, Rejected, Retry
+from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.operator")
@@ -43,12 +46,12 @@ _RAISE = object()
 # OwnerReferencesPermissionEnforcement admission plugin (OpenShift). Secrets: `get` of the one a
 # FineTuneJob names, to read result.json when its pod is gone (optional; see results.py).
 PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (GROUP, PLURAL, ("get", "list", "watch", "patch")),
+    (GROUP, PLURAL, ("get", "list", "watch")),
     (GROUP, f"{PLURAL}/status", ("patch",)),
     (GROUP, f"{PLURAL}/finalizers", ("update",)),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete", "patch")),
-    ("", "configmaps", ("get", "list", "create", "delete")),
-    ("", "pods", ("list",)),
+    ("", "configmaps", ("get", "list", "watch", "create", "delete")),
+    ("", "pods", ("list", "watch")),
     ("", "secrets", ("get",)),
     ("", "events", ("create",)),
 )
@@ -148,6 +151,76 @@ class Kube:
             raise _translate(exc, what, self._metrics) from exc
         return json.loads(response.data or b"null")
 
+    # -- list and watch (the informers') --------------------------------------------------------
+
+    def _lister(self, kind: str, namespace: str | None) -> tuple[Any, tuple[Any, ...]]:
+        if kind == "finetunejobs":
+            if namespace is None:
+                return self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
+            return self.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL)
+        calls = {
+            "jobs": (self.batch.list_job_for_all_namespaces, self.batch.list_namespaced_job),
+            "pods": (self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod),
+            "configmaps": (
+                self.core.list_config_map_for_all_namespaces,
+                self.core.list_namespaced_config_map,
+            ),
+        }
+        everywhere, namespaced = calls[kind]
+        return (everywhere, ()) if namespace is None else (namespaced, (namespace,))
+
+    def list_page(
+        self, kind: str, namespace: str | None, selector: str | None, limit: int, token: str | None
+    ) -> dict[str, Any]:
+        """One page of a list, raw (items, metadata.resourceVersion, metadata.continue)."""
+        call, args = self._lister(kind, namespace)
+        kwargs: dict[str, Any] = {"limit": limit}
+        if selector:
+            kwargs["label_selector"] = selector
+        if token:
+            kwargs["_continue"] = token
+        where = namespace or "all namespaces"
+        return self._call(f"list {kind} in {where}", call, *args, **kwargs)
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        selector: str | None,
+        resource_version: str,
+        timeout: int,
+        stop: threading.Event,
+    ) -> Iterator[dict[str, Any]]:
+        """A watch's events, raw, from resource_version, with bookmarks, until the server ends
+        it (timeout seconds) or stop is set (checked at each event and bookmark)."""
+        call, args = self._lister(kind, namespace)
+        kwargs: dict[str, Any] = {
+            "watch": True,
+            "allow_watch_bookmarks": True,
+            "resource_version": resource_version,
+            "timeout_seconds": timeout,
+        }
+        if selector:
+            kwargs["label_selector"] = selector
+        try:
+            response = call(
+                *args, _preload_content=False, _request_timeout=(5, timeout + 30), **kwargs
+            )
+        except ApiException as exc:
+            if exc.status == 410:
+                yield {"type": "ERROR", "object": {"code": 410, "message": _api_message(exc)}}
+                return
+            raise _translate(exc, f"watch {kind}", self._metrics) from exc
+        try:
+            for line in iter_resp_lines(response):
+                if stop.is_set():
+                    return
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            response.close()
+            response.release_conn()
+
     # -- reads --------------------------------------------------------------------------------
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -203,8 +276,9 @@ class Kube:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def create(self, obj: dict[str, Any]) -> None:
-        """Create a child; one that exists already (an earlier attempt's) is adopted if ours."""
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create a child and return it as stored; one that exists already (an earlier
+        attempt's) is adopted if ours."""
         meta = obj["metadata"]
         namespace, name, kind = meta["namespace"], meta["name"], obj["kind"]
         create, read = {
@@ -216,9 +290,9 @@ class Kube:
         }[kind]
         what = f"{kind} {namespace}/{name}"
         try:
-            create(namespace, obj, _preload_content=False, _request_timeout=TIMEOUT)
+            response = create(namespace, obj, _preload_content=False, _request_timeout=TIMEOUT)
             log.info("created %s", what)
-            return
+            return json.loads(response.data or b"null") or obj
         except ApiException as exc:
             if exc.status != 409:
                 raise _translate(exc, f"create {what}", self._metrics) from exc
@@ -237,6 +311,7 @@ class Kube:
         if (existing.get("metadata") or {}).get("deletionTimestamp"):
             raise Retry(f"{what} is still being deleted; waiting", 2.0)
         log.info("adopted existing %s", what)
+        return existing
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a child and what it owns (pods of a Job); gone already is fine."""
@@ -258,27 +333,42 @@ class Kube:
         ):
             log.info("deleted %s", what)
 
-    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self._call(
+    def set_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
+        job = self._call(
             f"patch Job {namespace}/{name}",
             self.batch.patch_namespaced_job,
             *(name, namespace, {"spec": {"suspend": suspend}}),
             _content_type=MERGE_PATCH,
         )
         log.info("%s Job %s/%s", "suspended" if suspend else "resumed", namespace, name)
+        return job
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-        """Merge-patch the FineTuneJob's status subresource; False when the object is gone."""
-        return (
-            self._call(
-                f"patch status of {namespace}/{name}",
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Merge-patch the FineTuneJob's status subresource; returns the object as stored, None
+        when it is gone. With resource_version, only if the object is still at that version
+        (else Conflict: the status was decided from a stale copy)."""
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        what = f"patch status of {namespace}/{name}"
+        try:
+            return self._call(
+                what,
                 self.custom.patch_namespaced_custom_object_status,
-                *(GROUP, VERSION, namespace, PLURAL, name, {"status": patch}),
+                *(GROUP, VERSION, namespace, PLURAL, name, body),
                 _content_type=MERGE_PATCH,
                 missing=None,
             )
-            is not None
-        )
+        except Retry as exc:
+            if isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 409:
+                raise Conflict(str(exc)) from exc
+            raise
 
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime

@@ -1,10 +1,11 @@
 """One reconcile of one FineTuneJob: read → parse → policy → observe → decide → apply.
 
-Level-based: it reads the FineTuneJob and its children afresh every time, so every trigger
-(create, update, resume after an operator restart, a child Job's event, the poll timer) runs the
-same code and running it twice is harmless. The I/O goes through a `Kube` (kube.py) and, for a
-finished run whose pod is gone, results.py; deciding is pure (policy.py, observe.py, decide.py).
-The trainer's metrics are read by the caller (outside the object's lock) and passed in.
+Level-based: it reads the FineTuneJob and its children (from the operator's watch-fed caches,
+runtime.CachedKube) every time, so every trigger (a FineTuneJob or child changed, start-up, a
+trainer's progress, a resync) runs the same code and running it twice is harmless. The I/O goes
+through a `KubeIO` and, for a finished run whose pod is gone, results.py; deciding is pure
+(policy.py, observe.py, decide.py). The trainer's metrics are read by the caller (the scraper)
+and passed in.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class KubeIO(Protocol):
     def create(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
     def set_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool: ...
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+    ) -> Any: ...
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
     ) -> None: ...
@@ -236,7 +239,8 @@ def _apply(
             patch[key] = None
     written = False
     if patch:
-        written = kube.patch_status(namespace, name, patch)
+        # Only onto the version this was decided from: a 409 (Conflict) means it changed.
+        written = bool(kube.patch_status(namespace, name, patch, meta.get("resourceVersion")))
         if written:
             log.info("status of %s/%s: %s", namespace, name, decision.status.phase)
     if written:

@@ -38,6 +38,47 @@ class OperatorSettings(BaseSettings):
     progress_poll_seconds: float = Field(
         default=15.0, gt=0, description="How often running trainers' metrics are read."
     )
+    progress_scrapes_per_second: float = Field(
+        default=20.0,
+        gt=0,
+        description="The most trainer metrics reads per second, all jobs together (with N "
+        "running jobs each is read about every max(progressPollSeconds, N / this) seconds).",
+    )
+    progress_scrape_concurrency: int = Field(
+        default=16, ge=1, description="The most trainer metrics reads at a time."
+    )
+    workers: int = Field(default=4, ge=1, description="Reconciles that run at a time.")
+    resync_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Each FineTuneJob that is not final is reconciled at least this often "
+        "(from the cache; no API reads) even when nothing about it changed.",
+    )
+    retry_rate: float = Field(
+        default=10.0, gt=0, description="Retries per second, all FineTuneJobs together."
+    )
+    retry_burst: int = Field(default=100, ge=1, description="Retries allowed in a burst.")
+    list_page_size: int = Field(
+        default=500, ge=1, description="Objects per page when the caches list (limit)."
+    )
+    leader_election: bool = Field(
+        default=False,
+        description="Run only while holding a coordination.k8s.io Lease (the chart turns it "
+        "on and runs two replicas).",
+    )
+    leader_election_namespace: str = Field(
+        default="", description="The Lease's namespace; empty: the pod's own (POD_NAMESPACE)."
+    )
+    lease_name: str = Field(default="kubetune-operator", description="The Lease's name.")
+    lease_duration_seconds: float = Field(
+        default=15.0, gt=0, description="How long a standby waits before taking over."
+    )
+    renew_deadline_seconds: float = Field(
+        default=10.0, gt=0, description="How long the leader tries to renew before it quits."
+    )
+    retry_period_seconds: float = Field(
+        default=2.0, gt=0, description="How often the Lease is renewed or tried."
+    )
     metrics_port: int = Field(
         default=8080, ge=0, le=65535, description="Operator metrics port; 0 turns it off."
     )

@@ -1,0 +1,426 @@
+"""The operator's runtime: informers feed caches and a work queue; workers reconcile from the
+caches; a scraper reads running trainers' metrics within a budget. Framework-free (handlers.py
+starts and stops it from kopf's start-up and clean-up), and API-free (kube.py does the I/O).
+
+Triggers, all putting the FineTuneJob's key on one deduplicating queue:
+- a FineTuneJob added, deleted, its spec changed (generation), its deletionTimestamp set, or its
+  status changed by someone else (the operator's own status writes are in the cache before the
+  watch reports them, so they trigger nothing);
+- any change of a Job, Pod or ConfigMap labelled as its child (`kubetune.dev/finetunejob`);
+- the scraper, when a trainer's step or stage changed since the last scrape;
+- a resync every `resync_seconds` of each FineTuneJob that is not final (what controller-runtime
+  calls SyncPeriod), so nothing waits on an event that was never sent;
+- retries with backoff (workqueue.py).
+
+In steady state a reconcile reads nothing from the API: the FineTuneJob, its Jobs, ConfigMaps and
+Pods come from the caches. A Secret is read (rarely: only to fetch the result.json of a finished
+run whose pod is gone). A status write carries the cached object's resourceVersion; a 409 means
+the cache was stale, so the object is read afresh once and the key reconciled again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune.api import FINAL_PHASES
+from kubetune.controller.build import JOB_LABEL, MANAGED_BY
+from kubetune.controller.cache import TRIM, Informer, Key, ListWatch, Store
+from kubetune.controller.errors import Conflict, Misconfigured, Retry
+from kubetune.controller.metrics import OperatorMetrics
+from kubetune.controller.observe import parse_metrics
+from kubetune.controller.reconcile import Outcome, reconcile
+from kubetune.controller.settings import OperatorSettings
+
+log = logging.getLogger("kubetune.operator")
+
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+CHILDREN = ("jobs", "configmaps", "pods")
+
+
+class CachedKube:
+    """reconcile's KubeIO: reads from the caches, writes through the API into the caches."""
+
+    def __init__(self, kube: Any, stores: dict[str, Store]) -> None:
+        self.kube = kube
+        self.stores = stores
+
+    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.stores["finetunejobs"].get(namespace, name)
+
+    def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
+        return {kind: self.stores[kind].owned_by(namespace, job_name) for kind in CHILDREN}
+
+    def refresh(self, namespace: str, name: str) -> None:
+        """Read the FineTuneJob from the API into the cache (after a 409)."""
+        fresh = self.kube.get_finetunejob(namespace, name)
+        store = self.stores["finetunejobs"]
+        store.forget(namespace, name)
+        if fresh is not None:
+            store.assume(fresh)
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.kube.secret_data(namespace, name)
+
+    def create(self, obj: dict[str, Any]) -> None:
+        created = self.kube.create(obj)
+        plural = {"Job": "jobs", "ConfigMap": "configmaps"}[obj["kind"]]
+        self.stores[plural].assume(created)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.kube.delete(kind, namespace, name)
+
+    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.stores["jobs"].assume(self.kube.set_suspend(namespace, name, suspend))
+
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        stored = self.kube.patch_status(namespace, name, patch, resource_version)
+        if stored is None:
+            self.stores["finetunejobs"].forget(namespace, name)
+        else:
+            self.stores["finetunejobs"].assume(stored)
+        return stored
+
+    def event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
+    ) -> None:
+        self.kube.event(owner, type_, reason, message, now)
+
+
+@dataclass
+class Target:
+    """A running trainer whose metrics are read."""
+
+    address: tuple[str, int]
+    due: float = 0.0
+    last: tuple[int, str | None] | None = None  # (step, stage) at the last scrape
+    unchanged: int = 0  # scrapes in a row that saw the same step
+    busy: bool = False
+
+
+class Scraper:
+    """Reads running trainers' metrics: each due every `interval` seconds, at most `rate` scrapes
+    per second in all (a token bucket, so 10,000 trainers are spread over 10,000 / rate seconds
+    rather than hit at once), at most `concurrency` at a time, each with a timeout. A trainer
+    whose step did not change is read less often (the interval doubles, up to 4x); only a
+    changed step or stage queues a reconcile, so status.progress is written at most once per
+    scrape and never for a trainer that made no progress."""
+
+    def __init__(
+        self,
+        fetch: Callable[[str, int], str | None],
+        on_progress: Callable[[Key, str], None],
+        interval: float,
+        rate: float,
+        concurrency: int,
+        tick: float = 0.1,
+    ) -> None:
+        self.fetch = fetch
+        self.on_progress = on_progress
+        self.interval = interval
+        self.rate = rate
+        self.tick = tick
+        self.scrapes = 0
+        self._targets: dict[Key, Target] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="kubetune-scrape")
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._thread = threading.Thread(target=self._run, name="kubetune-scraper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._targets)
+
+    def set(self, key: Key, address: tuple[str, int] | None) -> None:
+        with self._lock:
+            if address is None:
+                self._targets.pop(key, None)
+                return
+            target = self._targets.get(key)
+            if target is None or target.address != address:  # a new pod: read it at once
+                self._targets[key] = Target(address, due=time.monotonic())
+
+    def _run(self) -> None:
+        tokens, refilled = 1.0, time.monotonic()
+        while not self._stop.wait(self.tick):
+            now = time.monotonic()
+            tokens = min(max(1.0, self.rate), tokens + (now - refilled) * self.rate)
+            refilled = now
+            with self._lock:
+                due = sorted(
+                    (t.due, key) for key, t in self._targets.items() if t.due <= now and not t.busy
+                )
+                picked = []
+                for _, key in due:
+                    if tokens < 1:
+                        break
+                    tokens -= 1
+                    self._targets[key].busy = True
+                    picked.append((key, self._targets[key].address))
+            for key, address in picked:
+                self._slots.acquire()
+                try:
+                    self._pool.submit(self._scrape, key, address)
+                except RuntimeError:  # shut down
+                    self._slots.release()
+                    return
+
+    def _scrape(self, key: Key, address: tuple[str, int]) -> None:
+        try:
+            text = self.fetch(*address)
+            self.scrapes += 1
+        finally:
+            self._slots.release()
+        reading = None
+        if text:
+            progress, stage = parse_metrics(text)
+            reading = ((progress.step if progress else -1), stage)
+        with self._lock:
+            target = self._targets.get(key)
+            if target is None or target.address != address:
+                return
+            target.busy = False
+            changed = reading is not None and reading != target.last
+            target.unchanged = 0 if changed or reading is None else target.unchanged + 1
+            target.last = reading or target.last
+            target.due = time.monotonic() + self.interval * min(4, 2**target.unchanged)
+        if changed and text:
+            self.on_progress(key, text)
+
+
+class Controller:
+    """Informers, caches, the work queue, reconcile workers and the scraper, for one operator
+    process. Reconciles run only while `leading` is set (at once without leader election); the
+    informers run on every replica, so a standby takes over with warm caches."""
+
+    def __init__(
+        self,
+        kube: Any,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics,
+        api: ListWatch | None = None,
+    ) -> None:
+        from kubetune.controller.workqueue import WorkQueue
+
+        self.kube = kube
+        self.settings = settings
+        self.metrics = metrics
+        self.stores = {
+            kind: Store(kind, None if kind == "finetunejobs" else JOB_LABEL) for kind in TRIM
+        }
+        self.cached = CachedKube(kube, self.stores)
+        self.queue = WorkQueue(rate=settings.retry_rate, burst=settings.retry_burst)
+        self.leading = threading.Event()
+        self._stop = threading.Event()
+        self._texts: dict[Key, str] = {}
+        self._triggers: dict[Key, str] = {}
+        self._active: set[Key] = set()
+        self._lock = threading.Lock()
+        self.reconciles = 0
+        namespaces: list[str | None] = list(settings.namespaces) or [None]
+        self.informers = [
+            Informer(
+                api or kube,
+                self.stores[kind],
+                namespace,
+                self._changed,
+                selector=None if kind == "finetunejobs" else MANAGED_SELECTOR,
+                page=settings.list_page_size,
+            )
+            for kind in TRIM
+            for namespace in namespaces
+        ]
+        self.scraper = Scraper(
+            kube.metrics,
+            self._progress,
+            interval=settings.progress_poll_seconds,
+            rate=settings.progress_scrapes_per_second,
+            concurrency=settings.progress_scrape_concurrency,
+        )
+        self._threads: list[threading.Thread] = []
+
+    # -- life -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for informer in self.informers:
+            informer.start()
+        for i in range(self.settings.workers):
+            thread = threading.Thread(target=self._work, name=f"kubetune-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        resync = threading.Thread(target=self._resync, name="kubetune-resync", daemon=True)
+        resync.start()
+        self._threads.append(resync)
+        self.scraper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.shut_down()
+        self.scraper.stop()
+        for informer in self.informers:
+            informer.stop()
+
+    @property
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in self.informers)
+
+    def _wait_ready(self) -> bool:
+        while not (self.synced and self.leading.is_set()):
+            if self._stop.wait(0.2):
+                return False
+        return True
+
+    # -- triggers -------------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, trigger: str) -> None:
+        with self._lock:
+            self._triggers.setdefault(key, trigger)
+        self.queue.add(key)
+
+    def _changed(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        obj = new if new is not None else old
+        assert obj is not None
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace") or ""
+        if kind != "finetunejobs":
+            owner = (meta.get("labels") or {}).get(JOB_LABEL)
+            if owner:
+                self.enqueue((namespace, owner), "child")
+            return
+        key = (namespace, meta.get("name") or "")
+        if new is None:
+            self.forget(key)
+            return
+        before = (old or {}).get("metadata") or {}
+        if (
+            old is None
+            or before.get("generation") != meta.get("generation")
+            or before.get("deletionTimestamp") != meta.get("deletionTimestamp")
+            or (old.get("status") or {}) != (new.get("status") or {})
+        ):
+            self.enqueue(key, "finetunejob" if old is not None else "added")
+
+    def _progress(self, key: Key, text: str) -> None:
+        with self._lock:
+            self._texts[key] = text
+        self.enqueue(key, "poll")
+
+    def _resync(self) -> None:
+        while not self._stop.wait(self.settings.resync_seconds):
+            if not self.leading.is_set():
+                continue
+            with self._lock:
+                active = sorted(self._active)
+            for key in active:
+                self.enqueue(key, "resync")
+
+    def forget(self, key: Key) -> None:
+        """The FineTuneJob is gone: stop reading its trainer and drop it from the metrics."""
+        with self._lock:
+            self._active.discard(key)
+            self._texts.pop(key, None)
+        self.scraper.set(key, None)
+        self.metrics.forget(*key)
+
+    # -- work -----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        if not self._wait_ready():
+            return
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            try:
+                self.process(key)  # type: ignore[arg-type]
+            except Exception:  # one bad object must not stop a worker
+                log.exception("reconcile of %s/%s failed", *key)  # type: ignore[str-format]
+                self.queue.retry(key)
+            finally:
+                self.queue.done(key)
+
+    def process(self, key: Key) -> Outcome | None:
+        namespace, name = key
+        with self._lock:
+            text = self._texts.pop(key, None)
+            trigger = self._triggers.pop(key, "retry")
+        try:
+            with self.metrics.reconcile_duration.labels(trigger).time():
+                outcome = reconcile(self.cached, self.settings, namespace, name, metrics_text=text)
+                self.reconciles += 1
+        except Conflict as exc:
+            log.info("%s/%s changed meanwhile; reading it again: %s", namespace, name, exc)
+            if text is not None:
+                with self._lock:
+                    self._texts.setdefault(key, text)
+            try:
+                self.cached.refresh(namespace, name)
+            except Retry as again:
+                self.queue.retry(key, again.delay)
+                return None
+            if self.queue.failures(key):  # a second conflict in a row: back off
+                self.queue.retry(key)
+            else:
+                self.queue.retry(key, 0.0)
+            return None
+        except Misconfigured as exc:
+            self.metrics.reconcile_errors.labels(exc.reason).inc()
+            delay = self.queue.retry(key, exc.delay)
+            log.warning("reconcile of %s/%s: %s (retry in %.0f s)", namespace, name, exc, delay)
+            return None
+        except Retry as exc:
+            delay = self.queue.retry(key, exc.delay)
+            log.info("reconcile of %s/%s deferred %.1f s: %s", namespace, name, delay, exc)
+            return None
+        self.queue.forget(key)
+        with self._lock:
+            if outcome is None or outcome.final:
+                self._active.discard(key)
+            else:
+                self._active.add(key)
+        self.scraper.set(key, None if outcome is None else outcome.metrics_target)
+        if outcome is None:
+            self.metrics.forget(namespace, name)
+        else:
+            self.metrics.observe(
+                namespace, name, outcome.before, outcome.after, outcome.status_written
+            )
+        return outcome
+
+    def requeue_all(self) -> None:
+        """Every FineTuneJob in the cache (on becoming the leader)."""
+        for key in self.stores["finetunejobs"].names():
+            obj = self.stores["finetunejobs"].get(*key)
+            phase = ((obj or {}).get("status") or {}).get("phase")
+            self.enqueue(key, "resume" if phase not in FINAL_PHASES else "resume-final")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "synced": self.synced,
+            "leading": self.leading.is_set(),
+            "queued": len(self.queue),
+            "cached": {kind: len(store) for kind, store in self.stores.items()},
+            "scraping": len(self.scraper),
+            "reconciles": self.reconciles,
+            "relists": sum(i.stats.relists for i in self.informers),
+        }
