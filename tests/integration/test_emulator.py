@@ -158,6 +158,171 @@ def test_an_injected_refusal_carries_the_real_message(
     assert answer["message"] == rbac
 
 
+def _config_map(ns: str, name: str, **labels: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+    }
+
+
+def _watch(
+    cluster: Cluster, path: str, seconds: float = 3.0, **params: str
+) -> list[dict[str, Any]]:
+    """The events of one watch request, read until the server ends it or `seconds` pass."""
+    query = "&".join(f"{k}={v}" for k, v in {"watch": "true", **params}.items())
+    req = urllib.request.Request(f"{cluster.url}{path}?{query}", headers={"User-Agent": TEST_AGENT})
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    with urllib.request.urlopen(req, timeout=seconds) as response:
+        try:
+            while time.monotonic() < deadline:
+                line = response.readline()
+                if not line:
+                    break  # the server ended the watch
+                if line.strip():
+                    events.append(json.loads(line))
+        except TimeoutError:
+            pass
+    return events
+
+
+def test_writes_with_a_stale_resource_version_are_refused(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    cluster, api, _ = node
+    ns = "emu-occ"
+    created = api.create("configmaps", ns, _config_map(ns, "c"))
+    first = created["metadata"]["resourceVersion"]
+    patched = api.patch(
+        "configmaps", ns, "c", {"metadata": {"resourceVersion": first, "labels": {"a": "1"}}}
+    )
+    second = patched["metadata"]["resourceVersion"]
+    assert int(second) > int(first)
+    # The same precondition again: the object has moved on, 409 with the registry's message.
+    with pytest.raises(urllib.error.HTTPError) as stale:
+        api.patch(
+            "configmaps", ns, "c", {"metadata": {"resourceVersion": first, "labels": {"a": "2"}}}
+        )
+    answer = json.loads(stale.value.read())
+    assert stale.value.code == 409 and answer["reason"] == "Conflict"
+    assert answer["message"] == (
+        'Operation cannot be fulfilled on configmaps "c": the object has been modified; '
+        "please apply your changes to the latest version and try again"
+    )
+    assert api.get("configmaps", ns, "c")["metadata"]["labels"] == {"a": "1"}
+    # The status subresource of a custom resource checks it too (the operator's status writes).
+    ftj = api.create("finetunejobs", ns, _ftj(ns, "occ"))
+    path = api.path("finetunejobs", ns, "occ") + "/status"
+    body = {
+        "metadata": {"resourceVersion": ftj["metadata"]["resourceVersion"]},
+        "status": {"phase": "Pending"},
+    }
+    assert (
+        api.request("PATCH", path, body, "application/merge-patch+json")["status"]["phase"]
+        == "Pending"
+    )
+    with pytest.raises(urllib.error.HTTPError) as again:
+        api.request(
+            "PATCH", path, {**body, "status": {"phase": "Running"}}, "application/merge-patch+json"
+        )
+    assert again.value.code == 409
+    assert 'on finetunejobs.kubetune.dev "occ"' in json.loads(again.value.read())["message"]
+    # PUT replaces the object, with the same precondition (what the Lease elector uses).
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "l", "namespace": ns},
+        "spec": {"holderIdentity": "a"},
+    }
+    lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+    stored = api.request("POST", lease_path, lease)
+    taken = api.request("PUT", f"{lease_path}/l", {**stored, "spec": {"holderIdentity": "b"}})
+    assert (
+        taken["spec"] == {"holderIdentity": "b"}
+        and taken["metadata"]["uid"] == stored["metadata"]["uid"]
+    )
+    with pytest.raises(urllib.error.HTTPError) as racing:
+        api.request("PUT", f"{lease_path}/l", {**stored, "spec": {"holderIdentity": "c"}})
+    assert racing.value.code == 409
+    assert api.request("GET", f"{lease_path}/l")["spec"]["holderIdentity"] == "b"
+
+
+def test_lists_come_in_pages_at_one_resource_version(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    _, api, _ = node
+    ns = "emu-pages"
+    for i in range(5):
+        api.create("configmaps", ns, _config_map(ns, f"c{i}", page="yes"))
+    path = api.path("configmaps", ns) + "?labelSelector=page%3Dyes&limit=2"
+    first = api.request("GET", path)
+    names = [o["metadata"]["name"] for o in first["items"]]
+    version, token = first["metadata"]["resourceVersion"], first["metadata"]["continue"]
+    assert names == ["c0", "c1"] and first["metadata"]["remainingItemCount"] == 3
+    while token:
+        page = api.request("GET", f"{path}&continue={token}")
+        assert page["metadata"]["resourceVersion"] == version
+        names += [o["metadata"]["name"] for o in page["items"]]
+        token = page["metadata"].get("continue")
+    assert names == [f"c{i}" for i in range(5)]
+
+
+def test_a_watch_resumes_from_a_resource_version_until_it_is_too_old(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    cluster, api, _ = node
+    ns = "emu-watch"
+    path = api.path("configmaps", ns)
+    api.create("configmaps", ns, _config_map(ns, "before"))
+    listed = api.request("GET", path)["metadata"]["resourceVersion"]
+    api.create("configmaps", ns, _config_map(ns, "after"))
+    api.patch("configmaps", ns, "after", {"metadata": {"labels": {"x": "1"}}})
+    api.delete("configmaps", ns, "before")
+    # From the list's version: exactly what happened since, in order; nothing listed already.
+    # The deletion has a resourceVersion of its own (the tombstone's, newer than the object's).
+    events = _watch(cluster, path, seconds=1.0, resourceVersion=listed)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "after"), ("MODIFIED", "after"), ("DELETED", "before"),
+    ]  # fmt: skip
+    versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert versions == sorted(versions) and versions[0] > int(listed)
+    # Without a version: the current objects as ADDED.
+    current = _watch(cluster, path, seconds=1.0)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in current] == [("ADDED", "after")]
+    # After compaction the old version is gone: one ERROR event, 410 Expired, and the end.
+    cluster.expire_watches()
+    (expired,) = _watch(cluster, path, seconds=2.0, resourceVersion=listed)
+    assert expired["type"] == "ERROR"
+    assert expired["object"]["code"] == 410 and expired["object"]["reason"] == "Expired"
+    assert expired["object"]["message"] == f"too old resource version: {listed}"
+
+
+def test_watches_get_bookmarks_and_end_after_their_timeout(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    cluster, api, _ = node
+    ns = "emu-bookmarks"
+    assert cluster.emulator is not None
+    saved, cluster.emulator.bookmark_seconds = cluster.emulator.bookmark_seconds, 0.3
+    try:
+        version = api.request("GET", api.path("configmaps", ns))["metadata"]["resourceVersion"]
+        api.create("configmaps", "elsewhere", _config_map("elsewhere", "moves-the-revision"))
+        started = time.monotonic()
+        events = _watch(
+            cluster, api.path("configmaps", ns), seconds=5.0, resourceVersion=version,
+            allowWatchBookmarks="true", timeoutSeconds="1",
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        cluster.emulator.bookmark_seconds = saved
+    assert 0.9 < elapsed < 3, elapsed  # the server ended it after timeoutSeconds
+    assert events and all(e["type"] == "BOOKMARK" for e in events)
+    # A bookmark carries only a resourceVersion, and it moves past changes elsewhere.
+    assert set(events[-1]["object"]["metadata"]) == {"resourceVersion"}
+    assert int(events[-1]["object"]["metadata"]["resourceVersion"]) > int(version)
+
+
 # -- the Job controller, the TTL controller, the scheduler and the kubelet -------------------
 
 
@@ -192,6 +357,24 @@ def test_a_finished_job_is_deleted_after_its_ttl(node: tuple[Cluster, Client, Ku
     wait_until("the pod", lambda: _pods(api, ns, "short"))
     wait_until("the Job to be deleted", lambda: api.get("jobs", ns, "short") is None)
     wait_until("its pods to go with it", lambda: not _pods(api, ns, "short"))
+
+
+def test_suspending_a_job_deletes_its_pods(node: tuple[Cluster, Client, Kubelet]) -> None:
+    _, api, kubelet = node
+    ns = "emu-suspend"
+    saved, kubelet.fake_seconds = kubelet.fake_seconds, 60.0
+    try:
+        api.create("jobs", ns, _job(ns, "long"))
+        wait_until("the pod", lambda: _pods(api, ns, "long"))
+    finally:
+        kubelet.fake_seconds = saved
+    api.patch("jobs", ns, "long", {"spec": {"suspend": True}})
+    wait_until("its pod to be deleted", lambda: not _pods(api, ns, "long"))
+    suspended = wait_until(
+        "Suspended", lambda: _conditions(api.get("jobs", ns, "long")).get("Suspended")
+    )
+    assert suspended["reason"] == "JobSuspended"
+    assert api.get("jobs", ns, "long")["status"]["active"] == 0
 
 
 # fmt: off

@@ -10,7 +10,8 @@ patches. This layer adds what a real API server does on top (see ../shared/notes
   except with propagationPolicy=Orphan, which is also batch/v1 Jobs' default;
 - fault injection: the next N requests matching (verb, plural) answer an error status, with the
   message a real API server would give (e.g. the RBAC authorizer's 403 text);
-- a per-(verb, plural) request counter, for the scale benchmark's API-writes figure;
+- per-(verb, plural) request counters, all requests and the operator's alone (the tests and the
+  test kubelet say who they are in their User-Agent), for the tests and the scale benchmark;
 - JSON as the API server decodes it: NaN and Infinity are not JSON (RFC 8259), so a body with
   them is a 400 Bad Request, as from kube-apiserver's decoder;
 - resourceVersion as etcd's revision: one counter for the whole store, assigned when a write is
@@ -105,6 +106,7 @@ class Fault:
     status: int
     remaining: int
     message: str = ""
+    operator_only: bool = False  # spare the tests' and the test kubelet's own requests
 
 
 class _NotJson(ValueError):
@@ -162,6 +164,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
         self._in_flight: set[rendering.Request] = set()
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Requests by anything but the tests and the test kubelet (i.e. by the operator).
+        self.operator_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         # Writes by anything but the tests and the test kubelet (i.e. by the operator).
         self.writes_by_owner: collections.Counter[str] = collections.Counter()
         self.write_log: list[tuple[str, str, str | None, Any]] = []
@@ -211,10 +215,15 @@ class Emulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         verb, plural = self._verb(request), request.resource.plural
         self.counts[(verb, plural)] += 1
+        if not request.headers.get("User-Agent", "").startswith(TEST_AGENT):
+            self.operator_counts[(verb, plural)] += 1
         if verb in WRITES and not request.headers.get("User-Agent", "").startswith(TEST_AGENT):
             self._count_owner_write(request, verb, plural)
             self.write_log.append((verb, plural, request.name, request.data))
+        by_tests = request.headers.get("User-Agent", "").startswith(TEST_AGENT)
         for fault in self.faults:
+            if fault.operator_only and by_tests:
+                continue
             if fault.remaining > 0 and fault.verb == verb and fault.plural == plural:
                 fault.remaining -= 1
                 return await self._render_error(
@@ -732,12 +741,31 @@ class Cluster:
         self._thread.join(10)
 
     def inject(
-        self, verb: str, plural: str, status: int, times: int = 1, message: str = ""
+        self,
+        verb: str,
+        plural: str,
+        status: int,
+        times: int = 1,
+        message: str = "",
+        operator_only: bool = False,
     ) -> Fault:
-        fault = Fault(verb, plural, status, times, message)
+        fault = Fault(verb, plural, status, times, message, operator_only)
         assert self.emulator is not None
         self.emulator.faults.append(fault)
         return fault
+
+    def expire_watches(self) -> None:
+        """Compact the history and close every open watch (see Emulator.expire_watches)."""
+        assert self.emulator is not None
+        done = threading.Event()
+
+        def expire() -> None:
+            assert self.emulator is not None
+            self.emulator.expire_watches()
+            done.set()
+
+        self._loop.call_soon_threadsafe(expire)
+        done.wait(10)
 
     @contextmanager
     def stale_crd(self) -> Iterator[None]:

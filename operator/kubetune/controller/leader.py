@@ -76,8 +76,15 @@ def elect(
         onstopped_leading=on_lost,
     )
     log.info("%s campaigns for Lease %s/%s", me, lock.namespace, lock.name)
-    thread = threading.Thread(
-        target=leaderelection.LeaderElection(config).run, name="kubetune-leader", daemon=True
-    )
+    election = leaderelection.LeaderElection(config)
+
+    def campaign() -> None:
+        try:
+            election.run()
+        except Exception:  # a replica that can no longer campaign must not linger as a standby
+            log.exception("leader election failed")
+            on_lost()
+
+    thread = threading.Thread(target=campaign, name="kubetune-leader", daemon=True)
     thread.start()
     return thread

@@ -70,14 +70,14 @@ class OperatorSettings(BaseSettings):
         default="", description="The Lease's namespace; empty: the pod's own (POD_NAMESPACE)."
     )
     lease_name: str = Field(default="kubetune-operator", description="The Lease's name.")
-    lease_duration_seconds: float = Field(
-        default=15.0, gt=0, description="How long a standby waits before taking over."
+    lease_duration_seconds: int = Field(
+        default=15, ge=2, description="How long a standby waits before taking over."
     )
-    renew_deadline_seconds: float = Field(
-        default=10.0, gt=0, description="How long the leader tries to renew before it quits."
+    renew_deadline_seconds: int = Field(
+        default=10, ge=1, description="How long the leader tries to renew before it quits."
     )
-    retry_period_seconds: float = Field(
-        default=2.0, gt=0, description="How often the Lease is renewed or tried."
+    retry_period_seconds: int = Field(
+        default=2, ge=1, description="How often the Lease is renewed or tried."
     )
     metrics_port: int = Field(
         default=8080, ge=0, le=65535, description="Operator metrics port; 0 turns it off."
