@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kubetune.controller.kube import CLUSTER_PERMISSIONS, PERMISSIONS
+from kubetune.controller.kube import CLUSTER_PERMISSIONS, LEADER_PERMISSIONS, PERMISSIONS
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT
@@ -86,7 +86,7 @@ NAMESPACED_RULES = [
     {
         "apiGroups": ["kubetune.dev"],
         "resources": ["finetunejobs"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["get", "list", "watch"],
     },
     {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
     {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
@@ -95,8 +95,12 @@ NAMESPACED_RULES = [
         "resources": ["jobs"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "list", "watch", "create", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
@@ -108,18 +112,20 @@ def _operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any
 
 
 USER_ROLES = ("-edit", "-view")
+LEASE = "-leader-election"
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
     docs = render()
     (role,) = _operator_roles(docs, "ClusterRole")
-    crd_rule = {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
-    }
-    assert role["rules"] == [*NAMESPACED_RULES, crd_rule]
-    assert not by_kind(docs, "Role")
+    assert role["rules"] == NAMESPACED_RULES  # nothing more cluster-wide (no CRD discovery)
+    # The one Role: the Lease, in the release's namespace.
+    (lease_role,) = by_kind(docs, "Role")
+    assert lease_role["metadata"]["namespace"] == "kubetune-system"
+    assert lease_role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update"]}
+    ]  # fmt: skip
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"][0]["name"] == by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
 
@@ -127,18 +133,22 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
 def test_namespaced_mode_has_roles_only() -> None:
     docs = render(*NAMESPACED)
     assert not _operator_roles(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith(LEASE)]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
     assert all(r["rules"] == NAMESPACED_RULES for r in roles)
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [
+        b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith(LEASE)
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml", "research"]
     env = _env(docs)
     assert json.loads(env["KUBETUNE_NAMESPACES"]) == ["ml", "research"]
 
 
 def _roles(*args: str) -> list[dict[str, Any]]:
+    """The roles that grant the operator its rights in watched namespaces (not the Lease's)."""
     docs = render(*args)
-    return [*_operator_roles(docs, "ClusterRole"), *by_kind(docs, "Role")]
+    roles = [*_operator_roles(docs, "ClusterRole"), *by_kind(docs, "Role")]
+    return [r for r in roles if not r["metadata"]["name"].endswith(LEASE)]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -212,6 +222,11 @@ def test_the_chart_grants_every_permission_the_operator_uses(mode: str) -> None:
 CLIENT_CALLS = {
     "get_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "get"),
     "patch_namespaced_custom_object_status": ("kubetune.dev", "finetunejobs/status", "patch"),
+    "list_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "list"),
+    "list_cluster_custom_object": ("kubetune.dev", "finetunejobs", "list"),
+    "list_job_for_all_namespaces": ("batch", "jobs", "list"),
+    "list_pod_for_all_namespaces": ("", "pods", "list"),
+    "list_config_map_for_all_namespaces": ("", "configmaps", "list"),
     "list_namespaced_job": ("batch", "jobs", "list"),
     "create_namespaced_job": ("batch", "jobs", "create"),
     "read_namespaced_job": ("batch", "jobs", "get"),
@@ -248,7 +263,7 @@ def test_every_api_call_in_kube_py_is_a_declared_permission() -> None:
 def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
     (deployment,) = by_kind(docs, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -258,6 +273,7 @@ def test_operator_settings_are_real_settings_and_parse(
     env = _env(render(*MODES[mode]))
     fields = {f"KUBETUNE_{name.upper()}" for name in OperatorSettings.model_fields}
     assert set(env) <= fields, set(env) - fields
+    assert env["KUBETUNE_LEADER_ELECTION"] == "true"  # two replicas by default
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = OperatorSettings()  # the values the chart renders are ones the operator accepts
@@ -277,8 +293,38 @@ def test_operator_pod_is_locked_down_with_probes() -> None:
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert "resources" not in container  # unset by default
-    assert deployment["spec"]["replicas"] == 1
+    # Two replicas with leader election, surging (never fewer than two), and a PDB.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }  # fmt: skip
+    downward = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert downward["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    (pdb,) = by_kind(render(), "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": deployment["spec"]["selector"]}
+    # One replica: no election, no PDB, no Lease rights, and Recreate.
+    single = render("--set", "replicas=1")
+    (deployment,) = by_kind(single, "Deployment")
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert _env(single)["KUBETUNE_LEADER_ELECTION"] == "false"
+    assert not by_kind(single, "PodDisruptionBudget") and not by_kind(single, "Role")
+
+
+def test_the_lease_rights_are_what_the_elector_uses() -> None:
+    """kubernetes.leaderelection's LeaseLock reads, creates and replaces (PUT) its Lease."""
+    import inspect
+
+    from kubernetes.leaderelection.resourcelock import leaselock
+
+    source = inspect.getsource(leaselock)
+    calls = {c for c in ("read_namespaced_lease", "create_namespaced_lease",
+                         "replace_namespaced_lease", "patch_namespaced_lease") if c in source}  # fmt: skip
+    verbs = {"read": "get", "create": "create", "replace": "update", "patch": "patch"}
+    used = {("coordination.k8s.io", "leases", verbs[c.split("_")[0]]) for c in calls}
+    declared = {(g, r, v) for g, r, vs in LEADER_PERMISSIONS for v in vs}
+    assert used == declared
+    (role,) = by_kind(render(), "Role")
+    assert _granted(role) == declared
 
 
 def test_default_images_are_the_release_built_by_make_images() -> None:

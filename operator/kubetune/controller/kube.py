@@ -40,11 +40,12 @@ RETRYABLE = {409, 429, 500, 502, 503, 504}
 COMPONENT = MANAGED_BY  # the Events' reporting component
 _RAISE = object()
 
-# (API group, resource, verbs): every permission the operator uses in a watched namespace, kopf's
-# included (watching FineTuneJobs and Jobs, its annotations on FineTuneJobs). Updating
-# finetunejobs/finalizers is what lets children set blockOwnerDeletion on clusters with the
-# OwnerReferencesPermissionEnforcement admission plugin (OpenShift). Secrets: `get` of the one a
-# FineTuneJob names, to read result.json when its pod is gone (optional; see results.py).
+# (API group, resource, verbs): every permission the operator uses in a watched namespace. It
+# lists and watches FineTuneJobs and its children into caches (cache.py) and gets a FineTuneJob
+# only after a 409; kopf itself watches and writes nothing. Updating finetunejobs/finalizers is
+# what lets children set blockOwnerDeletion on clusters with the OwnerReferencesPermission-
+# Enforcement admission plugin (OpenShift). Secrets: `get` of the one a FineTuneJob names, to
+# read result.json when its pod is gone (optional; see results.py).
 PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, PLURAL, ("get", "list", "watch")),
     (GROUP, f"{PLURAL}/status", ("patch",)),
@@ -55,9 +56,11 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "secrets", ("get",)),
     ("", "events", ("create",)),
 )
-# Cluster-wide only: kopf discovers the FineTuneJob CRD (it does not scan namespaces then).
-CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch")),
+# Cluster-wide only: nothing beyond the above (kopf no longer discovers CRDs or namespaces).
+CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+# In the operator's own namespace, with leader election: its Lease (leader.py).
+LEADER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("coordination.k8s.io", "leases", ("get", "create", "update")),
 )
 
 
