@@ -45,13 +45,15 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import Client
+from tests.support.cluster import TEST_AGENT, Client
 
 TERMINATION_LIMIT = 4096
 
@@ -122,6 +124,9 @@ class Kubelet:
         node_labels: dict[str, str] | None = None,
         gpus: int = 8,
         unpullable: tuple[str, ...] = ("unreachable.example.com/",),
+        watch: bool = False,
+        fake_metrics_ports: tuple[int, ...] = (),
+        parallel: int = 1,
     ) -> None:
         self.api = Client(url)
         self.terminal_delay = terminal_delay
@@ -137,6 +142,15 @@ class Kubelet:
         self.fake_seconds = fake_seconds
         self.interval = interval
         self.jobs: dict[str, JobState] = {}
+        # watch: Jobs come from a list+watch cache (as the real Job controller's informer)
+        # instead of a list every pass; the scale benchmark needs it at thousands of Jobs.
+        self.watch = watch
+        self._watched: dict[str, dict[str, Any]] | None = None
+        # The fake trainer's metrics: pods get these ports in turn (servers the caller runs).
+        self.fake_metrics_ports = fake_metrics_ports
+        self._pods_started = 0
+        # parallel: Jobs synced at a time in a pass (the real controllers have worker pools).
+        self._pool = ThreadPoolExecutor(parallel) if parallel > 1 else None
         self.errors: list[str] = []
         self.pass_seconds: list[float] = []  # how long each pass over every Job took
         self._lock = threading.RLock()
@@ -146,8 +160,41 @@ class Kubelet:
     # -- control --------------------------------------------------------------------------
 
     def start(self) -> Kubelet:
+        if self.watch:
+            threading.Thread(target=self._watch_jobs, name="kubelet-watch", daemon=True).start()
         self._thread.start()
         return self
+
+    def _watch_jobs(self) -> None:
+        """List, then watch from the list's resourceVersion; list again after 410 or an error."""
+        path = "/apis/batch/v1/jobs"
+        while not self._stop.is_set():
+            try:
+                listing = self.api.request("GET", path)
+                jobs = {j["metadata"]["uid"]: j for j in listing["items"]}
+                with self._lock:
+                    self._watched = jobs
+                since = listing["metadata"]["resourceVersion"]
+                url = f"{self.api.url}{path}?watch=true&resourceVersion={since}"
+                request = urllib.request.Request(url, headers={"User-Agent": TEST_AGENT})
+                with urllib.request.urlopen(request, timeout=3600) as stream:
+                    for line in stream:
+                        if self._stop.is_set():
+                            return
+                        event = json.loads(line) if line.strip() else {}
+                        obj = event.get("object") or {}
+                        if event.get("type") == "ERROR":
+                            break
+                        uid = (obj.get("metadata") or {}).get("uid")
+                        if not uid:
+                            continue
+                        with self._lock:
+                            if event["type"] == "DELETED":
+                                jobs.pop(uid, None)
+                            else:
+                                jobs[uid] = obj
+            except Exception:  # the emulator going away at the end, mostly
+                self._stop.wait(0.5)
 
     def stop(self) -> None:
         self._stop.set()
@@ -196,15 +243,34 @@ class Kubelet:
             self._stop.wait(self.interval)
 
     def _sync(self) -> None:
-        jobs = {j["metadata"]["uid"]: j for j in self.api.list("jobs")}
+        if self.watch:
+            with self._lock:
+                if self._watched is None:
+                    return  # not listed yet
+                jobs = dict(self._watched)
+        else:
+            jobs = {j["metadata"]["uid"]: j for j in self.api.list("jobs")}
         with self._lock:
             for uid in list(self.jobs):
                 if uid not in jobs:  # the Job was deleted; its pods went with it
                     state = self.jobs.pop(uid)
                     if state.active is not None:
                         self._kill(state.active)
-            for uid, job in jobs.items():
-                self._sync_job(self.jobs.setdefault(uid, JobState()), job)
+            pairs = [(self.jobs.setdefault(uid, JobState()), job) for uid, job in jobs.items()]
+            if self._pool is None:
+                for state, job in pairs:
+                    self._sync_job(state, job)
+            else:
+                for failure in self._pool.map(self._sync_one, pairs):
+                    if failure:
+                        self.errors.append(failure)
+
+    def _sync_one(self, pair: tuple[JobState, dict[str, Any]]) -> str | None:
+        try:
+            self._sync_job(*pair)
+        except Exception:
+            return traceback.format_exc()
+        return None
 
     def _sync_job(self, state: JobState, job: dict[str, Any]) -> None:
         meta, spec = job["metadata"], job["spec"]
@@ -341,8 +407,12 @@ class Kubelet:
         state.pods += 1
         pod_name = f"{meta['name']}-{state.pods}"
         spec = json.loads(json.dumps(template["spec"]))
+        self._pods_started += 1
         for p in spec["containers"][0].get("ports") or []:
-            if p.get("name") == "metrics":
+            if p.get("name") == "metrics" and self.fake_metrics_ports:
+                ports = self.fake_metrics_ports
+                p["containerPort"] = ports[self._pods_started % len(ports)]
+            elif p.get("name") == "metrics":
                 p["containerPort"] = _free_port()  # a hostPort-like mapping on the shared node
         pod = {
             "apiVersion": "v1",
@@ -605,3 +675,40 @@ class Kubelet:
             },
             status=True,
         )
+
+
+def main() -> None:
+    """The test node as a process of its own (the scale benchmark runs it so, apart from the
+    emulator): python -m tests.support.kubelet URL WORKDIR [options]."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--fake-seconds", type=float, default=5.0)
+    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--metrics-ports", default="")
+    parser.add_argument("--stats", type=Path, help="write pass times here on SIGTERM")
+    args = parser.parse_args()
+    ports = tuple(int(p) for p in args.metrics_ports.split(",") if p)
+    kubelet = Kubelet(
+        args.url,
+        args.workdir,
+        fake_seconds=args.fake_seconds,
+        interval=args.interval,
+        watch=True,
+        fake_metrics_ports=ports,
+        parallel=args.parallel,
+    ).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    kubelet._stop.set()
+    if args.stats:
+        passes = kubelet.pass_seconds
+        args.stats.write_text(json.dumps({"passes": passes, "errors": kubelet.errors[:5]}))
+
+
+if __name__ == "__main__":
+    main()
