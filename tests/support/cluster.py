@@ -164,6 +164,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
         self._in_flight: set[rendering.Request] = set()
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # When each object was created (monotonic clock): the benchmark's time to Job.
+        self.created_at: dict[tuple[str, str | None, str], float] = {}
         # Requests by anything but the tests and the test kubelet (i.e. by the operator).
         self.operator_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         # Writes by anything but the tests and the test kubelet (i.e. by the operator).
@@ -307,6 +309,7 @@ class Emulator(kmock.KubernetesEmulator):
                     self._objects[key].create(request.data)
                 raw = self._objects[key].last.raw
                 await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+                self.created_at[(request.resource.plural, key[1], key[2])] = time.monotonic()
             elif request.action == enums.action.DELETE:
                 key = (request.resource, request.namespace, request.name)
                 if key not in self._objects or self._objects[key].deleted:
@@ -832,18 +835,25 @@ class Cluster:
         self.emulator.faults.append(fault)
         return fault
 
+    def call(self, fn: Any, timeout: float = 60.0) -> Any:
+        """fn(emulator), run on the emulator's own loop (so it sees a consistent store)."""
+        done = threading.Event()
+        result: list[Any] = []
+
+        def run() -> None:
+            try:
+                result.append(fn(self.emulator))
+            finally:
+                done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        if not done.wait(timeout) or not result:
+            raise RuntimeError("the emulator did not answer")
+        return result[0]
+
     def expire_watches(self) -> None:
         """Compact the history and close every open watch (see Emulator.expire_watches)."""
-        assert self.emulator is not None
-        done = threading.Event()
-
-        def expire() -> None:
-            assert self.emulator is not None
-            self.emulator.expire_watches()
-            done.set()
-
-        self._loop.call_soon_threadsafe(expire)
-        done.wait(10)
+        self.call(lambda emulator: emulator.expire_watches())
 
     @contextmanager
     def stale_crd(self) -> Iterator[None]:
