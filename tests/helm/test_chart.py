@@ -101,7 +101,7 @@ NAMESPACED_RULES = [
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
 
@@ -239,6 +239,7 @@ CLIENT_CALLS = {
     "list_namespaced_pod": ("", "pods", "list"),
     "read_namespaced_secret": ("", "secrets", "get"),
     "create_namespaced_event": ("", "events", "create"),
+    "patch_namespaced_event": ("", "events", "patch"),
 }
 
 

@@ -60,7 +60,7 @@ app.kubernetes.io/managed-by: kubetune-operator
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- if .Values.readStorageSecrets }}
 - apiGroups: [""]
   resources: ["secrets"]

@@ -12,6 +12,7 @@ operator uses; the chart's RBAC is tested against it.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 15)  # connect, read seconds (a reconcile holds its object's lock meanwhile)
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 COMPONENT = MANAGED_BY  # the Events' reporting component
+EVENT_WINDOW_SECONDS = 600  # client-go's EventCorrelator: the same Event within 10 min is counted
+EVENT_MEMORY = 4096  # and it remembers this many
 _RAISE = object()
 
 # (API group, resource, verbs): every permission the operator uses in a watched namespace. It
@@ -54,7 +57,7 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "configmaps", ("get", "list", "watch", "create", "delete")),
     ("", "pods", ("list", "watch")),
     ("", "secrets", ("get",)),
-    ("", "events", ("create",)),
+    ("", "events", ("create", "patch")),
 )
 # Cluster-wide only: nothing beyond the above (kopf no longer discovers CRDs or namespaces).
 CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
@@ -135,6 +138,10 @@ class Kube:
         self, client: kubernetes.client.ApiClient, metrics: OperatorMetrics | None = None
     ) -> None:
         self._metrics = metrics
+        self._events: collections.OrderedDict[tuple[Any, ...], tuple[str, int, datetime]] = (
+            collections.OrderedDict()
+        )
+        self._events_lock = threading.Lock()
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
@@ -376,16 +383,36 @@ class Kube:
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
     ) -> None:
-        """Post a core/v1 Event about the FineTuneJob. Best effort: a lost Event is logged."""
+        """Post a core/v1 Event about the FineTuneJob. Best effort: a lost Event is logged.
+
+        The same Event (object, type, reason, message) again within ten minutes is not a new
+        object: the first one's `count` and `lastTimestamp` are patched, as client-go's
+        EventCorrelator does (the API server itself aggregates nothing; kubectl shows
+        "(x3 over 5m)" from these fields). The last 4096 are remembered, client-go's size."""
         meta = owner["metadata"]
         stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        key = (meta["namespace"], meta["name"], meta.get("uid"), type_, reason, message[:1024])
+        with self._events_lock:
+            seen = self._events.get(key)
+        if seen is not None and (now - seen[2]).total_seconds() < EVENT_WINDOW_SECONDS:
+            name, count, _ = seen
+            try:
+                self.core.patch_namespaced_event(
+                    name,
+                    meta["namespace"],
+                    {"count": count + 1, "lastTimestamp": stamp},
+                    _preload_content=False,
+                    _request_timeout=TIMEOUT,
+                )
+                self._remember(key, (name, count + 1, now))
+                return
+            except Exception as exc:  # gone (Events expire after an hour): post a new one
+                log.debug("could not update Event %s: %s", name, exc)
+        name = f"{meta['name']}.{uuid.uuid4().hex[:16]}"
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {
-                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta["namespace"],
-            },
+            "metadata": {"name": name, "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": API_VERSION,
                 "kind": KIND,
@@ -408,5 +435,13 @@ class Kube:
             self.core.create_namespaced_event(
                 meta["namespace"], body, _preload_content=False, _request_timeout=TIMEOUT
             )
+            self._remember(key, (name, 1, now))
         except Exception as exc:  # an Event is worth a log line, not a failed reconcile
             log.warning("could not post Event %s for %s: %s", reason, meta["name"], exc)
+
+    def _remember(self, key: tuple[Any, ...], value: tuple[str, int, datetime]) -> None:
+        with self._events_lock:
+            self._events[key] = value
+            self._events.move_to_end(key)
+            while len(self._events) > EVENT_MEMORY:
+                self._events.popitem(last=False)
