@@ -123,6 +123,14 @@ def test_a_write_answer_is_taken_only_when_newer_than_the_stored_state() -> None
     assert store.get("ns", "a-1")["metadata"]["resourceVersion"] == "7"
     assert store.assume(_obj("a-1", 9))
     assert store.get("ns", "a-1")["metadata"]["resourceVersion"] == "9"
+    # The watch catching up with a change from before that write does not undo it...
+    store.apply("MODIFIED", _obj("a-1", 8))
+    assert store.get("ns", "a-1")["metadata"]["resourceVersion"] == "9"
+    # ...a later one does, and a deletion always does.
+    store.apply("MODIFIED", _obj("a-1", 10))
+    assert store.get("ns", "a-1")["metadata"]["resourceVersion"] == "10"
+    store.apply("DELETED", _obj("a-1", 11))
+    assert store.get("ns", "a-1") is None
 
 
 class ScriptedApi:

@@ -182,6 +182,11 @@ class Store:
         with self._lock:
             if event == "DELETED":
                 return self._put(key, None), None
+            stored = self._objects.get(key)
+            if stored is not None and newer(stored, trimmed):
+                # The operator's own write, taken from the API's answer, got here before the
+                # watch delivered this earlier change: keep the later state.
+                return stored, stored
             old = self._put(key, trimmed)
             return old, trimmed
 

@@ -117,6 +117,10 @@ def _needs_stored_result(job: FineTuneJob, observed: Observed, run_id: str) -> b
     if same_run and previous.phase in FINAL_PHASES:
         return False  # finished runs keep the status they were given
     current = observed.job
+    if current is not None and observed.trainer_running:
+        # The Job says the run ended but the cached pod still runs: the pod's own update (with
+        # the termination message) is on its way on the pods' watch; wait for it.
+        return False
     if current is not None:
         return current.complete or current.failed_reason is not None
     return same_run and previous.phase is not None  # the run's Job existed and is gone
