@@ -95,11 +95,18 @@ class _Metrics(BaseHTTPRequestHandler):
         pass
 
 
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a scrape the operator gave up on (its 3 s timeout) is not news
+
+
 def metrics_ports(serving: int) -> tuple[list[int], list[ThreadingHTTPServer]]:
     """`serving` metrics servers and as many ports where nothing listens, interleaved."""
     servers, ports = [], []
     for _ in range(serving):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+        server = _Quiet(("127.0.0.1", 0), _Metrics)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         with closing(socket.socket()) as closed:

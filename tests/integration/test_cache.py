@@ -51,7 +51,8 @@ def test_a_watch_gap_is_repaired_by_listing_again(platform: Platform, ns: str) -
     # The watches' history is compacted and every watch closed: the operator resumes from its
     # last version, gets 410 Gone, and must list again; the API refuses the lists for a while.
     refusals = [
-        platform.cluster.inject("list", plural, 503, times=2, operator_only=True) for plural in ("finetunejobs", "jobs")
+        platform.cluster.inject("list", plural, 503, times=2, operator_only=True)
+        for plural in ("finetunejobs", "jobs")
     ]
     platform.cluster.expire_watches()
     # Meanwhile, unseen: one FineTuneJob deleted, another created.

@@ -190,7 +190,7 @@ def _watch(
 def test_writes_with_a_stale_resource_version_are_refused(
     node: tuple[Cluster, Client, Kubelet],
 ) -> None:
-    cluster, api, _ = node
+    _, api, _ = node
     ns = "emu-occ"
     created = api.create("configmaps", ns, _config_map(ns, "c"))
     first = created["metadata"]["resourceVersion"]

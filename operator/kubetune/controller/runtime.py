@@ -37,6 +37,7 @@ from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.observe import parse_metrics
 from kubetune.controller.reconcile import Outcome, reconcile
 from kubetune.controller.settings import OperatorSettings
+from kubetune.controller.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
@@ -220,8 +221,6 @@ class Controller:
         metrics: OperatorMetrics,
         api: ListWatch | None = None,
     ) -> None:
-        from kubetune.controller.workqueue import WorkQueue
-
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
