@@ -200,7 +200,7 @@ class Platform:
         return self.cluster.emulator.writes_by_owner[f"{namespace}/{name}"]
 
     def assert_no_more_writes(self, namespace: str, name: str) -> None:
-        """No retry loop: once the verdict's own writes (status, Event, kopf's annotation) have
+        """No retry loop: once the verdict's own writes (status, Event) have
         landed, the operator writes nothing more about this object over several poll
         intervals."""
         settled = self.writes(namespace, name)
