@@ -172,14 +172,7 @@ def run(
     timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """One benchmark run; the results as main prints them (tests call this at a small N)."""
-    args = argparse.Namespace(
-        jobs=jobs,
-        namespaces=namespaces,
-        poll_seconds=poll_seconds,
-        steady_seconds=steady_seconds,
-        timeout=timeout,
-    )
-    train_seconds = train_seconds or max(60.0, args.jobs / 40) + args.steady_seconds + 60
+    train_seconds = train_seconds or max(60.0, jobs / 40) + steady_seconds + 60
 
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     cluster = Cluster().start()
@@ -199,7 +192,7 @@ def run(
         KUBECONFIG=str(kubeconfig),
         KUBETUNE_HEALTH_PORT="0",
         KUBETUNE_METRICS_PORT="0",
-        KUBETUNE_PROGRESS_POLL_SECONDS=str(args.poll_seconds),
+        KUBETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
     )
     log = workdir / "operator.log"
     operator = subprocess.Popen(
@@ -214,8 +207,8 @@ def run(
         if time.monotonic() > deadline or operator.poll() is not None:
             raise SystemExit(f"the operator did not start watching: {log.read_text()[-3000:]}")
         time.sleep(0.2)  # until the operator has listed everything and watches
-    teams = [f"team-{i:03d}" for i in range(args.namespaces)]
-    docs = [manifest(i, teams[i % len(teams)]) for i in range(args.jobs)]
+    teams = [f"team-{i:03d}" for i in range(namespaces)]
+    docs = [manifest(i, teams[i % len(teams)]) for i in range(jobs)]
     before = collections.Counter(emulator.operator_counts)
 
     def alive() -> None:
@@ -232,35 +225,35 @@ def run(
     # Wait until every trainer runs, then measure the steady state.
     all_jobs_at = running_at = None
     steady: dict[str, Any] = {}
-    while time.monotonic() - start < args.timeout:
+    while time.monotonic() - start < timeout:
         alive()
         jobs_made = emulator.operator_counts[("create", "jobs")] - before[("create", "jobs")]
-        if all_jobs_at is None and jobs_made >= args.jobs:
+        if all_jobs_at is None and jobs_made >= jobs:
             all_jobs_at = time.monotonic() - start
         counted = phases(cluster)
-        if counted.get("Running", 0) == args.jobs:
+        if counted.get("Running", 0) == jobs:
             running_at = time.monotonic() - start
             break
         if counted.get("Succeeded", 0):
             break  # trainers started finishing before all ran: no steady state to measure
         time.sleep(2)
     if running_at is not None:
-        time.sleep(2 * args.poll_seconds)  # the first scrapes of the last trainers
+        time.sleep(2 * poll_seconds)  # the first scrapes of the last trainers
         window_start = collections.Counter(emulator.operator_counts)
         rss_start = peak_rss_mb(operator.pid, "VmRSS")
-        time.sleep(args.steady_seconds)
+        time.sleep(steady_seconds)
         window = collections.Counter(emulator.operator_counts) - window_start
         total = sum(window.values())
         steady = {
-            "runningJobs": args.jobs,
-            "windowSeconds": args.steady_seconds,
-            "requestsPerSecond": round(total / args.steady_seconds, 2),
+            "runningJobs": jobs,
+            "windowSeconds": steady_seconds,
+            "requestsPerSecond": round(total / steady_seconds, 2),
             "readsPerSecond": round(
-                sum(n for (v, k), n in window.items() if v in READS and k) / args.steady_seconds,
+                sum(n for (v, k), n in window.items() if v in READS and k) / steady_seconds,
                 2,
             ),
             "writesPerSecond": round(
-                sum(n for (v, _), n in window.items() if v in WRITES) / args.steady_seconds, 2
+                sum(n for (v, _), n in window.items() if v in WRITES) / steady_seconds, 2
             ),
             "byKind": {
                 f"{v} {p or '(discovery)'}": n for (v, p), n in sorted(window.items(), key=str)
@@ -270,15 +263,18 @@ def run(
 
     final_at = None
     counted = collections.Counter()
-    while time.monotonic() - start < args.timeout:
+    while time.monotonic() - start < timeout:
         alive()
         counted = phases(cluster)
-        if counted.get("Succeeded", 0) + counted.get("Failed", 0) == args.jobs:
+        if counted.get("Succeeded", 0) + counted.get("Failed", 0) == jobs:
             final_at = time.monotonic() - start
             break
         time.sleep(2)
     time.sleep(5)  # anything still writing?
     rss = peak_rss_mb(operator.pid)
+    ticks = os.sysconf("SC_CLK_TCK")
+    utime, stime = Path(f"/proc/{operator.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+    operator_cpu = (int(utime) + int(stime)) / ticks
     operator.terminate()
     operator.wait(30)
     node.terminate()
@@ -316,10 +312,10 @@ def run(
     writes = sum(n for (v, _), n in requests.items() if v in WRITES)
     node_passes = json.loads(node_stats.read_text())["passes"] if node_stats.exists() else []
     results = {
-        "jobs": args.jobs,
-        "namespaces": args.namespaces,
+        "jobs": jobs,
+        "namespaces": namespaces,
         "trainSeconds": train_seconds,
-        "pollSeconds": args.poll_seconds,
+        "pollSeconds": poll_seconds,
         "createSeconds": round(created, 1),
         "allJobsExistSeconds": None if all_jobs_at is None else round(all_jobs_at, 1),
         "allRunningSeconds": None if running_at is None else round(running_at, 1),
@@ -337,8 +333,8 @@ def run(
         ),
         "duplicateJobs": sum(1 for n in creates.values() if n > 1),
         "operatorPerLifecycle": {
-            "reads": round(reads / args.jobs, 3),
-            "writes": round(writes / args.jobs, 2),
+            "reads": round(reads / jobs, 3),
+            "writes": round(writes / jobs, 2),
             "watchRequests": sum(
                 n for (v, _), n in emulator.operator_counts.items() if v == "watch"
             ),
@@ -348,6 +344,7 @@ def run(
         },
         "steadyState": steady or None,
         "operatorPeakRssMB": round(rss, 1),
+        "operatorCpuSeconds": round(operator_cpu, 1),
         "nodePassSeconds": {
             "mean": round(statistics.mean(node_passes), 2) if node_passes else None,
             "max": round(max(node_passes), 2) if node_passes else None,

@@ -203,7 +203,7 @@ def test_an_informer_lists_in_pages_watches_resumes_and_relists_after_410() -> N
     informer.stop()
     assert api.pages[:3] == [(2, None), (2, "2"), (2, "4")]  # 5 objects in pages of 2
     assert api.watched_from == ["10", "15", "30"]  # list, bookmark, relist
-    assert informer.stats.relists == 1
+    assert informer.relists == 1
     assert sorted(name for _, name in store.names()) == ["j1", "j3", "j4", "j9"]
     # Every change was reported: the listing, the watch, and the relist's differences,
     # including the deletion that happened while no watch was open.

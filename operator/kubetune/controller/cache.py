@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger("kubetune.operator")
@@ -225,14 +224,6 @@ class Store:
         return changes
 
 
-@dataclass
-class InformerStats:
-    lists: int = 0  # list requests (pages)
-    watches: int = 0  # watch requests
-    relists: int = 0  # lists after a 410 Gone
-    events: int = 0
-
-
 class Informer:
     """List, then watch, one kind in one namespace (None: all) into a Store; `on_change` is
     called (from this informer's thread) for every change, with the stored old and new."""
@@ -255,7 +246,7 @@ class Informer:
         self.page = page
         self.watch_seconds = watch_seconds
         self.synced = threading.Event()
-        self.stats = InformerStats()
+        self.relists = 0  # lists after a 410 Gone
         self.resource_version = ""
         self._stop = threading.Event()
         where = namespace or "all"
@@ -270,9 +261,6 @@ class Informer:
     def stop(self) -> None:
         self._stop.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
     def _run(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
@@ -284,7 +272,7 @@ class Informer:
             except WatchExpired:
                 log.info("%s watch expired; listing again", self.store.kind)
                 self.resource_version = ""
-                self.stats.relists += 1
+                self.relists += 1
             except Exception as exc:  # the API is down, a proxy dropped us, ...
                 log.warning("%s informer: %s; retrying in %.0f s", self.store.kind, exc, delay)
                 self._stop.wait(delay)
@@ -298,7 +286,6 @@ class Informer:
             page = self.api.list_page(
                 self.store.kind, self.namespace, self.selector, self.page, token
             )
-            self.stats.lists += 1
             meta = page.get("metadata") or {}
             version = version or meta.get("resourceVersion") or ""
             items.extend(page.get("items") or [])
@@ -311,7 +298,6 @@ class Informer:
         self.synced.set()
 
     def _watch(self) -> None:
-        self.stats.watches += 1
         events = self.api.watch(
             self.store.kind,
             self.namespace,
@@ -332,7 +318,6 @@ class Informer:
                 continue
             if kind not in ("ADDED", "MODIFIED", "DELETED"):
                 continue
-            self.stats.events += 1
             old, new = self.store.apply(kind, obj)
             if version:
                 self.resource_version = version
@@ -343,10 +328,3 @@ class Informer:
             self.on_change(self.store.kind, old, new)
         except Exception:  # a handler's bug must not stop the watch
             log.exception("handling a %s change failed", self.store.kind)
-
-
-def wait_synced(informers: Iterable[Informer], stop: threading.Event | None = None) -> None:
-    for informer in informers:
-        while not informer.synced.wait(0.5):
-            if stop is not None and stop.is_set():
-                return

@@ -1,12 +1,13 @@
-"""The one module that talks to the Kubernetes API (an import-linter contract keeps it so).
+"""The module that talks to the Kubernetes API (an import-linter contract keeps it so; leader.py
+holds the Lease).
 
-Everything here is plain I/O on raw dicts through the official `kubernetes` client: read a
-FineTuneJob and its children, create and delete children, patch a Job's suspend flag and the
-FineTuneJob's status, post Events, read the storage Secret a FineTuneJob names (only to read its
-result.json when the pod that carried the result is gone), and read a trainer pod's metrics over
-HTTP. Errors come out as the kinds in errors.py: `Retry`, `Rejected` (the user's) and
-`Misconfigured` (the operator's or the cluster's). `PERMISSIONS` lists every API permission the
-operator uses; the chart's RBAC is tested against it.
+Everything here is plain I/O on raw dicts through the official `kubernetes` client: list and
+watch for the informers (cache.py), read one FineTuneJob (after a 409), create and delete
+children, patch a Job's suspend flag and the FineTuneJob's status, post Events, read the storage
+Secret a FineTuneJob names (only to read its result.json when the pod that carried the result is
+gone), and read a trainer pod's metrics over HTTP. Errors come out as the kinds in errors.py:
+`Retry`, `Rejected` (the user's) and `Misconfigured` (the operator's or the cluster's).
+`PERMISSIONS` lists every API permission the operator uses; the chart's RBAC is tested against it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from kubetune.controller.build import JOB_LABEL, MANAGED_BY
+from kubetune.controller.build import MANAGED_BY
 from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
@@ -240,22 +241,6 @@ class Kube:
             *(GROUP, VERSION, namespace, PLURAL, name),
             missing=None,
         )
-
-    def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
-        """The Jobs, ConfigMaps and Pods labelled as this FineTuneJob's, in its namespace."""
-        selector = f"{JOB_LABEL}={job_name}"
-        calls = {
-            "jobs": self.batch.list_namespaced_job,
-            "configmaps": self.core.list_namespaced_config_map,
-            "pods": self.core.list_namespaced_pod,
-        }
-        return {
-            kind: self._call(
-                f"list {kind} of {namespace}/{job_name}", call, namespace, label_selector=selector
-            ).get("items")
-            or []
-            for kind, call in calls.items()
-        }
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data, decoded; None when it does not exist."""

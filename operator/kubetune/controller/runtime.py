@@ -31,7 +31,7 @@ from typing import Any
 
 from kubetune.api import FINAL_PHASES
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
-from kubetune.controller.cache import TRIM, Informer, Key, ListWatch, Store
+from kubetune.controller.cache import TRIM, Informer, Key, Store
 from kubetune.controller.errors import Conflict, Misconfigured, Retry
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.observe import parse_metrics
@@ -133,7 +133,6 @@ class Scraper:
         self.interval = interval
         self.rate = rate
         self.tick = tick
-        self.scrapes = 0
         self._targets: dict[Key, Target] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -189,7 +188,6 @@ class Scraper:
     def _scrape(self, key: Key, address: tuple[str, int]) -> None:
         try:
             text = self.fetch(*address)
-            self.scrapes += 1
         finally:
             self._slots.release()
         reading = None
@@ -219,7 +217,6 @@ class Controller:
         kube: Any,
         settings: OperatorSettings,
         metrics: OperatorMetrics,
-        api: ListWatch | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -239,7 +236,7 @@ class Controller:
         namespaces: list[str | None] = list(settings.namespaces) or [None]
         self.informers = [
             Informer(
-                api or kube,
+                kube,
                 self.stores[kind],
                 namespace,
                 self._changed,
@@ -256,7 +253,6 @@ class Controller:
             rate=settings.progress_scrapes_per_second,
             concurrency=settings.progress_scrape_concurrency,
         )
-        self._threads: list[threading.Thread] = []
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -264,12 +260,8 @@ class Controller:
         for informer in self.informers:
             informer.start()
         for i in range(self.settings.workers):
-            thread = threading.Thread(target=self._work, name=f"kubetune-worker-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        resync = threading.Thread(target=self._resync, name="kubetune-resync", daemon=True)
-        resync.start()
-        self._threads.append(resync)
+            threading.Thread(target=self._work, name=f"kubetune-worker-{i}", daemon=True).start()
+        threading.Thread(target=self._resync, name="kubetune-resync", daemon=True).start()
         self.scraper.start()
 
     def stop(self) -> None:
@@ -377,10 +369,7 @@ class Controller:
             except Retry as again:
                 self.queue.retry(key, again.delay)
                 return None
-            if self.queue.failures(key):  # a second conflict in a row: back off
-                self.queue.retry(key)
-            else:
-                self.queue.retry(key, 0.0)
+            self.queue.retry(key)  # 0.5 s, doubling if it conflicts again
             return None
         except Misconfigured as exc:
             self.metrics.reconcile_errors.labels(exc.reason).inc()
@@ -392,18 +381,16 @@ class Controller:
             log.info("reconcile of %s/%s deferred %.1f s: %s", namespace, name, delay, exc)
             return None
         self.queue.forget(key)
+        if outcome is None:  # gone
+            self.forget(key)
+            return None
         with self._lock:
-            if outcome is None or outcome.final:
+            if outcome.final:
                 self._active.discard(key)
             else:
                 self._active.add(key)
-        self.scraper.set(key, None if outcome is None else outcome.metrics_target)
-        if outcome is None:
-            self.metrics.forget(namespace, name)
-        else:
-            self.metrics.observe(
-                namespace, name, outcome.before, outcome.after, outcome.status_written
-            )
+        self.scraper.set(key, outcome.metrics_target)
+        self.metrics.observe(namespace, name, outcome.before, outcome.after, outcome.status_written)
         return outcome
 
     def requeue_all(self) -> None:
@@ -421,5 +408,5 @@ class Controller:
             "cached": {kind: len(store) for kind, store in self.stores.items()},
             "scraping": len(self.scraper),
             "reconciles": self.reconciles,
-            "relists": sum(i.stats.relists for i in self.informers),
+            "relists": sum(i.relists for i in self.informers),
         }
