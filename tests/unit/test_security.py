@@ -86,7 +86,8 @@ def _with(**spec: Any) -> FineTuneJob:
     ("spec", "field"),
     [
         ({"image": "docker.io/attacker/trainer:latest"}, "spec.image"),
-        ({"resources": {"gpus": 5}}, "spec.resources.gpus"),
+        ({"resources": {"gpus": 8}}, "spec.resources.gpus"),
+        ({"resources": {"gpus": 4, "nodes": 2}}, "spec.resources"),
         ({"output": {"uri": "file:///etc"}}, "spec.output.uri"),
     ],
 )

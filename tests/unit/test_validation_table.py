@@ -106,6 +106,14 @@ INVALID = [
     pytest.param(drop("spec.model.uri"), "spec.model.uri", "spec.model: 'uri' is a required property", id="missing-model-uri"),
     pytest.param(drop("spec.output"), "spec.output", "spec: 'output' is a required property", id="missing-output"),
     pytest.param(at("metadata.name", "x" * (MAX_NAME_LENGTH + 1)), "metadata.name", "<root>: Invalid value: metadata.name must be at most", id="name-too-long-for-child-names"),
+    pytest.param(both(at("spec.resources", {"gpus": 2}), at("spec.distributed", {"nprocPerNode": 4})), "spec.distributed.nprocPerNode", "spec.distributed.nprocPerNode: Invalid value: a pod with GPUs runs one process per GPU", id="nproc-beside-gpus"),
+    pytest.param(at("spec.distributed", {"strategy": "fsdp"}), "spec.distributed.strategy", "spec.distributed.strategy: Invalid value: fsdp is for method full", id="fsdp-lora"),
+    pytest.param(at("spec.distributed", {"strategy": "ddpp"}), "spec.distributed.strategy", "spec.distributed.strategy: 'ddpp'", id="strategy-enum"),
+    pytest.param(at("spec.resources", {"gpus": 3}), "spec.hyperparameters.batchSize", "spec.hyperparameters.batchSize: Invalid value: batchSize is global", id="batch-not-shared-by-gpus"),
+    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 2}), at("spec.hyperparameters.microBatchSize", 4)), "spec.hyperparameters.batchSize", "spec.hyperparameters.batchSize: Invalid value: batchSize is global", id="batch-not-shared-by-micro-batches"),
+    pytest.param(at("spec.resources", {"nodes": 65}), "spec.resources.nodes", "spec.resources.nodes: 65", id="too-many-nodes"),
+    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "9-lives")), "(document)", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-not-a-dns-label"),
+    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "x" * MAX_NAME_LENGTH)), "(document)", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-too-long"),
 ]
 # fmt: on
 
@@ -147,6 +155,15 @@ VALID = [
         at("spec.resources", {"cpu": 8, "memory": "32Gi", "gpus": 0}), id="integer-quantity"
     ),
     pytest.param(at("metadata.name", "x" * MAX_NAME_LENGTH), id="longest-name"),
+    pytest.param(at("spec.resources", {"nodes": 2, "gpus": 4}), id="two-pods-of-four-gpus"),
+    pytest.param(
+        both(
+            at("spec.method", {"type": "full"}),
+            at("spec.resources", {"nodes": 2, "gpus": 0}),
+            at("spec.distributed", {"strategy": "fsdp", "nprocPerNode": 2}),
+        ),
+        id="fsdp-on-cpu-pods",
+    ),
     pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
     pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
     pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),

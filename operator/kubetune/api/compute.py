@@ -1,4 +1,5 @@
-"""`spec.resources`: compute and placement of the trainer pod."""
+"""`spec.resources` and `spec.distributed`: compute and placement of the trainer pods, and how
+training spreads over their processes."""
 
 from __future__ import annotations
 
@@ -33,11 +34,25 @@ class Toleration(ApiModel):
     )
 
 
+MAX_NODES = 64
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
 class ResourcesSpec(ApiModel):
-    """Compute for the trainer pod."""
+    """Compute for the trainer pods."""
 
     gpus: int = Field(
-        default=1, ge=0, le=16, description="gpus is the number of GPUs for the trainer pod."
+        default=1, ge=0, le=16, description="gpus is the number of GPUs of each trainer pod."
+    )
+    nodes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NODES,
+        description=(
+            "nodes is the number of trainer pods (default 1), each with `gpus` GPUs. More than "
+            "one runs an Indexed Job whose pods meet through a headless Service; the world size "
+            "is nodes times the processes per pod."
+        ),
     )
     gpu_resource_name: ResourceName = Field(
         default="nvidia.com/gpu",
@@ -64,4 +79,28 @@ class ResourcesSpec(ApiModel):
     )
     priority_class_name: DnsSubdomain | None = Field(
         default=None, description="priorityClassName is the PriorityClass of the trainer pod."
+    )
+
+
+class DistributedSpec(ApiModel):
+    """How training spreads over the processes of the trainer pods."""
+
+    strategy: Strategy = Field(
+        default="auto",
+        description=(
+            "strategy is ddp (every process holds the whole model and trains on its own shard "
+            "of each batch), fsdp (weights, gradients and optimizer state sharded over the "
+            "processes; method full only) or auto: fsdp for full fine-tuning, ddp for "
+            "adapters. It matters only when the world size is over 1."
+        ),
+    )
+    nproc_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "nprocPerNode is the number of trainer processes per pod; default: one per GPU, one "
+            "on a pod without GPUs. Set it only for CPU pods (gpus: 0), e.g. to test a "
+            "distributed run."
+        ),
     )

@@ -44,6 +44,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 3  # the dataset is unreadable or empty; a retry would fail the same way
     GATES_FAILED = 4  # trained and evaluated, but a gate failed; nothing promoted
     DIVERGED = 5  # the training loss became NaN or infinite; the same settings diverge again
+    PEER_LOST = 6  # another process of a distributed run died or stopped answering; retryable
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ EXIT_CODES: dict[ExitCode, ExitMeaning] = {
     ExitCode.DATA_ERROR: ExitMeaning("DataError", permanent=True),
     ExitCode.GATES_FAILED: ExitMeaning("GatesFailed", permanent=True),
     ExitCode.DIVERGED: ExitMeaning("Diverged", permanent=True),
+    ExitCode.PEER_LOST: ExitMeaning("TrainerFailed", permanent=False),
 }
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(
     int(code) for code, meaning in EXIT_CODES.items() if meaning.permanent
@@ -83,8 +85,10 @@ def run_prefix(output_uri: str, run_id: str) -> str:
     return f"{output_uri.rstrip('/')}/runs/{run_id}"
 
 
-def resolve_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
-    """Fill the per-method defaults so the trainer gets a config with no open choices."""
+def resolve_spec(spec: FineTuneJobSpec, world_size: int = 1) -> FineTuneJobSpec:
+    """Fill the per-method defaults so the trainer gets a config with no open choices.
+    world_size: the processes that share each step's batch (the default micro-batch is the
+    batch divided among them)."""
     method = spec.method
     hp = spec.hyperparameters
     method_updates: dict[str, object] = {}
@@ -100,7 +104,7 @@ def resolve_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
     if hp.learning_rate is None:
         hp_updates["learning_rate"] = DEFAULT_LEARNING_RATE[method.type]
     if hp.micro_batch_size is None:
-        hp_updates["micro_batch_size"] = hp.batch_size
+        hp_updates["micro_batch_size"] = max(1, hp.batch_size // world_size)
     if hp.gradient_checkpointing is None:
         hp_updates["gradient_checkpointing"] = method.type in ("qlora", "full")
     return spec.model_copy(
@@ -138,15 +142,29 @@ class TrainerConfig(ApiModel):
     termination_message_path: str | None = Field(
         default=None, description="terminationMessagePath receives the compact result when set."
     )
+    world_size: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "worldSize is the number of trainer processes of a distributed run (pods times "
+            "processes per pod); omitted for one process. The trainer checks it against the "
+            "processes it was launched with."
+        ),
+    )
 
     @classmethod
-    def for_job(cls, job: FineTuneJob, run_id: str, **fields: object) -> TrainerConfig:
+    def for_job(
+        cls, job: FineTuneJob, run_id: str, world_size: int | None = None, **fields: object
+    ) -> TrainerConfig:
+        """world_size: the processes the run is launched with; default the spec's."""
+        world = world_size or job.spec.world_size()
         return cls(
             job_name=job.metadata.name,
             namespace=job.metadata.namespace,
             run_id=run_id,
             output_prefix=run_prefix(job.spec.output.uri, run_id),
-            spec=resolve_spec(job.spec),
+            spec=resolve_spec(job.spec, world),
+            world_size=world if world > 1 else None,
             **fields,
         )
 
@@ -194,6 +212,11 @@ class TrainerResult(ApiModel):
             "warnings are what a user should know about the run's numbers (e.g. test answers "
             "that also occur in the training data)."
         ),
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=0,
+        description="rank is the process of a distributed run whose failure this result reports.",
     )
 
     def to_termination_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:

@@ -22,6 +22,8 @@ SHORT_NAMES = ("ftj",)
 CATEGORIES = ("kubetune",)
 
 
+# A run of several pods: its pods' hostnames <name>-<runId>-<index> (index < 64) are DNS labels.
+MAX_DISTRIBUTED_NAME_LENGTH = MAX_NAME_LENGTH - 3
 NAME_TOO_LONG = (
     f"must be at most {MAX_NAME_LENGTH} characters: a run's Job is named <name>-<runId> "
     "and Kubernetes limits that to 63"
@@ -126,6 +128,25 @@ class FineTuneJob(ApiModel):
             check=lambda s: len(s.metadata.name) <= MAX_NAME_LENGTH,
             # No fieldPath: the API server resolves it against the schema, where metadata is opaque.
             message=f"metadata.name {NAME_TOO_LONG}",
+        ),
+        Rule(
+            cel=(
+                "!has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1 || "
+                f"(self.metadata.name.size() <= {MAX_DISTRIBUTED_NAME_LENGTH} && "
+                "self.metadata.name.matches('^[a-z]'))"
+            ),
+            check=lambda s: (
+                s.spec.nodes() <= 1
+                or (
+                    len(s.metadata.name) <= MAX_DISTRIBUTED_NAME_LENGTH
+                    and s.metadata.name[:1].isalpha()
+                )
+            ),
+            message=(
+                f"metadata.name of a run with resources.nodes over 1 must start with a letter and "
+                f"be at most {MAX_DISTRIBUTED_NAME_LENGTH} characters: its pods are named "
+                "<name>-<runId>-<index> and its Service <name>-<runId> (DNS labels)"
+            ),
         ),
     )
 

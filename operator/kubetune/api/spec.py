@@ -7,13 +7,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kubetune.api.base import ApiModel, Rule
-from kubetune.api.compute import ResourcesSpec, Toleration
+from kubetune.api.compute import DistributedSpec, ResourcesSpec, Toleration
 from kubetune.api.tracking import TrackingSpec
 from kubetune.api.training import (
     ADAPTER_METHODS,
     DEFAULT_EPOCHS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_VIRTUAL_TOKENS,
+    FSDP_METHODS,
     LORA_METHODS,
     MERGEABLE_METHODS,
     VIRTUAL_TOKEN_METHODS,
@@ -36,6 +37,7 @@ __all__ = [
     "MERGEABLE_METHODS",
     "VIRTUAL_TOKEN_METHODS",
     "DatasetSpec",
+    "DistributedSpec",
     "EvaluationSpec",
     "FineTuneJobSpec",
     "GateSpec",
@@ -304,6 +306,20 @@ class OutputSpec(ApiModel):
     )
 
 
+# The world size in CEL: pods times processes per pod (nprocPerNode, else one per GPU, else one).
+_CEL_WORLD = (
+    "(has(self.resources.nodes) ? self.resources.nodes : 1) * "
+    "(has(self.distributed) && has(self.distributed.nprocPerNode) ? "
+    "self.distributed.nprocPerNode : (self.resources.gpus > 0 ? self.resources.gpus : 1))"
+)
+_CEL_MICRO = "(has(self.hyperparameters.microBatchSize) ? self.hyperparameters.microBatchSize : 1)"
+
+
+def _batch_fits_world(spec: FineTuneJobSpec) -> bool:
+    micro = spec.hyperparameters.micro_batch_size or 1
+    return spec.hyperparameters.batch_size % (micro * spec.world_size()) == 0
+
+
 def _gates_use_evaluated_metrics(spec: FineTuneJobSpec) -> bool:
     return all(g.metric in spec.evaluation.metrics for g in spec.gates)
 
@@ -363,6 +379,50 @@ class FineTuneJobSpec(ApiModel):
             ),
             field=".hyperparameters.earlyStoppingPatience",
         ),
+        Rule(
+            cel=(
+                "!has(self.distributed) || !has(self.distributed.nprocPerNode) || "
+                "self.resources.gpus == 0 || self.distributed.nprocPerNode == self.resources.gpus"
+            ),
+            check=lambda s: (
+                s.distributed is None
+                or s.distributed.nproc_per_node is None
+                or s.resources.gpus == 0
+                or s.distributed.nproc_per_node == s.resources.gpus
+            ),
+            message=(
+                "a pod with GPUs runs one process per GPU: omit distributed.nprocPerNode or set "
+                "it to resources.gpus"
+            ),
+            field=".distributed.nprocPerNode",
+        ),
+        Rule(
+            cel=(
+                "!has(self.distributed) || self.distributed.strategy != 'fsdp' || "
+                f"self.method.type in {cel_list(FSDP_METHODS)}"
+            ),
+            check=lambda s: (
+                s.distributed is None
+                or s.distributed.strategy != "fsdp"
+                or s.method.type in FSDP_METHODS
+            ),
+            message=(
+                f"fsdp is for method {' or '.join(FSDP_METHODS)}: adapters train with ddp, "
+                "every process holding the frozen base model; set distributed.strategy: ddp "
+                "or auto"
+            ),
+            field=".distributed.strategy",
+        ),
+        Rule(
+            cel=f"self.hyperparameters.batchSize % ({_CEL_MICRO} * {_CEL_WORLD}) == 0",
+            check=_batch_fits_world,
+            message=(
+                "batchSize is global: it must be a multiple of microBatchSize times the world "
+                "size (resources.nodes times the processes per pod: resources.gpus, or "
+                "distributed.nprocPerNode)"
+            ),
+            field=".hyperparameters.batchSize",
+        ),
     )
 
     model: ModelSpec = Field(description="model is the base model to tune.")
@@ -382,6 +442,13 @@ class FineTuneJobSpec(ApiModel):
     output: OutputSpec = Field(description="output is where checkpoints and artifacts go.")
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, description="resources of the trainer pod."
+    )
+    distributed: DistributedSpec | None = Field(
+        default=None,
+        description=(
+            "distributed says how training spreads over several processes (resources.nodes "
+            "pods, one process per GPU); omitted: strategy auto."
+        ),
     )
     tracking: TrackingSpec | None = Field(
         default=None,
@@ -419,6 +486,28 @@ class FineTuneJobSpec(ApiModel):
         ge=0,
         description="ttlSecondsAfterFinished deletes the finished trainer Job after this delay.",
     )
+
+    def nodes(self) -> int:
+        """The number of trainer pods."""
+        return self.resources.nodes or 1
+
+    def procs_per_node(self) -> int:
+        """Trainer processes per pod: nprocPerNode, else one per GPU, else one."""
+        if self.distributed and self.distributed.nproc_per_node:
+            return self.distributed.nproc_per_node
+        return max(1, self.resources.gpus)
+
+    def world_size(self) -> int:
+        return self.nodes() * self.procs_per_node()
+
+    def strategy(self, world_size: int | None = None) -> Literal["ddp", "fsdp"] | None:
+        """ddp or fsdp for a distributed run (auto resolved), None for a single process."""
+        if (world_size or self.world_size()) <= 1:
+            return None
+        chosen = self.distributed.strategy if self.distributed else "auto"
+        if chosen == "auto":
+            return "fsdp" if self.method.type == "full" else "ddp"
+        return chosen
 
     def secrets(self) -> list[tuple[str, str]]:
         """The Secrets the trainer pod loads into its environment, each with the field that names

@@ -152,6 +152,25 @@ class Artifacts(StatusModel):
     )
 
 
+class PodPhase(StatusModel):
+    """One trainer pod of a distributed run: its index (node rank), its newest pod, its phase."""
+
+    index: int = Field(ge=0, description="index is the pod's completion index, its node rank.")
+    name: str = Field(description="name is the newest pod of this index.")
+    phase: str = Field(description="phase is the pod's phase: Pending, Running, Succeeded, ...")
+
+
+class DistributedStatus(StatusModel):
+    """The shape of a distributed run."""
+
+    nodes: int = Field(ge=1, description="nodes is the number of trainer pods.")
+    world_size: int = Field(ge=1, description="worldSize is the number of trainer processes.")
+    strategy: Literal["ddp", "fsdp"] = Field(description="strategy is ddp or fsdp, resolved.")
+    pods: list[PodPhase] = Field(
+        default_factory=list, max_length=64, description="pods are the trainer pods, by index."
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """The observed state of the run, written by the operator."""
 
@@ -176,7 +195,12 @@ class FineTuneJobStatus(StatusModel):
         description="runId names the current run; artifacts go under <output.uri>/runs/<runId>/.",
     )
     attempts: int = Field(
-        default=0, ge=0, description="attempts counts trainer pods started for this run."
+        default=0,
+        ge=0,
+        description=(
+            "attempts counts the starts of this run's trainer: pods started, or for a distributed "
+            "run the group's starts (the most pods any one index has had)."
+        ),
     )
     job_name: str | None = Field(
         default=None, description="jobName is the batch/v1 Job running the trainer."
@@ -188,6 +212,10 @@ class FineTuneJobStatus(StatusModel):
         default=None, description="completionTime is when the run finished."
     )
     progress: Progress | None = Field(default=None, description="progress of training.")
+    distributed: DistributedStatus | None = Field(
+        default=None,
+        description="distributed shows the pods and processes of a run with more than one.",
+    )
     metrics: MetricsStatus | None = Field(
         default=None, description="metrics from the final evaluation."
     )

@@ -24,6 +24,11 @@ MERGEABLE_METHODS: tuple[str, ...] = tuple(
     m for m in ADAPTER_METHODS if m not in VIRTUAL_TOKEN_METHODS
 )
 
+# Methods trained with FSDP when asked: full fine-tuning, where the weights, gradients and optimizer
+# state are what does not fit one device. Adapters train with DDP (every rank holds the frozen
+# base model, 4-bit for qlora, as Axolotl does); FSDP of a LoRA base model is not built yet.
+FSDP_METHODS: tuple[str, ...] = ("full",)
+
 
 def cel_list(values: tuple[str, ...]) -> str:
     """A tuple of strings as a CEL list literal, for rules built from the families above."""
