@@ -152,6 +152,9 @@ def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
         if not torch.cuda.is_available():
             # bitsandbytes computes in float32 on CPUs without bf16 matmuls in autograd.
             kwargs["dtype"] = torch.float32
+        else:
+            # Quantized on this process's own GPU (each rank of a DDP run holds the 4-bit model).
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = _from_pretrained(AutoModelForCausalLM, source, spec.model.trust_remote_code, **kwargs)
     if spec.method.type == "qlora":
         keep_4bit_layers_trainable(model)

@@ -4,6 +4,10 @@ model (locate, tokenizer) -> data (the tokenizer renders prompts) -> baseline (t
 evaluated before training) -> train -> evaluate -> gates -> export -> promote, one function each
 (`_prepare` holds the first two, `_evaluate` the gates, `_export` the promotion); the files of a
 run are written by export.py. Every failure ends as a TrainerResult with an exit code.
+
+In a distributed run every rank runs this same sequence (distributed.py): each prepares the model
+and data, all train together, and rank 0 alone evaluates, judges, exports and promotes while the
+others wait; every rank ends with rank 0's result.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from kubetune.api import (
     TrainerConfig,
     TrainerResult,
 )
-from kubetune_trainer import data, modeling, storage
+from kubetune_trainer import data, distributed, modeling, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
 from kubetune_trainer.export import (
@@ -73,8 +77,13 @@ def run(
     """Runs every stage; never raises for a failure a result can describe.
 
     workdir holds this run's local files; cache (default workdir/cache) holds staged data and
-    converted models, and may be shared between runs.
+    converted models, and may be shared between runs. In a distributed run rank 0 works in
+    workdir and rank N in workdir/rank-N; the cache is shared by the ranks of a pod.
     """
+    rank = distributed.current()
+    cache = cache or workdir / "cache"
+    if not rank.main:
+        workdir = workdir / f"rank-{rank.rank}"
     # The run's own log, kept beside its artifacts (trainer.log): it outlives the pod.
     workdir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(workdir / LOG_FILE, encoding="utf-8")
@@ -82,30 +91,61 @@ def run(
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     log.addHandler(handler)
-    tracking = Tracking.for_config(config, workdir)
+    # Trackers hear from rank 0 only: one run, one record.
+    tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
     reporter = Reporters(reporter, tracking)
     try:
-        result = _run(config, reporter, tracking, workdir, cache or workdir / "cache")
-    except TrainerError as exc:
+        _check_world(config, rank)
+        distributed.init(rank)
+        result = _run(config, reporter, tracking, workdir, cache)
+    except distributed.RankZeroError as exc:  # rank 0's failure, told to this rank
         reporter.stage("failed", str(exc))
         result = TrainerResult(
             run_id=config.run_id, outcome="Failed", exit_code=exc.exit_code, message=str(exc)
         )
-    except Exception as exc:  # a bug or an environment failure: retryable
-        log.exception("Trainer failed")
+    except TrainerError as exc:
         reporter.stage("failed", str(exc))
+        result = _failure(config, rank, exc.exit_code, str(exc))
+    except Exception as exc:  # a bug or an environment failure: retryable
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        result = TrainerResult(
-            run_id=config.run_id,
-            outcome="Failed",
-            exit_code=ExitCode.RUNTIME_ERROR,
-            message=f"{type(exc).__name__}: {first}",
-        )
+        if rank.distributed and distributed.peer_lost(exc):
+            log.error("Lost another process of the run: %s", first)
+            code, message = ExitCode.PEER_LOST, f"lost another process of the run ({first})"
+        else:
+            log.exception("Trainer failed")
+            code, message = ExitCode.RUNTIME_ERROR, f"{type(exc).__name__}: {first}"
+        reporter.stage("failed", message)
+        result = _failure(config, rank, code, message)
     finally:
         log.removeHandler(handler)
         handler.close()
     tracking.close(result, workdir / STAGING)
     return result
+
+
+def _check_world(config: TrainerConfig, rank: distributed.Rank) -> None:
+    expected = config.world_size or 1
+    if rank.world_size != expected:
+        raise SpecError(
+            f"the run was configured for {expected} process(es) (spec.resources.nodes times the "
+            f"processes per pod) but launched with {rank.world_size}; launch it with "
+            "python -m kubetune_trainer.launch, which reads the same numbers"
+        )
+
+
+def _failure(
+    config: TrainerConfig, rank: distributed.Rank, code: ExitCode, message: str
+) -> TrainerResult:
+    """A failure of this process; in a distributed run it names the rank."""
+    if rank.distributed:
+        message = f"rank {rank.rank} (pod {rank.node}, local rank {rank.local_rank}): {message}"
+    return TrainerResult(
+        run_id=config.run_id,
+        outcome="Failed",
+        exit_code=code,
+        message=message,
+        rank=rank.rank if rank.distributed else None,
+    )
 
 
 LOG_FILE = "trainer.log"
@@ -138,14 +178,22 @@ def _run(
     tracking.params(_data_params(prepared))
     model = modeling.load_model(config.spec, prepared.source)
     reporter.stage("baseline")
-    baseline = _baseline(
-        config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
+    # The base model's evaluation: rank 0's, once for the run.
+    baseline = distributed.on_main(
+        lambda: _baseline(
+            config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
+        )
     )
     model, outcome = _train(config, reporter, workdir, prepared, model)
-    reporter.stage("evaluate")
-    evaluation, gates = _evaluate(config, prepared, model, baseline)
-    reporter.stage("export")
-    result = _export(config, workdir, prepared, model, outcome, evaluation, gates, tracking)
+
+    def judge_and_export() -> TrainerResult:
+        reporter.stage("evaluate")
+        evaluation, gates = _evaluate(config, prepared, model, baseline)
+        reporter.stage("export")
+        return _export(config, workdir, prepared, model, outcome, evaluation, gates, tracking)
+
+    result = distributed.on_main(judge_and_export)
+    assert result is not None
     reporter.stage("done", result.message)
     return result
 
@@ -155,8 +203,15 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     the prompts): everything but the weights."""
     spec = config.spec
     reporter.stage("model", spec.model.uri)
+    # The ranks of a pod share its cache: the first fills it (a download, a GGUF conversion),
+    # the others then find it there.
+    local_first = distributed.current().local_rank == 0
+    if not local_first:
+        distributed.barrier()
     source = modeling.locate_model(spec.model.uri, spec.model.revision, cache)
     source = modeling.materialize_gguf(source, cache, spec.model.trust_remote_code)
+    if local_first:
+        distributed.barrier()
     tokenizer = modeling.load_tokenizer(source, spec.model.trust_remote_code)
 
     reporter.stage("data", spec.dataset.uri)
@@ -231,6 +286,8 @@ def _train(
         storage.join(config.output_prefix, "checkpoints"),
         reporter,
     )
+    if outcome.model is not None:  # FSDP: the trained model, gathered whole on rank 0
+        model, outcome.model = outcome.model, None
     return model, outcome
 
 

@@ -25,8 +25,10 @@ class StepInfo:
     epoch: float
     loss: float | None = None
     learning_rate: float | None = None
-    tokens_per_second: float | None = None
+    tokens_per_second: float | None = None  # of the whole run, every rank's tokens
     eta_seconds: float | None = None
+    # Distributed: each rank's (peak resident memory, peak GPU memory or None), by rank.
+    rank_memory: list[tuple[int, int | None]] | None = None
 
 
 class Reporter(Protocol):
@@ -66,6 +68,16 @@ class TrainerMetrics:
             "Peak GPU memory allocated by the trainer.",
             registry=r,
         )
+        self.rank_memory_bytes = Gauge(
+            "kubetune_trainer_rank_memory_bytes",
+            "Peak memory of each process of a distributed run (kind: rss or gpu).",
+            ["rank", "kind"],
+            registry=r,
+        )
+        self.world_size = Gauge(
+            "kubetune_trainer_world_size", "Trainer processes of the run.", registry=r
+        )
+        self.world_size.set(1)
 
 
 class PrometheusReporter:
@@ -92,6 +104,10 @@ class PrometheusReporter:
             if value is not None:
                 gauge.set(value)
         _record_gpu_memory(m)
+        for rank, (rss, gpu) in enumerate(info.rank_memory or ()):
+            m.rank_memory_bytes.labels(str(rank), "rss").set(rss)
+            if gpu is not None:
+                m.rank_memory_bytes.labels(str(rank), "gpu").set(gpu)
 
     def eval_loss(self, step: int, loss: float) -> None:
         self.metrics.eval_loss.set(loss)

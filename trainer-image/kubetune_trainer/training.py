@@ -4,6 +4,12 @@ Each checkpoint the Trainer saves is uploaded to `<run>/checkpoints/checkpoint-<
 `COMPLETE` marker written last. On start, the newest complete checkpoint of the same run is
 downloaded and training resumes from it (model, optimizer, scheduler, RNG and data position), so a
 pod preempted at step 70 of 100 continues from its last checkpoint instead of step 0.
+
+Distributed (DDP or FSDP over every process of the run): batchSize stays the global batch
+(micro-batch x accumulation x world size) and the Trainer gives each rank its shard of every
+batch. Each rank uploads the checkpoint files it wrote itself (its RNG state); rank 0 uploads the
+rest and writes the marker once all have. Rank 0 picks the checkpoint to resume from and every
+rank resumes from it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
-from kubetune_trainer import storage
+from kubetune_trainer import distributed, storage
 from kubetune_trainer.errors import DivergedError
 from kubetune_trainer.telemetry import Reporter, StepInfo
 
@@ -45,6 +51,7 @@ class TrainOutcome:
     seconds: float
     resumed_from_step: int | None
     history: list[dict[str, float]] = field(default_factory=list)
+    model: Any = None  # FSDP: the trained model gathered whole on rank 0 (None elsewhere)
 
 
 def complete_checkpoints(checkpoints_uri: str) -> list[int]:
@@ -105,6 +112,9 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
             elapsed = max(time.monotonic() - self.t0, 1e-9)
             done = state.global_step - self.step0
             rate = done / elapsed if done else None
+            # Every rank logs each step together (the loss is their mean): the peak memory of
+            # each, for the per-rank gauges.
+            memory = distributed.gather(distributed.memory()) if distributed.active() else None
             reporter.step(
                 StepInfo(
                     step=state.global_step,
@@ -114,6 +124,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                     learning_rate=self.lr,
                     tokens_per_second=(state.num_input_tokens_seen - self.tokens0) / elapsed,
                     eta_seconds=(state.max_steps - state.global_step) / rate if rate else None,
+                    rank_memory=memory,
                 )
             )
 
@@ -125,15 +136,19 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                 control.should_save = True
 
     class UploadCheckpoints(TrainerCallback):
-        """Copies each saved checkpoint to storage; the marker goes last."""
+        """Copies each saved checkpoint to storage; the marker goes last. Every rank saved into
+        its own directory (rank 0 the model, optimizer and state; each rank its RNG state), so
+        every rank uploads what it has, and rank 0 marks the checkpoint complete after all."""
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             name = f"checkpoint-{state.global_step}"
             local = Path(args.output_dir) / name
-            if not local.is_dir():
-                return
             target = storage.join(checkpoints_uri, name)
-            storage.upload_dir(local, target)
+            if local.is_dir():
+                storage.upload_dir(local, target)
+            distributed.barrier()
+            if not distributed.current().main or not local.is_dir():
+                return
             storage.write_bytes(storage.join(target, MARKER), b"")
             log.info("Uploaded checkpoint step=%d uri=%s", state.global_step, target)
             for old in complete_checkpoints(checkpoints_uri)[:-KEEP_CHECKPOINTS]:
@@ -145,13 +160,18 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
     return [Progress(), SaveAtEpochEnd(), UploadCheckpoints()]
 
 
-def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: bool) -> Any:
+def training_arguments(
+    spec: FineTuneJobSpec, workdir: Path, has_validation: bool, world_size: int = 1
+) -> Any:
+    """The Trainer's arguments. world_size: the processes sharing each batch; the batch stays
+    global (micro-batch x accumulation x world size)."""
     import torch
     from transformers import TrainingArguments
 
     hp = spec.hyperparameters
     micro = hp.micro_batch_size or hp.batch_size
-    accumulation = max(1, hp.batch_size // micro)
+    accumulation = max(1, hp.batch_size // (micro * world_size))
+    strategy = spec.strategy(world_size)
     cuda = torch.cuda.is_available()
     dtype = spec.model.dtype
     bf16 = cuda and (dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()))
@@ -203,6 +223,21 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
         "dataloader_num_workers": 0,
         "optim": "adamw_torch",
     }
+    if strategy == "ddp":
+        # Every parameter of these models is used in each forward pass: no search for unused
+        # ones (it costs a graph traversal per step and breaks activation checkpointing).
+        kwargs["ddp_find_unused_parameters"] = False
+    elif strategy == "fsdp":
+        # Parameters, gradients and optimizer state sharded over the ranks, one unit per decoder
+        # layer; checkpoints and the final model gathered whole on rank 0 (FULL_STATE_DICT), so
+        # that a checkpoint resumes at any world size and rank 0 can evaluate and export.
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {
+            "use_orig_params": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": kwargs["activation_checkpointing"],
+        }
+        kwargs["activation_checkpointing"] = False  # FSDP checkpoints activations itself
     if hp.max_steps:
         kwargs["max_steps"] = hp.max_steps
     else:
@@ -279,21 +314,28 @@ def _trainer_class(window: int) -> Any:
     from transformers import Trainer
 
     class Order(torch.utils.data.Sampler):
-        def __init__(self, lengths: list[int], batch_size: int) -> None:
-            self.lengths, self.batch_size = lengths, batch_size
+        """The order of one epoch, drawn from the run's seed and the epoch (the Trainer calls
+        set_epoch): the same on every rank of a distributed run, and again after a resume."""
+
+        def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+            self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
 
         def __len__(self) -> int:
             return len(self.lengths)
 
         def __iter__(self) -> Any:
-            # The global RNG (seeded with the run's seed), as the Trainer's own
-            # LengthGroupedSampler draws its order.
-            return iter(bucketed_order(self.lengths, self.batch_size, window))
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(bucketed_order(self.lengths, self.batch_size, window, generator))
 
     class KubetuneTrainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return Order(dataset["length"], self.args.train_batch_size)
+            # In micro-batches: the ranks take turns at them, so a step sees the same examples
+            # whatever the world size (at the same microBatchSize).
+            return Order(dataset["length"], self.args.train_batch_size, self.args.seed)
 
     # Random order is the Trainer's own sampler (train_sampling_strategy "random").
     return Trainer if window == 1 else KubetuneTrainer
@@ -336,7 +378,8 @@ def train(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    args = training_arguments(spec, workdir, bool(validation_rows))
+    world = distributed.current().world_size
+    args = training_arguments(spec, workdir, bool(validation_rows), world)
     callbacks = _callbacks(reporter, checkpoints_uri)
     if args.load_best_model_at_end:
         callbacks.append(
@@ -374,7 +417,8 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the reporter instead
-    resume = latest_checkpoint(checkpoints_uri)
+    # Rank 0 chooses, so that every rank resumes from the same checkpoint.
+    resume = distributed.broadcast(latest_checkpoint(checkpoints_uri))
     resume_dir = None
     if resume is not None:
         resume_dir = workdir / f"checkpoint-{resume}"
@@ -396,6 +440,17 @@ def train(
     finally:
         model.config.use_cache = use_cache
     seconds = time.monotonic() - started
+    gathered = None
+    if spec.strategy(world) == "fsdp":
+        # The sharded model gathered whole (every rank takes part), saved and loaded on rank 0
+        # for the evaluation and the export.
+        final = workdir / "fsdp-final"
+        trainer.save_model(str(final))
+        if distributed.current().main:
+            from transformers import AutoModelForCausalLM
+
+            gathered = AutoModelForCausalLM.from_pretrained(str(final), dtype=model.dtype)
+        distributed.barrier()
     state = trainer.state
     history = [
         {k: float(v) for k, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}
@@ -408,4 +463,5 @@ def train(
         seconds=seconds,
         resumed_from_step=resume,
         history=history,
+        model=gathered,
     )

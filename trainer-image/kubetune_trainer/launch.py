@@ -1,0 +1,192 @@
+"""A distributed run's launcher: `python -m kubetune_trainer.launch [CONFIG]`, one per pod.
+
+It is torchrun (torch's elastic agent, the same launch API) with the run's own rules: it reads
+torchrun's environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR,
+PET_MASTER_PORT, as Kubeflow Trainer's torch runtime sets them), starts one process per GPU
+(`nprocPerNode` on CPU), and meets the other pods at rank 0's address (static rendezvous: pod i
+is node rank i). No in-place restarts (max_restarts 0): a process that fails ends the pod's
+processes and, through the collectives, the other pods'; the Job replaces the pods and the run
+resumes from its last checkpoint.
+
+What it adds to torchrun: the pod exits with the run's exit code (torchrun exits 1 for every
+failure, which would hide "gates failed" or "invalid spec" from the Job's podFailurePolicy), and
+it writes the termination message: rank 0's result, or the failure that started it all, naming
+the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from kubetune.api import ExitCode, TrainerConfig, TrainerResult
+from kubetune_trainer.__main__ import config_path, load_config, run_process, setup_logging
+
+log = logging.getLogger("kubetune_trainer")
+
+DEFAULT_PORT = 29500
+# How long a pod waits for the others to join (a pod may wait for a node, an image pull).
+JOIN_TIMEOUT = int(os.environ.get("KUBETUNE_JOIN_TIMEOUT_SECONDS", "900"))
+RESULT_FILE = "result-rank-{rank}.json"
+
+
+def _env(name: str, default: int) -> int:
+    value = os.environ.get(f"PET_{name}")
+    return int(value) if value else default
+
+
+def _worker(path: str, workdir: str) -> str:
+    """One process of the run (spawned by the agent, which set RANK, WORLD_SIZE, ...): its
+    result as JSON, also left in a file for the launcher should another process fail first."""
+    from kubetune_trainer import distributed
+
+    rank = distributed.current()
+    setup_logging(rank)
+    config = load_config(Path(path))
+    if config is None:
+        result = TrainerResult(
+            run_id="00000000", outcome="Failed", exit_code=ExitCode.INVALID_SPEC, message=""
+        )
+    else:
+        result = run_process(config)
+    text = result.model_dump_json(exclude_none=True)
+    Path(workdir, RESULT_FILE.format(rank=rank.rank)).write_text(text)
+    if result.outcome == "Failed":
+        # A failed process exits failed: the agent then stops at once (a process that returns
+        # waits at the agents' exit barrier for every pod, and a lost pod never comes), and the
+        # launcher reads this result from its file.
+        logging.shutdown()
+        os._exit(int(result.exit_code) or 1)
+    return text
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals else str(-code)
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def choose(results: list[TrainerResult]) -> TrainerResult:
+    """The result the pod reports: the first failure that is a process's own (not one that only
+    lost a peer), else rank 0's (or the lowest rank's) result."""
+    own = [r for r in results if r.outcome == "Failed" and r.exit_code != ExitCode.PEER_LOST]
+    if own and any(r.rank is not None for r in own):
+        return min(own, key=lambda r: (r.rank is None, r.rank or 0))
+    if own:
+        return own[0]
+    return min(results, key=lambda r: r.rank or 0)
+
+
+def launch(config: TrainerConfig, path: Path) -> TrainerResult:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nnodes = _env("NNODES", 1)
+    nproc = _env("NPROC_PER_NODE", 1)
+    node = _env("NODE_RANK", 0)
+    workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    for old in workdir.glob(RESULT_FILE.format(rank="*")):
+        old.unlink()
+
+    def failed(code: ExitCode, message: str) -> TrainerResult:
+        return TrainerResult(
+            run_id=config.run_id, outcome="Failed", exit_code=code, message=message
+        )
+
+    expected = config.world_size or 1
+    if nnodes * nproc != expected:
+        return failed(
+            ExitCode.INVALID_SPEC,
+            f"launched as {nnodes} pod(s) x {nproc} process(es) but the run was configured for "
+            f"{expected} processes; the operator sets PET_NNODES and PET_NPROC_PER_NODE from "
+            "spec.resources",
+        )
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun: processes that share the CPUs do not each start a thread per core.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    if nnodes > 1:
+        address = os.environ.get("PET_MASTER_ADDR", "localhost")
+        endpoint = f"{address}:{_env('MASTER_PORT', DEFAULT_PORT)}"
+        backend, configs = "static", {"rank": node, "timeout": JOIN_TIMEOUT}
+    else:  # one pod: a rendezvous of its own on a free local port (torchrun --standalone)
+        endpoint, backend, configs = "localhost:0", "c10d", {}
+    launch_config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=f"{config.run_id}-{uuid.uuid4().hex[:8]}" if nnodes == 1 else config.run_id,
+        rdzv_backend=backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs=configs,
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    log.info(
+        "Launching pod=%d of %d processes=%d world_size=%d rendezvous=%s",
+        node,
+        nnodes,
+        nproc,
+        expected,
+        endpoint,
+    )
+    try:
+        values = elastic_launch(launch_config, _worker)(str(path), str(workdir))
+        results = [TrainerResult.model_validate_json(v) for v in values.values()]
+    except ChildFailedError as exc:
+        results = []
+        for global_rank, failure in sorted(exc.failures.items()):
+            saved = workdir / RESULT_FILE.format(rank=global_rank)
+            if saved.exists():
+                results.append(TrainerResult.model_validate_json(saved.read_text()))
+                continue
+            results.append(
+                failed(
+                    ExitCode.RUNTIME_ERROR,
+                    f"rank {global_rank} (pod {node}, local rank {failure.local_rank}) "
+                    f"{_describe_exit(failure.exitcode)}",
+                ).model_copy(update={"rank": global_rank})
+            )
+    except Exception as exc:  # the rendezvous: the other pods never came, or rank 0 is gone
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return failed(
+            ExitCode.PEER_LOST,
+            f"pod {node} could not meet the run's other pods at {endpoint}: "
+            f"{type(exc).__name__}: {first}",
+        )
+    return choose(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kubetune_trainer import distributed
+
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging(distributed.current())
+    path = config_path(argv)
+    config = load_config(path)
+    if config is None:
+        return int(ExitCode.INVALID_SPEC)
+    result = launch(config, path)
+    log.info(
+        "Pod result outcome=%s exit_code=%d message=%s",
+        result.outcome,
+        result.exit_code,
+        result.message,
+    )
+    if config.termination_message_path:
+        Path(config.termination_message_path).write_text(result.to_termination_message())
+    return int(result.exit_code)
+
+
+if __name__ == "__main__":
+    # Through the package's module, so that the processes (spawned, not forked) find _worker.
+    from kubetune_trainer.launch import main as launch_main
+
+    sys.exit(launch_main())
