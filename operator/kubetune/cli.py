@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on 127.0.0.1"
     )
     p.add_argument("--workdir", help="local working directory (default ~/.cache/kubetune)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine (DDP, or FSDP for full; one per GPU, or "
+        "N CPU processes over gloo), as a pod of a distributed run does; the batch stays "
+        "spec.hyperparameters.batchSize",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

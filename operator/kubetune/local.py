@@ -3,7 +3,9 @@
 The manifest is validated exactly as the operator validates it; `--set path=value`, `--model`,
 `--dataset` and `--output` change it first (local paths become file:// URIs). The run id is
 derived from the job's name and spec, so running an interrupted job again resumes it from its
-last checkpoint; `--fresh` starts a new run.
+last checkpoint; `--fresh` starts a new run. `--nproc N` trains with N processes through the
+trainer's launcher, as one pod of a distributed run does; the progress bar then follows rank 0's
+metrics, as the operator does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
+import threading
+import urllib.request
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +248,17 @@ def run(args: Any) -> int:
     run_id = args.run_id or (
         secrets.token_hex(RUN_ID_LENGTH // 2) if args.fresh else local_run_id(job)
     )
-    config = TrainerConfig.for_job(job, run_id, metrics_port=args.metrics_port)
+    nproc = args.nproc
+    hp = job.spec.hyperparameters
+    if nproc < 1 or hp.batch_size % ((hp.micro_batch_size or 1) * nproc):
+        print(
+            f"kubetune run: --nproc {nproc}: spec.hyperparameters.batchSize ({hp.batch_size}) "
+            f"must be a multiple of microBatchSize ({hp.micro_batch_size or 1}) times {nproc} "
+            "processes; change --nproc or set spec.hyperparameters.batchSize",
+            file=sys.stderr,
+        )
+        return int(ExitCode.INVALID_SPEC)
+    config = TrainerConfig.for_job(job, run_id, world_size=nproc, metrics_port=args.metrics_port)
     home = Path(
         args.workdir or os.environ.get("KUBETUNE_HOME", Path.home() / ".cache" / "kubetune")
     )
@@ -256,17 +272,71 @@ def run(args: Any) -> int:
         f"-> {config.output_prefix}",
         file=sys.stderr,
     )
+    workdir = home / "runs" / f"{job.metadata.name}-{run_id}"
+    if nproc > 1:
+        result = _run_processes(config, workdir, home / "cache", nproc)
+        print(summary(job, result))
+        return int(result.exit_code)
     trainer_log.addHandler(console)
     propagate, trainer_log.propagate = trainer_log.propagate, False
     try:
-        result = run_pipeline(
-            config,
-            Reporters(*reporters),
-            home / "runs" / f"{job.metadata.name}-{run_id}",
-            cache=home / "cache",
-        )
+        result = run_pipeline(config, Reporters(*reporters), workdir, cache=home / "cache")
     finally:
         trainer_log.removeHandler(console)
         trainer_log.propagate = propagate
     print(summary(job, result))
     return int(result.exit_code)
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_processes(config: TrainerConfig, workdir: Path, cache: Path, nproc: int) -> TrainerResult:
+    """The run as nproc processes of the trainer's launcher (one pod's worth); the bar follows
+    rank 0's metrics, which rank 0 serves on 127.0.0.1."""
+    from kubetune.controller.observe import parse_metrics
+    from kubetune_trainer.launch import launch
+
+    port = config.metrics_port or _free_port()
+    config = config.model_copy(update={"metrics_port": port})
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    path.write_text(config.model_dump_json(exclude_none=True))
+    os.environ.update(
+        {
+            "PET_NPROC_PER_NODE": str(nproc),
+            "KUBETUNE_WORKDIR": str(workdir),
+            "KUBETUNE_CACHE": str(cache),
+            "KUBETUNE_METRICS_ADDR": "127.0.0.1",
+            "KUBETUNE_LOG_LEVEL": "WARNING",  # the whole log goes to trainer.log
+        }
+    )
+    bar, done = ProgressBar(), threading.Event()
+
+    def follow() -> None:
+        stage = None
+        while not done.wait(0.5):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    progress, now = parse_metrics(r.read().decode())
+            except OSError:
+                continue
+            if now and now != stage:
+                stage = now
+                bar.stage(now)
+            if progress is not None and progress.total_steps and now == "train":
+                bar.step(progress)
+
+    print(f"==> {nproc} processes", file=sys.stderr)
+    thread = threading.Thread(target=follow, name="progress", daemon=True)
+    thread.start()
+    try:
+        result = launch(config, path)
+    finally:
+        done.set()
+        thread.join(5)
+        bar.stage("done")
+    return result
