@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune.api import PERMANENT_EXIT_CODES, FineTuneJob, TrainerConfig, make_run_id
-from kubetune.controller.build import build_configmap, build_job
+from kubetune.controller.build import build_configmap, build_job, build_service
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
 from kubetune.manifests import Loader
@@ -33,13 +33,16 @@ def example(name: str) -> FineTuneJob:
 
 def children(job: FineTuneJob) -> dict[str, dict[str, Any]]:
     run_id = make_run_id(job.metadata.uid or "", job.metadata.generation or 1)
-    return {
+    built = {
         "job": build_job(job, run_id, SETTINGS),
         "configmap": build_configmap(job, run_id, SETTINGS),
     }
+    if job.spec.nodes() > 1:
+        built["service"] = build_service(job, run_id)
+    return built
 
 
-@pytest.mark.parametrize("name", ["lora-s3", "qlora-kueue", "prompt-tuning"])
+@pytest.mark.parametrize("name", ["lora-s3", "qlora-kueue", "prompt-tuning", "multi-node"])
 def test_children_match_golden_manifests(name: str) -> None:
     built = children(example(name))
     for kind, manifest in built.items():
@@ -53,7 +56,9 @@ def test_children_match_golden_manifests(name: str) -> None:
     assert built == children(example(name)), "builders must be deterministic"
 
 
-@pytest.mark.parametrize("name", ["lora-s3", "qlora-kueue", "prompt-tuning", "full-finetune"])
+@pytest.mark.parametrize(
+    "name", ["lora-s3", "qlora-kueue", "prompt-tuning", "full-finetune", "multi-gpu", "multi-node"]
+)
 def test_children_are_valid_kubernetes_objects(name: str) -> None:
     import kubernetes_validate
 
@@ -133,7 +138,8 @@ def test_tracker_secrets_are_loaded_before_the_storage_secret() -> None:
 # fmt: off
 POLICY_CASES = [
     pytest.param({"spec.image": "evil/miner:latest"}, "spec.image: 'evil/miner:latest' is not allowed here", id="image-not-allowed"),
-    pytest.param({"spec.resources": {"gpus": 9}}, "spec.resources.gpus: 9 is more than this cluster allows per job (8)", id="too-many-gpus"),
+    pytest.param({"spec.resources": {"gpus": 16}, "spec.hyperparameters": {"batchSize": 16}}, "spec.resources.gpus: 16 is more than this cluster allows per job (8)", id="too-many-gpus"),
+    pytest.param({"spec.resources": {"gpus": 4, "nodes": 3}, "spec.hyperparameters": {"batchSize": 12}}, "spec.resources: 3 pods x 4 GPUs = 12 GPUs is more than this cluster allows per job (8)", id="too-many-gpus-over-pods"),
     pytest.param({"spec.output": {"uri": "file:///data/out"}}, "spec.output.uri: file:// would write inside the trainer pod", id="file-output"),
 ]
 # fmt: on

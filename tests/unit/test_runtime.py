@@ -242,7 +242,7 @@ def test_a_job_just_created_is_not_created_again_before_the_watch_reports_it() -
             pass
 
     stores = {k: Store(k, None if k == "finetunejobs" else JOB_LABEL) for k in
-              ("finetunejobs", "jobs", "configmaps", "pods")}  # fmt: skip
+              ("finetunejobs", "jobs", "configmaps", "pods", "services")}  # fmt: skip
     doc = valid_job()
     doc["metadata"] = {
         "name": "demo", "namespace": "ns", "uid": "u-1", "generation": 1, "resourceVersion": "1",

@@ -55,6 +55,10 @@ app.kubernetes.io/managed-by: kubetune-operator
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "delete"]
+{{- /* The headless Service through which the pods of a distributed run meet. */}}
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

@@ -1,5 +1,14 @@
-"""Pure builders of a run's children: the ConfigMap with the resolved trainer config and the
-batch/v1 Job that runs the trainer. Same input, same manifest; no I/O, no environment."""
+"""Pure builders of a run's children: the ConfigMap with the resolved trainer config, the
+batch/v1 Job that runs the trainer and, for a run of several pods, the headless Service through
+which they meet. Same input, same manifest; no I/O, no environment.
+
+A distributed run (resources.nodes pods, one process per GPU) is an Indexed Job: completions =
+parallelism = nodes, pod i is node rank i (its completion index) and is reachable as
+`<job>-<i>.<service>` (an Indexed Job's pods get the hostname `<job>-<index>`; the Service,
+headless and publishing pods before they are ready, gives them DNS names under the pod's
+subdomain). Each pod runs the trainer's launcher (torch's elastic agent) with torchrun's
+environment (PET_*), as Kubeflow Trainer's torch runtime sets it.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ JOB_LABEL = "kubetune.dev/finetunejob"
 MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
 RUN_AS = 1000
+# The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -117,21 +129,52 @@ def _resources(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     return out
 
 
-def _container(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+def distributed(job: FineTuneJob) -> bool:
+    """Whether the run has more than one trainer process (the launcher starts them)."""
+    return job.spec.world_size() > 1
+
+
+def service_name(job: FineTuneJob, run_id: str) -> str:
+    return child_name(job.metadata.name, run_id)
+
+
+def _launch_env(job: FineTuneJob, run_id: str) -> list[dict[str, Any]]:
+    """torchrun's environment: pods, processes per pod, this pod's rank, rank 0's address."""
     spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(spec.nodes())},
+        {"name": "PET_NPROC_PER_NODE", "value": str(spec.procs_per_node())},
+    ]
+    if spec.nodes() > 1:
+        name = child_name(job.metadata.name, run_id)
+        host = f"{name}-0.{service_name(job, run_id)}.{job.metadata.namespace}.svc"
+        index = f"metadata.annotations['{COMPLETION_INDEX}']"
+        env += [
+            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
+            {"name": "PET_MASTER_ADDR", "value": host},
+            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+    return env
+
+
+def _container(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict[str, Any]:
+    spec = job.spec
+    module = "kubetune_trainer.launch" if distributed(job) else "kubetune_trainer"
+    ports = [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}]
+    if spec.nodes() > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
-        "command": ["python", "-m", "kubetune_trainer", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "command": ["python", "-m", module, f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": [
             {"name": "KUBETUNE_WORKDIR", "value": WORK_DIR},
             {"name": "HOME", "value": f"{WORK_DIR}/home"},
             {"name": "HF_HOME", "value": f"{WORK_DIR}/huggingface"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *(_launch_env(job, run_id) if distributed(job) else []),
         ],
-        "ports": [
-            {"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}
-        ],
+        "ports": ports,
         "resources": _resources(job, settings),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -155,8 +198,32 @@ def _container(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     return container
 
 
+def build_service(job: FineTuneJob, run_id: str) -> dict[str, Any]:
+    """The headless Service of a run of several pods: DNS names for its pods (rank 0's is the
+    rendezvous address), published before the pods are ready, as they must meet to become so."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, run_id),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: job.metadata.name, RUN_LABEL: run_id},
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": RENDEZVOUS_PORT,
+                    "targetPort": RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
 def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict[str, Any]:
-    """The batch/v1 Job of one run (one pod, never restarted in place)."""
+    """The batch/v1 Job of one run: one pod, or an Indexed Job of resources.nodes pods; pods are
+    never restarted in place."""
     spec = job.spec
     queue = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     pod_labels = labels(job, run_id)
@@ -171,7 +238,7 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, settings)],
+        "containers": [_container(job, run_id, settings)],
         "volumes": [
             {"name": "config", "configMap": {"name": child_name(job.metadata.name, run_id)}},
             {"name": "work", "emptyDir": {}},
@@ -187,8 +254,13 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
         ]
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    nodes = spec.nodes()
+    if nodes > 1:
+        pod_spec["subdomain"] = service_name(job, run_id)
     job_spec: dict[str, Any] = {
-        "backoffLimit": spec.backoff_limit,
+        # A failed group fails each of its pods once (the others lose their peer), and the Job
+        # replaces every failed pod: backoffLimit counts group restarts, as the spec means it.
+        "backoffLimit": (spec.backoff_limit + 1) * nodes - 1,
         # Kueue admits a queued Job by unsuspending it.
         "suspend": spec.suspend or bool(spec.queue_name),
         "podFailurePolicy": {
@@ -210,6 +282,8 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
         },
         "template": {"metadata": {"labels": {**pod_labels, **queue}}, "spec": pod_spec},
     }
+    if nodes > 1:
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:

@@ -101,6 +101,7 @@ TRIM: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "finetunejobs": trim_finetunejob,
     "jobs": trim_job,
     "configmaps": trim_configmap,
+    "services": trim_configmap,  # the metadata is all a run needs of its Service
     "pods": trim_pod,
 }
 

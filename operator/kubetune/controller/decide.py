@@ -22,16 +22,18 @@ from typing import Any
 from kubetune.api import (
     EXIT_CODES,
     FINAL_PHASES,
+    DistributedStatus,
     ExitCode,
     FineTuneJob,
     FineTuneJobStatus,
+    PodPhase,
     Progress,
     TrainerResult,
     child_name,
     gates_summary,
     make_run_id,
 )
-from kubetune.controller.build import build_configmap, build_job
+from kubetune.controller.build import build_configmap, build_job, build_service
 from kubetune.controller.conditions import (
     State,
     conditions_for,
@@ -70,8 +72,10 @@ class Waiting:
 class Observed:
     job: ObservedJob | None = None  # the current run's Job
     configmap: bool = False  # the current run's ConfigMap exists
+    service: bool = False  # the current run's headless Service exists (runs of several pods)
     stale: tuple[tuple[str, str], ...] = ()  # (kind, name) of children of older runs
-    pods_started: int = 0  # trainer pods seen for the current run
+    pods_started: int = 0  # starts of the current run's trainer: pods, or rounds of a group
+    pods: tuple[PodPhase, ...] = ()  # the newest pod of each index of a group
     result: TrainerResult | None = None  # the newest termination message, or result.json
     progress: Progress | None = None  # from the trainer's metrics, while it runs
     stage: str | None = None  # the trainer's pipeline stage, from its metrics
@@ -165,6 +169,20 @@ def _progress(observed: Observed, kept: Progress | None, running: bool) -> Progr
     return new
 
 
+def _distributed(
+    job: FineTuneJob, observed: Observed, kept: DistributedStatus | None
+) -> DistributedStatus | None:
+    """The shape of a run of several processes, with its pods' phases (kept once they are
+    gone: a finished run's pods go with its Job)."""
+    spec = job.spec
+    if spec is None or (strategy := spec.strategy()) is None:
+        return None
+    pods = list(observed.pods) or (kept.pods if kept else [])
+    return DistributedStatus(
+        nodes=spec.nodes(), world_size=spec.world_size(), strategy=strategy, pods=pods
+    )
+
+
 def _status(
     job: FineTuneJob,
     observed: Observed,
@@ -199,6 +217,7 @@ def _status(
         or (current.start_time if final and current else None),
         completion_time=completion if final else None,
         progress=_progress(observed, kept.progress, state.running),
+        distributed=_distributed(job, observed, kept.distributed),
         metrics=result.metrics if result else kept.metrics,
         gates=gates,
         gates_summary=gates_summary(gates),
@@ -244,6 +263,8 @@ def decide(
         if current is None and not ended and not (spec.suspend and spec.queue_name):
             if not observed.configmap:
                 decision.create.append(build_configmap(job, run_id, settings))
+            if spec.nodes() > 1 and not observed.service:
+                decision.create.append(build_service(job, run_id))
             decision.create.append(build_job(job, run_id, settings))
         elif current is not None and not ended and not current.deleting:
             if spec.queue_name and spec.suspend:

@@ -56,6 +56,7 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, f"{PLURAL}/finalizers", ("update",)),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete", "patch")),
     ("", "configmaps", ("get", "list", "watch", "create", "delete")),
+    ("", "services", ("get", "list", "watch", "create", "delete")),
     ("", "pods", ("list", "watch")),
     ("", "secrets", ("get",)),
     ("", "events", ("create", "patch")),
@@ -176,6 +177,10 @@ class Kube:
                 self.core.list_config_map_for_all_namespaces,
                 self.core.list_namespaced_config_map,
             ),
+            "services": (
+                self.core.list_service_for_all_namespaces,
+                self.core.list_namespaced_service,
+            ),
         }
         everywhere, namespaced = calls[kind]
         return (everywhere, ()) if namespace is None else (namespaced, (namespace,))
@@ -282,6 +287,7 @@ class Kube:
                 self.core.create_namespaced_config_map,
                 self.core.read_namespaced_config_map,
             ),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
         }[kind]
         what = f"{kind} {namespace}/{name}"
         try:
@@ -313,6 +319,7 @@ class Kube:
         call = {
             "Job": self.batch.delete_namespaced_job,
             "ConfigMap": self.core.delete_namespaced_config_map,
+            "Service": self.core.delete_namespaced_service,
         }[kind]
         what = f"{kind} {namespace}/{name}"
         if (

@@ -21,8 +21,14 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob, Progress, TrainerResult, make_run_id
-from kubetune.controller.build import CONTAINER, RUN_LABEL, SPEC_HASH_ANNOTATION, spec_hash
+from kubetune.api import ExitCode, FineTuneJob, PodPhase, Progress, TrainerResult, make_run_id
+from kubetune.controller.build import (
+    COMPLETION_INDEX,
+    CONTAINER,
+    RUN_LABEL,
+    SPEC_HASH_ANNOTATION,
+    spec_hash,
+)
 from kubetune.controller.decide import Observed, ObservedJob, Waiting
 
 # Container waiting reasons that are a normal part of starting, not a problem to report.
@@ -137,13 +143,60 @@ def current_run_id(
     return make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
 
 
+def completion_index(pod: dict[str, Any]) -> int | None:
+    """The pod's index in an Indexed Job (its node rank); None for a one-pod run's pod."""
+    meta = pod.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(
+        COMPLETION_INDEX
+    )
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
 def running_pod(pods: Iterable[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
-    """The run's pod whose trainer container runs now (where its metrics can be read)."""
+    """The run's pod whose trainer container runs now (where its metrics can be read): rank 0's
+    pod of a distributed run, the one that serves them."""
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
-        if labels.get(RUN_LABEL) == run_id and _trainer_running(pod):
+        if (
+            labels.get(RUN_LABEL) == run_id
+            and completion_index(pod) in (None, 0)
+            and _trainer_running(pod)
+        ):
             return pod
     return None
+
+
+def _created(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def pod_groups(pods: list[dict[str, Any]]) -> tuple[int, tuple[PodPhase, ...]]:
+    """(starts of the run's trainer, the newest pod of each index). A one-pod run starts once per
+    pod; a group of pods starts once per round of pods, so its count is the most pods that any
+    one index has had (the Job replaces each failed pod of a group)."""
+    by_index: dict[int | None, list[dict[str, Any]]] = {}
+    for pod in pods:
+        by_index.setdefault(completion_index(pod), []).append(pod)
+    starts = max((len(group) for group in by_index.values()), default=0)
+    phases = tuple(
+        PodPhase(
+            index=index,
+            name=newest["metadata"]["name"],
+            phase=(newest.get("status") or {}).get("phase") or "Pending",
+        )
+        for index, group in sorted(by_index.items(), key=lambda item: item[0] or 0)
+        if index is not None
+        for newest in [max(group, key=lambda p: (_created(p), p["metadata"]["name"]))]
+    )
+    return starts, phases
+
+
+def _result_order(pod: dict[str, Any]) -> tuple[bool, str]:
+    """Results by what they say: a pod whose processes only lost a peer tells less than the pod
+    whose process failed first; then the newest."""
+    result = termination_result(pod)
+    lost = result is not None and result.exit_code == ExitCode.PEER_LOST
+    return (not lost, _finished_at(pod))
 
 
 def metrics_target(pod: dict[str, Any], default_port: int) -> tuple[str, int] | None:
@@ -166,28 +219,34 @@ def observe(
     metrics_text: str | None = None,
     now: datetime | None = None,
     stored_result: TrainerResult | None = None,
+    services: Iterable[dict[str, Any]] = (),
 ) -> Observed:
     """What exists for one FineTuneJob: its children (by run-id label) and its current pods.
     stored_result: the run's result.json, read by the caller when no pod carries the result."""
-    jobs, configmaps = list(jobs), list(configmaps)
+    jobs, configmaps, services = list(jobs), list(configmaps), list(services)
 
     def run_of(obj: dict[str, Any]) -> str | None:
         return ((obj.get("metadata") or {}).get("labels") or {}).get(RUN_LABEL)
 
     current = [j for j in jobs if run_of(j) == run_id]
-    stale = tuple(("Job", j["metadata"]["name"]) for j in jobs if run_of(j) != run_id) + tuple(
-        ("ConfigMap", c["metadata"]["name"]) for c in configmaps if run_of(c) != run_id
+    stale = (
+        tuple(("Job", j["metadata"]["name"]) for j in jobs if run_of(j) != run_id)
+        + tuple(("ConfigMap", c["metadata"]["name"]) for c in configmaps if run_of(c) != run_id)
+        + tuple(("Service", v["metadata"]["name"]) for v in services if run_of(v) != run_id)
     )
     run_pods = [p for p in pods if run_of(p) == run_id]
-    finished = sorted((p for p in run_pods if termination_result(p)), key=_finished_at)
+    finished = sorted((p for p in run_pods if termination_result(p)), key=_result_order)
+    group_starts, phases = pod_groups(run_pods)
     progress, stage = parse_metrics(metrics_text, now) if metrics_text else (None, None)
     starts = [t for t in map(_started_at, run_pods) if t is not None]
     waiting = [w for w in map(pod_waiting, run_pods) if w is not None]
     return Observed(
         job=observe_job(current[0]) if current else None,
         configmap=any(run_of(c) == run_id for c in configmaps),
+        service=any(run_of(v) == run_id for v in services),
         stale=stale,
-        pods_started=len(run_pods),
+        pods_started=group_starts,
+        pods=phases,
         result=termination_result(finished[-1]) if finished else stored_result,
         progress=progress,
         stage=stage,

@@ -17,10 +17,17 @@ def policy_problems(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
     ):
         allowed = ", ".join([settings.trainer_image, *settings.allowed_images])
         problems.append(f"spec.image: {spec.image!r} is not allowed here; allowed: {allowed}")
-    if spec.resources.gpus > settings.max_gpus_per_job:
+    gpus = spec.resources.gpus * spec.nodes()
+    if gpus > settings.max_gpus_per_job and spec.nodes() == 1:
         problems.append(
-            f"spec.resources.gpus: {spec.resources.gpus} is more than this cluster allows per job "
+            f"spec.resources.gpus: {gpus} is more than this cluster allows per job "
             f"({settings.max_gpus_per_job})"
+        )
+    elif gpus > settings.max_gpus_per_job:
+        problems.append(
+            f"spec.resources: {spec.nodes()} pods x {spec.resources.gpus} GPUs = {gpus} GPUs is "
+            f"more than this cluster allows per job ({settings.max_gpus_per_job}); lower "
+            "resources.nodes or resources.gpus"
         )
     if spec.output.uri.startswith("file://") and not settings.allow_file_output:
         problems.append(

@@ -172,7 +172,13 @@ def reconcile(
         job = FineTuneJob.model_construct(metadata=meta, spec=None, status=previous)
         run_id = make_run_id(meta.uid or "", meta.generation or 0)
         refusal = State("InvalidSpec", "; ".join(describe_errors(exc, FineTuneJob)))
-        observed = observe(run_id, children["jobs"], children["configmaps"], [])
+        observed = observe(
+            run_id,
+            children["jobs"],
+            children["configmaps"],
+            [],
+            services=children.get("services", ()),
+        )
     else:
         job = job.model_copy(update={"status": previous, "metadata": meta})
         run_id = current_run_id(job, children["jobs"], children["configmaps"])
@@ -180,7 +186,13 @@ def reconcile(
         if problems:
             refusal = State("PolicyViolation", "; ".join(problems))
         observed = observe(
-            run_id, children["jobs"], children["configmaps"], children["pods"], metrics_text, now
+            run_id,
+            children["jobs"],
+            children["configmaps"],
+            children["pods"],
+            metrics_text,
+            now,
+            services=children.get("services", ()),
         )
         if _needs_stored_result(job, observed, run_id):
             stored = _stored_result(kube, job, run_id, read_result)

@@ -42,7 +42,7 @@ from kubetune.controller.workqueue import WorkQueue
 log = logging.getLogger("kubetune.operator")
 
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-CHILDREN = ("jobs", "configmaps", "pods")
+CHILDREN = ("jobs", "configmaps", "pods", "services")
 
 
 class CachedKube:
@@ -71,7 +71,7 @@ class CachedKube:
 
     def create(self, obj: dict[str, Any]) -> None:
         created = self.kube.create(obj)
-        plural = {"Job": "jobs", "ConfigMap": "configmaps"}[obj["kind"]]
+        plural = {"Job": "jobs", "ConfigMap": "configmaps", "Service": "services"}[obj["kind"]]
         self.stores[plural].assume(created)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
