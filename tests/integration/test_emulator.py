@@ -419,3 +419,121 @@ def test_pods_that_cannot_start_stay_pending_and_say_why(
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": {}}
         api.create("secrets", ns, secret)
         wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, name)))
+
+
+# -- Indexed Jobs and the pods of a headless Service ------------------------------------------
+
+INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def _indexed(ns: str, name: str, completions: int = 2, **spec: Any) -> dict[str, Any]:
+    return _job(
+        ns,
+        name,
+        completionMode="Indexed",
+        completions=completions,
+        parallelism=completions,
+        **spec,
+    )
+
+
+def test_an_indexed_job_runs_a_pod_per_index_until_each_succeeds(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    _, api, _ = node
+    ns = "emu-indexed"
+    api.create("jobs", ns, _indexed(ns, "pair"))
+    wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "pair")))
+    pods = sorted(_pods(api, ns, "pair"), key=lambda p: p["metadata"]["annotations"][INDEX])
+    assert [p["metadata"]["annotations"][INDEX] for p in pods] == ["0", "1"]
+    assert [p["metadata"]["labels"][INDEX] for p in pods] == ["0", "1"]
+    for index, pod in enumerate(pods):
+        assert pod["metadata"]["name"].startswith(f"pair-{index}-")
+        assert pod["spec"]["hostname"] == f"pair-{index}"
+        env = pod["spec"]["containers"][0]["env"]
+        assert {"name": "JOB_COMPLETION_INDEX", "value": str(index)} in env
+    status = api.get("jobs", ns, "pair")["status"]
+    assert (status["succeeded"], status["completedIndexes"]) == (2, "0-1")
+
+
+def test_a_failed_index_is_replaced_and_counted_until_the_backoff_limit(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    _, api, kubelet = node
+    ns = "emu-indexed-fail"
+    saved, kubelet.fake_seconds = kubelet.fake_seconds, 60.0
+    try:
+        api.create("jobs", ns, _indexed(ns, "group", backoffLimit=1))
+
+        def running(index: str) -> list[dict[str, Any]]:
+            return [
+                p
+                for p in _pods(api, ns, "group")
+                if p["metadata"]["annotations"][INDEX] == index
+                and (p.get("status") or {}).get("phase") == "Running"
+            ]
+
+        first = wait_until("index 1 runs", lambda: running("1"))[0]["metadata"]["name"]
+        kubelet.kill(first)
+        second = wait_until(
+            "index 1 replaced",
+            lambda: [p for p in running("1") if p["metadata"]["name"] != first],
+        )[0]["metadata"]["name"]
+        job = api.get("jobs", ns, "group")
+        assert job["status"]["failed"] == 1 and "Failed" not in _conditions(job)
+        (zero,) = running("0")  # the other index runs on, untouched
+        kubelet.kill(second)
+        failed = wait_until(
+            "Failed", lambda: _conditions(api.get("jobs", ns, "group")).get("Failed")
+        )
+    finally:
+        kubelet.fake_seconds = saved
+    assert failed["reason"] == "BackoffLimitExceeded"
+    # The Job controller terminated the pod still running.
+    pod = api.get("pods", ns, zero["metadata"]["name"])
+    assert pod["status"]["phase"] == "Failed"
+
+
+def test_pods_meet_through_a_headless_service_on_the_node(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """The Service's pod DNS names resolve to the node, a named port maps to one node port for
+    the whole Job, and the downward API gives each pod its index."""
+    _, api, kubelet = node
+    ns = "emu-meet"
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "meet", "namespace": ns},
+        "spec": {"clusterIP": "None", "selector": {"job-name": "talk"}},
+    }
+    api.create("services", ns, service)
+    script = "import os; print(os.environ['ADDR'], os.environ['RDZV_PORT'], os.environ['RANK'])"
+    container = {
+        "name": "trainer",
+        "image": "t",
+        "command": ["python", "-c", script],
+        "ports": [{"name": "rendezvous", "containerPort": 29500}],
+        "env": [
+            {"name": "ADDR", "value": f"talk-0.meet.{ns}.svc"},
+            {"name": "RDZV_PORT", "value": "29500"},
+            {
+                "name": "RANK",
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX}']"}},
+            },
+        ],
+    }
+    saved, kubelet.fake_seconds = kubelet.fake_seconds, None
+    try:
+        api.create("jobs", ns, _indexed(ns, "talk", pod={"containers": [container]}))
+        wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "talk")))
+    finally:
+        kubelet.fake_seconds = saved
+    lines = sorted(
+        (kubelet.workdir / ns / p["metadata"]["name"] / "container.log").read_text().split()
+        for p in _pods(api, ns, "talk")
+    )
+    (address, port, _), (address1, port1, _) = lines
+    assert address == address1 == "127.0.0.1"
+    assert port == port1 != "29500"
+    assert [rank for *_, rank in lines] == ["0", "1"]

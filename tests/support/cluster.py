@@ -87,6 +87,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": {"kind": "Job", "singular": "job", "subresources": {"status"}},
     "v1/pods": {"kind": "Pod", "singular": "pod", "subresources": {"status"}},
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap"},
+    "v1/services": {"kind": "Service", "singular": "service"},
     "v1/secrets": {"kind": "Secret", "singular": "secret"},
     "v1/events": {"kind": "Event", "singular": "event"},
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease"},
@@ -408,10 +409,12 @@ class Emulator(kmock.KubernetesEmulator):
         elif plural == "events" and isinstance(request.data, dict):
             owner = (request.data.get("involvedObject") or {}).get("name")
         elif (
-            plural in ("jobs", "configmaps") and isinstance(request.data, dict) and verb == "create"
+            plural in ("jobs", "configmaps", "services")
+            and isinstance(request.data, dict)
+            and verb == "create"
         ):
             owner = _labels(request.data).get("kubetune.dev/finetunejob")
-        elif plural in ("jobs", "configmaps") and request.name:
+        elif plural in ("jobs", "configmaps", "services") and request.name:
             owner = request.name.rsplit("-", 1)[0]
         if owner:
             self.writes_by_owner[f"{request.namespace}/{owner}"] += 1
@@ -897,6 +900,7 @@ PATHS = {
     "jobs": "/apis/batch/v1",
     "pods": "/api/v1",
     "configmaps": "/api/v1",
+    "services": "/api/v1",
     "secrets": "/api/v1",
     "events": "/api/v1",
 }

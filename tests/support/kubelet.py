@@ -10,6 +10,14 @@ and a kubelet, for the emulated API server. Each behaviour is the real one's, ci
   the podFailurePolicy (FailJob on exit codes, Ignore for DisruptionTarget), then backoffLimit
   (BackoffLimitExceeded); activeDeadlineSeconds gives DeadlineExceeded; a suspended Job's pods
   are deleted.
+- Indexed Jobs (.../controllers/job/#completion-mode): `completionMode: Indexed` runs
+  `parallelism` pods at a time until each index 0..completions-1 has one succeeded pod (then
+  SuccessCriteriaMet and Complete, `completedIndexes`); a pod is named `<job>-<index>-<random>`,
+  carries the index as the annotation and (Kubernetes 1.28+) label
+  `batch.kubernetes.io/job-completion-index`, gets the env `JOB_COMPLETION_INDEX` and the
+  hostname `<job>-<index>`; a failed pod is replaced at its index and counts against
+  backoffLimit (failures of all indexes together); when the Job fails, its other pods are
+  terminated.
 - TTL-after-finished controller (.../controllers/ttlafterfinished/): `ttlSecondsAfterFinished`
   after the Complete or Failed condition, the Job is deleted with its pods (cascading).
 - Scheduler: a pod whose nodeSelector the node's labels do not match, or that asks for more of
@@ -26,9 +34,16 @@ How a container becomes a process:
 - volumes: configMap volumes are written to a per-pod directory, emptyDirs are directories;
   paths under a mountPath in the command, env and config file are mapped to those directories;
 - env: the container's env plus envFrom secretRef, read from the Secret through the API;
+- env: `valueFrom.fieldRef` of metadata.name, metadata.namespace and annotations/labels (the
+  downward API), as the kubelet resolves them;
 - network: all pods share 127.0.0.1, so the node gives each pod a free port for its `metrics`
   container port (as a hostPort mapping would) and records it in the pod's spec, where the
-  operator looks for it; the trainer listens on 127.0.0.1 (KUBETUNE_METRICS_ADDR).
+  operator looks for it; the trainer listens on 127.0.0.1 (KUBETUNE_METRICS_ADDR). Any other
+  named container port (a distributed run's `rendezvous`) maps to one free port per Job, shared
+  by its pods, and an env var `*_PORT` whose value is that container port gets the mapped one;
+- DNS: a name `<host>.<service>.<namespace>.svc[.cluster.local]` in an env value resolves, as
+  cluster DNS would for the pods of a headless Service, when that Service exists: to
+  127.0.0.1, where every pod of this node listens.
 With `fake_seconds` set it runs no process at all: each pod "trains" for that long and ends with
 a valid TrainerResult (the scale benchmark's fast fake trainer).
 """
@@ -38,6 +53,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,6 +72,7 @@ from typing import Any
 from tests.support.cluster import TEST_AGENT, Client
 
 TERMINATION_LIMIT = 4096
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def _now() -> str:
@@ -66,6 +83,17 @@ def _free_port() -> int:
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _index_ranges(indexes: set[int]) -> str:
+    """completedIndexes as the Job controller writes it: "0-2,4"."""
+    out: list[str] = []
+    for i in sorted(indexes):
+        if out and int(out[-1].split("-")[-1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
 
 
 def _condition(kind: str, reason: str, message: str = "", status: str = "True") -> dict[str, Any]:
@@ -97,6 +125,9 @@ class PodRun:
     running: bool = False  # the container started (the pod is Running)
     waiting: str = ""  # the waiting reason last reported while Pending
     started_at: str = ""
+    index: int | None = None  # the completion index of an Indexed Job's pod
+    metadata: dict[str, Any] = field(default_factory=dict)  # the pod's, for the downward API
+    ports: dict[int, int] = field(default_factory=dict)  # its Job's containerPort -> node port
 
 
 @dataclass
@@ -104,11 +135,17 @@ class JobState:
     pods: int = 0
     failed: int = 0
     active: PodRun | None = None
+    indexed: dict[int, PodRun] = field(default_factory=dict)  # an Indexed Job's active pods
+    succeeded: set[int] = field(default_factory=set)  # an Indexed Job's completed indexes
+    ports: dict[int, int] = field(default_factory=dict)  # containerPort -> node port, per Job
     started_at: float | None = None
     done: bool = False
     # The terminal window: the condition to add (Complete or Failed) and when.
     terminal: tuple[float, dict[str, Any], dict[str, Any]] | None = None
     finished_at: float | None = None  # when Complete or Failed was added
+
+    def runs(self) -> list[PodRun]:
+        return ([self.active] if self.active else []) + list(self.indexed.values())
 
 
 class Kubelet:
@@ -201,22 +238,22 @@ class Kubelet:
         self._thread.join(30)
         with self._lock:
             for state in self.jobs.values():
-                if state.active is not None:
-                    self._kill(state.active)
+                for run in state.runs():
+                    self._kill(run)
 
     def running_pods(self) -> list[PodRun]:
         with self._lock:
-            return [s.active for s in self.jobs.values() if s.active and s.active.running]
+            return [run for s in self.jobs.values() for run in s.runs() if run.running]
 
     def kill(self, pod_name: str, disruption: bool = False) -> None:
         """SIGKILL a pod's process, as an OOM kill (or, with disruption, a preemption) would."""
         with self._lock:
             for state in self.jobs.values():
-                run = state.active
-                if run is not None and run.name == pod_name:
-                    run.disrupted = disruption
-                    self._kill(run)
-                    return
+                for run in state.runs():
+                    if run.name == pod_name:
+                        run.disrupted = disruption
+                        self._kill(run)
+                        return
         raise KeyError(pod_name)
 
     def freeze(self, pod_name: str, frozen: bool = True) -> None:
@@ -224,10 +261,10 @@ class Kubelet:
         stuck in a long step or a node under memory pressure; its metrics scrapes time out."""
         with self._lock:
             for state in self.jobs.values():
-                run = state.active
-                if run is not None and run.name == pod_name and run.process is not None:
-                    os.killpg(run.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
-                    return
+                for run in state.runs():
+                    if run.name == pod_name and run.process is not None:
+                        os.killpg(run.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+                        return
         raise KeyError(pod_name)
 
     # -- the loop -------------------------------------------------------------------------
@@ -253,9 +290,8 @@ class Kubelet:
         with self._lock:
             for uid in list(self.jobs):
                 if uid not in jobs:  # the Job was deleted; its pods went with it
-                    state = self.jobs.pop(uid)
-                    if state.active is not None:
-                        self._kill(state.active)
+                    for run in self.jobs.pop(uid).runs():
+                        self._kill(run)
             pairs = [(self.jobs.setdefault(uid, JobState()), job) for uid, job in jobs.items()]
             if self._pool is None:
                 for state, job in pairs:
@@ -287,10 +323,11 @@ class Kubelet:
                 self.api.delete("jobs", ns, meta["name"], policy="Foreground")
             return
         if spec.get("suspend"):
-            if state.active is not None:
-                self._kill(state.active)
-                self.api.delete("pods", ns, state.active.name)
-                state.active = None
+            for run in state.runs():
+                self._kill(run)
+                self.api.delete("pods", ns, run.name)
+            state.active = None
+            state.indexed.clear()
             self._job_status(
                 job, {"active": 0, "ready": 0}, _condition("Suspended", "JobSuspended")
             )
@@ -298,13 +335,17 @@ class Kubelet:
         deadline = spec.get("activeDeadlineSeconds")
         started = state.started_at
         if deadline is not None and started is not None and time.monotonic() - started > deadline:
-            if state.active is not None:
-                self._kill(state.active)
-                self._finish_pod(state.active, -9, "DeadlineExceeded")
-                state.active = None
+            for run in state.runs():
+                self._kill(run)
+                self._finish_pod(run, -9, "DeadlineExceeded")
+            state.active = None
+            state.indexed.clear()
             self._fail(
                 state, job, "DeadlineExceeded", "Job was active longer than specified deadline"
             )
+            return
+        if spec.get("completionMode") == "Indexed":
+            self._sync_indexed(state, job)
             return
         if state.active is None:
             self._start_pod(state, job)
@@ -331,27 +372,95 @@ class Kubelet:
                 ),
             )
             return
-        for index, rule in enumerate((spec.get("podFailurePolicy") or {}).get("rules") or []):
-            on_codes = rule.get("onExitCodes")
-            on_conditions = rule.get("onPodConditions")
-            if on_codes and exit_code in on_codes.get("values", []) and rule["action"] == "FailJob":
-                self._fail(
-                    state,
-                    job,
-                    "PodFailurePolicy",
-                    f"Container trainer for pod {ns}/{run.name} failed with exit code "
-                    f"{exit_code} matching FailJob rule at index {index}",
-                )
-                return
-            if on_conditions and run.disrupted and rule["action"] == "Ignore":
-                self._job_status(job, {"active": 0, "ready": 0})
-                return  # not counted: a new pod starts on the next pass
+        action, message = self._failure_policy(spec, run, exit_code)
+        if action == "FailJob":
+            self._fail(state, job, "PodFailurePolicy", message)
+            return
+        if action == "Ignore":
+            self._job_status(job, {"active": 0, "ready": 0})
+            return  # not counted: a new pod starts on the next pass
         state.failed += 1
         self._job_status(job, {"active": 0, "ready": 0, "failed": state.failed})
         if state.failed > int(spec.get("backoffLimit", 6)):
             self._fail(
                 state, job, "BackoffLimitExceeded", "Job has reached the specified backoff limit"
             )
+
+    def _failure_policy(self, spec: dict[str, Any], run: PodRun, exit_code: int) -> tuple[str, str]:
+        """The podFailurePolicy's verdict on a failed pod: FailJob, Ignore or Count."""
+        for index, rule in enumerate((spec.get("podFailurePolicy") or {}).get("rules") or []):
+            on_codes = rule.get("onExitCodes")
+            on_conditions = rule.get("onPodConditions")
+            if on_codes and exit_code in on_codes.get("values", []) and rule["action"] == "FailJob":
+                return "FailJob", (
+                    f"Container trainer for pod {run.namespace}/{run.name} failed with exit code "
+                    f"{exit_code} matching FailJob rule at index {index}"
+                )
+            if on_conditions and run.disrupted and rule["action"] == "Ignore":
+                return "Ignore", ""
+        return "Count", ""
+
+    def _sync_indexed(self, state: JobState, job: dict[str, Any]) -> None:
+        """An Indexed Job: a pod per index, each replaced when it fails, complete when every
+        index has succeeded."""
+        spec = job["spec"]
+        completions = int(spec.get("completions") or 1)
+        parallelism = int(spec.get("parallelism", completions))
+        for index in range(completions):
+            if len(state.indexed) >= parallelism:
+                break
+            if index not in state.succeeded and index not in state.indexed:
+                self._start_pod(state, job, index)
+        for index, run in sorted(state.indexed.items()):
+            if not run.running:
+                self._try_to_run(run, job)
+                continue
+            exit_code = self._exit_code(run)
+            if exit_code is None:
+                continue
+            del state.indexed[index]
+            self._finish_pod(run, exit_code, "Completed" if exit_code == 0 else "Error")
+            if exit_code == 0:
+                state.succeeded.add(index)
+                continue
+            action, message = self._failure_policy(spec, run, exit_code)
+            if action == "Ignore":
+                continue
+            if action == "Count":
+                state.failed += 1
+            if action == "FailJob" or state.failed > int(spec.get("backoffLimit", 6)):
+                for other in state.runs():  # the Job controller terminates the rest
+                    self._kill(other)
+                    self._finish_pod(other, 143, "Error")
+                state.indexed.clear()
+                if action == "FailJob":
+                    self._fail(state, job, "PodFailurePolicy", message)
+                else:
+                    self._fail(
+                        state,
+                        job,
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit",
+                    )
+                return
+        fields: dict[str, Any] = {
+            "active": len(state.indexed),
+            "ready": sum(run.running for run in state.indexed.values()),
+            "succeeded": len(state.succeeded),
+            "failed": state.failed,
+            "completedIndexes": _index_ranges(state.succeeded),
+        }
+        if len(state.succeeded) < completions:
+            self._job_status(job, fields)
+            return
+        self._job_status(job, fields, _condition("SuccessCriteriaMet", "CompletionsReached"))
+        self._terminal(
+            state,
+            {"completionTime": None},
+            _condition(
+                "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
+            ),
+        )
 
     def _fail(self, state: JobState, job: dict[str, Any], reason: str, message: str) -> None:
         self._job_status(
@@ -399,7 +508,7 @@ class Kubelet:
 
     # -- pods -----------------------------------------------------------------------------
 
-    def _start_pod(self, state: JobState, job: dict[str, Any]) -> None:
+    def _start_pod(self, state: JobState, job: dict[str, Any], index: int | None = None) -> None:
         """Create the pod; it is Pending (and counted active) until its container starts."""
         meta = job["metadata"]
         ns = meta["namespace"]
@@ -407,6 +516,16 @@ class Kubelet:
         state.pods += 1
         pod_name = f"{meta['name']}-{state.pods}"
         spec = json.loads(json.dumps(template["spec"]))
+        labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": meta["name"]}
+        annotations: dict[str, str] = {}
+        if index is not None:
+            pod_name = f"{meta['name']}-{index}-{secrets.token_hex(3)[:5]}"
+            labels[COMPLETION_INDEX] = annotations[COMPLETION_INDEX] = str(index)
+            spec["hostname"] = f"{meta['name']}-{index}"
+            for container in spec["containers"]:
+                container.setdefault("env", []).append(
+                    {"name": "JOB_COMPLETION_INDEX", "value": str(index)}
+                )
         self._pods_started += 1
         for p in spec["containers"][0].get("ports") or []:
             if p.get("name") == "metrics" and self.fake_metrics_ports:
@@ -420,10 +539,8 @@ class Kubelet:
             "metadata": {
                 "name": pod_name,
                 "namespace": ns,
-                "labels": {
-                    **(template.get("metadata") or {}).get("labels", {}),
-                    "job-name": meta["name"],
-                },
+                "labels": labels,
+                "annotations": annotations,
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",
@@ -439,12 +556,21 @@ class Kubelet:
         }
         self.api.create("pods", ns, pod)
         run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name, spec=spec)
+        run.index, run.metadata = index, pod["metadata"]
+        for container in spec["containers"]:  # the Job's node ports (see the module's doc)
+            for port in container.get("ports") or []:
+                if port.get("name") != "metrics":
+                    state.ports.setdefault(int(port["containerPort"]), _free_port())
+        run.ports = state.ports
         run.directory.mkdir(parents=True, exist_ok=True)
-        state.active = run
+        if index is None:
+            state.active = run
+        else:
+            state.indexed[index] = run
         if state.started_at is None:
             state.started_at = time.monotonic()
         self._pod_status(run, {"phase": "Pending"})
-        fields: dict[str, Any] = {"active": 1, "ready": 0}
+        fields: dict[str, Any] = {"active": len(state.runs()), "ready": 0}
         if not (job.get("status") or {}).get("startTime"):
             fields["startTime"] = _now()
         self._job_status(job, fields)
@@ -548,7 +674,8 @@ class Kubelet:
                 ],
             },
         )
-        self._job_status(job, {"active": 1, "ready": 1})
+        if run.index is None:  # an Indexed Job's counts come from _sync_indexed
+            self._job_status(job, {"active": 1, "ready": 1})
 
     def _pod_status(self, run: PodRun, status: dict[str, Any]) -> None:
         self.api.patch("pods", run.namespace, run.name, {"status": status}, status=True)
@@ -596,7 +723,11 @@ class Kubelet:
                 for key, value in (secret.get("data") or {}).items():
                     env[key] = base64.b64decode(value).decode()
         for item in container.get("env") or []:
-            env[item["name"]] = local(item.get("value", ""))
+            if "valueFrom" in item:
+                value = self._field_ref(run, item["valueFrom"])
+            else:
+                value = self._network(run, item["name"], local(item.get("value", "")))
+            env[item["name"]] = value
         env["KUBETUNE_METRICS_ADDR"] = "127.0.0.1"
         run.termination_path = run.directory / "termination-log"
         command = [local(part) for part in container["command"]]
@@ -615,6 +746,34 @@ class Kubelet:
             run.process = subprocess.Popen(
                 command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+
+    def _field_ref(self, run: PodRun, source: dict[str, Any]) -> str:
+        """The downward API: metadata.name, metadata.namespace, metadata.annotations['k'],
+        metadata.labels['k']."""
+        path = (source.get("fieldRef") or {}).get("fieldPath", "")
+        meta = run.metadata
+        if path in ("metadata.name", "metadata.namespace"):
+            return str(meta.get(path.split(".")[1], ""))
+        for kind in ("annotations", "labels"):
+            prefix = f"metadata.{kind}['"
+            if path.startswith(prefix) and path.endswith("']"):
+                return str((meta.get(kind) or {}).get(path[len(prefix) : -2], ""))
+        raise RuntimeError(f"pod {run.name}: unsupported env source {source}")
+
+    def _network(self, run: PodRun, name: str, value: str) -> str:
+        """Cluster DNS names of a headless Service's pods, and the Job's mapped ports (see the
+        module's doc)."""
+        parts = value.split(".")
+        if (
+            len(parts) >= 4
+            and parts[3] == "svc"
+            and parts[2] == run.namespace
+            and self.api.get("services", run.namespace, parts[1]) is not None
+        ):
+            return "127.0.0.1"
+        if name.endswith("_PORT") and value.isdigit() and int(value) in run.ports:
+            return str(run.ports[int(value)])
+        return value
 
     def _exit_code(self, run: PodRun) -> int | None:
         if run.process is not None:
