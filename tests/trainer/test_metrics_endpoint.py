@@ -51,3 +51,5 @@ def test_metrics_are_served_during_and_after_a_run(
     assert samples["kubetune_trainer_train_loss[]"] == recorder.steps[-1].loss
     assert samples["kubetune_trainer_stage[('kubetune_trainer_stage', 'done')]"] == 1
     assert samples["kubetune_trainer_eta_seconds[]"] == 0
+    assert samples["kubetune_trainer_world_size[]"] == 1
+    assert samples["kubetune_trainer_rank_memory_bytes[('kind', 'rss'), ('rank', '0')]"] > 2**20

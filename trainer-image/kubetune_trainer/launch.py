@@ -32,6 +32,7 @@ DEFAULT_PORT = 29500
 # How long a pod waits for the others to join (a pod may wait for a node, an image pull).
 JOIN_TIMEOUT = int(os.environ.get("KUBETUNE_JOIN_TIMEOUT_SECONDS", "900"))
 RESULT_FILE = "result-rank-{rank}.json"
+PID_FILE = "rank-{rank}.pid"
 
 
 def _env(name: str, default: int) -> int:
@@ -46,6 +47,7 @@ def _worker(path: str, workdir: str) -> str:
 
     rank = distributed.current()
     setup_logging(rank)
+    Path(workdir, PID_FILE.format(rank=rank.rank)).write_text(str(os.getpid()))
     config = load_config(Path(path))
     if config is None:
         result = TrainerResult(
@@ -72,17 +74,6 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def choose(results: list[TrainerResult]) -> TrainerResult:
-    """The result the pod reports: the first failure that is a process's own (not one that only
-    lost a peer), else rank 0's (or the lowest rank's) result."""
-    own = [r for r in results if r.outcome == "Failed" and r.exit_code != ExitCode.PEER_LOST]
-    if own and any(r.rank is not None for r in own):
-        return min(own, key=lambda r: (r.rank is None, r.rank or 0))
-    if own:
-        return own[0]
-    return min(results, key=lambda r: r.rank or 0)
-
-
 def launch(config: TrainerConfig, path: Path) -> TrainerResult:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -92,8 +83,9 @@ def launch(config: TrainerConfig, path: Path) -> TrainerResult:
     node = _env("NODE_RANK", 0)
     workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune"))
     workdir.mkdir(parents=True, exist_ok=True)
-    for old in workdir.glob(RESULT_FILE.format(rank="*")):
-        old.unlink()
+    for pattern in (RESULT_FILE, PID_FILE):
+        for old in workdir.glob(pattern.format(rank="*")):
+            old.unlink()
 
     def failed(code: ExitCode, message: str) -> TrainerResult:
         return TrainerResult(
@@ -139,21 +131,38 @@ def launch(config: TrainerConfig, path: Path) -> TrainerResult:
     )
     try:
         values = elastic_launch(launch_config, _worker)(str(path), str(workdir))
-        results = [TrainerResult.model_validate_json(v) for v in values.values()]
+        # Every process returned: each with rank 0's result (distributed.on_main).
+        return TrainerResult.model_validate_json(values[min(values)])
     except ChildFailedError as exc:
-        results = []
-        for global_rank, failure in sorted(exc.failures.items()):
+        # What each of this pod's processes left: its result, else how it ended. The agent
+        # reports the first process it saw end (often one that lost its peer), so a process
+        # that ended without a result is looked for among all of them.
+        results, silent = [], []
+        for local_rank in range(nproc):
+            global_rank = node * nproc + local_rank
             saved = workdir / RESULT_FILE.format(rank=global_rank)
             if saved.exists():
                 results.append(TrainerResult.model_validate_json(saved.read_text()))
                 continue
-            results.append(
+            pid_file = workdir / PID_FILE.format(rank=global_rank)
+            failure = exc.failures.get(global_rank)
+            pid = failure.pid if failure else pid_file.read_text() if pid_file.exists() else "?"
+            how = (
+                _describe_exit(failure.exitcode)
+                if failure
+                else "ended without a result (killed, e.g. out of memory, or crashed)"
+            )
+            silent.append(
                 failed(
                     ExitCode.RUNTIME_ERROR,
-                    f"rank {global_rank} (pod {node}, local rank {failure.local_rank}) "
-                    f"{_describe_exit(failure.exitcode)}",
+                    f"rank {global_rank} (pod {node}, local rank {local_rank}, pid {pid}) {how}",
                 ).model_copy(update={"rank": global_rank})
             )
+        # A process's own failure first; one that left no result next (the agent stops the
+        # others once one has failed: they leave none either, so the lowest is a guess); a
+        # process that only lost its peer last.
+        own = [r for r in results if r.exit_code != ExitCode.PEER_LOST and r.outcome == "Failed"]
+        return (own or silent or results)[0]
     except Exception as exc:  # the rendezvous: the other pods never came, or rank 0 is gone
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return failed(
@@ -161,7 +170,6 @@ def launch(config: TrainerConfig, path: Path) -> TrainerResult:
             f"pod {node} could not meet the run's other pods at {endpoint}: "
             f"{type(exc).__name__}: {first}",
         )
-    return choose(results)
 
 
 def main(argv: list[str] | None = None) -> int:

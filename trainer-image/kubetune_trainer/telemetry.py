@@ -27,7 +27,7 @@ class StepInfo:
     learning_rate: float | None = None
     tokens_per_second: float | None = None  # of the whole run, every rank's tokens
     eta_seconds: float | None = None
-    # Distributed: each rank's (peak resident memory, peak GPU memory or None), by rank.
+    # Each rank's (peak resident memory, peak GPU memory or None), by rank.
     rank_memory: list[tuple[int, int | None]] | None = None
 
 

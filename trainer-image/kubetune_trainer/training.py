@@ -113,8 +113,8 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
             done = state.global_step - self.step0
             rate = done / elapsed if done else None
             # Every rank logs each step together (the loss is their mean): the peak memory of
-            # each, for the per-rank gauges.
-            memory = distributed.gather(distributed.memory()) if distributed.active() else None
+            # each, for the per-rank gauges (one rank in a run of one process).
+            memory = distributed.gather(distributed.memory())
             reporter.step(
                 StepInfo(
                     step=state.global_step,
