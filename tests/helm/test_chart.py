@@ -478,3 +478,8 @@ def test_pod_monitor_selects_the_trainer_pods_the_operator_labels() -> None:
     assert sorted(p["metadata"]["namespace"] for p in trainers) == ["ml", "research"]
     for policy in trainers:
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        # The pods of a distributed run reach each other on any port (rendezvous, gloo, NCCL).
+        (peers,) = [rule for rule in policy["spec"]["ingress"] if "from" in rule]
+        assert "ports" not in peers
+        (source,) = peers["from"]
+        assert source["podSelector"]["matchLabels"].items() <= pod_labels.items()
