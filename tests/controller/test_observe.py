@@ -129,3 +129,65 @@ def test_the_newest_termination_message_is_the_result() -> None:
     assert observed.job.failed_reason == "PodFailurePolicy"
     status = decide(ftj, observed, SETTINGS, NOW).status
     assert (status.phase, status.message, status.attempts) == ("Failed", "gates failed", 3)
+
+
+def _indexed_pod(
+    index: int, name: str, created: str, phase: str, message: str | None = None
+) -> dict:
+    raw = pod(RUN, name, message)
+    raw["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    raw["metadata"]["creationTimestamp"] = created
+    raw["status"]["phase"] = phase
+    return raw
+
+
+def test_a_group_of_pods_counts_its_rounds_and_shows_each_indexs_newest_pod() -> None:
+    ftj = job(resources={"nodes": 2, "gpus": 1})
+    lost = TrainerResult(
+        run_id=RUN, outcome="Failed", exit_code=ExitCode.PEER_LOST, message="lost", rank=0
+    )
+    killed = TrainerResult(
+        run_id=RUN, outcome="Failed", exit_code=ExitCode.RUNTIME_ERROR, message="oom", rank=1
+    )
+    pods = [
+        # Round 1: index 1 was killed (its own failure), index 0 lost its peer, later.
+        _indexed_pod(1, "r-1-a", "2026-11-22T11:00:00Z", "Failed", killed.to_termination_message()),
+        _indexed_pod(0, "r-0-a", "2026-11-22T11:00:00Z", "Failed", lost.to_termination_message()),
+        # Round 2: both replaced, running.
+        _indexed_pod(0, "r-0-b", "2026-11-22T11:05:00Z", "Running"),
+        _indexed_pod(1, "r-1-b", "2026-11-22T11:05:00Z", "Running"),
+    ]
+    pods[1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = (
+        "2026-11-22T11:59:30Z"  # the peer's failure is the newest, yet not the one reported
+    )
+    current = with_status(build_job(ftj, RUN, SETTINGS), {"active": 2})
+    observed = observe(RUN, [current], [build_configmap(ftj, RUN, SETTINGS)], pods)
+    assert observed.pods_started == 2  # two rounds of the group, not four pods
+    assert [(p.index, p.name, p.phase) for p in observed.pods] == [
+        (0, "r-0-b", "Running"),
+        (1, "r-1-b", "Running"),
+    ]
+    assert observed.result == killed
+    status = decide(ftj, observed, SETTINGS, NOW).status
+    assert status.attempts == 2
+    assert status.distributed is not None
+    assert (status.distributed.nodes, status.distributed.world_size) == (2, 2)
+    assert status.distributed.strategy == "ddp"
+    assert [p.name for p in status.distributed.pods] == ["r-0-b", "r-1-b"]
+
+
+def test_a_run_of_several_pods_gets_its_service_first_and_loses_it_with_the_run() -> None:
+    ftj = job(resources={"nodes": 2, "gpus": 1})
+    decision = decide(ftj, observe(RUN, [], [], []), SETTINGS, NOW, run_id=RUN)
+    assert [c["kind"] for c in decision.create] == ["ConfigMap", "Service", "Job"]
+    service = decision.create[1]
+    assert (
+        service["metadata"]["name"] == decision.create[2]["spec"]["template"]["spec"]["subdomain"]
+    )
+    # A new run: the old run's Service is deleted with its other children.
+    observed = observe("feedbeef", [], [], [], services=[service])
+    assert ("Service", service["metadata"]["name"]) in observed.stale
+    # One pod (the default): no Service, and no distributed status.
+    single = decide(job(), observe(RUN, [], [], []), SETTINGS, NOW, run_id=RUN)
+    assert [c["kind"] for c in single.create] == ["ConfigMap", "Job"]
+    assert single.status.distributed is None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kubetune.api import ExitCode, TrainerResult
 from kubetune_trainer import storage
 from tests.integration.conftest import FINAL, Platform
@@ -88,37 +90,39 @@ def test_two_pods_train_as_one(platform: Platform, ns: str, tmp_path: Path) -> N
         assert abs(a - b) <= LOSS_TOLERANCE * abs(a), (step, one, two)
 
 
-def test_a_lost_pod_restarts_the_group_from_its_checkpoint(platform: Platform, ns: str) -> None:
+@pytest.mark.parametrize("lost", [1, 0], ids=["a-worker-pod", "rank-0s-pod"])
+def test_a_lost_pod_restarts_the_group_from_its_checkpoint(
+    platform: Platform, ns: str, lost: int
+) -> None:
+    """Either pod: rank 0's pod also hosts the rendezvous, which the new group makes again."""
+    name = f"lost{lost}"
     doc = platform.job(
         ns,
-        "lost",
+        name,
         resources={"nodes": 2, "gpus": 0},
-        hyperparameters__maxSteps=300,
+        hyperparameters__maxSteps=200,
         hyperparameters__checkpointEverySteps=20,
     )
     platform.apply(doc)
-    status = platform.wait_phase(ns, "lost", ("Running", *FINAL), timeout=180)
+    status = platform.wait_phase(ns, name, ("Running", *FINAL), timeout=180)
     run_id = status["runId"]
-    platform.wait_for("a checkpoint", lambda: platform.checkpoints(ns, "lost", run_id), 180)
-    (second,) = [p for p in platform.children(ns, "pods", "lost") if _index(p) == 1]
-    platform.kubelet.kill(second["metadata"]["name"])  # OOM-killed: counts against backoffLimit
+    platform.wait_for("a checkpoint", lambda: platform.checkpoints(ns, name, run_id), 180)
+    (victim,) = [p for p in platform.children(ns, "pods", name) if _index(p) == lost]
+    platform.kubelet.kill(victim["metadata"]["name"])  # OOM-killed: counts against backoffLimit
 
-    status = platform.wait_phase(ns, "lost", FINAL, timeout=300)
+    status = platform.wait_phase(ns, name, FINAL, timeout=300)
     assert status["phase"] == "Succeeded", status
     assert status["attempts"] == 2  # one restart of the group, not one per pod
-    pods = platform.children(ns, "pods", "lost")
+    pods = platform.children(ns, "pods", name)
     assert sorted(_index(p) for p in pods) == [0, 0, 1, 1]
-    first_round = sorted(
-        (p for p in pods if p["status"]["phase"] == "Failed"), key=lambda p: _index(p)
-    )
-    # The killed pod, and rank 0's pod which lost its peer: told apart by their results.
-    assert [_index(p) for p in first_round] == [0, 1]
-    assert _result(first_round[0]).exit_code == ExitCode.PEER_LOST
-    assert (
-        first_round[1]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
-    )
+    first_round = {_index(p): p for p in pods if p["status"]["phase"] == "Failed"}
+    assert sorted(first_round) == [0, 1]
+    # The killed pod, and the other one, which lost its peer: told apart by their results.
+    killed = first_round[lost]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert killed["exitCode"] == 137
+    assert _result(first_round[1 - lost]).exit_code == ExitCode.PEER_LOST
     final = [_result(p) for p in pods if p["status"]["phase"] == "Succeeded"]
     assert len(final) == 2 and final[0] == final[1]
     assert final[0].resumed_from_step and final[0].resumed_from_step > 0
-    assert final[0].steps == 300
-    assert len(platform.children(ns, "jobs", "lost")) == 1
+    assert final[0].steps == 200
+    assert len(platform.children(ns, "jobs", name)) == 1

@@ -135,18 +135,28 @@ def _workers(launcher: int) -> list[int]:
     return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
+def _pair(model: Path, data: Path, tmp_path: Path, **spec: Any) -> dict[str, Any]:
+    """A LoRA job of two CPU processes, output under tmp_path."""
+    return job_manifest(
+        model,
+        data,
+        (tmp_path / "out").as_uri(),
+        "lora",
+        resources={"gpus": 0},
+        distributed={"nprocPerNode": 2},
+        **spec,
+    )
+
+
 def test_a_killed_process_fails_the_pod_naming_its_rank(
     tiny_model: Path, task_file: Path, tmp_path: Path
 ) -> None:
-    doc = job_manifest(
+    doc = _pair(
         tiny_model,
         task_file,
-        (tmp_path / "out").as_uri(),
-        "lora",
+        tmp_path,
         hyperparameters__maxSteps=2000,
         hyperparameters__checkpointEverySteps=10,
-        resources={"gpus": 0},
-        distributed={"nprocPerNode": 2},
     )
     port = free_port()
     config = config_for(doc).model_copy(update={"metrics_port": port})
@@ -182,15 +192,12 @@ def test_a_killed_process_fails_the_pod_naming_its_rank(
 def test_a_permanent_outcome_keeps_its_exit_code_through_the_launcher(
     tiny_model: Path, task_file: Path, tmp_path: Path
 ) -> None:
-    doc = job_manifest(
+    doc = _pair(
         tiny_model,
         task_file,
-        (tmp_path / "out").as_uri(),
-        "lora",
+        tmp_path,
         hyperparameters__maxSteps=2,
         gates=[{"metric": "exactMatch", "min": 0.99}],
-        resources={"gpus": 0},
-        distributed={"nprocPerNode": 2},
     )
     process = _launch(config_for(doc), tmp_path)
     assert process.returncode == ExitCode.GATES_FAILED  # the Job's FailJob rule sees it
@@ -202,13 +209,7 @@ def test_a_permanent_outcome_keeps_its_exit_code_through_the_launcher(
 def test_a_run_launched_with_the_wrong_number_of_processes_says_so(
     tiny_model: Path, task_file: Path, tmp_path: Path
 ) -> None:
-    doc = job_manifest(
-        tiny_model,
-        task_file,
-        (tmp_path / "out").as_uri(),
-        resources={"gpus": 0},
-        distributed={"nprocPerNode": 2},
-    )
+    doc = _pair(tiny_model, task_file, tmp_path)
     result = run(config_for(doc), Recorder(), tmp_path / "work")  # one process, not two
     assert result.exit_code == ExitCode.INVALID_SPEC
     assert "configured for 2 process(es)" in result.message

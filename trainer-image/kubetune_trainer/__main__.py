@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -93,17 +94,23 @@ def run_process(config: TrainerConfig) -> TrainerResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry(argv: list[str] | None, runner: Callable[[TrainerConfig, Path], TrainerResult]) -> int:
+    """A pod's command: the config read, the run (one process, or the launcher's), the result
+    written to the termination message, its exit code returned."""
     argv = sys.argv[1:] if argv is None else argv
     setup_logging(distributed.current())
     path = config_path(argv)
     config = load_config(path)
     if config is None:
         return int(ExitCode.INVALID_SPEC)
-    result = run_process(config)
+    result = runner(config, path)
     if config.termination_message_path:
         Path(config.termination_message_path).write_text(result.to_termination_message())
     return int(result.exit_code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry(argv, lambda config, _: run_process(config))
 
 
 if __name__ == "__main__":

@@ -148,7 +148,6 @@ def peer_lost(exc: BaseException) -> bool:
             "Connection reset by peer",
             "Broken pipe",
             "Timed out waiting",
-            "ProcessGroupGloo",
             "NCCL communicator was aborted",
         )
     )

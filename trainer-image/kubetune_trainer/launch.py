@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerConfig, TrainerResult
-from kubetune_trainer.__main__ import config_path, load_config, run_process, setup_logging
+from kubetune_trainer.__main__ import entry, load_config, run_process, setup_logging
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -75,6 +75,18 @@ def _describe_exit(code: int) -> str:
 
 
 def launch(config: TrainerConfig, path: Path) -> TrainerResult:
+    """This pod's processes, run to the end; the result the pod reports."""
+    result = _launch(config, path)
+    log.info(
+        "Pod result outcome=%s exit_code=%d message=%s",
+        result.outcome,
+        result.exit_code,
+        result.message,
+    )
+    return result
+
+
+def _launch(config: TrainerConfig, path: Path) -> TrainerResult:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -173,24 +185,7 @@ def launch(config: TrainerConfig, path: Path) -> TrainerResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kubetune_trainer import distributed
-
-    argv = sys.argv[1:] if argv is None else argv
-    setup_logging(distributed.current())
-    path = config_path(argv)
-    config = load_config(path)
-    if config is None:
-        return int(ExitCode.INVALID_SPEC)
-    result = launch(config, path)
-    log.info(
-        "Pod result outcome=%s exit_code=%d message=%s",
-        result.outcome,
-        result.exit_code,
-        result.message,
-    )
-    if config.termination_message_path:
-        Path(config.termination_message_path).write_text(result.to_termination_message())
-    return int(result.exit_code)
+    return entry(argv, launch)
 
 
 if __name__ == "__main__":

@@ -180,12 +180,11 @@ def pod_groups(pods: list[dict[str, Any]]) -> tuple[int, tuple[PodPhase, ...]]:
     starts = max((len(group) for group in by_index.values()), default=0)
     phases = tuple(
         PodPhase(
-            index=index,
+            index=index or 0,  # the one pod of a run of several processes in one pod
             name=newest["metadata"]["name"],
             phase=(newest.get("status") or {}).get("phase") or "Pending",
         )
         for index, group in sorted(by_index.items(), key=lambda item: item[0] or 0)
-        if index is not None
         for newest in [max(group, key=lambda p: (_created(p), p["metadata"]["name"]))]
     )
     return starts, phases
