@@ -51,6 +51,10 @@ class Cluster:
         selector = f"kubetune.dev/finetunejob={name}"
         return self.core.list_namespaced_config_map(namespace, label_selector=selector).items
 
+    def services(self, namespace: str, name: str) -> list[Any]:
+        selector = f"kubetune.dev/finetunejob={name}"
+        return self.core.list_namespaced_service(namespace, label_selector=selector).items
+
     def events(self, namespace: str, name: str) -> list[Any]:
         return [
             e

@@ -40,6 +40,21 @@ def test_queued_job_is_created_suspended_and_owned(cluster: Cluster, namespace: 
     assert len(cluster.configmaps(namespace, "queued")) == 1
 
 
+def test_a_run_of_two_pods_is_an_indexed_job_with_a_headless_service(
+    cluster: Cluster, namespace: str
+) -> None:
+    """The real Job API accepts the Indexed Job (queued: it stays suspended, no pod starts) and
+    the real Service API the headless Service its pods meet through."""
+    cluster.apply(namespace, job("pair", queueName="team-a", resources={"nodes": 2, "gpus": 0}))
+    cluster.wait_phase(namespace, "pair", "Queued")
+    (batch_job,) = cluster.jobs(namespace, "pair")
+    assert (batch_job.spec.completion_mode, batch_job.spec.completions) == ("Indexed", 2)
+    assert batch_job.spec.parallelism == 2 and batch_job.spec.suspend is True
+    (service,) = cluster.wait_for("the Service", lambda: cluster.services(namespace, "pair"))
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    assert batch_job.spec.template.spec.subdomain == service.metadata.name
+
+
 def test_a_failing_trainer_pod_fails_the_run(cluster: Cluster, namespace: str) -> None:
     cluster.apply(namespace, job("broken"))
     status = cluster.wait_phase(namespace, "broken", "Failed", timeout=300)
