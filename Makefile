@@ -64,7 +64,9 @@ test: lint sysdeps
 # Regenerate the checked-in CRD and API reference from the pydantic models.
 crd: venv
 	$(BIN)/kubetune crd --output crds/kubetune.dev_finetunejobs.yaml
-	cp crds/kubetune.dev_finetunejobs.yaml helm/kubetune/files/crds/
+	$(BIN)/kubetune crd --kind finetuneprofile --output crds/kubetune.dev_finetuneprofiles.yaml
+	cp crds/kubetune.dev_finetunejobs.yaml crds/kubetune.dev_finetuneprofiles.yaml \
+		helm/kubetune/files/crds/
 docs: venv
 	$(BIN)/kubetune api-docs --output docs/api.md
 

@@ -19,9 +19,10 @@ def _write(text: str, output: str | None) -> None:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from kubetune.codegen.crd import render_crd
+    from kubetune.codegen.crd import KINDS, render_crd
 
-    _write(render_crd(), args.output)
+    (kind,) = [k for k in KINDS if k.singular == args.kind]
+    _write(render_crd(kind), args.output)
     return 0
 
 
@@ -47,10 +48,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 continue
             for problem in doc.problems:
                 print(problem, file=sys.stderr)
-            if doc.job is not None and not doc.problems:
-                print(f"{doc.source}:{doc.line}: FineTuneJob {doc.display_name} is valid")
+            if doc.valid:
+                print(f"{doc.source}:{doc.line}: {doc.kind} {doc.display_name} is valid")
             elif doc.skipped_kind and args.verbose:
-                print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a FineTuneJob)")
+                print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a kubetune kind)")
     if args.output == "json":
         print(json.dumps(report, indent=2))
     return int(ExitCode.INVALID_SPEC) if failed else 0
@@ -181,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=cmd_operator)
 
-    p = sub.add_parser("crd", help="print the FineTuneJob CRD generated from the API types")
+    p = sub.add_parser("crd", help="print a CRD generated from the API types")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument(
+        "--kind",
+        choices=["finetunejob", "finetuneprofile"],
+        default="finetunejob",
+        help="which kind's CRD (default: finetunejob)",
+    )
     p.set_defaults(func=cmd_crd)
 
     p = sub.add_parser("api-docs", help="print the API reference (docs/api.md)")

@@ -1,4 +1,5 @@
-"""Reading FineTuneJob manifests from YAML, with problems reported as `file:line: path: message`.
+"""Reading FineTuneJob and FineTuneProfile manifests from YAML, with problems reported as
+`file:line: path: message`.
 
 Used by `kubetune validate` and `kubetune run`: the same pydantic models the operator uses, so a
 manifest that passes here passes the operator and (through the generated CRD) the API server.
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, KIND, FineTuneJob, describe_errors
+from kubetune.api import GROUP, KIND, PROFILE_KIND, FineTuneJob, FineTuneProfile, describe_errors
 
 
 class Loader(yaml.SafeLoader):
@@ -81,16 +82,24 @@ class Document:
     index: int
     line: int
     job: FineTuneJob | None = None
+    profile: FineTuneProfile | None = None
     problems: list[Problem] = field(default_factory=list)
     skipped_kind: str | None = None
     generate_name: str | None = None
+
+    kind: str = KIND
 
     @property
     def display_name(self) -> str:
         """The name; for a generateName the prefix, as the API server will complete it."""
         if self.generate_name:
             return f"{self.generate_name}* (generateName)"
-        return self.job.metadata.name if self.job is not None else "?"
+        parsed = self.job or self.profile
+        return parsed.metadata.name if parsed is not None else "?"
+
+    @property
+    def valid(self) -> bool:
+        return (self.job is not None or self.profile is not None) and not self.problems
 
     def problem(self, message: str, line: int | None = None, field: str | None = None) -> None:
         self.problems.append(Problem(self.source, line or self.line or None, field, message))
@@ -101,12 +110,13 @@ class Document:
             "file": self.source,
             "document": self.index,
             "line": self.line,
-            "kind": self.skipped_kind or (KIND if self.job is not None or self.problems else None),
-            "name": self.job.metadata.name
-            if self.job is not None and not self.generate_name
+            "kind": self.skipped_kind
+            or (self.kind if self.job or self.profile or self.problems else None),
+            "name": self.display_name
+            if (self.job or self.profile) is not None and not self.generate_name
             else None,
             "generateName": self.generate_name,
-            "valid": self.job is not None and not self.problems,
+            "valid": self.valid,
             "skipped": self.skipped_kind is not None,
             "problems": [
                 {"line": p.line, "field": p.field, "message": p.message} for p in self.problems
@@ -159,12 +169,19 @@ def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Docum
     metadata = data.get("metadata")
     if isinstance(metadata, dict) and not metadata.get("name"):
         doc.generate_name = metadata.get("generateName") or None
+    model: type[FineTuneJob] | type[FineTuneProfile] = FineTuneJob
+    if kind == PROFILE_KIND:
+        model, doc.kind = FineTuneProfile, PROFILE_KIND
     try:
         # By the JSON names only, as the API server reads it: `learning_rate` is an unknown
         # field there, so it is here too (the models also accept Python names, for code).
-        doc.job = FineTuneJob.model_validate(data, by_name=False)
+        parsed = model.model_validate(data, by_name=False)
+        if isinstance(parsed, FineTuneProfile):
+            doc.profile = parsed
+        else:
+            doc.job = parsed
     except ValidationError as exc:
-        for problem in describe_errors(exc, FineTuneJob):
+        for problem in describe_errors(exc, model):
             path, _, message = problem.partition(": ")
             doc.problem(message, _problem_line(problem, node), path)
     return doc
@@ -238,6 +255,6 @@ def load_manifests(path: str | Path) -> list[Document]:
     if all(d.skipped_kind for d in docs):
         found = ", ".join(sorted({str(d.skipped_kind) for d in docs})) or "nothing"
         empty = Document(_source(path), 0, 0)
-        empty.problem(f"no {KIND} in this file (found: {found})")
+        empty.problem(f"no {KIND} or {PROFILE_KIND} in this file (found: {found})")
         docs.append(empty)
     return docs

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import EvalMetrics, ExitCode, MetricsStatus, TrainerResult
+from kubetune.api import EvalMetrics, ExitCode, FineTuneProfile, MetricsStatus, TrainerResult
 from kubetune.controller.build import JOB_LABEL, RUN_LABEL
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.kube import classify
@@ -31,6 +31,8 @@ class FakeKube:
         self.writes: list[tuple[str, ...]] = []
         self.reject: Exception | None = None
         self.secrets: dict[str, dict[str, str]] = {}
+        self.profile_objects: list[FineTuneProfile] = []
+        self.labels: dict[str, str] | None = {}
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.ftj)
@@ -45,6 +47,12 @@ class FakeKube:
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         return self.secrets.get(name)
+
+    def profiles(self) -> list[FineTuneProfile]:
+        return list(self.profile_objects)
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        return self.labels
 
     def create(self, obj: dict[str, Any]) -> None:
         if self.reject and obj["kind"] == "Job":

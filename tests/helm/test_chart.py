@@ -116,13 +116,27 @@ def _operator_roles(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any
     return [d for d in by_kind(docs, kind) if not d["metadata"]["name"].endswith(USER_ROLES)]
 
 
-USER_ROLES = ("-edit", "-view")
+USER_ROLES = ("-edit", "-view", "-profile-reader")
 LEASE = "-leader-election"
+PROFILES = "-profiles"  # the operator's cluster-wide reads: FineTuneProfiles, namespaces
+
+
+def _profile_reads(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's one cluster-wide read-only role, in every mode, and that it is bound."""
+    (role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith(PROFILES)]
+    (binding,) = [
+        b for b in by_kind(docs, "ClusterRoleBinding") if b["metadata"]["name"].endswith(PROFILES)
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
+    assert _granted(role) == {(g, r, v) for g, r, verbs in CLUSTER_PERMISSIONS for v in verbs}
+    return role
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
     docs = render()
-    (role,) = _operator_roles(docs, "ClusterRole")
+    _profile_reads(docs)
+    (role,) = [r for r in _operator_roles(docs, "ClusterRole") if r is not _profile_reads(docs)]
     assert role["rules"] == NAMESPACED_RULES  # nothing more cluster-wide (no CRD discovery)
     # The one Role: the Lease, in the release's namespace.
     (lease_role,) = by_kind(docs, "Role")
@@ -131,13 +145,18 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "verbs": ["get", "create", "update"]}
     ]  # fmt: skip
-    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    (binding,) = [
+        b
+        for b in _operator_roles(docs, "ClusterRoleBinding")
+        if b["roleRef"]["name"] == role["metadata"]["name"]
+    ]
     assert binding["subjects"][0]["name"] == by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
 
 
-def test_namespaced_mode_has_roles_only() -> None:
+def test_namespaced_mode_has_roles_and_only_the_profile_reads_cluster_wide() -> None:
     docs = render(*NAMESPACED)
-    assert not _operator_roles(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    reads = _profile_reads(docs)
+    assert _operator_roles(docs, "ClusterRole") == [reads]
     roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith(LEASE)]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
     assert all(r["rules"] == NAMESPACED_RULES for r in roles)
@@ -150,10 +169,11 @@ def test_namespaced_mode_has_roles_only() -> None:
 
 
 def _roles(*args: str) -> list[dict[str, Any]]:
-    """The roles that grant the operator its rights in watched namespaces (not the Lease's)."""
+    """The roles that grant the operator its rights in watched namespaces (not the Lease's, not
+    the cluster-wide reads of profiles and namespaces)."""
     docs = render(*args)
     roles = [*_operator_roles(docs, "ClusterRole"), *by_kind(docs, "Role")]
-    return [r for r in roles if not r["metadata"]["name"].endswith(LEASE)]
+    return [r for r in roles if not r["metadata"]["name"].endswith((LEASE, PROFILES))]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -171,7 +191,27 @@ def test_users_get_finetunejobs_through_the_default_roles(mode: str) -> None:
     assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in view["rules"])
     assert not any("secrets" in rule["resources"] for r in (edit, view) for rule in r["rules"])
     off = by_kind(render(*MODES[mode], "--set", "userRoles.aggregate=false"), "ClusterRole")
-    assert not [r for r in off if r["metadata"]["name"].endswith(USER_ROLES)]
+    assert not [r for r in off if r["metadata"]["name"].endswith(("-edit", "-view"))]
+
+
+def test_every_user_may_list_the_profiles_and_nothing_else() -> None:
+    docs = render()
+    (reader,) = [
+        r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-profile-reader")
+    ]
+    assert _granted(reader) == {
+        ("kubetune.dev", "finetuneprofiles", v) for v in ("get", "list", "watch")
+    }
+    (binding,) = [
+        b
+        for b in by_kind(docs, "ClusterRoleBinding")
+        if b["roleRef"]["name"] == reader["metadata"]["name"]
+    ]
+    assert binding["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}
+    ]
+    off = render("--set", "userRoles.profilesReadableByAll=false")
+    assert not [r for r in by_kind(off, "ClusterRole") if "profile-reader" in r["metadata"]["name"]]
 
 
 def _notes(*args: str) -> str:
@@ -217,10 +257,9 @@ def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 @pytest.mark.parametrize("mode", MODES)
 def test_the_chart_grants_every_permission_the_operator_uses(mode: str) -> None:
     wanted = {(g, r, v) for g, r, verbs in PERMISSIONS for v in verbs}
-    if mode == "cluster-wide":
-        wanted |= {(g, r, v) for g, r, verbs in CLUSTER_PERMISSIONS for v in verbs}
     for role in _roles(*MODES[mode]):
         assert wanted <= _granted(role), wanted - _granted(role)
+    _profile_reads(render(*MODES[mode]))  # CLUSTER_PERMISSIONS, in every mode
 
 
 # kubernetes client method -> (group, resource, verb), for every call kube.py makes.
@@ -229,6 +268,7 @@ CLIENT_CALLS = {
     "patch_namespaced_custom_object_status": ("kubetune.dev", "finetunejobs/status", "patch"),
     "list_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "list"),
     "list_cluster_custom_object": ("kubetune.dev", "finetunejobs", "list"),
+    "list_namespace": ("", "namespaces", "list"),
     "list_job_for_all_namespaces": ("batch", "jobs", "list"),
     "list_pod_for_all_namespaces": ("", "pods", "list"),
     "list_config_map_for_all_namespaces": ("", "configmaps", "list"),
@@ -267,7 +307,7 @@ def test_every_api_call_in_kube_py_is_a_declared_permission() -> None:
     assert calls, "no client calls found: the scan is broken"
     unknown = calls - set(CLIENT_CALLS)
     assert not unknown, f"map these client calls to a permission: {unknown}"
-    declared = {(g, r, v) for g, r, verbs in PERMISSIONS for v in verbs}
+    declared = {(g, r, v) for g, r, verbs in (*PERMISSIONS, *CLUSTER_PERMISSIONS) for v in verbs}
     assert {CLIENT_CALLS[c] for c in calls} <= declared
 
 
@@ -355,15 +395,18 @@ def test_default_images_are_the_release_built_by_make_images() -> None:
     assert pinned == f"ghcr.io/kubetune/trainer@{digest}"
 
 
-def test_crd_in_the_chart_is_the_generated_one() -> None:
-    chart_copy = CHART / "files" / "crds" / "kubetune.dev_finetunejobs.yaml"
-    assert (
-        chart_copy.read_text() == (ROOT / "crds" / "kubetune.dev_finetunejobs.yaml").read_text()
-    ), "helm/kubetune/files/crds/ is stale: run `make crd`"
-    (crd,) = by_kind(render(), "CustomResourceDefinition")
-    source = yaml.safe_load(chart_copy.read_text())
-    assert crd["spec"] == source["spec"]
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+def test_crds_in_the_chart_are_the_generated_ones() -> None:
+    rendered = {c["metadata"]["name"]: c for c in by_kind(render(), "CustomResourceDefinition")}
+    assert set(rendered) == {"finetunejobs.kubetune.dev", "finetuneprofiles.kubetune.dev"}
+    for name in ("kubetune.dev_finetunejobs.yaml", "kubetune.dev_finetuneprofiles.yaml"):
+        chart_copy = CHART / "files" / "crds" / name
+        assert chart_copy.read_text() == (ROOT / "crds" / name).read_text(), (
+            "helm/kubetune/files/crds/ is stale: run `make crd`"
+        )
+        source = yaml.safe_load(chart_copy.read_text())
+        crd = rendered[source["metadata"]["name"]]
+        assert crd["spec"] == source["spec"]
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
 
 

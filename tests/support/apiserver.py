@@ -4,7 +4,10 @@ No kube-apiserver can run here, so this applies the CRD's openAPIV3Schema the wa
 does, in its order: prune nulls from non-nullable fields, apply structural defaults, validate the
 schema, then evaluate every `x-kubernetes-validations` CEL rule with a real CEL implementation
 (cel-python), with values typed by the schema as the API server types them (`number` fields are
-doubles even when written `0`).
+doubles even when written `0`), and Kubernetes' own CEL libraries where the CRDs use them: the
+quantity library (k8s.io/apiserver/pkg/cel/library/quantity.go, in every API server since 1.29:
+`quantity(string)`, `isQuantity(string)`, `q.compareTo(q)`, `q.isGreaterThan(q)`,
+`q.isLessThan(q)`), with quantities parsed by the official Python client's parse_quantity.
 
 Unknown fields follow the request's `fieldValidation` (KEP-2885, GA in 1.27): `Strict` (what
 kubectl sends by default) rejects them; `Warn` (the server's default, so what client libraries
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import copy
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import celpy
 import jsonschema
 import yaml
 from celpy import celtypes
+from kubernetes.utils.quantity import parse_quantity
 
 # The fields of metav1.ObjectMeta (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
 OBJECT_META_FIELDS = frozenset(
@@ -182,6 +187,43 @@ def _to_cel(schema: dict[str, Any], value: Any) -> Any:
     return celtypes.StringType(value)
 
 
+@dataclass(frozen=True)
+class _Quantity:
+    """A resource.Quantity value in CEL."""
+
+    value: Any
+
+
+def _quantity(text: Any) -> Any:
+    if not isinstance(text, celtypes.StringType):
+        return celpy.CELEvalError("no such overload: quantity", TypeError, None)
+    try:
+        return _Quantity(parse_quantity(str(text)))
+    except ValueError as exc:
+        return celpy.CELEvalError(f"invalid quantity: {exc}", ValueError, None)
+
+
+def _is_quantity(text: Any) -> Any:
+    try:
+        parse_quantity(str(text))
+    except ValueError:
+        return celtypes.BoolType(False)
+    return celtypes.BoolType(True)
+
+
+def _compare(a: _Quantity, b: _Quantity) -> Any:
+    return celtypes.IntType((a.value > b.value) - (a.value < b.value))
+
+
+CEL_LIBRARY = {
+    "quantity": _quantity,
+    "isQuantity": _is_quantity,
+    "compareTo": _compare,
+    "isGreaterThan": lambda a, b: celtypes.BoolType(a.value > b.value),
+    "isLessThan": lambda a, b: celtypes.BoolType(a.value < b.value),
+}
+
+
 class ApiServer:
     """Admits or rejects objects of one CRD as the API server would."""
 
@@ -189,7 +231,7 @@ class ApiServer:
         self.schema = openapi_schema(crd)
         self.validator = jsonschema.Draft4Validator(_strict(self.schema))
         self.status_validator = jsonschema.Draft4Validator(
-            _strict(self.schema["properties"]["status"])
+            _strict(self.schema["properties"].get("status") or {})
         )
         self.cel = celpy.Environment()
         self._programs: dict[str, Any] = {}
@@ -275,7 +317,7 @@ class ApiServer:
 
     def _program(self, rule: str) -> Any:
         if rule not in self._programs:
-            self._programs[rule] = self.cel.program(self.cel.compile(rule))
+            self._programs[rule] = self.cel.program(self.cel.compile(rule), functions=CEL_LIBRARY)
         return self._programs[rule]
 
     def _rules(

@@ -74,15 +74,29 @@ from kmock._internal.dsl import Reaction
 from kubetune.controller.reconcile import merge_patch
 from tests.support.apiserver import ApiServer, generate_name
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
+CRDS = Path(__file__).resolve().parents[2] / "crds"
+CRD_PATH = CRDS / "kubetune.dev_finetunejobs.yaml"
+PROFILE_CRD_PATH = CRDS / "kubetune.dev_finetuneprofiles.yaml"
 REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
-GROUPS = {"finetunejobs": "kubetune.dev", "jobs": "batch", "leases": "coordination.k8s.io"}
+GROUPS = {
+    "finetunejobs": "kubetune.dev",
+    "finetuneprofiles": "kubetune.dev",
+    "jobs": "batch",
+    "leases": "coordination.k8s.io",
+}
+KINDS = {"finetunejobs": "FineTuneJob", "finetuneprofiles": "FineTuneProfile"}
 RESOURCES: dict[str, dict[str, Any]] = {
     "kubetune.dev/v1alpha1/finetunejobs": {
         "kind": "FineTuneJob",
         "singular": "finetunejob",
         "shortnames": {"ftj"},
         "subresources": {"status"},
+    },
+    "kubetune.dev/v1alpha1/finetuneprofiles": {
+        "kind": "FineTuneProfile",
+        "singular": "finetuneprofile",
+        "shortnames": {"ftp"},
+        "namespaced": False,
     },
     "batch/v1/jobs": {"kind": "Job", "singular": "job", "subresources": {"status"}},
     "v1/pods": {"kind": "Pod", "singular": "pod", "subresources": {"status"}},
@@ -157,6 +171,7 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.admission: ApiServer | None = ApiServer(yaml.safe_load(CRD_PATH.read_text()))
+        self.profile_admission = ApiServer(yaml.safe_load(PROFILE_CRD_PATH.read_text()))
         self.revision = 0  # etcd's revision: the newest resourceVersion handed out
         self.history_limit = HISTORY_LIMIT
         self.bookmark_seconds = BOOKMARK_SECONDS
@@ -173,7 +188,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.writes_by_owner: collections.Counter[str] = collections.Counter()
         self.write_log: list[tuple[str, str, str | None, Any]] = []
         for key, info in RESOURCES.items():
-            self.resources[key] = kmock.ResourceInfo(namespaced=True, verbs=VERBS, **info)
+            self.resources[key] = kmock.ResourceInfo(**{"namespaced": True, **info}, verbs=VERBS)
         self.resources["v1/namespaces"] = kmock.ResourceInfo(
             namespaced=False, kind="Namespace", singular="namespace", verbs=VERBS
         )
@@ -250,8 +265,9 @@ class Emulator(kmock.KubernetesEmulator):
             conflict = await self._prepare_patch(request, plural)
             if conflict is not None:
                 return await self._render_error(conflict)
-        if plural == "finetunejobs" and verb in ("create", "patch") and self.admission:
-            refused = await self._admit(request, verb)
+        admission = {"finetunejobs": self.admission, "finetuneprofiles": self.profile_admission}
+        if verb in ("create", "patch") and (server := admission.get(plural)) is not None:
+            refused = await self._admit(request, verb, server, KINDS[plural])
             if refused is not None:
                 return await self._render_error(refused)
         response = await self._dispatch(request)
@@ -340,14 +356,15 @@ class Emulator(kmock.KubernetesEmulator):
                     release = key
         return release
 
-    async def _admit(self, request: rendering.Request, verb: str) -> kmock.KubernetesError | None:
+    async def _admit(
+        self, request: rendering.Request, verb: str, server: ApiServer, kind: str
+    ) -> kmock.KubernetesError | None:
         """The CRD's admission; the request's body becomes what would be stored."""
-        assert self.admission is not None
         if not isinstance(request.data, dict):
             return None
         strict = request.params.get("fieldValidation") == "Strict"
         if verb == "create":
-            stored, errors = self.admission.admit(request.data, strict)
+            stored, errors = server.admit(request.data, strict)
             if not errors:
                 request.data.clear()
                 request.data.update(stored)
@@ -359,14 +376,12 @@ class Emulator(kmock.KubernetesEmulator):
                 current = copy.deepcopy(self.objects[key].raw)
             if request.subresource == "status":
                 old = current.get("status") or {}
-                stored, errors = self.admission.admit_status(
-                    _merge(old, request.data.get("status") or {})
-                )
+                stored, errors = server.admit_status(_merge(old, request.data.get("status") or {}))
                 if not errors:
                     request.data["status"] = merge_patch(old, stored)
             else:
                 merged = _merge(current, {k: v for k, v in request.data.items() if k != "metadata"})
-                stored, errors = self.admission.admit(merged, strict)
+                stored, errors = server.admit(merged, strict)
                 # Validation ratcheting (KEP-4008, on by default since 1.30): an update is not
                 # refused for errors in fields it leaves as they were (e.g. kopf annotating an
                 # object stored under an older schema).
@@ -381,14 +396,14 @@ class Emulator(kmock.KubernetesEmulator):
             return kmock.KubernetesError(
                 status=400,
                 reason="BadRequest",
-                message=f'FineTuneJob in version "v1alpha1" cannot be handled as a FineTuneJob: '
+                message=f'{kind} in version "v1alpha1" cannot be handled as a {kind}: '
                 f"strict decoding error: {', '.join(errors)}",
             )
         name = request.name or ((request.data.get("metadata") or {}).get("name"))
         return kmock.KubernetesError(
             status=422,
             reason="Invalid",
-            message=f'FineTuneJob.kubetune.dev "{name}" is invalid: [{", ".join(errors)}]',
+            message=f'{kind}.kubetune.dev "{name}" is invalid: [{", ".join(errors)}]',
         )
 
     def _forget_old_requests(self) -> None:
@@ -897,6 +912,8 @@ def running_cluster() -> Iterator[Cluster]:
 
 PATHS = {
     "finetunejobs": "/apis/kubetune.dev/v1alpha1",
+    "finetuneprofiles": "/apis/kubetune.dev/v1alpha1",
+    "namespaces": "/api/v1",
     "jobs": "/apis/batch/v1",
     "pods": "/api/v1",
     "configmaps": "/api/v1",

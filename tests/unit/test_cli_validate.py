@@ -38,10 +38,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_examples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
-    files = [str(p) for p in sorted((ROOT / "examples").glob("*.yaml"))]
+    examples = ROOT / "examples"
+    files = [str(p) for p in sorted([*examples.glob("*.yaml"), *examples.glob("profiles/*.yaml")])]
     assert main(["validate", *files]) == 0
     out = capsys.readouterr().out
     assert out.count("is valid") == len(files)
+    assert "FineTuneProfile a100-pool is valid" in out
 
 
 def test_problems_name_file_line_and_field(
@@ -88,7 +90,7 @@ def test_multi_document_files_skip_other_kinds(
     [
         pytest.param("spec: [unclosed\n", ":2: invalid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", ":1: expected a mapping", id="not-a-mapping"),
-        pytest.param("", ": no FineTuneJob in this file", id="empty-file"),
+        pytest.param("", ": no FineTuneJob or FineTuneProfile in this file", id="empty-file"),
         pytest.param(
             "apiVersion: kubetune.dev/v1\nkind: FineTuneJob\nmetadata: {name: x}\nspec: {}\n",
             ":1: apiVersion: 'kubetune.dev/v1' is not one of kubetune.dev/v1alpha1",

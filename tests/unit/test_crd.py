@@ -9,15 +9,18 @@ import yaml
 
 from kubetune.cli import main
 from kubetune.codegen.apidoc import render_api_docs
-from kubetune.codegen.crd import crd, render_crd
+from kubetune.codegen.crd import KINDS, PROFILE, Kind, crd, render_crd
 from tests.conftest import ROOT
 
 CRD_PATH = ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
 DOCS_PATH = ROOT / "docs" / "api.md"
+EACH_KIND = pytest.mark.parametrize("kind", KINDS, ids=[k.singular for k in KINDS])
 
 
-def test_checked_in_crd_is_current() -> None:
-    assert CRD_PATH.read_text(encoding="utf-8") == render_crd(), "crds/ is stale: run `make crd`"
+@EACH_KIND
+def test_checked_in_crd_is_current(kind: Kind) -> None:
+    path = ROOT / "crds" / kind.file_name
+    assert path.read_text(encoding="utf-8") == render_crd(kind), "crds/ is stale: run `make crd`"
 
 
 def test_checked_in_api_docs_are_current() -> None:
@@ -26,10 +29,11 @@ def test_checked_in_api_docs_are_current() -> None:
     )
 
 
-def test_cli_reproduces_the_crd_byte_for_byte(tmp_path: Any) -> None:
+@EACH_KIND
+def test_cli_reproduces_the_crd_byte_for_byte(tmp_path: Any, kind: Kind) -> None:
     out = tmp_path / "crd.yaml"
-    assert main(["crd", "--output", str(out)]) == 0
-    assert out.read_bytes() == CRD_PATH.read_bytes()
+    assert main(["crd", "--kind", kind.singular, "--output", str(out)]) == 0
+    assert out.read_bytes() == (ROOT / "crds" / kind.file_name).read_bytes()
 
 
 def _nodes(node: Any, path: str = "") -> Any:
@@ -47,6 +51,10 @@ def _nodes(node: Any, path: str = "") -> Any:
 
 
 SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _schema(kind: Kind) -> Any:
+    return crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 @pytest.mark.parametrize(
@@ -82,15 +90,17 @@ SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         ),
     ],
 )
-def test_schema_is_structural(rule: Any) -> None:
-    bad = [path for path, node in _nodes(SCHEMA) if not rule(path, node)]
+@EACH_KIND
+def test_schema_is_structural(rule: Any, kind: Kind) -> None:
+    bad = [path for path, node in _nodes(_schema(kind)) if not rule(path, node)]
     assert bad == []
 
 
-def test_every_spec_field_is_described() -> None:
+@EACH_KIND
+def test_every_spec_field_is_described(kind: Kind) -> None:
     missing = [
         path
-        for path, node in _nodes(SCHEMA["properties"]["spec"], "spec")
+        for path, node in _nodes(_schema(kind)["properties"]["spec"], "spec")
         if not path.endswith(("[]", "{}", "|")) and "description" not in node
     ]
     assert missing == []
@@ -115,10 +125,28 @@ def test_names_printer_columns_and_subresources() -> None:
         assert "type" in node, name
 
 
-def test_defaults_are_valid_under_their_own_schema() -> None:
+def test_profile_names_and_printer_columns() -> None:
+    """`kubectl get finetuneprofiles` (or ftp) shows what each profile offers; cluster-scoped,
+    no status (the operator writes nothing on a profile)."""
+    spec = crd(PROFILE)["spec"]
+    assert (spec["scope"], spec["names"]["shortNames"]) == ("Cluster", ["ftp"])
+    version = spec["versions"][0]
+    assert "subresources" not in version
+    schema = _schema(PROFILE)
+    for column in version["additionalPrinterColumns"]:
+        if column["jsonPath"].startswith(".metadata"):
+            continue
+        node = schema
+        for part in column["jsonPath"].strip(".").split("."):
+            node = node["properties"][part]
+        assert node["type"] == column["type"], column
+
+
+@EACH_KIND
+def test_defaults_are_valid_under_their_own_schema(kind: Kind) -> None:
     import jsonschema
 
-    for path, node in _nodes(SCHEMA):
+    for path, node in _nodes(_schema(kind)):
         if "default" in node and node["default"] not in ({}, []):
             sub = {k: v for k, v in node.items() if k not in ("default", "description")}
             assert jsonschema.Draft4Validator(sub).is_valid(node["default"]), path
@@ -126,8 +154,9 @@ def test_defaults_are_valid_under_their_own_schema() -> None:
 
 # The oldest release whose CEL validation supports fieldPath (on by default from 1.28), and newer.
 @pytest.mark.parametrize("version", ["1.30.0", "1.32.0", "1.34.0"])
-def test_crd_is_a_valid_crd_manifest_for_kubernetes(version: str) -> None:
+@EACH_KIND
+def test_crd_is_a_valid_crd_manifest_for_kubernetes(version: str, kind: Kind) -> None:
     import kubernetes_validate
 
-    doc = yaml.safe_load(CRD_PATH.read_text())
+    doc = yaml.safe_load((ROOT / "crds" / kind.file_name).read_text())
     kubernetes_validate.validate(doc, version, strict=True)  # raises on any problem

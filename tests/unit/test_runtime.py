@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from kubetune.controller.build import JOB_LABEL
-from kubetune.controller.cache import Informer, Store, trim_pod
+from kubetune.controller.cache import TRIM, Informer, Store, trim_pod
 from kubetune.controller.reconcile import reconcile
-from kubetune.controller.runtime import CachedKube, Scraper
+from kubetune.controller.runtime import OWNED, CachedKube, Scraper
 from kubetune.controller.settings import OperatorSettings
 from kubetune.controller.workqueue import WorkQueue
 from tests.conftest import valid_job
@@ -241,8 +241,8 @@ def test_a_job_just_created_is_not_created_again_before_the_watch_reports_it() -
         def event(self, *args: Any) -> None:
             pass
 
-    stores = {k: Store(k, None if k == "finetunejobs" else JOB_LABEL) for k in
-              ("finetunejobs", "jobs", "configmaps", "pods", "services")}  # fmt: skip
+    stores = {k: Store(k, OWNED[k]) for k in TRIM}
+    stores["namespaces"].apply("ADDED", {"metadata": {"name": "ns", "resourceVersion": "1"}})
     doc = valid_job()
     doc["metadata"] = {
         "name": "demo", "namespace": "ns", "uid": "u-1", "generation": 1, "resourceVersion": "1",

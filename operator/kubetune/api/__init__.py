@@ -18,6 +18,13 @@ from kubetune.api.contract import (
     run_prefix,
 )
 from kubetune.api.errors import describe_errors, format_path
+from kubetune.api.profile import (
+    PROFILE_KIND,
+    PROFILE_PLURAL,
+    FineTuneProfile,
+    FineTuneProfileSpec,
+    ModelCacheSpec,
+)
 from kubetune.api.resource import (
     API_VERSION,
     CATEGORIES,
@@ -60,6 +67,7 @@ from kubetune.api.status import (
     GateResult,
     MetricsStatus,
     PodPhase,
+    ProfileRef,
     Progress,
     gates_summary,
 )
@@ -82,6 +90,8 @@ __all__ = [
     "PERMANENT_EXIT_CODES",
     "PHASES",
     "PLURAL",
+    "PROFILE_KIND",
+    "PROFILE_PLURAL",
     "RUN_ID_LENGTH",
     "SHORT_NAMES",
     "SINGULAR",
@@ -101,6 +111,8 @@ __all__ = [
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
+    "FineTuneProfile",
+    "FineTuneProfileSpec",
     "GateResult",
     "GateSpec",
     "HyperparametersSpec",
@@ -108,10 +120,12 @@ __all__ = [
     "MethodSpec",
     "MetricsStatus",
     "MlflowSpec",
+    "ModelCacheSpec",
     "ModelSpec",
     "ObjectMeta",
     "OutputSpec",
     "PodPhase",
+    "ProfileRef",
     "Progress",
     "QuantizationSpec",
     "ResourcesSpec",

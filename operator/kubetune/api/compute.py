@@ -41,8 +41,13 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 class ResourcesSpec(ApiModel):
     """Compute for the trainer pods."""
 
-    gpus: int = Field(
-        default=1, ge=0, le=16, description="gpus is the number of GPUs of each trainer pod."
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        description=(
+            "gpus is the number of GPUs of each trainer pod; default: the profile's, else 1."
+        ),
     )
     nodes: int | None = Field(
         default=None,
@@ -54,9 +59,12 @@ class ResourcesSpec(ApiModel):
             "is nodes times the processes per pod."
         ),
     )
-    gpu_resource_name: ResourceName = Field(
-        default="nvidia.com/gpu",
-        description="gpuResourceName is the extended resource that counts GPUs.",
+    gpu_resource_name: ResourceName | None = Field(
+        default=None,
+        description=(
+            "gpuResourceName is the extended resource that counts GPUs; default: the "
+            "profile's, else nvidia.com/gpu."
+        ),
     )
     cpu: Quantity | None = Field(
         default=None,
@@ -80,6 +88,10 @@ class ResourcesSpec(ApiModel):
     priority_class_name: DnsSubdomain | None = Field(
         default=None, description="priorityClassName is the PriorityClass of the trainer pod."
     )
+
+    def gpus_per_pod(self) -> int:
+        """GPUs of each pod: the field, or 1 when unset (after a profile's default)."""
+        return 1 if self.gpus is None else self.gpus
 
 
 class DistributedSpec(ApiModel):

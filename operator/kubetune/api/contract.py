@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from kubetune.api.base import ApiModel
+from kubetune.api.profile import ModelCacheSpec
 from kubetune.api.resource import API_VERSION, FineTuneJob
 from kubetune.api.spec import (
     DEFAULT_EPOCHS,
@@ -149,6 +150,14 @@ class TrainerConfig(ApiModel):
             "worldSize is the number of trainer processes of a distributed run (pods times "
             "processes per pod); omitted for one process. The trainer checks it against the "
             "processes it was launched with."
+        ),
+    )
+
+    model_cache: ModelCacheSpec | None = Field(
+        default=None,
+        description=(
+            "modelCache is the profile's shared model cache: the base model is staged there once "
+            "and loaded from there by later runs."
         ),
     )
 

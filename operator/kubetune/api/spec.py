@@ -310,7 +310,8 @@ class OutputSpec(ApiModel):
 _CEL_WORLD = (
     "(has(self.resources.nodes) ? self.resources.nodes : 1) * "
     "(has(self.distributed) && has(self.distributed.nprocPerNode) ? "
-    "self.distributed.nprocPerNode : (self.resources.gpus > 0 ? self.resources.gpus : 1))"
+    "self.distributed.nprocPerNode : "
+    "(has(self.resources.gpus) && self.resources.gpus > 0 ? self.resources.gpus : 1))"
 )
 _CEL_MICRO = "(has(self.hyperparameters.microBatchSize) ? self.hyperparameters.microBatchSize : 1)"
 
@@ -382,13 +383,15 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel=(
                 "!has(self.distributed) || !has(self.distributed.nprocPerNode) || "
-                "self.resources.gpus == 0 || self.distributed.nprocPerNode == self.resources.gpus"
+                "(has(self.resources.gpus) ? self.resources.gpus : 1) == 0 || "
+                "self.distributed.nprocPerNode == "
+                "(has(self.resources.gpus) ? self.resources.gpus : 1)"
             ),
             check=lambda s: (
                 s.distributed is None
                 or s.distributed.nproc_per_node is None
-                or s.resources.gpus == 0
-                or s.distributed.nproc_per_node == s.resources.gpus
+                or s.resources.gpus_per_pod() == 0
+                or s.distributed.nproc_per_node == s.resources.gpus_per_pod()
             ),
             message=(
                 "a pod with GPUs runs one process per GPU: omit distributed.nprocPerNode or set "
@@ -457,12 +460,29 @@ class FineTuneJobSpec(ApiModel):
             "or Weights & Biases."
         ),
     )
+    profile: DnsLabel | None = Field(
+        default=None,
+        description=(
+            "profile is the FineTuneProfile (cluster-scoped, written by the platform team) "
+            "this job runs under: its defaults fill what the job leaves unset, its limits bound "
+            "what the job sets. Omitted: the default profile offered to the namespace, if any."
+        ),
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
         max_length=512,
         description=(
-            "image overrides the trainer image; the operator allows only images its policy lists."
+            "image overrides the trainer image; the operator allows only images its policy "
+            "(and the profile's allowedImages) lists."
+        ),
+    )
+    service_account_name: DnsSubdomain | None = Field(
+        default=None,
+        description=(
+            "serviceAccountName runs the trainer pods as this ServiceAccount of the job's "
+            "namespace (e.g. one bound to a cloud role); only one that the profile's "
+            "allowedServiceAccounts lists. Default: the profile's, else none (no token)."
         ),
     )
     queue_name: DnsLabel | None = Field(
@@ -495,7 +515,7 @@ class FineTuneJobSpec(ApiModel):
         """Trainer processes per pod: nprocPerNode, else one per GPU, else one."""
         if self.distributed and self.distributed.nproc_per_node:
             return self.distributed.nproc_per_node
-        return max(1, self.resources.gpus)
+        return max(1, self.resources.gpus_per_pod())
 
     def world_size(self) -> int:
         return self.nodes() * self.procs_per_node()

@@ -171,6 +171,19 @@ class DistributedStatus(StatusModel):
     )
 
 
+class ProfileRef(StatusModel):
+    """The FineTuneProfile a run was resolved against, at the generation it had then."""
+
+    name: str = Field(description="name of the FineTuneProfile.")
+    generation: int = Field(
+        ge=0,
+        description=(
+            "generation of the profile the run started with: a later change of the profile "
+            "applies to later runs, never to this one."
+        ),
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """The observed state of the run, written by the operator."""
 
@@ -204,6 +217,9 @@ class FineTuneJobStatus(StatusModel):
     )
     job_name: str | None = Field(
         default=None, description="jobName is the batch/v1 Job running the trainer."
+    )
+    profile: ProfileRef | None = Field(
+        default=None, description="profile is the FineTuneProfile the run was resolved against."
     )
     start_time: datetime | None = Field(
         default=None, description="startTime is when training started."

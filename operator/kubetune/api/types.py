@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
@@ -45,6 +46,8 @@ QUANTITY = (
     r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+# An environment variable's name, as the kubelet accepts it (C identifiers, the usual case).
+ENV_VAR_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # An extended resource name such as nvidia.com/gpu or amd.com/gpu.
 RESOURCE_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[-_.A-Za-z0-9]+$"
@@ -182,3 +185,29 @@ Quantity = Annotated[
         }
     ),
 ]
+EnvVarName = Annotated[
+    str,
+    Field(min_length=1, max_length=256),
+    *_pattern_check(
+        ENV_VAR_NAME, lambda v: f"{v!r} is not an environment variable name such as HF_TOKEN"
+    ),
+]
+
+_SUFFIXES = {
+    "": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_quantity(value: str | int | float) -> Decimal:
+    """A Kubernetes quantity's value (k8s.io/apimachinery/pkg/api/resource): 500m -> 0.5,
+    32Gi -> 34359738368, 1e3 -> 1000. The API layer may not import the kubernetes client, whose
+    utils.parse_quantity does the same."""
+    text = str(value)
+    if not re.match(QUANTITY, text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity such as 8, 500m or 32Gi")
+    number = re.match(r"^[0-9.]+([eE][-+]?[0-9]+)?", text)
+    assert number is not None
+    suffix = text[number.end() :]
+    return Decimal(number.group(0)) * Decimal(_SUFFIXES[suffix])

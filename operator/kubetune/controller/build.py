@@ -13,6 +13,7 @@ environment (PET_*), as Kubeflow Trainer's torch runtime sets it.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import (
@@ -20,6 +21,8 @@ from kubetune.api import (
     KIND,
     PERMANENT_EXIT_CODES,
     FineTuneJob,
+    ModelCacheSpec,
+    ProfileRef,
     TrainerConfig,
     child_name,
 )
@@ -35,10 +38,35 @@ RUN_LABEL = "kubetune.dev/run-id"
 JOB_LABEL = "kubetune.dev/finetunejob"
 MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
+# The profile a run was resolved against: name@generation, and its spec then (on the ConfigMap,
+# which outlives the Job, so that the run keeps it whatever happens to the profile).
+PROFILE_LABEL = "kubetune.dev/profile"
+PROFILE_ANNOTATION = "kubetune.dev/profile"
+PROFILE_SPEC_ANNOTATION = "kubetune.dev/profile-spec"
 RUN_AS = 1000
 # The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RENDEZVOUS_PORT = 29500  # torchrun's default master port
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class RunTemplate:
+    """What a run's pods get beyond its FineTuneJob's spec: its profile's service-level parts
+    (controller/profiles.py resolves them). The default is a run with no profile."""
+
+    spec_hash: str | None = None  # of the job's own spec, which names the run; default: job's
+    profile: ProfileRef | None = None
+    profile_spec: str | None = None  # the profile's spec as JSON, pinned on the ConfigMap
+    affinity: dict[str, Any] | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    env: tuple[dict[str, Any], ...] = ()
+    volumes: tuple[dict[str, Any], ...] = ()
+    volume_mounts: tuple[dict[str, Any], ...] = ()
+    model_cache: ModelCacheSpec | None = None
+
+
+NO_PROFILE = RunTemplate()
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -49,8 +77,8 @@ def spec_hash(job: FineTuneJob) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def labels(job: FineTuneJob, run_id: str) -> dict[str, str]:
-    return {
+def labels(job: FineTuneJob, run_id: str, template: RunTemplate = NO_PROFILE) -> dict[str, str]:
+    out = {
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/instance": job.metadata.name,
         "app.kubernetes.io/component": "trainer",
@@ -58,6 +86,9 @@ def labels(job: FineTuneJob, run_id: str) -> dict[str, str]:
         JOB_LABEL: job.metadata.name,
         RUN_LABEL: run_id,
     }
+    if template.profile is not None:
+        out[PROFILE_LABEL] = template.profile.name
+    return out
 
 
 def owner_reference(job: FineTuneJob) -> dict[str, Any]:
@@ -76,34 +107,54 @@ def owner_reference(job: FineTuneJob) -> dict[str, Any]:
 
 
 def _metadata(
-    job: FineTuneJob, run_id: str, extra_labels: dict[str, str] | None = None
+    job: FineTuneJob,
+    run_id: str,
+    template: RunTemplate,
+    extra_labels: dict[str, str] | None = None,
+    extra_annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every child carries the run's spec hash, so the run survives its Job (observe.py)."""
+    """Every child carries the run's spec hash (of the job's own spec, not the profile's
+    defaults), so the run survives its Job (observe.py)."""
     return {
         "name": child_name(job.metadata.name, run_id),
         "namespace": job.metadata.namespace,
-        "labels": {**labels(job, run_id), **(extra_labels or {})},
-        "annotations": {SPEC_HASH_ANNOTATION: spec_hash(job)},
+        "labels": {**labels(job, run_id, template), **(extra_labels or {})},
+        "annotations": {
+            SPEC_HASH_ANNOTATION: template.spec_hash or spec_hash(job),
+            **(extra_annotations or {}),
+        },
         "ownerReferences": [owner_reference(job)],
     }
 
 
-def trainer_config(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> TrainerConfig:
+def trainer_config(
+    job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate = NO_PROFILE
+) -> TrainerConfig:
     return TrainerConfig.for_job(
         job,
         run_id,
         metrics_port=settings.trainer_metrics_port,
         termination_message_path=TERMINATION_LOG,
+        model_cache=template.model_cache,
     )
 
 
-def build_configmap(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict[str, Any]:
-    """The resolved trainer config; it names the credentials Secret but never holds a credential."""
-    config = trainer_config(job, run_id, settings)
+def build_configmap(
+    job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate = NO_PROFILE
+) -> dict[str, Any]:
+    """The resolved trainer config; it names the credentials Secret but never holds a credential.
+    It records the profile the run was resolved against (name@generation and its spec)."""
+    config = trainer_config(job, run_id, settings, template)
+    pinned = {}
+    if template.profile is not None and template.profile_spec is not None:
+        pinned = {
+            PROFILE_ANNOTATION: f"{template.profile.name}@{template.profile.generation}",
+            PROFILE_SPEC_ANNOTATION: template.profile_spec,
+        }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, run_id),
+        "metadata": _metadata(job, run_id, template, extra_annotations=pinned),
         "data": {CONFIG_FILE: config.model_dump_json(indent=2, exclude_none=True)},
         "immutable": True,
     }
@@ -122,8 +173,8 @@ def _resources(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     if amounts:
         out["requests"] = dict(amounts)
     limits = {k: v for k, v in amounts.items() if k == "memory"}  # CPU limits only throttle
-    if res.gpus:
-        limits[res.gpu_resource_name] = str(res.gpus)
+    if gpus := res.gpus_per_pod():
+        limits[res.gpu_resource_name or DEFAULT_GPU_RESOURCE] = str(gpus)
     if limits:
         out["limits"] = limits
     return out
@@ -157,7 +208,9 @@ def _launch_env(job: FineTuneJob, run_id: str) -> list[dict[str, Any]]:
     return env
 
 
-def _container(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict[str, Any]:
+def _container(
+    job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate
+) -> dict[str, Any]:
     spec = job.spec
     module = "kubetune_trainer.launch" if distributed(job) else "kubetune_trainer"
     ports = [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}]
@@ -173,6 +226,7 @@ def _container(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dic
             {"name": "HF_HOME", "value": f"{WORK_DIR}/huggingface"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             *(_launch_env(job, run_id) if distributed(job) else []),
+            *template.env,
         ],
         "ports": ports,
         "resources": _resources(job, settings),
@@ -187,6 +241,7 @@ def _container(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dic
             {"name": "work", "mountPath": WORK_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "shm", "mountPath": "/dev/shm"},
+            *template.volume_mounts,
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -198,13 +253,15 @@ def _container(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dic
     return container
 
 
-def build_service(job: FineTuneJob, run_id: str) -> dict[str, Any]:
+def build_service(
+    job: FineTuneJob, run_id: str, template: RunTemplate = NO_PROFILE
+) -> dict[str, Any]:
     """The headless Service of a run of several pods: DNS names for its pods (rank 0's is the
     rendezvous address), published before the pods are ready, as they must meet to become so."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(job, run_id),
+        "metadata": _metadata(job, run_id, template),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -221,15 +278,21 @@ def build_service(job: FineTuneJob, run_id: str) -> dict[str, Any]:
     }
 
 
-def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict[str, Any]:
+def build_job(
+    job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate = NO_PROFILE
+) -> dict[str, Any]:
     """The batch/v1 Job of one run: one pod, or an Indexed Job of resources.nodes pods; pods are
     never restarted in place."""
     spec = job.spec
     queue = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
-    pod_labels = labels(job, run_id)
+    pod_labels = labels(job, run_id, template)
+    account = spec.service_account_name
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
+        # A token only for a chosen ServiceAccount (a cloud identity: IRSA and Azure Workload
+        # Identity exchange it); without one, the namespace's default account and no token.
+        **({"serviceAccountName": account} if account else {}),
+        "automountServiceAccountToken": bool(account),
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
@@ -238,14 +301,19 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, run_id, settings)],
+        "containers": [_container(job, run_id, settings, template)],
         "volumes": [
             {"name": "config", "configMap": {"name": child_name(job.metadata.name, run_id)}},
             {"name": "work", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            *template.volumes,
         ],
     }
+    if template.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in template.image_pull_secrets]
+    if template.affinity:
+        pod_spec["affinity"] = template.affinity
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
@@ -288,7 +356,7 @@ def build_job(job: FineTuneJob, run_id: str, settings: OperatorSettings) -> dict
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
-    metadata = _metadata(job, run_id, queue)
+    metadata = _metadata(job, run_id, template, queue)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

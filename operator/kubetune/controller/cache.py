@@ -97,8 +97,14 @@ def trim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def trim_namespace(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": _meta(obj)}  # its labels, for profiles' namespaceSelectors
+
+
 TRIM: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "finetunejobs": trim_finetunejob,
+    "finetuneprofiles": trim_finetunejob,
+    "namespaces": trim_namespace,
     "jobs": trim_job,
     "configmaps": trim_configmap,
     "services": trim_configmap,  # the metadata is all a run needs of its Service

@@ -33,7 +33,13 @@ from kubetune.api import (
     gates_summary,
     make_run_id,
 )
-from kubetune.controller.build import build_configmap, build_job, build_service
+from kubetune.controller.build import (
+    NO_PROFILE,
+    RunTemplate,
+    build_configmap,
+    build_job,
+    build_service,
+)
 from kubetune.controller.conditions import (
     State,
     conditions_for,
@@ -190,6 +196,7 @@ def _status(
     run_id: str,
     now: datetime,
     error: State | None,
+    template: RunTemplate,
 ) -> FineTuneJobStatus:
     previous = job.status or FineTuneJobStatus()
     generation = job.metadata.generation
@@ -211,6 +218,7 @@ def _status(
         job_name=current.name
         if current
         else (kept.job_name or child_name(job.metadata.name, run_id)),
+        profile=template.profile or kept.profile,
         # When training started: the trainer container, not the Job (a pod may wait for a GPU).
         start_time=kept.start_time
         or observed.trainer_started
@@ -235,6 +243,7 @@ def decide(
     refusal: State | None = None,
     run_id: str | None = None,
     error: State | None = None,
+    template: RunTemplate = NO_PROFILE,
 ) -> Decision:
     """What to do for job given what exists.
 
@@ -243,6 +252,7 @@ def decide(
     built with `FineTuneJob.model_construct` (metadata and status only) and refusal is set.
     run_id: the run the spec asks for (observe.current_run_id), by default this generation's.
     error: the operator's own trouble (its RBAC, a missing API), shown as ReconcileError.
+    template: what the run's pods get beyond the spec (its profile's, resolved by profiles.py).
     """
     run_id = run_id or make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
     previous = job.status or FineTuneJobStatus()
@@ -262,10 +272,10 @@ def decide(
         ended = finished or state.succeeded or state.failed
         if current is None and not ended and not (spec.suspend and spec.queue_name):
             if not observed.configmap:
-                decision.create.append(build_configmap(job, run_id, settings))
+                decision.create.append(build_configmap(job, run_id, settings, template))
             if spec.nodes() > 1 and not observed.service:
-                decision.create.append(build_service(job, run_id))
-            decision.create.append(build_job(job, run_id, settings))
+                decision.create.append(build_service(job, run_id, template))
+            decision.create.append(build_job(job, run_id, settings, template))
         elif current is not None and not ended and not current.deleting:
             if spec.queue_name and spec.suspend:
                 # Kueue owns a queued Job's suspend flag (it unsuspends what it admitted), so a
@@ -277,7 +287,7 @@ def decide(
         new_attempt = observed.pods_started > previous.attempts
         if forbidden(previous.phase, phase_for(state), new_attempt):
             state = kept
-    decision.status = _status(job, observed, state, run_id, now, error)
+    decision.status = _status(job, observed, state, run_id, now, error, template)
     changed = decision.status.phase != previous.phase or (kept and kept.reason) != state.reason
     if changed or not same_run:
         kind = "Warning" if state.failed or state.waiting else "Normal"

@@ -29,7 +29,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, PROFILE_PLURAL, VERSION
 from kubetune.controller.build import MANAGED_BY
 from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
@@ -61,8 +61,12 @@ PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "secrets", ("get",)),
     ("", "events", ("create", "patch")),
 )
-# Cluster-wide only: nothing beyond the above (kopf no longer discovers CRDs or namespaces).
-CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+# Cluster-wide, whatever namespaces are watched: the cluster-scoped FineTuneProfiles, and the
+# namespaces' labels (their namespaceSelectors), read into caches.
+CLUSTER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (GROUP, PROFILE_PLURAL, ("get", "list", "watch")),
+    ("", "namespaces", ("get", "list", "watch")),
+)
 # In the operator's own namespace, with leader election: its Lease (leader.py).
 LEADER_PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("coordination.k8s.io", "leases", ("get", "create", "update")),
@@ -170,6 +174,10 @@ class Kube:
             if namespace is None:
                 return self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
             return self.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL)
+        if kind == "finetuneprofiles":  # cluster-scoped
+            return self.custom.list_cluster_custom_object, (GROUP, VERSION, PROFILE_PLURAL)
+        if kind == "namespaces":
+            return self.core.list_namespace, ()
         calls = {
             "jobs": (self.batch.list_job_for_all_namespaces, self.batch.list_namespaced_job),
             "pods": (self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod),

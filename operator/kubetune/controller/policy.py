@@ -6,18 +6,19 @@ from kubetune.api import FineTuneJob
 from kubetune.controller.settings import OperatorSettings
 
 
-def policy_problems(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
-    """One 'field: problem and fix' line for each policy the job breaks."""
+def policy_problems(
+    job: FineTuneJob, settings: OperatorSettings, profile_images: tuple[str, ...] = ()
+) -> list[str]:
+    """One 'field: problem and fix' line for each policy the job breaks. profile_images: the
+    images its FineTuneProfile allows besides the operator's."""
     spec = job.spec
     problems = []
-    if (
-        spec.image is not None
-        and spec.image != settings.trainer_image
-        and spec.image not in settings.allowed_images
-    ):
-        allowed = ", ".join([settings.trainer_image, *settings.allowed_images])
+    allowed_images = [settings.trainer_image, *settings.allowed_images, *profile_images]
+    if spec.image is not None and spec.image not in allowed_images:
+        allowed = ", ".join(dict.fromkeys(allowed_images))
         problems.append(f"spec.image: {spec.image!r} is not allowed here; allowed: {allowed}")
-    gpus = spec.resources.gpus * spec.nodes()
+    per_pod = spec.resources.gpus_per_pod()
+    gpus = per_pod * spec.nodes()
     if gpus > settings.max_gpus_per_job and spec.nodes() == 1:
         problems.append(
             f"spec.resources.gpus: {gpus} is more than this cluster allows per job "
@@ -25,7 +26,7 @@ def policy_problems(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
         )
     elif gpus > settings.max_gpus_per_job:
         problems.append(
-            f"spec.resources: {spec.nodes()} pods x {spec.resources.gpus} GPUs = {gpus} GPUs is "
+            f"spec.resources: {spec.nodes()} pods x {per_pod} GPUs = {gpus} GPUs is "
             f"more than this cluster allows per job ({settings.max_gpus_per_job}); lower "
             "resources.nodes or resources.gpus"
         )

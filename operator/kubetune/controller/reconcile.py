@@ -24,17 +24,25 @@ from kubetune.api import (
     FINAL_PHASES,
     FineTuneJob,
     FineTuneJobStatus,
+    FineTuneProfile,
     ObjectMeta,
     TrainerResult,
     describe_errors,
     make_run_id,
 )
 from kubetune.controller import results
+from kubetune.controller.build import RunTemplate, spec_hash
 from kubetune.controller.conditions import State
 from kubetune.controller.decide import Decision, Observed, decide
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.observe import current_run_id, metrics_target, observe, running_pod
 from kubetune.controller.policy import policy_problems
+from kubetune.controller.profiles import (
+    Resolution,
+    apply_profile,
+    pinned_profile,
+    select_profile,
+)
 from kubetune.controller.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -47,6 +55,8 @@ class KubeIO(Protocol):
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]: ...
+    def profiles(self) -> list[FineTuneProfile]: ...
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None: ...
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
@@ -142,6 +152,28 @@ def _stored_result(
     return read_result(output.uri, run_id, credentials)
 
 
+def _resolve(
+    kube: KubeIO,
+    job: FineTuneJob,
+    run_id: str,
+    configmaps: list[dict[str, Any]],
+    settings: OperatorSettings,
+) -> Resolution:
+    """The job resolved against its profile: the one its run started with, if the run exists;
+    else the one it selects now."""
+    exists, profile = pinned_profile(configmaps, run_id)
+    if not exists:
+        namespace = job.metadata.namespace or ""
+        labels = kube.namespace_labels(namespace)
+        if labels is None:
+            # Every namespaced object's namespace exists: the cache has not seen it yet.
+            raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
+        profile, refusal = select_profile(job, kube.profiles(), labels, settings)
+        if refusal is not None:
+            return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
+    return apply_profile(job, profile)
+
+
 def reconcile(
     kube: KubeIO,
     settings: OperatorSettings,
@@ -162,6 +194,7 @@ def reconcile(
     meta = ObjectMeta.model_validate(raw.get("metadata") or {})
     children = kube.children(namespace, name)
     refusal: State | None = None
+    template = RunTemplate()
     try:
         job = FineTuneJob.model_validate(
             {k: v for k, v in raw.items() if k != "status"}, by_name=False
@@ -182,9 +215,15 @@ def reconcile(
     else:
         job = job.model_copy(update={"status": previous, "metadata": meta})
         run_id = current_run_id(job, children["jobs"], children["configmaps"])
-        problems = policy_problems(job, settings)
+        resolution = _resolve(kube, job, run_id, children["configmaps"], settings)
+        job, template = resolution.job, resolution.template
+        problems = policy_problems(job, settings, resolution.allowed_images)
+        refusal = resolution.refusal
         if problems:
-            refusal = State("PolicyViolation", "; ".join(problems))
+            if refusal is not None and refusal.reason == "PolicyViolation":
+                problems = [refusal.message, *problems]
+            if refusal is None or refusal.reason == "PolicyViolation":
+                refusal = State("PolicyViolation", "; ".join(problems))
         observed = observe(
             run_id,
             children["jobs"],
@@ -212,17 +251,30 @@ def reconcile(
         return _apply(kube, raw, previous, decision, now, target)
 
     try:
-        return attempt(decide(job, observed, settings, now, refusal=refusal, run_id=run_id))
+        return attempt(
+            decide(job, observed, settings, now, refusal=refusal, run_id=run_id, template=template)
+        )
     except Rejected as exc:
         # The API server or an admission policy refused a child built from the spec.
         denied = State("AdmissionDenied", f"the API server refused the run: {exc}")
-        decision = decide(job, observed, settings, now, refusal=denied, run_id=run_id)
+        decision = decide(
+            job, observed, settings, now, refusal=denied, run_id=run_id, template=template
+        )
         decision.create.clear()
         return attempt(decision)
     except Misconfigured as exc:
         # Not the user's doing: show it, keep the phase, and let the caller retry with backoff.
         error = State(exc.reason, str(exc))
-        decision = decide(job, observed, settings, now, refusal=refusal, run_id=run_id, error=error)
+        decision = decide(
+            job,
+            observed,
+            settings,
+            now,
+            refusal=refusal,
+            run_id=run_id,
+            error=error,
+            template=template,
+        )
         decision.create.clear()
         decision.delete.clear()
         decision.set_suspend = None

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubetune.api import FINAL_PHASES
+from pydantic import ValidationError
+
+from kubetune.api import FINAL_PHASES, FineTuneProfile
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
 from kubetune.controller.cache import TRIM, Informer, Key, Store
 from kubetune.controller.errors import Conflict, Misconfigured, Retry
@@ -43,6 +45,8 @@ log = logging.getLogger("kubetune.operator")
 
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 CHILDREN = ("jobs", "configmaps", "pods", "services")
+CLUSTER_SCOPED = ("finetuneprofiles", "namespaces")  # watched cluster-wide, unlabelled
+OWNED = {kind: None if kind in ("finetunejobs", *CLUSTER_SCOPED) else JOB_LABEL for kind in TRIM}
 
 
 class CachedKube:
@@ -51,12 +55,37 @@ class CachedKube:
     def __init__(self, kube: Any, stores: dict[str, Store]) -> None:
         self.kube = kube
         self.stores = stores
+        self._profiles: dict[str, tuple[str, FineTuneProfile | None]] = {}  # by resourceVersion
+        self._profiles_lock = threading.Lock()
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.stores["finetunejobs"].get(namespace, name)
 
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
         return {kind: self.stores[kind].owned_by(namespace, job_name) for kind in CHILDREN}
+
+    def profiles(self) -> list[FineTuneProfile]:
+        """Every FineTuneProfile, parsed once per version. One the CRD should have refused (a
+        CRD older than the operator) is left out, with a warning."""
+        store = self.stores["finetuneprofiles"]
+        out = []
+        with self._profiles_lock:
+            for key in store.names():
+                raw = store.get(*key)
+                if raw is None:
+                    continue
+                version = (raw.get("metadata") or {}).get("resourceVersion") or ""
+                memo = self._profiles.get(key[1])
+                if memo is None or memo[0] != version:
+                    memo = (version, _parse_profile(raw))
+                    self._profiles[key[1]] = memo
+                if memo[1] is not None:
+                    out.append(memo[1])
+        return out
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        raw = self.stores["namespaces"].get("", namespace)
+        return None if raw is None else dict(raw["metadata"].get("labels") or {})
 
     def refresh(self, namespace: str, name: str) -> None:
         """Read the FineTuneJob from the API into the cache (after a 409)."""
@@ -98,6 +127,15 @@ class CachedKube:
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
     ) -> None:
         self.kube.event(owner, type_, reason, message, now)
+
+
+def _parse_profile(raw: dict[str, Any]) -> FineTuneProfile | None:
+    try:
+        return FineTuneProfile.model_validate(raw, by_name=False)
+    except ValidationError as exc:
+        name = (raw.get("metadata") or {}).get("name")
+        log.warning("FineTuneProfile %s is invalid and ignored: %s", name, exc.errors()[:3])
+        return None
 
 
 @dataclass
@@ -221,9 +259,7 @@ class Controller:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
-        self.stores = {
-            kind: Store(kind, None if kind == "finetunejobs" else JOB_LABEL) for kind in TRIM
-        }
+        self.stores = {kind: Store(kind, OWNED[kind]) for kind in TRIM}
         self.cached = CachedKube(kube, self.stores)
         self.queue = WorkQueue(rate=settings.retry_rate, burst=settings.retry_burst)
         self.leading = threading.Event()
@@ -240,11 +276,11 @@ class Controller:
                 self.stores[kind],
                 namespace,
                 self._changed,
-                selector=None if kind == "finetunejobs" else MANAGED_SELECTOR,
+                selector=MANAGED_SELECTOR if OWNED[kind] else None,
                 page=settings.list_page_size,
             )
             for kind in TRIM
-            for namespace in namespaces
+            for namespace in ([None] if kind in CLUSTER_SCOPED else namespaces)
         ]
         self.scraper = Scraper(
             kube.metrics,
@@ -293,6 +329,9 @@ class Controller:
         assert obj is not None
         meta = obj.get("metadata") or {}
         namespace = meta.get("namespace") or ""
+        if kind in CLUSTER_SCOPED:
+            self._cluster_changed(kind, old, new)
+            return
         if kind != "finetunejobs":
             owner = (meta.get("labels") or {}).get(JOB_LABEL)
             if owner:
@@ -310,6 +349,28 @@ class Controller:
             or (old.get("status") or {}) != (new.get("status") or {})
         ):
             self.enqueue(key, "finetunejob" if old is not None else "added")
+
+    def _cluster_changed(
+        self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> None:
+        """A profile or a namespace's labels changed: the runs that may not have started
+        because of it are reconciled again (a run that exists keeps its pinned profile)."""
+        meta = (new or old or {}).get("metadata") or {}
+        name = meta.get("name") or ""
+        if kind == "namespaces":
+            before = ((old or {}).get("metadata") or {}).get("labels")
+            if old is None or new is None or before == meta.get("labels"):
+                return
+        store = self.stores["finetunejobs"]
+        for key in store.names():
+            obj = store.get(*key) or {}
+            if ((obj.get("status") or {}).get("phase")) in FINAL_PHASES:
+                continue
+            wanted = (obj.get("spec") or {}).get("profile")
+            if (kind == "namespaces" and key[0] == name) or (
+                kind == "finetuneprofiles" and wanted in (None, name)
+            ):
+                self.enqueue(key, kind[:-1])
 
     def _progress(self, key: Key, text: str) -> None:
         with self._lock:
