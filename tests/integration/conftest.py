@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,32 @@ class Platform:
         override(doc["spec"], **spec)
         return doc
 
+    def namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """The Namespace object (a real cluster has one for every namespace in use)."""
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        if labels:
+            body["metadata"]["labels"] = labels
+        try:
+            self.api.create("namespaces", "", body)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+
+    def profile(self, name: str, **spec: Any) -> dict[str, Any]:
+        """A FineTuneProfile (cluster-scoped); `a__b=v` sets spec.a.b."""
+        body: dict[str, Any] = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneProfile",
+            "metadata": {"name": name},
+            "spec": {},
+        }
+        override(body["spec"], **spec)
+        return self.api.create("finetuneprofiles", "", body)
+
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
         namespace = doc["metadata"]["namespace"]
         if namespace not in self.namespaces:
+            self.namespace(namespace)
             secret = {
                 "apiVersion": "v1",
                 "kind": "Secret",

@@ -537,3 +537,57 @@ def test_pods_meet_through_a_headless_service_on_the_node(
     assert address == address1 == "127.0.0.1"
     assert port == port1 != "29500"
     assert [rank for *_, rank in lines] == ["0", "1"]
+
+
+def test_a_second_create_of_a_name_is_already_exists(node: tuple[Cluster, Client, Kubelet]) -> None:
+    """apimachinery's errors.NewAlreadyExists: 409, reason AlreadyExists, `<resource> "<name>"
+    already exists` (the resource qualified by its group)."""
+    _, api, _ = node
+    ns = "emu-exists"
+    api.create("configmaps", ns, _config_map(ns, "once"))
+    with pytest.raises(urllib.error.HTTPError) as again:
+        api.create("configmaps", ns, _config_map(ns, "once"))
+    answer = json.loads(again.value.read())
+    assert (again.value.code, answer["reason"]) == (409, "AlreadyExists")
+    assert answer["message"] == 'configmaps "once" already exists'
+    api.create("finetunejobs", ns, _ftj(ns, "twice"))
+    with pytest.raises(urllib.error.HTTPError) as twice:
+        api.create("finetunejobs", ns, _ftj(ns, "twice"))
+    assert json.loads(twice.value.read())["message"] == (
+        'finetunejobs.kubetune.dev "twice" already exists'
+    )
+
+
+def test_namespaces_and_profiles_are_cluster_scoped_objects(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """Namespaces are served at /api/v1/namespaces[/NAME] (create, get, list, label patch);
+    FineTuneProfiles at /apis/kubetune.dev/v1alpha1/finetuneprofiles[/NAME], admitted by their
+    CRD (its CEL rules, the quantity library included) as FineTuneJobs are by theirs."""
+    _, api, _ = node
+    api.create("namespaces", "", {"apiVersion": "v1", "kind": "Namespace",
+                                  "metadata": {"name": "emu-team", "labels": {"a": "1"}}})  # fmt: skip
+    api.patch("namespaces", "", "emu-team", {"metadata": {"labels": {"a": "2"}}})
+    listed = {n["metadata"]["name"]: n for n in api.list("namespaces")}
+    assert listed["emu-team"]["metadata"]["labels"] == {"a": "2"}
+    assert api.list("configmaps", "emu-team") == []  # a namespaced path is still one
+
+    def profile(name: str, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneProfile"}
+        return {**body, "metadata": {"name": name}, "spec": spec}
+
+    created = api.create("finetuneprofiles", "", profile("emu-pool", limits={"memory": "8Gi"}))
+    assert "namespace" not in created["metadata"] and created["metadata"]["generation"] == 1
+    assert created["spec"]["default"] is False  # defaulted by the schema
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api.create(
+            "finetuneprofiles",
+            "",
+            profile("emu-over", resources={"memory": "9Gi"}, limits={"memory": "8Gi"}),
+        )
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 422
+    assert answer["message"].startswith('FineTuneProfile.kubetune.dev "emu-over" is invalid: ')
+    assert "spec.resources.memory: Invalid value: resources.memory (a default)" in answer["message"]
+    patched = api.patch("finetuneprofiles", "", "emu-pool", {"spec": {"limits": {"gpus": 2}}})
+    assert patched["metadata"]["generation"] == 2

@@ -68,7 +68,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 import yaml
-from kmock._internal import enums, rendering
+from kmock._internal import enums, parsing, rendering
 from kmock._internal.dsl import Reaction
 
 from kubetune.controller.reconcile import merge_patch
@@ -112,6 +112,23 @@ WRITE_METHODS = {enums.method.POST, enums.method.PATCH, enums.method.PUT, enums.
 HISTORY_LIMIT = 20_000  # changes kept per resource for watches that resume from a version
 BOOKMARK_SECONDS = 5.0  # the API server sends one about every minute; tests are shorter
 TEST_AGENT = "kubetune-tests"
+
+
+_kmock_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock's path parser, plus the namespaces resource itself: `/api/v1/namespaces` and
+    `/api/v1/namespaces/NAME` are the cluster-scoped Namespace objects (kmock reads every
+    `/namespaces/X` as the start of a namespaced path and fails on the bare collection)."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = _parse_path
 
 
 @dataclass
@@ -321,7 +338,15 @@ class Emulator(kmock.KubernetesEmulator):
                 if key not in self._objects:
                     self._objects[key] = request.data
                 elif not self._objects[key].deleted:
-                    raise kmock.KubernetesObjectConflictError()
+                    # apimachinery's errors.NewAlreadyExists: 409, reason AlreadyExists.
+                    plural = request.resource.plural
+                    group = GROUPS.get(plural)
+                    resource = f"{plural}.{group}" if group else plural
+                    raise kmock.KubernetesError(
+                        status=409,
+                        reason="AlreadyExists",
+                        message=f'{resource} "{key[2]}" already exists',
+                    )
                 else:
                     self._objects[key].create(request.data)
                 raw = self._objects[key].last.raw

@@ -26,9 +26,11 @@ FAILED_REASONS = frozenset(
     | {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy"}
     | {"InvalidSpec", "PolicyViolation", "AdmissionDenied"}
 )
-# Why a trainer pod waits, as the kubelet and the scheduler say it (shown with phase Pending).
+# Why a trainer pod waits, as the kubelet and the scheduler say it, or why the run cannot start
+# yet (the FineTuneProfile it names does not exist yet): shown with phase Pending, as a Warning.
 WAITING_REASONS = frozenset(
     {
+        "ProfileNotFound",
         "Unschedulable",
         "ImagePullBackOff",
         "InvalidImageName",

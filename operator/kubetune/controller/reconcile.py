@@ -164,11 +164,14 @@ def _resolve(
     exists, profile = pinned_profile(configmaps, run_id)
     if not exists:
         namespace = job.metadata.namespace or ""
-        labels = kube.namespace_labels(namespace)
-        if labels is None:
-            # Every namespaced object's namespace exists: the cache has not seen it yet.
-            raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
-        profile, refusal = select_profile(job, kube.profiles(), labels, settings)
+        profiles = kube.profiles()
+        labels: dict[str, str] | None = {}
+        if any(p.spec.namespace_selector is not None for p in profiles):
+            labels = kube.namespace_labels(namespace)
+            if labels is None:
+                # Every namespaced object's namespace exists: the cache has not seen it yet.
+                raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
+        profile, refusal = select_profile(job, profiles, labels, settings)
         if refusal is not None:
             return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
     return apply_profile(job, profile)

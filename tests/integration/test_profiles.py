@@ -1,0 +1,123 @@
+"""FineTuneProfiles end to end on the emulated platform: a job waits for the profile it names,
+runs with the profile's defaults, stays pinned to the profile's generation when the profile
+changes under it, and is refused (naming the field and the profile) outside its limits or
+outside the namespaces it is offered to. Profiles are cluster-scoped and the platform is shared
+by the session, so each test names its own (and none is a default)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.integration.conftest import FINAL, Platform
+
+
+def _ready(status: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == "Ready")
+
+
+def _env(job: dict[str, Any]) -> dict[str, str]:
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def test_a_job_runs_under_its_profile_pinned_to_the_generation_it_started_with(
+    platform: Platform, ns: str
+) -> None:
+    pool = f"{ns}-pool"
+    platform.namespace(ns, {"kubetune.dev/fine-tuning": "enabled"})
+    platform.apply(platform.job(ns, "pinned", profile=pool))
+    # GitOps may apply the job before the profile: it waits, with a reason, and no child.
+    waiting = platform.wait_phase(ns, "pinned", "Pending")
+    assert _ready(waiting)["reason"] == "ProfileNotFound", waiting
+    assert pool in waiting["message"]
+    assert not platform.children(ns, "jobs", "pinned")
+
+    created = platform.profile(
+        pool,
+        namespaceSelector={"matchLabels": {"kubetune.dev/fine-tuning": "enabled"}},
+        resources={"gpus": 0, "memory": "4Gi"},
+        limits={"gpus": 1, "memory": "8Gi"},
+        env=[{"name": "TEAM_MARK", "value": "first"}],
+    )
+    assert created["metadata"]["generation"] == 1
+    (job,) = platform.wait_for("the run's Job", lambda: platform.children(ns, "jobs", "pinned"))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert _env(job)["TEAM_MARK"] == "first"
+    assert job["metadata"]["labels"]["kubetune.dev/profile"] == pool
+
+    # The platform team changes the profile while the run runs: the run keeps the one it has.
+    platform.api.patch(
+        "finetuneprofiles", "", pool, {"spec": {"env": [{"name": "TEAM_MARK", "value": "second"}]}}
+    )
+    status = platform.wait_phase(ns, "pinned", FINAL, timeout=300)
+    assert status["phase"] == "Succeeded", status
+    assert status["profile"] == {"name": pool, "generation": 1}
+    (job,) = platform.children(ns, "jobs", "pinned")
+    assert _env(job)["TEAM_MARK"] == "first"
+
+    # A new run (a new spec) takes the profile as it is now.
+    platform.api.patch(
+        "finetunejobs", ns, "pinned", {"spec": {"hyperparameters": {"maxSteps": 20}}}
+    )
+    new_run = platform.wait_for(
+        "the second run's profile",
+        lambda: (
+            (s := platform.status(ns, "pinned")).get("runId") != status["runId"]
+            and s.get("profile", {}).get("generation") == 2
+            and s
+        ),
+    )
+    jobs = platform.wait_for(
+        "the second run's Job",
+        lambda: [
+            j
+            for j in platform.children(ns, "jobs", "pinned")
+            if j["metadata"]["labels"]["kubetune.dev/run-id"] == new_run["runId"]
+        ],
+    )
+    assert _env(jobs[0])["TEAM_MARK"] == "second"
+    platform.wait_phase(ns, "pinned", FINAL, timeout=300)
+
+
+def test_a_job_outside_its_profile_is_refused_naming_the_field_and_the_profile(
+    platform: Platform, ns: str
+) -> None:
+    pool, other = f"{ns}-pool", f"{ns}-elsewhere"
+    platform.namespace(ns, {"team": "a"})
+    platform.profile(pool, limits={"gpus": 1}, allowedOutputPrefixes=[f"s3://models/{ns}/"])
+    platform.profile(other, namespaceSelector={"matchLabels": {"team": "b"}})
+
+    platform.apply(platform.job(ns, "greedy", profile=pool, resources={"gpus": 4}))
+    platform.apply(platform.job(ns, "astray", profile=pool, output__uri="s3://models/x/astray"))
+    platform.apply(platform.job(ns, "trespass", profile=other))
+    expected = {
+        "greedy": f"spec.resources.gpus: 4 is more than FineTuneProfile '{pool}' allows "
+        "(limits.gpus: 1)",
+        "astray": f"spec.output.uri: s3://models/x/astray is outside what FineTuneProfile "
+        f"'{pool}' allows",
+        "trespass": f"spec.profile: FineTuneProfile '{other}' is not offered to namespace {ns}",
+    }
+    for name, message in expected.items():
+        status = platform.wait_phase(ns, name, "Failed")
+        assert _ready(status)["reason"] == "PolicyViolation"
+        assert message in status["message"], status["message"]
+        assert not platform.children(ns, "jobs", name)  # nothing was created
+        assert "PolicyViolation" in [e["reason"] for e in platform.events(ns, name)]
+        platform.assert_no_more_writes(ns, name)  # no retry loop
+
+    # A namespace labelled into the other profile's selector: a new run of the refused job is
+    # allowed (a Failed run stays failed; a new spec is a new run).
+    platform.api.patch("namespaces", "", ns, {"metadata": {"labels": {"team": "b"}}})
+    platform.api.patch(
+        "finetunejobs", ns, "trespass", {"spec": {"hyperparameters": {"maxSteps": 10}}}
+    )
+    status = platform.wait_for(
+        "the new run to finish",
+        lambda: (s := platform.status(ns, "trespass")).get("observedGeneration") == 2
+        and s.get("phase") in FINAL
+        and s,
+        timeout=300,
+    )
+    assert status["phase"] == "Succeeded", status
+    assert status["profile"]["name"] == other
