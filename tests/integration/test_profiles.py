@@ -114,9 +114,11 @@ def test_a_job_outside_its_profile_is_refused_naming_the_field_and_the_profile(
     )
     status = platform.wait_for(
         "the new run to finish",
-        lambda: (s := platform.status(ns, "trespass")).get("observedGeneration") == 2
-        and s.get("phase") in FINAL
-        and s,
+        lambda: (
+            (s := platform.status(ns, "trespass")).get("observedGeneration") == 2
+            and s.get("phase") in FINAL
+            and s
+        ),
         timeout=300,
     )
     assert status["phase"] == "Succeeded", status
