@@ -383,6 +383,7 @@ WAITING = [
     pytest.param({"containers": [{"name": "trainer", "image": "t", "command": ["true"], "resources": {"limits": {"nvidia.com/gpu": "16"}}}]}, "Unschedulable", "1 Insufficient nvidia.com/gpu", id="too-many-gpus"),
     pytest.param({"containers": [{"name": "trainer", "image": "unreachable.example.com/t:1", "command": ["true"]}]}, "ImagePullBackOff", 'Back-off pulling image "unreachable.example.com/t:1"', id="image-pull"),
     pytest.param({"containers": [{"name": "trainer", "image": "t", "command": ["true"], "envFrom": [{"secretRef": {"name": "creds"}}]}]}, "CreateContainerConfigError", 'secret "creds" not found', id="missing-secret"),
+    pytest.param({"containers": [{"name": "trainer", "image": "t", "command": ["true"], "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}]}]}, "CreateContainerConfigError", 'secret "hf" not found', id="missing-secret-of-a-key"),
 ]
 # fmt: on
 
@@ -416,7 +417,9 @@ def test_pods_that_cannot_start_stay_pending_and_say_why(
     job = api.get("jobs", ns, name)
     assert (job["status"]["active"], job["status"]["ready"]) == (1, 0)  # Pending counts active
     if reason == "CreateContainerConfigError":  # the kubelet retries: the Secret appears, it runs
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": {}}
+        named = message.split('"')[1]  # the Secret the message names
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": named},
+                  "data": {"HF_TOKEN": "eA=="}}  # fmt: skip
         api.create("secrets", ns, secret)
         wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, name)))
 
@@ -591,3 +594,35 @@ def test_namespaces_and_profiles_are_cluster_scoped_objects(
     assert "spec.resources.memory: Invalid value: resources.memory (a default)" in answer["message"]
     patched = api.patch("finetuneprofiles", "", "emu-pool", {"spec": {"limits": {"gpus": 2}}})
     assert patched["metadata"]["generation"] == 2
+
+
+def test_an_env_var_from_a_secret_key_waits_for_the_key(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """kubelet_pods.go makeEnvironmentVariables: a Secret without the key is `couldn't find key
+    KEY in Secret NS/NAME` (CreateContainerConfigError); once the key is there the container
+    starts with the value."""
+    _, api, _ = node
+    ns = "emu-secret-key"
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": ns},
+              "data": {"OTHER": "eA=="}}  # fmt: skip
+    api.create("secrets", ns, secret)
+    env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}]
+    container = {"name": "trainer", "image": "t", "command": ["true"], "env": env}
+    api.create("jobs", ns, _job(ns, "token", pod={"containers": [container]}))
+
+    def waiting() -> dict[str, Any] | None:
+        pods = _pods(api, ns, "token")
+        statuses = ((pods[0].get("status") or {}).get("containerStatuses") or []) if pods else []
+        return next((c["state"]["waiting"] for c in statuses if "waiting" in c["state"]), None)
+
+    why = wait_until("the missing key", waiting)
+    assert why == {
+        "reason": "CreateContainerConfigError",
+        "message": f"couldn't find key HF_TOKEN in Secret {ns}/hf",
+    }
+    api.patch("secrets", ns, "hf", {"data": {"HF_TOKEN": "aGZfeHl6"}})
+    wait_until(
+        "the pod to finish",
+        lambda: (p := _pods(api, ns, "token")) and p[0]["status"].get("phase") == "Succeeded",
+    )

@@ -35,7 +35,8 @@ How a container becomes a process:
   paths under a mountPath in the command, env and config file are mapped to those directories;
 - env: the container's env plus envFrom secretRef, read from the Secret through the API;
 - env: `valueFrom.fieldRef` of metadata.name, metadata.namespace and annotations/labels (the
-  downward API), as the kubelet resolves them;
+  downward API), as the kubelet resolves them; `valueFrom.secretKeyRef` from the Secret (a
+  missing Secret or key waits in CreateContainerConfigError with the kubelet's message);
 - network: all pods share 127.0.0.1, so the node gives each pod a free port for its `metrics`
   container port (as a hostPort mapping would) and records it in the pod's spec, where the
   operator looks for it; the trainer listens on 127.0.0.1 (KUBETUNE_METRICS_ADDR). Any other
@@ -609,6 +610,12 @@ class Kubelet:
             ):
                 message = f'secret "{ref["name"]}" not found'
                 waiting = {"reason": "CreateContainerConfigError", "message": message}
+        for item in container.get("env") or []:
+            key_ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if waiting is None and key_ref and not key_ref.get("optional"):
+                problem = self._secret_key(run.namespace, key_ref)[1]
+                if problem:
+                    waiting = {"reason": "CreateContainerConfigError", "message": problem}
         if waiting is None:
             return None
         return {
@@ -723,7 +730,11 @@ class Kubelet:
                 for key, value in (secret.get("data") or {}).items():
                     env[key] = base64.b64decode(value).decode()
         for item in container.get("env") or []:
-            if "valueFrom" in item:
+            if "secretKeyRef" in (item.get("valueFrom") or {}):
+                value, problem = self._secret_key(run.namespace, item["valueFrom"]["secretKeyRef"])
+                if problem:
+                    raise RuntimeError(f"pod {run.name}: {problem}")
+            elif "valueFrom" in item:
                 value = self._field_ref(run, item["valueFrom"])
             else:
                 value = self._network(run, item["name"], local(item.get("value", "")))
@@ -746,6 +757,18 @@ class Kubelet:
             run.process = subprocess.Popen(
                 command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+
+    def _secret_key(self, namespace: str, ref: dict[str, Any]) -> tuple[str, str | None]:
+        """A Secret's key for `valueFrom.secretKeyRef`, or the kubelet's error for it
+        (kubelet_pods.go makeEnvironmentVariables): `secret "NAME" not found`, or `couldn't
+        find key KEY in Secret NAMESPACE/NAME`."""
+        secret = self.api.get("secrets", namespace, ref["name"])
+        if secret is None:
+            return "", f'secret "{ref["name"]}" not found'
+        data = secret.get("data") or {}
+        if ref["key"] not in data:
+            return "", f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}"
+        return base64.b64decode(data[ref["key"]]).decode(), None
 
     def _field_ref(self, run: PodRun, source: dict[str, Any]) -> str:
         """The downward API: metadata.name, metadata.namespace, metadata.annotations['k'],

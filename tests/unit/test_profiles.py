@@ -13,6 +13,7 @@ from kubernetes.utils.quantity import parse_quantity as client_parse_quantity
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, FineTuneProfile, ProfileRef, describe_errors
+from kubetune.api.spec import TokenSecret
 from kubetune.api.types import parse_quantity
 from kubetune.codegen.crd import PROFILE, crd
 from kubetune.controller.build import NO_PROFILE, build_configmap, build_job
@@ -398,3 +399,24 @@ def test_the_run_keeps_the_hash_of_the_jobs_own_spec() -> None:
     built = build_job(resolved, "0123abcd", SETTINGS, template)
     assert built["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == spec_hash(written)
     assert spec_hash(resolved) != spec_hash(written)
+
+
+def test_the_jobs_token_secret_replaces_the_profiles_hf_token() -> None:
+    resolved, template = _example_run()  # the profile gives HF_TOKEN from Secret hf-token
+    mine = resolved.model_copy(
+        update={
+            "spec": resolved.spec.model_copy(
+                update={
+                    "model": resolved.spec.model.model_copy(
+                        update={"token_secret": TokenSecret(name="my-token", key="token")}
+                    )
+                }
+            )
+        }
+    )
+    for built, secret in ((resolved, "hf-token"), (mine, "my-token")):
+        (container,) = build_job(built, "0123abcd", SETTINGS, template)["spec"]["template"]["spec"][
+            "containers"
+        ]
+        tokens = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
+        assert len(tokens) == 1 and tokens[0]["valueFrom"]["secretKeyRef"]["name"] == secret

@@ -10,8 +10,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kubetune.api import ADAPTER_METHODS, LORA_METHODS, FineTuneJobSpec
-from kubetune_trainer import storage
+from kubetune_trainer import hub, storage
 from kubetune_trainer.errors import SpecError, TrainerError
+from kubetune_trainer.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ def hf_repo(uri: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), parts[2] if len(parts) > 2 else None
 
 
-def locate_model(uri: str, revision: str | None, cache: Path) -> ModelSource:
-    """Resolves the model URI to something from_pretrained can read, staging remote files."""
-    if uri.startswith("hf://"):
-        return ModelSource(*hf_repo(uri), revision)
+def locate_model(
+    uri: str, revision: str | None, cache: Path, shared: ModelCache | None = None
+) -> ModelSource:
+    """Resolves the model URI to something from_pretrained can read, staging remote files:
+    through the shared model cache when there is one (the model is fetched once for all runs),
+    else hf:// models straight from the Hub and others into the pod's cache."""
     if uri.startswith("file://"):
         path = Path(urlsplit(uri).path)
         if not path.exists():
@@ -45,17 +48,31 @@ def locate_model(uri: str, revision: str | None, cache: Path) -> ModelSource:
         if path.suffix == ".gguf":
             return ModelSource(str(path.parent), path.name)
         return ModelSource(str(path))
+    if uri.startswith("hf://"):
+        repo, file = hf_repo(uri)
+        if shared is None:
+            return ModelSource(repo, file, revision)
+        entry = shared.get(uri, revision, lambda target: hub.download(repo, file, revision, target))
+        return ModelSource(str(entry), file)
+    file = Path(urlsplit(uri).path).name if uri.endswith(".gguf") else None
+    if shared is not None:
+        return ModelSource(str(shared.get(uri, revision, lambda t: _stage(uri, t))), file)
     target = cache / "model" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    _stage(uri, target)
+    return ModelSource(str(target), file)
+
+
+def _stage(uri: str, target: Path) -> None:
+    """A model in object storage (a prefix, or one .gguf file) copied into target."""
     try:
         if uri.endswith(".gguf"):
             storage.download(uri, target / Path(urlsplit(uri).path).name)
-            return ModelSource(str(target), Path(urlsplit(uri).path).name)
+            return
         if not storage.list_keys(uri):
             raise SpecError(f"spec.model.uri: nothing stored under {uri}")
         storage.download(uri, target)
     except FileNotFoundError as exc:
         raise SpecError(f"spec.model.uri: {uri} does not exist") from exc
-    return ModelSource(str(target))
 
 
 def _from_pretrained(loader: Any, source: ModelSource, trust: bool, **kwargs: Any) -> Any:

@@ -27,7 +27,7 @@ from kubetune.api import (
     TrainerConfig,
     TrainerResult,
 )
-from kubetune_trainer import data, distributed, modeling, storage
+from kubetune_trainer import data, distributed, hub, modeling, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
 from kubetune_trainer.export import (
@@ -39,6 +39,7 @@ from kubetune_trainer.export import (
     write_run_files,
 )
 from kubetune_trainer.gates import check_gates, describe
+from kubetune_trainer.model_cache import ModelCache
 from kubetune_trainer.telemetry import Reporter, Reporters
 from kubetune_trainer.tracking import Tracking
 from kubetune_trainer.training import TrainOutcome, train
@@ -206,13 +207,16 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     # The ranks of a pod share its cache: the first fills it (a download, a GGUF conversion),
     # the others then find it there.
     local_first = distributed.current().local_rank == 0
+    shared = ModelCache(config.model_cache, cache) if config.model_cache else None
     if not local_first:
         distributed.barrier()
-    source = modeling.locate_model(spec.model.uri, spec.model.revision, cache)
-    source = modeling.materialize_gguf(source, cache, spec.model.trust_remote_code)
+    with hub.refusals(spec.model):
+        source = modeling.locate_model(spec.model.uri, spec.model.revision, cache, shared)
+        source = modeling.materialize_gguf(source, cache, spec.model.trust_remote_code)
     if local_first:
         distributed.barrier()
-    tokenizer = modeling.load_tokenizer(source, spec.model.trust_remote_code)
+    with hub.refusals(spec.model):
+        tokenizer = modeling.load_tokenizer(source, spec.model.trust_remote_code)
 
     reporter.stage("data", spec.dataset.uri)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")

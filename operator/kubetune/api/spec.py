@@ -62,6 +62,19 @@ Metric = Literal["loss", "perplexity", "rougeL", "bleu", "exactMatch"]
 LOWER_IS_BETTER: frozenset[str] = frozenset({"loss", "perplexity"})
 
 
+class TokenSecret(ApiModel):
+    """A key of a Secret in the job's own namespace holding a Hugging Face access token."""
+
+    name: DnsSubdomain = Field(description="name of the Secret.")
+    key: str = Field(
+        default="HF_TOKEN",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="key of the token in the Secret.",
+    )
+
+
 class ModelSpec(ApiModel):
     """The base model to tune."""
 
@@ -90,6 +103,14 @@ class ModelSpec(ApiModel):
         description=(
             "trustRemoteCode allows running modelling code shipped with the model. Leave off "
             "unless you trust the model's authors."
+        ),
+    )
+    token_secret: TokenSecret | None = Field(
+        default=None,
+        description=(
+            "tokenSecret is the Secret (in the job's namespace) with a Hugging Face token, for "
+            "gated or private hf:// models and datasets (Llama, Gemma, Mistral): the trainer "
+            "gets it as HF_TOKEN. The token's account must have accepted the model's licence."
         ),
     )
 

@@ -48,6 +48,7 @@ RUN_AS = 1000
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RENDEZVOUS_PORT = 29500  # torchrun's default master port
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+HF_TOKEN = "HF_TOKEN"  # what huggingface_hub reads
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,17 @@ def _launch_env(job: FineTuneJob, run_id: str) -> list[dict[str, Any]]:
     return env
 
 
+def _extra_env(job: FineTuneJob, template: RunTemplate) -> list[dict[str, Any]]:
+    """The profile's env, then HF_TOKEN from spec.model.tokenSecret (which replaces a profile's
+    HF_TOKEN: the job names the token it needs)."""
+    token = job.spec.model.token_secret
+    env = [e for e in template.env if not (token and e["name"] == HF_TOKEN)]
+    if token:
+        ref = {"name": token.name, "key": token.key}
+        env.append({"name": HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def _container(
     job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate
 ) -> dict[str, Any]:
@@ -226,7 +238,7 @@ def _container(
             {"name": "HF_HOME", "value": f"{WORK_DIR}/huggingface"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             *(_launch_env(job, run_id) if distributed(job) else []),
-            *template.env,
+            *_extra_env(job, template),
         ],
         "ports": ports,
         "resources": _resources(job, settings),
