@@ -110,7 +110,7 @@ def test_configmap_holds_the_resolved_config_and_no_credentials() -> None:
     assert "AWS_SECRET_ACCESS_KEY" not in text and "secretRef" not in text
 
 
-def test_tracker_secrets_are_loaded_before_the_storage_secret() -> None:
+def test_each_secret_comes_under_its_sources_prefix() -> None:
     doc = valid_job()
     doc["metadata"]["uid"] = "uid-tracked"
     doc["spec"]["output"]["credentialsSecret"] = "s3"
@@ -121,14 +121,30 @@ def test_tracker_secrets_are_loaded_before_the_storage_secret() -> None:
     container = children(FineTuneJob.model_validate(doc))["job"]["spec"]["template"]["spec"][
         "containers"
     ][0]
-    # Where two Secrets set the same key, the last one wins: the storage credentials.
+    # A tracker's keys as they are (MLFLOW_*, WANDB_*); storage keys each under their
+    # source's prefix, so that no Secret's AWS_* keys reach another source or a tracker.
     assert container["envFrom"] == [
         {"secretRef": {"name": "mlflow"}},
         {"secretRef": {"name": "wandb"}},
-        {"secretRef": {"name": "s3"}},
+        {"secretRef": {"name": "s3"}, "prefix": "KUBETUNE_OUTPUT_"},
+    ]
+    doc["spec"]["model"] = {"uri": "s3://models/base", "credentialsSecret": "model-store"}
+    doc["spec"]["dataset"]["credentialsSecret"] = "data-store"
+    doc["spec"]["dataset"]["uri"] = "gs://datasets/train.jsonl"
+    container = children(FineTuneJob.model_validate(doc))["job"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert [(e["secretRef"]["name"], e.get("prefix")) for e in container["envFrom"]] == [
+        ("mlflow", None),
+        ("wandb", None),
+        ("model-store", "KUBETUNE_MODEL_"),
+        ("data-store", "KUBETUNE_DATASET_"),
+        ("s3", "KUBETUNE_OUTPUT_"),
     ]
     doc["spec"]["tracking"] = {"mlflow": {"trackingUri": "http://mlflow.mlflow:5000"}}
     del doc["spec"]["output"]["credentialsSecret"]
+    del doc["spec"]["model"]["credentialsSecret"]
+    del doc["spec"]["dataset"]["credentialsSecret"]
     container = children(FineTuneJob.model_validate(doc))["job"]["spec"]["template"]["spec"][
         "containers"
     ][0]

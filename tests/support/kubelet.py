@@ -33,7 +33,8 @@ and a kubelet, for the emulated API server. Each behaviour is the real one's, ci
 How a container becomes a process:
 - volumes: configMap volumes are written to a per-pod directory, emptyDirs are directories;
   paths under a mountPath in the command, env and config file are mapped to those directories;
-- env: the container's env plus envFrom secretRef, read from the Secret through the API;
+- env: the container's env plus envFrom secretRef, read from the Secret through the API, each
+  key with the envFrom's `prefix` before it;
 - env: `valueFrom.fieldRef` of metadata.name, metadata.namespace and annotations/labels (the
   downward API), as the kubelet resolves them; `valueFrom.secretKeyRef` from the Secret (a
   missing Secret or key waits in CreateContainerConfigError with the kubelet's message);
@@ -727,8 +728,9 @@ class Kubelet:
                 secret = self.api.get("secrets", run.namespace, ref["name"])
                 if secret is None:
                     raise RuntimeError(f"pod {run.name}: secret {ref['name']} not found")
+                prefix = source.get("prefix") or ""  # prepended to every key (envFrom)
                 for key, value in (secret.get("data") or {}).items():
-                    env[key] = base64.b64decode(value).decode()
+                    env[prefix + key] = base64.b64decode(value).decode()
         for item in container.get("env") or []:
             if "secretKeyRef" in (item.get("valueFrom") or {}):
                 value, problem = self._secret_key(run.namespace, item["valueFrom"]["secretKeyRef"])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -64,8 +65,49 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class Identity:
+    """A further S3 user with rights on some buckets only (SeaweedFS's `Action:bucket`)."""
+
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]  # e.g. ("Read:data", "List:data")
+
+    def env(self, server: S3Server) -> dict[str, str]:
+        return {
+            **server.env(),
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+
+def _identities_file(workdir: Path, identities: tuple[Identity, ...]) -> Path:
+    """SeaweedFS's S3 config: the admin (the default keys) and the others."""
+    users = [
+        {
+            "name": "admin",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        },
+        *(
+            {
+                "name": f"user{i}",
+                "credentials": [{"accessKey": u.access_key, "secretKey": u.secret_key}],
+                "actions": list(u.actions),
+            }
+            for i, u in enumerate(identities)
+        ),
+    ]
+    path = workdir / "s3.json"
+    path.write_text(json.dumps({"identities": users}))
+    return path
+
+
 def start(
-    workdir: Path, buckets: tuple[str, ...] = ("models", "data"), timeout: float = 60.0
+    workdir: Path,
+    buckets: tuple[str, ...] = ("models", "data"),
+    timeout: float = 60.0,
+    identities: tuple[Identity, ...] = (),
 ) -> S3Server:
     weed = Path(sys.executable).parent / "weed"
     master, volume, filer, s3, admin = _free_ports(5)
@@ -89,6 +131,8 @@ def start(
         "-admin.ui=false",
         f"-bucket={','.join(buckets)}",
     ]
+    if identities:
+        args.append(f"-s3.config={_identities_file(workdir, identities)}")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)

@@ -12,7 +12,13 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity as client_parse_quantity
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob, FineTuneProfile, ProfileRef, describe_errors
+from kubetune.api import (
+    FineTuneJob,
+    FineTuneProfile,
+    ProfileRef,
+    credential_routes,
+    describe_errors,
+)
 from kubetune.api.spec import TokenSecret
 from kubetune.api.types import parse_quantity
 from kubetune.codegen.crd import PROFILE, crd
@@ -420,3 +426,31 @@ def test_the_jobs_token_secret_replaces_the_profiles_hf_token() -> None:
         ]
         tokens = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
         assert len(tokens) == 1 and tokens[0]["valueFrom"]["secretKeyRef"]["name"] == secret
+
+
+def test_a_model_cache_in_object_storage_brings_its_own_secret() -> None:
+    pool = profile(
+        modelCache={"uri": "s3://platform-cache/models", "credentialsSecret": "cache-store"}
+    )
+    resolution = apply_profile(
+        job(output={"uri": "s3://models/x", "credentialsSecret": "s3"}), pool
+    )
+    (container,) = build_job(resolution.job, "0123abcd", SETTINGS, resolution.template)["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "s3"}, "prefix": "KUBETUNE_OUTPUT_"},
+        {"secretRef": {"name": "cache-store"}, "prefix": "KUBETUNE_CACHE_"},
+    ]
+    config = yaml.safe_load(
+        build_configmap(resolution.job, "0123abcd", SETTINGS, resolution.template)["data"][
+            "config.json"
+        ]
+    )
+    assert config["modelCache"] == {
+        "uri": "s3://platform-cache/models",
+        "credentialsSecret": "cache-store",
+    }
+    routes = credential_routes(resolution.job.spec, resolution.template.model_cache)
+    assert ("s3://platform-cache/models", "KUBETUNE_CACHE_") in routes
+    assert ("s3://models/x", "KUBETUNE_OUTPUT_") in routes

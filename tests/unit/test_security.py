@@ -59,7 +59,12 @@ def test_credentials_reach_the_pod_only_by_secret_reference() -> None:
     job = example(ROOT / "examples" / "lora-s3.yaml")
     (container,) = build_job(job, "0123abcd", SETTINGS)["spec"]["template"]["spec"]["containers"]
     (source,) = container["envFrom"]
-    assert source == {"secretRef": {"name": job.spec.output.credentials_secret}}
+    # Under the output's prefix: the trainer uses these keys for the output (and, having no
+    # Secret of their own, the model and the data), nothing else.
+    assert source == {
+        "secretRef": {"name": job.spec.output.credentials_secret},
+        "prefix": "KUBETUNE_OUTPUT_",
+    }
     assert not any("valueFrom" in e for e in container["env"])
     config = build_configmap(job, "0123abcd", SETTINGS)["data"]["config.json"]
     assert "AWS_SECRET_ACCESS_KEY" not in config and "secretKey" not in config

@@ -106,6 +106,8 @@ INVALID = [
     pytest.param(drop("spec.model.uri"), "spec.model.uri", "spec.model: 'uri' is a required property", id="missing-model-uri"),
     pytest.param(drop("spec.output"), "spec.output", "spec: 'output' is a required property", id="missing-output"),
     pytest.param(at("metadata.name", "x" * (MAX_NAME_LENGTH + 1)), "metadata.name", "<root>: Invalid value: metadata.name must be at most", id="name-too-long-for-child-names"),
+    pytest.param(at("spec.model.credentialsSecret", "store"), "spec.model.credentialsSecret", "spec.model.credentialsSecret: Invalid value: credentialsSecret is for s3://, gs:// and az:// models", id="model-secret-for-a-hub-model"),
+    pytest.param(both(at("spec.dataset.uri", "https://example.com/train.jsonl"), at("spec.dataset.credentialsSecret", "store")), "spec.dataset.credentialsSecret", "spec.dataset.credentialsSecret: Invalid value: credentialsSecret is for data files at s3://", id="dataset-secret-for-local-data"),
     pytest.param(both(at("spec.resources", {"gpus": 2}), at("spec.distributed", {"nprocPerNode": 4})), "spec.distributed.nprocPerNode", "spec.distributed.nprocPerNode: Invalid value: a pod with GPUs runs one process per GPU", id="nproc-beside-gpus"),
     pytest.param(at("spec.distributed", {"strategy": "fsdp"}), "spec.distributed.strategy", "spec.distributed.strategy: Invalid value: fsdp is for method full", id="fsdp-lora"),
     pytest.param(at("spec.distributed", {"strategy": "ddpp"}), "spec.distributed.strategy", "spec.distributed.strategy: 'ddpp'", id="strategy-enum"),
@@ -167,6 +169,7 @@ VALID = [
     pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
     pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
     pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),
+    pytest.param(both(at("spec.model", {"uri": "s3://models/base", "credentialsSecret": "m"}), at("spec.dataset.testUri", "gs://d/test.jsonl"), at("spec.dataset.credentialsSecret", "d")), id="a-secret-per-source"),
 ]
 
 

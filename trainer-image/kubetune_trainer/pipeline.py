@@ -26,6 +26,7 @@ from kubetune.api import (
     MetricsStatus,
     TrainerConfig,
     TrainerResult,
+    credential_routes,
 )
 from kubetune_trainer import data, distributed, hub, modeling, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
@@ -95,6 +96,8 @@ def run(
     # Trackers hear from rank 0 only: one run, one record.
     tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
     reporter = Reporters(reporter, tracking)
+    # Each storage source with a Secret of its own reads and writes with it.
+    storage.use_credentials(credential_routes(config.spec, config.model_cache))
     try:
         _check_world(config, rank)
         distributed.init(rank)

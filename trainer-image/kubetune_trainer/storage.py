@@ -1,8 +1,14 @@
 """One storage client for every scheme: s3://, gs://, az://, file:// and https:// (obstore).
 
-Credentials come from the standard environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
-GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_NAME, ...); an S3-compatible endpoint over plain
-http (MinIO, SeaweedFS on a private network) is allowed when AWS_ENDPOINT_URL says http://.
+Credentials: a URI of a source whose Secret the pod loaded (the model's, the data's, the
+output's, the model cache's: kubetune.api.credential_routes) is read and written with that
+Secret's keys, found in the environment under the source's prefix (KUBETUNE_MODEL_AWS_ACCESS_KEY_ID,
+...). Any other URI uses obstore's default chain: the standard variables (AWS_ACCESS_KEY_ID,
+AWS_ENDPOINT_URL, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_NAME, ...), then the pod's
+identity (a web identity token: IRSA's AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE, Azure
+Workload Identity's AZURE_FEDERATED_TOKEN_FILE; the metadata server: GKE Workload Identity,
+EC2 instance profiles). An S3-compatible endpoint over plain http (MinIO, SeaweedFS on a private
+network) is allowed when its AWS_ENDPOINT_URL says http://.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from urllib.parse import urlsplit
 import obstore
 from obstore.store import from_url
 
+from kubetune.api import CREDENTIAL_ENV
 from kubetune_trainer.errors import TrainerError
 
 
@@ -42,18 +49,76 @@ def _store_root(uri: str) -> tuple[str, str]:
     raise TrainerError(f"unsupported storage URI {uri!r}")
 
 
+# (URI, environment prefix) of the sources with credentials of their own; set per process.
+_routes: list[tuple[str, str]] = []
+_FAMILY = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
+
+
+def use_credentials(routes: list[tuple[str, str]]) -> None:
+    """Which URIs take which source's credentials (kubetune.api.credential_routes)."""
+    _routes[:] = routes
+
+
+def _route(uri: str) -> str | None:
+    """The environment prefix of the source uri belongs to (the longest matching route)."""
+    best: tuple[str, str] | None = None
+    for base, env_prefix in _routes:
+        base = base.rstrip("/")
+        if (uri.rstrip("/") == base or uri.startswith(base + "/")) and (
+            best is None or len(base) > len(best[0])
+        ):
+            best = (base, env_prefix)
+    return best[1] if best else None
+
+
+def credentials(uri: str) -> dict[str, str]:
+    """The configuration of the source uri belongs to, from its Secret's keys in the
+    environment; empty: the default chain."""
+    env_prefix = _route(uri)
+    family = _FAMILY.get(urlsplit(uri).scheme)
+    if env_prefix is None or family is None:
+        return {}
+    head = env_prefix + family
+    return {key[len(env_prefix) :]: v for key, v in os.environ.items() if key.startswith(head)}
+
+
 def locate(uri: str) -> Location:
     root, prefix = _store_root(uri)
-    options: dict[str, Any] = {}
-    if root.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+    config = credentials(uri)
+    options: dict[str, Any] = {"config": config} if config else {}
+    endpoint = config.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL", "")
+    if (root.startswith("s3://") and endpoint.startswith("http://")) or root.startswith("http://"):
         options["client_options"] = {"allow_http": True}
-    if root.startswith("http://"):
-        options["client_options"] = {"allow_http": True}
-    return Location(from_url(root, **options), prefix)
+    try:
+        return Location(from_url(root, **options), prefix)
+    except (ValueError, obstore.exceptions.BaseError) as exc:
+        keys = ", ".join(sorted(config)) or "none"
+        raise TrainerError(
+            f"cannot use the credentials for {uri} (keys: {keys}): {_first_line(exc)}"
+        ) from exc
 
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def whose(uri: str) -> str:
+    """Whose credentials a URI is used with, for messages."""
+    env_prefix = _route(uri)
+    if env_prefix is None:
+        return "the pod's identity (the default credential chain; no Secret named for it)"
+    source = next(k for k, v in CREDENTIAL_ENV.items() if v == env_prefix)
+    field = "the profile's modelCache" if source == "cache" else f"spec.{source}"
+    return f"the credentials of {field}.credentialsSecret"
+
+
+def _problem(verb: str, uri: str, exc: BaseException) -> TrainerError:
+    text = f"cannot {verb} {uri}: {_first_line(exc)}"
+    if isinstance(
+        exc, obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
+    ):
+        text = f"cannot {verb} {uri} with {whose(uri)}: {_first_line(exc)}"
+    return TrainerError(text)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -63,7 +128,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise TrainerError(f"cannot read {uri}: {_first_line(exc)}") from exc
+        raise _problem("read", uri, exc) from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -71,7 +136,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         obstore.put(loc.store, loc.key(), data)
     except Exception as exc:
-        raise TrainerError(f"cannot write {uri}: {_first_line(exc)}") from exc
+        raise _problem("write", uri, exc) from exc
 
 
 def exists(uri: str) -> bool:
@@ -94,7 +159,7 @@ def list_keys(uri: str) -> list[str]:
     except FileNotFoundError:
         return []
     except Exception as exc:
-        raise TrainerError(f"cannot list {uri}: {_first_line(exc)}") from exc
+        raise _problem("list", uri, exc) from exc
     base = prefix.rstrip("/") + "/" if prefix else ""
     return sorted(k[len(base) :] for k in keys if k.startswith(base))
 

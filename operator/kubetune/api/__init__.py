@@ -13,6 +13,7 @@ from kubetune.api.contract import (
     TrainerConfig,
     TrainerResult,
     child_name,
+    credential_routes,
     make_run_id,
     resolve_spec,
     run_prefix,
@@ -39,6 +40,7 @@ from kubetune.api.resource import (
 )
 from kubetune.api.spec import (
     ADAPTER_METHODS,
+    CREDENTIAL_ENV,
     LORA_METHODS,
     MERGEABLE_METHODS,
     VIRTUAL_TOKEN_METHODS,
@@ -79,6 +81,7 @@ __all__ = [
     "ADAPTER_METHODS",
     "API_VERSION",
     "CATEGORIES",
+    "CREDENTIAL_ENV",
     "EXIT_CODES",
     "FINAL_PHASES",
     "GROUP",
@@ -136,6 +139,7 @@ __all__ = [
     "TrainerResult",
     "WandbSpec",
     "child_name",
+    "credential_routes",
     "describe_errors",
     "format_path",
     "gates_summary",

@@ -21,6 +21,8 @@ from kubetune.api.base import ApiModel
 from kubetune.api.profile import ModelCacheSpec
 from kubetune.api.resource import API_VERSION, FineTuneJob
 from kubetune.api.spec import (
+    CLOUD_SCHEMES,
+    CREDENTIAL_ENV,
     DEFAULT_EPOCHS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_VIRTUAL_TOKENS,
@@ -69,6 +71,30 @@ EXIT_CODES: dict[ExitCode, ExitMeaning] = {
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(
     int(code) for code, meaning in EXIT_CODES.items() if meaning.permanent
 )
+
+
+def credential_routes(
+    spec: FineTuneJobSpec, cache: ModelCacheSpec | None = None
+) -> list[tuple[str, str]]:
+    """(URI, environment prefix) for each storage URI of a run whose credentials the pod has
+    from a Secret (spec.secrets() loads them under these prefixes): the source's own Secret,
+    else the output's. A URI with neither uses the pod's identity (the default chain)."""
+    fallback = CREDENTIAL_ENV["output"] if spec.output.credentials_secret else None
+    routes: list[tuple[str, str]] = []
+
+    def add(uri: str | None, own: str | None, source: str) -> None:
+        prefix = CREDENTIAL_ENV[source] if own else fallback
+        if uri and uri.startswith(CLOUD_SCHEMES) and prefix:
+            routes.append((uri, prefix))
+
+    add(spec.model.uri, spec.model.credentials_secret, "model")
+    data = spec.dataset
+    for uri in (data.uri, data.validation_uri, data.test_uri):
+        add(uri, data.credentials_secret, "dataset")
+    add(spec.output.uri, spec.output.credentials_secret, "output")
+    if cache is not None and cache.uri:
+        add(cache.uri, cache.credentials_secret, "cache")
+    return routes
 
 
 def make_run_id(uid: str, generation: int) -> str:

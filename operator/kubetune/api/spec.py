@@ -29,6 +29,8 @@ from kubetune.api.types import DatasetUri, DnsLabel, DnsSubdomain, ModelUri, Out
 
 __all__ = [
     "ADAPTER_METHODS",
+    "CLOUD_SCHEMES",
+    "CREDENTIAL_ENV",
     "DEFAULT_EPOCHS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_VIRTUAL_TOKENS",
@@ -54,6 +56,16 @@ __all__ = [
     "TrackingSpec",
 ]
 
+CLOUD_SCHEMES = ("s3://", "gs://", "az://")
+# Where each storage source's credentials are in the trainer's environment: the Secret's keys
+# under this prefix (envFrom's prefix). The trainer reads them for that source's URIs only.
+CREDENTIAL_ENV = {
+    "model": "KUBETUNE_MODEL_",
+    "dataset": "KUBETUNE_DATASET_",
+    "output": "KUBETUNE_OUTPUT_",
+    "cache": "KUBETUNE_CACHE_",
+}
+
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DatasetFormat = Literal["auto", "alpaca", "chat", "completion", "text"]
 Metric = Literal["loss", "perplexity", "rougeL", "bleu", "exactMatch"]
@@ -77,6 +89,18 @@ class TokenSecret(ApiModel):
 
 class ModelSpec(ApiModel):
     """The base model to tune."""
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.credentialsSecret) || self.uri.matches('^(s3|gs|az)://')",
+            check=lambda s: s.credentials_secret is None or s.uri.startswith(CLOUD_SCHEMES),
+            message=(
+                "credentialsSecret is for s3://, gs:// and az:// models; an hf:// model takes "
+                "tokenSecret"
+            ),
+            field=".credentialsSecret",
+        ),
+    )
 
     uri: ModelUri = Field(
         description=(
@@ -105,6 +129,14 @@ class ModelSpec(ApiModel):
             "unless you trust the model's authors."
         ),
     )
+    credentials_secret: DnsSubdomain | None = Field(
+        default=None,
+        description=(
+            "credentialsSecret is a Secret in the job's namespace with the storage credentials "
+            "of an s3://, gs:// or az:// model (the keys of output.credentialsSecret); "
+            "default: the output's Secret, else the pod's identity."
+        ),
+    )
     token_secret: TokenSecret | None = Field(
         default=None,
         description=(
@@ -119,6 +151,25 @@ class DatasetSpec(ApiModel):
     """The training data and how it is split into train, validation and test sets."""
 
     __rules__ = (
+        Rule(
+            cel=(
+                "!has(self.credentialsSecret) || self.uri.matches('^(s3|gs|az)://') || "
+                "(has(self.validationUri) && self.validationUri.matches('^(s3|gs|az)://')) || "
+                "(has(self.testUri) && self.testUri.matches('^(s3|gs|az)://'))"
+            ),
+            check=lambda s: (
+                s.credentials_secret is None
+                or any(
+                    (u or "").startswith(CLOUD_SCHEMES)
+                    for u in (s.uri, s.validation_uri, s.test_uri)
+                )
+            ),
+            message=(
+                "credentialsSecret is for data files at s3://, gs:// or az://; an "
+                "hf://datasets/ dataset takes model.tokenSecret"
+            ),
+            field=".credentialsSecret",
+        ),
         Rule(
             cel="self.validationSplit + self.testSplit < 1.0",
             check=lambda s: s.validation_split + s.test_split < 1.0,
@@ -153,6 +204,14 @@ class DatasetSpec(ApiModel):
             "uri is the training data: a .jsonl, .json, .csv or .parquet file at s3://, gs://, "
             "az://, https:// or file:///, or hf://datasets/ORG/NAME[/path]."
         )
+    )
+    credentials_secret: DnsSubdomain | None = Field(
+        default=None,
+        description=(
+            "credentialsSecret is a Secret in the job's namespace with the storage credentials "
+            "of the s3://, gs:// or az:// data files (uri, validationUri, testUri; the keys of "
+            "output.credentialsSecret); default: the output's Secret, else the pod's identity."
+        ),
     )
     format: DatasetFormat = Field(
         default="auto",
@@ -321,8 +380,10 @@ class OutputSpec(ApiModel):
         default=None,
         description=(
             "credentialsSecret is a Secret in the job's own namespace with the storage "
-            "credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, "
-            "AWS_REGION, or the GOOGLE_/AZURE_STORAGE_ equivalents."
+            "credentials of the output: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL, AWS_REGION, or the GOOGLE_/AZURE_STORAGE_ equivalents. The model "
+            "and the data use it too unless they name their own. Unset: the pod's identity "
+            "(the cloud's default credential chain)."
         ),
     )
 
@@ -550,13 +611,21 @@ class FineTuneJobSpec(ApiModel):
             return "fsdp" if self.method.type == "full" else "ddp"
         return chosen
 
-    def secrets(self) -> list[tuple[str, str]]:
-        """The Secrets the trainer pod loads into its environment, each with the field that names
-        it; the storage credentials last, so that their keys win over a tracker's."""
-        named = []
+    def secrets(self) -> list[tuple[str, str, str | None]]:
+        """The Secrets the trainer pod loads into its environment: (name, the field that names
+        it, the prefix of its keys there). A tracker's keys come as they are; each storage
+        source's under its own prefix (CREDENTIAL_ENV), so that the model, the data and the
+        output can each have their own credentials."""
+        named: list[tuple[str | None, str, str | None]] = []
         if self.tracking and self.tracking.mlflow:
-            named.append((self.tracking.mlflow.credentials_secret, ".tracking.mlflow"))
+            named.append((self.tracking.mlflow.credentials_secret, ".tracking.mlflow", None))
         if self.tracking and self.tracking.wandb:
-            named.append((self.tracking.wandb.credentials_secret, ".tracking.wandb"))
-        named.append((self.output.credentials_secret, ".output"))
-        return [(name, f"spec{path}.credentialsSecret") for name, path in named if name]
+            named.append((self.tracking.wandb.credentials_secret, ".tracking.wandb", None))
+        named += [
+            (self.model.credentials_secret, ".model", CREDENTIAL_ENV["model"]),
+            (self.dataset.credentials_secret, ".dataset", CREDENTIAL_ENV["dataset"]),
+            (self.output.credentials_secret, ".output", CREDENTIAL_ENV["output"]),
+        ]
+        return [
+            (name, f"spec{path}.credentialsSecret", prefix) for name, path, prefix in named if name
+        ]

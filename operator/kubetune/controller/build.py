@@ -18,6 +18,7 @@ from typing import Any
 
 from kubetune.api import (
     API_VERSION,
+    CREDENTIAL_ENV,
     KIND,
     PERMANENT_EXIT_CODES,
     FineTuneJob,
@@ -258,11 +259,29 @@ def _container(
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    # Only Secrets in the job's own namespace can be named: the fields have no namespace. Where
-    # two Secrets set the same key the last one wins (spec.secrets() puts storage last).
-    if secrets := spec.secrets():
-        container["envFrom"] = [{"secretRef": {"name": name}} for name, _ in secrets]
+    # Only Secrets in the job's own namespace can be named: the fields have no namespace. Each
+    # storage source's keys come under its own prefix (KUBETUNE_MODEL_AWS_ACCESS_KEY_ID, ...), so
+    # that the trainer uses them for that source only (api.credential_routes).
+    if env_from := [
+        {"secretRef": {"name": name}, **({"prefix": prefix} if prefix else {})}
+        for name, _, prefix in secret_sources(job, template)
+    ]:
+        container["envFrom"] = env_from
     return container
+
+
+def secret_sources(
+    job: FineTuneJob, template: RunTemplate = NO_PROFILE
+) -> list[tuple[str, str, str | None]]:
+    """(Secret, the field that names it, its keys' prefix) of every Secret the pod loads."""
+    sources = list(job.spec.secrets())
+    cache = template.model_cache
+    if cache is not None and cache.credentials_secret:
+        sources.append(
+            (cache.credentials_secret, "the profile's modelCache.credentialsSecret",
+             CREDENTIAL_ENV["cache"])
+        )  # fmt: skip
+    return sources
 
 
 def build_service(

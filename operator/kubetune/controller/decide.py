@@ -117,7 +117,7 @@ def result_state(result: TrainerResult) -> State | None:
 
 def _waiting_state(job: FineTuneJob, waiting: Waiting) -> State:
     message = f"the trainer pod cannot start: {waiting.message or waiting.reason}"
-    named = list(job.spec.secrets())
+    named = [(name, field) for name, field, _ in job.spec.secrets()]
     if job.spec.model.token_secret:
         named.append((job.spec.model.token_secret.name, "spec.model.tokenSecret"))
     missing = [name_field for name_field in named if f'"{name_field[0]}"' in message]
