@@ -169,7 +169,14 @@ VALID = [
     pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
     pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
     pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),
-    pytest.param(both(at("spec.model", {"uri": "s3://models/base", "credentialsSecret": "m"}), at("spec.dataset.testUri", "gs://d/test.jsonl"), at("spec.dataset.credentialsSecret", "d")), id="a-secret-per-source"),
+    pytest.param(
+        both(
+            at("spec.model", {"uri": "s3://models/base", "credentialsSecret": "m"}),
+            at("spec.dataset.testUri", "gs://d/test.jsonl"),
+            at("spec.dataset.credentialsSecret", "d"),
+        ),
+        id="a-secret-per-source",
+    ),
 ]
 
 
