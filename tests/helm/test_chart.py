@@ -526,3 +526,20 @@ def test_pod_monitor_selects_the_trainer_pods_the_operator_labels() -> None:
         assert "ports" not in peers
         (source,) = peers["from"]
         assert source["podSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_trainer_pull_secrets_and_required_profiles_reach_the_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = _env(
+        render(
+            "--set", "trainer.imagePullSecrets={regcred}", "--set", "trainer.requireProfile=true"
+        )
+    )
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()
+    assert settings.trainer_image_pull_secrets == ["regcred"] and settings.require_profile
+    defaults = _env(render())
+    assert defaults["KUBETUNE_TRAINER_IMAGE_PULL_SECRETS"] == "[]"
+    assert defaults["KUBETUNE_REQUIRE_PROFILE"] == "false"

@@ -454,3 +454,16 @@ def test_a_model_cache_in_object_storage_brings_its_own_secret() -> None:
     routes = credential_routes(resolution.job.spec, resolution.template.model_cache)
     assert ("s3://platform-cache/models", "KUBETUNE_CACHE_") in routes
     assert ("s3://models/x", "KUBETUNE_OUTPUT_") in routes
+
+
+def test_pull_secrets_come_from_the_chart_and_the_profile() -> None:
+    settings = SETTINGS.model_copy(update={"trainer_image_pull_secrets": ["platform-registry"]})
+    resolution = apply_profile(
+        job(), profile(imagePullSecrets=["team-registry", "platform-registry"])
+    )
+    pod = build_job(resolution.job, "0123abcd", settings, resolution.template)["spec"]["template"][
+        "spec"
+    ]
+    assert pod["imagePullSecrets"] == [{"name": "platform-registry"}, {"name": "team-registry"}]
+    plain = build_job(job(), "0123abcd", SETTINGS, NO_PROFILE)["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain

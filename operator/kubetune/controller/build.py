@@ -341,8 +341,10 @@ def build_job(
             *template.volumes,
         ],
     }
-    if template.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in template.image_pull_secrets]
+    # The chart's pull Secrets for every trainer pod, then the profile's.
+    pulls = dict.fromkeys([*settings.trainer_image_pull_secrets, *template.image_pull_secrets])
+    if pulls:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in pulls]
     if template.affinity:
         pod_spec["affinity"] = template.affinity
     if spec.resources.node_selector:

@@ -28,6 +28,10 @@ class OperatorSettings(BaseSettings):
     max_gpus_per_job: int = Field(default=8, ge=0, description="The most GPUs one job may ask for.")
     default_cpu: str | None = Field(default=None, description="CPU for jobs that set none.")
     default_memory: str | None = Field(default=None, description="Memory for jobs that set none.")
+    trainer_image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description="Secrets (in each job's namespace) for pulling the trainer image.",
+    )
     require_profile: bool = Field(
         default=False,
         description="Run FineTuneJobs only under a FineTuneProfile (named, or a default one).",
