@@ -97,6 +97,8 @@ INVALID = [
     pytest.param(at("spec.namespaceSelector", {"matchExpressions": [{"key": "team", "operator": "Exists", "values": ["a"]}]}), "spec.namespaceSelector.matchExpressions[0].values", "spec.namespaceSelector.matchExpressions[0].values: Invalid value", id="selector-exists-with-values"),
     pytest.param(at("spec.namespaceSelector", {"matchExpressions": [{"key": "team", "operator": "Has"}]}), "spec.namespaceSelector.matchExpressions[0].operator", "spec.namespaceSelector.matchExpressions[0].operator", id="selector-operator"),
     pytest.param(at("spec.allowedOutputPrefixes", ["ftp://models/"]), "spec.allowedOutputPrefixes[0]", "spec.allowedOutputPrefixes[0]", id="output-prefix-scheme"),
+    pytest.param(at("spec.podLabels", {"kubetune.dev/run-id": "x"}), "spec.podLabels", "spec.podLabels: Invalid value: podLabels and podAnnotations may not use kubetune.dev/", id="reserved-pod-label"),
+    pytest.param(at("spec.podAnnotations", {"batch.kubernetes.io/job-completion-index": "0"}), "spec.podLabels", "spec.podLabels: Invalid value: podLabels and podAnnotations", id="reserved-pod-annotation"),
     pytest.param(at("spec.limits.gpus", 17), "spec.limits.gpus", "spec.limits.gpus", id="limit-gpus-range"),
     pytest.param(at("spec.default", "yes"), "spec.default", "spec.default", id="default-not-a-boolean"),
     pytest.param(at("metadata.name", "a100.pool"), "metadata.name", "<root>: Invalid value: metadata.name of a FineTuneProfile is a DNS label", id="name-not-a-label"),
@@ -108,6 +110,7 @@ VALID = [
     pytest.param(at("spec.modelCache", {"uri": "s3://cache/models", "credentialsSecret": "cache-creds"}), id="cache-in-object-storage"),
     pytest.param(at("spec", {"serviceAccountName": "trainer", "allowedServiceAccounts": ["trainer", "gcs"]}), id="account-among-allowed"),
     pytest.param(at("spec.namespaceSelector", {}), id="empty-selector-matches-all"),
+    pytest.param(at("spec", {"podLabels": {"azure.workload.identity/use": "true"}, "podAnnotations": {"sidecar.istio.io/inject": "false"}}), id="identity-label-and-mesh-annotation"),
     pytest.param(both(at("spec.default", True), drop("spec")), id="no-spec-at-all"),
 ]
 # fmt: on
@@ -454,6 +457,20 @@ def test_a_model_cache_in_object_storage_brings_its_own_secret() -> None:
     routes = credential_routes(resolution.job.spec, resolution.template.model_cache)
     assert ("s3://platform-cache/models", "KUBETUNE_CACHE_") in routes
     assert ("s3://models/x", "KUBETUNE_OUTPUT_") in routes
+
+
+def test_the_profiles_pod_labels_and_annotations_reach_the_pods_not_the_job() -> None:
+    pool = profile(
+        podLabels={"azure.workload.identity/use": "true"},
+        podAnnotations={"sidecar.istio.io/inject": "false"},
+    )
+    resolution = apply_profile(job(), pool)
+    built = build_job(resolution.job, "0123abcd", SETTINGS, resolution.template)
+    meta = built["spec"]["template"]["metadata"]
+    assert meta["labels"]["azure.workload.identity/use"] == "true"
+    assert meta["labels"]["kubetune.dev/profile"] == "pool"
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert "azure.workload.identity/use" not in built["metadata"]["labels"]
 
 
 def test_pull_secrets_come_from_the_chart_and_the_profile() -> None:

@@ -43,6 +43,13 @@ RESERVED_VOLUMES = ("config", "work", "tmp", "shm", "credentials")
 RESERVED_MOUNT_PATHS = ("/etc/kubetune", "/work", "/tmp", "/dev/shm", "/var/run/secrets")
 RESERVED_ENV = ("HOME", "HF_HOME", "PYTHONUNBUFFERED")
 RESERVED_ENV_PREFIXES = ("KUBETUNE_", "PET_")
+# Label and annotation prefixes the operator, the Job controller and Kueue set on the pods.
+RESERVED_METADATA_PREFIXES = (
+    "kubetune.dev/",
+    "app.kubernetes.io/",
+    "batch.kubernetes.io/",
+    "kueue.x-k8s.io/",
+)
 
 __all__ = [
     "PROFILE_KIND",
@@ -63,6 +70,9 @@ __all__ = [
     "Volume",
     "VolumeMount",
 ]
+
+
+_CEL_NOT_RESERVED = " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_METADATA_PREFIXES)
 
 
 def _cel_in(values: tuple[str, ...]) -> str:
@@ -420,6 +430,23 @@ class FineTuneProfileSpec(ApiModel):
             field=".modelCache.path",
         ),
         Rule(
+            cel=" && ".join(
+                f"self.{field}.all(k, {_CEL_NOT_RESERVED})"
+                for field in ("podLabels", "podAnnotations")
+            ),
+            check=lambda s: (
+                not any(
+                    key.startswith(RESERVED_METADATA_PREFIXES)
+                    for key in (*s.pod_labels, *s.pod_annotations)
+                )
+            ),
+            message=(
+                f"podLabels and podAnnotations may not use {', '.join(RESERVED_METADATA_PREFIXES)}"
+                " (the operator's, the Job controller's and Kueue's)"
+            ),
+            field=".podLabels",
+        ),
+        Rule(
             cel=(
                 "!has(self.serviceAccountName) || self.allowedServiceAccounts.size() == 0 || "
                 "self.serviceAccountName in self.allowedServiceAccounts"
@@ -522,6 +549,23 @@ class FineTuneProfileSpec(ApiModel):
         description=(
             "allowedServiceAccounts are the ServiceAccounts a job may choose in "
             "spec.serviceAccountName; empty: a job may not choose one."
+        ),
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description=(
+            'podLabels are added to the trainer pods (e.g. azure.workload.identity/use: "true" '
+            "for Azure Workload Identity); not under kubetune.dev/, app.kubernetes.io/, "
+            "batch.kubernetes.io/ or kueue.x-k8s.io/."
+        ),
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description=(
+            "podAnnotations are added to the trainer pods (e.g. sidecar.istio.io/inject: "
+            '"false", so that a mesh sidecar does not keep a finished Job\'s pod running).'
         ),
     )
     image_pull_secrets: list[DnsSubdomain] = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, MAX_NAME_LENGTH, SHORT_NAMES
+from kubetune.api.profile import PROFILE_KIND, PROFILE_SHORT_NAMES, FineTuneProfile
 from kubetune.api.resource import MAX_GENERATE_NAME_LENGTH
 from kubetune.codegen.crd import structural_schema
 
@@ -42,6 +43,19 @@ the spec for the trainer (`kubetune.api.resolve_spec`); the API server leaves th
 """
 
 
+PROFILE_INTRO = f"""
+# {PROFILE_KIND} API reference
+
+`apiVersion: {API_VERSION}`, `kind: {PROFILE_KIND}`, short name `{PROFILE_SHORT_NAMES[0]}`,
+cluster-scoped. Written by a platform team once (docs/platform-guide.md); a FineTuneJob names one
+in `spec.profile`. Its defaults fill what a job leaves unset, its limits bound what a job sets, and
+the rest (service account, pull Secrets, env, volumes, affinity, model cache) goes into the
+trainer pods. A run keeps the profile generation it started with (`status.profile`). The same
+checks as above: pydantic in `kubetune validate`, the CRD's schema and CEL rules in the API
+server (the quantity library compares `resources` with `limits`).
+"""
+
+
 def render_api_docs() -> str:
     schema = structural_schema()
     sections: list[str] = []
@@ -50,7 +64,13 @@ def render_api_docs() -> str:
     root_rules = _rules(schema)
     body = "\n".join(sections)
     extra = f"\n## Rules on the whole resource\n\n{root_rules}" if root_rules else ""
-    return f"{INTRO}{extra}\n{body}"
+    profile = structural_schema(FineTuneProfile)
+    profile_sections: list[str] = []
+    _walk("profile.spec", profile["properties"]["spec"], profile_sections)
+    profile_rules = _rules(profile)
+    profile_extra = f"\n## Rules on the whole profile\n\n{profile_rules}" if profile_rules else ""
+    profile_body = "\n".join(profile_sections)
+    return f"{INTRO}{extra}\n{body}{PROFILE_INTRO}{profile_extra}\n{profile_body}"
 
 
 def _walk(path: str, node: dict[str, Any], out: list[str]) -> None:

@@ -66,6 +66,8 @@ class RunTemplate:
     volumes: tuple[dict[str, Any], ...] = ()
     volume_mounts: tuple[dict[str, Any], ...] = ()
     model_cache: ModelCacheSpec | None = None
+    pod_labels: tuple[tuple[str, str], ...] = ()
+    pod_annotations: tuple[tuple[str, str], ...] = ()
 
 
 NO_PROFILE = RunTemplate()
@@ -309,6 +311,16 @@ def build_service(
     }
 
 
+def _pod_metadata(
+    own: dict[str, str], queue: dict[str, str], template: RunTemplate
+) -> dict[str, Any]:
+    """The pod's labels (the profile's, then the operator's, which win) and annotations."""
+    meta: dict[str, Any] = {"labels": {**dict(template.pod_labels), **own, **queue}}
+    if template.pod_annotations:
+        meta["annotations"] = dict(template.pod_annotations)
+    return meta
+
+
 def build_job(
     job: FineTuneJob, run_id: str, settings: OperatorSettings, template: RunTemplate = NO_PROFILE
 ) -> dict[str, Any]:
@@ -381,7 +393,7 @@ def build_job(
                 },
             ]
         },
-        "template": {"metadata": {"labels": {**pod_labels, **queue}}, "spec": pod_spec},
+        "template": {"metadata": _pod_metadata(pod_labels, queue, template), "spec": pod_spec},
     }
     if nodes > 1:
         job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
