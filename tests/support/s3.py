@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -24,6 +25,8 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen[bytes]
     log: Path
+    sts_endpoint: str | None = None  # https, with start_with_sts
+    ca_file: Path | None = None  # the CA of the https endpoint
 
     def env(self) -> dict[str, str]:
         return {
@@ -108,6 +111,7 @@ def start(
     buckets: tuple[str, ...] = ("models", "data"),
     timeout: float = 60.0,
     identities: tuple[Identity, ...] = (),
+    extra_args: tuple[str, ...] = (),
 ) -> S3Server:
     weed = Path(sys.executable).parent / "weed"
     master, volume, filer, s3, admin = _free_ports(5)
@@ -133,6 +137,7 @@ def start(
     ]
     if identities:
         args.append(f"-s3.config={_identities_file(workdir, identities)}")
+    args += extra_args
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
@@ -151,3 +156,63 @@ def start(
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"S3 server did not start in {timeout} s: {log.read_text()[-2000:]}")
+
+
+def start_with_sts(
+    workdir: Path, issuer: str, role: str, statements: list[dict[str, object]]
+) -> S3Server:
+    """SeaweedFS with its STS on: AssumeRoleWithWebIdentity for tokens of the OIDC issuer (a
+    provider named `cluster-oidc`, audience sts.amazonaws.com), for one role whose trust policy
+    admits that provider and whose permissions are statements. Its STS is also served over
+    https (object_store exchanges a web identity token only over https), with a test CA."""
+    from tests.support.oidc import AUDIENCE, tls_files
+
+    ca, cert, key = tls_files(workdir / "tls")
+    provider = {
+        "name": "cluster-oidc",
+        "type": "oidc",
+        "enabled": True,
+        "config": {"issuer": issuer, "clientId": AUDIENCE, "jwksUri": f"{issuer}/keys"},
+    }
+    trust = {"Effect": "Allow", "Principal": {"Federated": "cluster-oidc"},
+             "Action": ["sts:AssumeRoleWithWebIdentity"]}  # fmt: skip
+    config = {
+        "sts": {
+            "tokenDuration": 3600 * 10**9,
+            "maxSessionLength": 12 * 3600 * 10**9,
+            "issuer": "seaweedfs-sts",
+            "signingKey": base64.b64encode(os.urandom(32)).decode(),
+            "providers": [provider],
+        },
+        "policy": {"defaultEffect": "Deny", "storeType": "memory"},
+        "roles": [
+            {
+                "roleName": role,
+                "roleArn": f"arn:aws:iam::role/{role}",
+                "trustPolicy": {"Version": "2012-10-17", "Statement": [trust]},
+                "attachedPolicies": [f"{role}-policy"],
+            }
+        ],
+        "policies": [
+            {
+                "name": f"{role}-policy",
+                "document": {"Version": "2012-10-17", "Statement": statements},
+            }
+        ],
+    }  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "iam.json").write_text(json.dumps(config))
+    # Below the ports _free_ports hands out (10001 and up, and those + 10000 for gRPC).
+    https = next(p for p in range(10000 - os.getpid() % 997, 5000, -1) if _free(p))
+    server = start(
+        workdir / "data",
+        extra_args=(
+            f"-s3.iam.config={workdir / 'iam.json'}",
+            f"-s3.port.https={https}",
+            f"-s3.cert.file={cert}",
+            f"-s3.key.file={key}",
+        ),
+    )
+    server.sts_endpoint = f"https://127.0.0.1:{https}/"
+    server.ca_file = ca
+    return server
