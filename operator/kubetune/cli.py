@@ -36,22 +36,24 @@ def cmd_api_docs(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     import json
 
-    from kubetune.manifests import load_manifests
+    from kubetune.manifests import check_against_profiles, load_manifests
 
     failed = False
     report = []
-    for path in args.files:
-        for doc in load_manifests(path):
-            failed = failed or bool(doc.problems)
-            report.append(doc.to_json())
-            if args.output == "json":
-                continue
-            for problem in doc.problems:
-                print(problem, file=sys.stderr)
-            if doc.valid:
-                print(f"{doc.source}:{doc.line}: {doc.kind} {doc.display_name} is valid")
-            elif doc.skipped_kind and args.verbose:
-                print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a kubetune kind)")
+    docs = [doc for path in args.files for doc in load_manifests(path)]
+    check_against_profiles(docs)  # jobs naming a profile given beside them
+    for doc in docs:
+        failed = failed or bool(doc.problems)
+        report.append(doc.to_json())
+        if args.output == "json":
+            continue
+        for problem in doc.problems:
+            print(problem, file=sys.stderr)
+        if doc.valid:
+            under = f" under FineTuneProfile {doc.under_profile}" if doc.under_profile else ""
+            print(f"{doc.source}:{doc.line}: {doc.kind} {doc.display_name} is valid{under}")
+        elif doc.skipped_kind and args.verbose:
+            print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a kubetune kind)")
     if args.output == "json":
         print(json.dumps(report, indent=2))
     return int(ExitCode.INVALID_SPEC) if failed else 0

@@ -86,6 +86,8 @@ class Document:
     problems: list[Problem] = field(default_factory=list)
     skipped_kind: str | None = None
     generate_name: str | None = None
+    node: yaml.Node | None = None
+    under_profile: str | None = None  # the profile (given beside it) it was checked against
 
     kind: str = KIND
 
@@ -159,6 +161,7 @@ def _problem_line(problem: str, node: yaml.Node | None) -> int | None:
 
 
 def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Document:
+    doc.node = node
     if not isinstance(data, dict):
         doc.problem("expected a mapping (a Kubernetes object)")
         return doc
@@ -258,3 +261,23 @@ def load_manifests(path: str | Path) -> list[Document]:
         empty.problem(f"no {KIND} or {PROFILE_KIND} in this file (found: {found})")
         docs.append(empty)
     return docs
+
+
+def check_against_profiles(docs: list[Document]) -> None:
+    """Each valid FineTuneJob that names a FineTuneProfile given beside it (in any of the files)
+    is resolved against it as the operator would: the profile's defaults filled in, its limits
+    checked; each violation is a problem at the job's field. (The profile's namespaceSelector
+    needs the namespace's labels, which only the cluster knows: it is not checked here.)"""
+    from kubetune.controller.profiles import apply_profile
+
+    profiles = {d.profile.metadata.name: d.profile for d in docs if d.profile and not d.problems}
+    for doc in docs:
+        job = doc.job
+        if job is None or doc.problems or job.spec.profile not in profiles:
+            continue
+        resolution = apply_profile(job, profiles[job.spec.profile])
+        for line in resolution.problems:
+            path, _, message = line.partition(": ")
+            doc.problem(message, _problem_line(line, doc.node), path)
+        if not resolution.problems:
+            doc.under_profile = job.spec.profile

@@ -114,3 +114,21 @@ def test_unreadable_documents(
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(tmp_path / "nope.yaml")]) == ExitCode.INVALID_SPEC
     assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_a_job_is_checked_against_a_profile_given_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = ROOT / "examples" / "profiles" / "a100-pool.yaml"
+    job = ROOT / "examples" / "lora-on-a100-pool.yaml"
+    assert main(["validate", str(profile), str(job)]) == 0
+    assert "FineTuneJob llama-support-bot is valid under FineTuneProfile a100-pool" in (
+        capsys.readouterr().out
+    )
+    greedy = write(tmp_path, "greedy.yaml", job.read_text().replace("gpus: 2 ", "gpus: 16 "))
+    assert main(["validate", str(profile), str(greedy)]) == ExitCode.INVALID_SPEC
+    err = capsys.readouterr().err
+    line = next(i for i, t in enumerate(greedy.read_text().splitlines(), 1) if "gpus: 16" in t)
+    assert f"greedy.yaml:{line}: spec.resources.gpus: 16 is more than FineTuneProfile " in err
+    # Alone, the job is valid: the profile is the cluster's to check.
+    assert main(["validate", str(greedy)]) == 0

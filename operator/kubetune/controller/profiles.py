@@ -43,6 +43,7 @@ class Resolution:
     template: RunTemplate = field(default_factory=RunTemplate)
     refusal: State | None = None  # PolicyViolation, or ProfileNotFound (waits, not final)
     allowed_images: tuple[str, ...] = ()  # images the profile allows, beside the operator's
+    problems: tuple[str, ...] = ()  # the violations, one 'field: problem and fix' each
 
 
 def pinned_profile(
@@ -247,7 +248,9 @@ def apply_profile(job: FineTuneJob, profile: FineTuneProfile | None) -> Resoluti
     problems = _problems(job, profile)
     if profile is None:
         refusal = State("PolicyViolation", "; ".join(problems)) if problems else None
-        return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
+        return Resolution(
+            job, RunTemplate(spec_hash=spec_hash(job)), refusal, problems=tuple(problems)
+        )
     template = _template(job, profile)
     allowed = tuple(x for x in (profile.spec.image, *profile.spec.allowed_images) if x)
     try:
@@ -265,4 +268,4 @@ def apply_profile(job: FineTuneJob, profile: FineTuneProfile | None) -> Resoluti
         spec = job.spec
     resolved = job.model_copy(update={"spec": spec})
     refusal = State("PolicyViolation", "; ".join(problems)) if problems else None
-    return Resolution(resolved, template, refusal, allowed)
+    return Resolution(resolved, template, refusal, allowed, tuple(problems))
