@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune_trainer import storage
 from tests.integration.conftest import FINAL, Platform
 
 
@@ -123,3 +124,24 @@ def test_a_job_outside_its_profile_is_refused_naming_the_field_and_the_profile(
     )
     assert status["phase"] == "Succeeded", status
     assert status["profile"]["name"] == other
+
+
+def test_a_profiles_model_cache_serves_the_second_run(platform: Platform, ns: str) -> None:
+    """The profile's cache in object storage: the first run fetches the model from its source
+    into the cache; the source is then deleted and a second run still trains, from the cache."""
+    source = f"s3://models/{ns}/base"
+    storage.upload_dir(platform.model, source)
+    pool = f"{ns}-cached"
+    platform.profile(pool, modelCache={"uri": f"s3://models/{ns}/model-cache"})
+    platform.apply(platform.job(ns, "first", profile=pool, model__uri=source))
+    assert platform.wait_phase(ns, "first", FINAL, timeout=300)["phase"] == "Succeeded"
+    keys = storage.list_keys(f"s3://models/{ns}/model-cache")
+    assert any(k.endswith("/.kubetune-complete") for k in keys), keys
+    assert storage.delete_prefix(source) > 0
+
+    platform.apply(platform.job(ns, "second", profile=pool, model__uri=source))
+    status = platform.wait_phase(ns, "second", FINAL, timeout=300)
+    assert status["phase"] == "Succeeded", status
+    run = f"s3://models/{ns}/second/runs/{status['runId']}"
+    log = storage.read_bytes(f"{run}/trainer.log").decode()
+    assert "Model from the cache" in log and "Fetching the model" not in log
