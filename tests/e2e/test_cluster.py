@@ -95,3 +95,47 @@ def test_deleting_the_finetunejob_removes_its_children(cluster: Cluster, namespa
             not cluster.jobs(namespace, "doomed") and not cluster.configmaps(namespace, "doomed")
         ),
     )
+
+
+def _profile(name: str, **spec: object) -> dict[str, object]:
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneProfile",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def test_profiles_are_admitted_by_the_real_cel_and_shape_the_run(
+    cluster: Cluster, namespace: str
+) -> None:
+    """The real API server's CEL (its quantity library included) refuses a profile whose
+    default exceeds its limit; a queued job under a valid profile gets its defaults and
+    ServiceAccount, and a job over its limit is refused naming the field and the profile."""
+    pool = f"{namespace}-pool"
+    with pytest.raises(cluster.ApiException) as caught:
+        cluster.custom.create_cluster_custom_object(
+            "kubetune.dev", "v1alpha1", "finetuneprofiles",
+            _profile(f"{pool}-bad", resources={"memory": "9Gi"}, limits={"memory": "8Gi"}),
+        )  # fmt: skip
+    assert caught.value.status == 422 and "resources.memory (a default)" in caught.value.body
+    cluster.core.create_namespaced_service_account(namespace, {"metadata": {"name": "tuner"}})
+    cluster.custom.create_cluster_custom_object(
+        "kubetune.dev", "v1alpha1", "finetuneprofiles",
+        _profile(pool, resources={"gpus": 0, "memory": "2Gi"}, limits={"gpus": 1},
+                 serviceAccountName="tuner", queueName="team-a"),
+    )  # fmt: skip
+    try:
+        cluster.apply(namespace, job("under", profile=pool, resources={}))
+        cluster.wait_phase(namespace, "under", "Queued")
+        (batch_job,) = cluster.jobs(namespace, "under")
+        pod = batch_job.spec.template.spec
+        assert pod.service_account_name == "tuner" and pod.automount_service_account_token
+        assert pod.containers[0].resources.requests == {"memory": "2Gi"}
+        cluster.apply(namespace, job("over", profile=pool, resources={"gpus": 2}))
+        failed = cluster.wait_phase(namespace, "over", "Failed")
+        assert f"more than FineTuneProfile '{pool}' allows" in failed["message"]
+    finally:
+        cluster.custom.delete_cluster_custom_object(
+            "kubetune.dev", "v1alpha1", "finetuneprofiles", pool
+        )

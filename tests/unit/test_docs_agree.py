@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 
 
-def _columns(wide: bool = False) -> list[str]:
-    crd = yaml.safe_load((ROOT / "crds" / "kubetune.dev_finetunejobs.yaml").read_text())
+def _columns(wide: bool = False, kind: str = "finetunejobs") -> list[str]:
+    crd = yaml.safe_load((ROOT / "crds" / f"kubetune.dev_{kind}.yaml").read_text())
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
     return ["NAME"] + [c["name"].upper() for c in columns if wide or not c.get("priority")]
 
@@ -27,6 +27,12 @@ def test_documented_get_output_has_the_crds_columns() -> None:
     guide = (ROOT / "docs" / "user-guide.md").read_text()
     header = re.search(r"\$ kubectl get ftj -n ml -w\n(.+)\n", guide)
     assert header is not None and header.group(1).split() == _columns()
+
+
+def test_documented_profile_listing_has_the_crds_columns() -> None:
+    guide = (ROOT / "docs" / "platform-guide.md").read_text()
+    header = re.search(r"kubectl get finetuneprofiles .*\n# (.+)\n", guide)
+    assert header is not None and header.group(1).split() == _columns(kind="finetuneprofiles")
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
