@@ -235,6 +235,14 @@ def run(args: Any) -> int:
         print(f"kubetune run: {exc}", file=sys.stderr)
         return int(ExitCode.INVALID_SPEC)
 
+    if job.spec.profile:
+        # A profile is the cluster's (placement, identity, cache): here the spec runs as written.
+        print(
+            f"note: spec.profile ({job.spec.profile}) applies in the cluster; kubetune run uses "
+            "the spec as written (check it against the profile: kubetune validate "
+            f"profile.yaml {args.file})",
+            file=sys.stderr,
+        )
     # The console shows stages and the progress bar; of the trainer's log only warnings (its
     # whole log goes to trainer.log beside the artifacts).
     trainer_log = logging.getLogger("kubetune_trainer")

@@ -83,3 +83,20 @@ def test_run_and_validate_report_a_bad_field_the_same_way(
     assert ran == validated and len(ran) == 1
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "lorra" in text)
     assert ran[0].startswith(f"{path}:{line}: spec.method.type")
+
+
+def test_a_job_under_a_profile_runs_as_written_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from kubetune.cli import main
+
+    doc = valid_job()
+    doc["spec"]["profile"] = "a100-pool"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # --nproc 3 cannot share the batch of 8: the run stops before training, after the note.
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w"), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "note: spec.profile (a100-pool) applies in the cluster" in err
