@@ -299,13 +299,13 @@ class ApiServer:
             self._rules(schema, stored, ["status"], errors)
         return stored, errors
 
-    def rules_count(self) -> int:
-        count = 0
+    def rule_messages(self) -> list[str]:
+        """The message of every CEL rule in the schema."""
+        messages: list[str] = []
 
         def walk(node: Any) -> None:
-            nonlocal count
             if isinstance(node, dict):
-                count += len(node.get("x-kubernetes-validations", ()))
+                messages.extend(r["message"] for r in node.get("x-kubernetes-validations", ()))
                 for v in node.values():
                     walk(v)
             elif isinstance(node, list):
@@ -313,7 +313,10 @@ class ApiServer:
                     walk(v)
 
         walk(self.schema)
-        return count
+        return messages
+
+    def rules_count(self) -> int:
+        return len(self.rule_messages())
 
     def _program(self, rule: str) -> Any:
         if rule not in self._programs:
