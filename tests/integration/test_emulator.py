@@ -23,7 +23,11 @@ from tests.support.specs import override
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Client, Kubelet]]:
     with running_cluster() as cluster:
         kubelet = Kubelet(
-            cluster.url, tmp_path_factory.mktemp("node"), fake_seconds=0.5, terminal_delay=1.5
+            cluster.url,
+            tmp_path_factory.mktemp("node"),
+            fake_seconds=0.5,
+            terminal_delay=1.5,
+            pod_failure_backoff=1.0,  # the real 10 s, scaled down for these tests
         ).start()
         try:
             yield cluster, Client(cluster.url), kubelet
@@ -626,3 +630,38 @@ def test_an_env_var_from_a_secret_key_waits_for_the_key(
         "the pod to finish",
         lambda: (p := _pods(api, ns, "token")) and p[0]["status"].get("phase") == "Succeeded",
     )
+
+
+def test_a_failed_pod_is_replaced_after_the_job_controllers_back_off(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """10 s, 20 s, 40 s ... after each counted failure (here 1 s, 2 s): the replacement waits."""
+    _, api, kubelet = node
+    ns = "emu-backoff"
+    saved, kubelet.fake_seconds = kubelet.fake_seconds, 60.0
+    try:
+        api.create("jobs", ns, _job(ns, "flaky", backoffLimit=3))
+        waits = []
+        for _ in range(2):
+            (pod,) = wait_until(
+                "a running pod",
+                lambda: [
+                    p for p in _pods(api, ns, "flaky")
+                    if (p.get("status") or {}).get("phase") == "Running"
+                ],
+            )  # fmt: skip
+            victim = pod["metadata"]["name"]
+            kubelet.kill(victim)
+            killed = time.monotonic()
+            wait_until(
+                "its replacement",
+                lambda victim=victim: [
+                    p for p in _pods(api, ns, "flaky")
+                    if p["metadata"]["name"] != victim
+                    and (p.get("status") or {}).get("phase") != "Failed"
+                ],
+            )  # fmt: skip
+            waits.append(time.monotonic() - killed)
+    finally:
+        kubelet.fake_seconds = saved
+    assert 1.0 <= waits[0] < 1.9 and 2.0 <= waits[1] < 2.9, waits

@@ -9,7 +9,10 @@ and a kubelet, for the emulated API server. Each behaviour is the real one's, ci
   Kubernetes 1.31, "Terminal Job conditions"); `terminal_delay` is that window. Failures follow
   the podFailurePolicy (FailJob on exit codes, Ignore for DisruptionTarget), then backoffLimit
   (BackoffLimitExceeded); activeDeadlineSeconds gives DeadlineExceeded; a suspended Job's pods
-  are deleted.
+  are deleted. "Failed Pods associated with the Job are recreated by the Job controller with an
+  exponential back-off delay (10s, 20s, 40s ...) capped at six minutes" (.../job/#pod-backoff-
+  failure-policy): after n counted failures the next pod waits `pod_failure_backoff` x 2^(n-1)
+  seconds from the last one (a distributed run's group restart: the old group is gone first).
 - Indexed Jobs (.../controllers/job/#completion-mode): `completionMode: Indexed` runs
   `parallelism` pods at a time until each index 0..completions-1 has one succeeded pod (then
   SuccessCriteriaMet and Complete, `completedIndexes`); a pod is named `<job>-<index>-<random>`,
@@ -141,6 +144,7 @@ class JobState:
     succeeded: set[int] = field(default_factory=set)  # an Indexed Job's completed indexes
     ports: dict[int, int] = field(default_factory=dict)  # containerPort -> node port, per Job
     started_at: float | None = None
+    last_failure: float | None = None  # when the newest counted failure happened
     done: bool = False
     # The terminal window: the condition to add (Complete or Failed) and when.
     terminal: tuple[float, dict[str, Any], dict[str, Any]] | None = None
@@ -166,8 +170,10 @@ class Kubelet:
         watch: bool = False,
         fake_metrics_ports: tuple[int, ...] = (),
         parallel: int = 1,
+        pod_failure_backoff: float = 10.0,
     ) -> None:
         self.api = Client(url)
+        self.pod_failure_backoff = pod_failure_backoff
         self.terminal_delay = terminal_delay
         self.start_delay = start_delay
         self.node_labels = node_labels or {
@@ -350,6 +356,8 @@ class Kubelet:
             self._sync_indexed(state, job)
             return
         if state.active is None:
+            if self._backing_off(state):
+                return
             self._start_pod(state, job)
             return
         if not state.active.running:
@@ -382,11 +390,19 @@ class Kubelet:
             self._job_status(job, {"active": 0, "ready": 0})
             return  # not counted: a new pod starts on the next pass
         state.failed += 1
+        state.last_failure = time.monotonic()
         self._job_status(job, {"active": 0, "ready": 0, "failed": state.failed})
         if state.failed > int(spec.get("backoffLimit", 6)):
             self._fail(
                 state, job, "BackoffLimitExceeded", "Job has reached the specified backoff limit"
             )
+
+    def _backing_off(self, state: JobState) -> bool:
+        """Whether a failed pod's replacement must still wait (the Job controller's back-off)."""
+        if state.last_failure is None or state.failed == 0:
+            return False
+        delay = min(360.0, self.pod_failure_backoff * 2 ** (state.failed - 1))
+        return time.monotonic() < state.last_failure + delay
 
     def _failure_policy(self, spec: dict[str, Any], run: PodRun, exit_code: int) -> tuple[str, str]:
         """The podFailurePolicy's verdict on a failed pod: FailJob, Ignore or Count."""
@@ -409,7 +425,7 @@ class Kubelet:
         completions = int(spec.get("completions") or 1)
         parallelism = int(spec.get("parallelism", completions))
         for index in range(completions):
-            if len(state.indexed) >= parallelism:
+            if len(state.indexed) >= parallelism or self._backing_off(state):
                 break
             if index not in state.succeeded and index not in state.indexed:
                 self._start_pod(state, job, index)
@@ -430,6 +446,7 @@ class Kubelet:
                 continue
             if action == "Count":
                 state.failed += 1
+                state.last_failure = time.monotonic()
             if action == "FailJob" or state.failed > int(spec.get("backoffLimit", 6)):
                 for other in state.runs():  # the Job controller terminates the rest
                     self._kill(other)

@@ -68,6 +68,25 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _wait_for_buckets(server: S3Server, buckets: tuple[str, ...], deadline: float) -> None:
+    """`weed mini -bucket=...` creates the buckets a moment after it answers (about a second
+    on a busy machine): until then a PUT by a non-admin user is refused (only an admin's
+    creates the bucket on the fly). Wait until each lists."""
+    import obstore
+    from obstore.store import from_url
+
+    for bucket in buckets:
+        store = from_url(f"s3://{bucket}", config=server.env(), client_options={"allow_http": True})
+        while True:
+            try:
+                list(obstore.list(store, chunk_size=1))
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
 @dataclass(frozen=True)
 class Identity:
     """A further S3 user with rights on some buckets only (SeaweedFS's `Action:bucket`)."""
@@ -150,6 +169,7 @@ def start(
             urllib.request.urlopen(f"{server.endpoint}/{buckets[0]}", timeout=1)
         except urllib.error.HTTPError as exc:
             if exc.code == 403:  # up, and refusing anonymous requests: auth is on
+                _wait_for_buckets(server, buckets, deadline)
                 return server
         except OSError:
             pass
