@@ -266,7 +266,11 @@ def run(args: Any) -> int:
             file=sys.stderr,
         )
         return int(ExitCode.INVALID_SPEC)
-    config = TrainerConfig.for_job(job, run_id, world_size=nproc, metrics_port=args.metrics_port)
+    from kubetune.controller.build import spec_hash
+
+    config = TrainerConfig.for_job(
+        job, run_id, world_size=nproc, metrics_port=args.metrics_port, spec_hash=spec_hash(job)
+    )
     home = Path(
         args.workdir or os.environ.get("KUBETUNE_HOME", Path.home() / ".cache" / "kubetune")
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api import EvalMetrics, GateSpec, gates_summary
-from kubetune_trainer.gates import check_gate, describe
+from kubetune_trainer.gates import References, check_gate, describe
 
 TUNED = EvalMetrics(loss=0.5, perplexity=1.65, exact_match=0.7, rouge_l=0.9, bleu=40.0)
 BASE = EvalMetrics(loss=1.5, perplexity=4.48, exact_match=0.1, rouge_l=0.3, bleu=5.0)
@@ -50,3 +50,42 @@ def test_describe_and_summary() -> None:
     ok = check_gate(GateSpec(metric="loss", max=1.0), TUNED, BASE)
     assert gates_summary([failed, ok]) == "1/2 passed"
     assert gates_summary([]) is None
+
+
+CHAMPION = EvalMetrics(loss=0.45, perplexity=1.57, exact_match=0.75, rouge_l=0.92, bleu=42.0)
+
+
+# fmt: off
+CHAMPION_CASES = [
+    pytest.param({"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}, References(BASE, CHAMPION, "c0ffee01"), pytest.approx(-0.05), False, "promoted c0ffee01", id="worse-than-the-champion"),
+    pytest.param({"metric": "loss", "maxRegression": 0.1, "compareWith": "promoted"}, References(BASE, CHAMPION, "c0ffee01"), pytest.approx(-0.05), True, "promoted c0ffee01", id="regression-within-bound"),
+    pytest.param({"metric": "exactMatch", "maxRegression": 0.0, "compareWith": "promoted"}, References(BASE, CHAMPION, "c0ffee01"), pytest.approx(-0.05), False, "promoted c0ffee01", id="no-regression-allowed"),
+    pytest.param({"metric": "loss", "minImprovement": 0.5, "compareWith": "promoted"}, References(BASE, None, None), 1.0, True, "base (nothing promoted yet)", id="first-run-falls-back-to-the-base"),
+    pytest.param({"metric": "loss", "minImprovement": 0.5, "compareWith": "promoted"}, References(None, None, None), None, True, "nothing promoted yet", id="first-run-without-base-passes"),
+    pytest.param({"metric": "loss", "maxRegression": 0.0}, References(BASE, CHAMPION, "c0ffee01"), 1.0, True, "base", id="regression-against-the-base"),
+    pytest.param({"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}, References(BASE, None, "c0ffee01"), None, False, "promoted c0ffee01", id="champion-not-measured-fails"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("gate", "refs", "value", "passed", "compared"), CHAMPION_CASES)
+def test_gates_against_the_promoted_run(
+    gate: dict, refs: References, value: float | None, passed: bool, compared: str
+) -> None:
+    result = check_gate(GateSpec.model_validate(gate), TUNED, refs)
+    assert (result.value, result.passed, result.compared_with) == (value, passed, compared)
+
+
+def test_describe_a_champion_gate() -> None:
+    gate = GateSpec.model_validate(
+        {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}
+    )
+    result = check_gate(gate, TUNED, References(BASE, CHAMPION, "c0ffee01"))
+    assert describe(result) == "loss improves by >= 0 vs promoted c0ffee01: -0.05 (failed by 0.05)"
+    gate = GateSpec.model_validate(
+        {"metric": "loss", "maxRegression": 0.01, "compareWith": "promoted"}
+    )
+    result = check_gate(gate, TUNED, References(BASE, CHAMPION, "c0ffee01"))
+    assert (
+        describe(result) == "loss regresses by <= 0.01 vs promoted c0ffee01: -0.05 (failed by 0.04)"
+    )

@@ -79,7 +79,11 @@ INVALID = [
     pytest.param(at("spec.gates", [{"metric": "exactMatch", "min": 0.1, "max": 0.9}]), "spec.gates[0]", "spec.gates[0]: Invalid value: a gate sets exactly one", id="gate-with-two-bounds"),
     pytest.param(at("spec.gates", [{"metric": "accuracy", "min": 0.5}]), "spec.gates[0].metric", "spec.gates[0].metric: 'accuracy'", id="gate-unknown-metric"),
     pytest.param(at("spec.gates", [{"metric": "bleu", "min": 10}]), "spec.gates", "spec.gates: Invalid value: every gate's metric must be listed", id="gate-on-unevaluated-metric"),
-    pytest.param(both(at("spec.evaluation.compareWithBase", False), at("spec.gates", [{"metric": "loss", "minImprovement": 0.1}])), "spec.gates", "spec.gates: Invalid value: minImprovement gates need", id="improvement-without-base"),
+    pytest.param(both(at("spec.evaluation.compareWithBase", False), at("spec.gates", [{"metric": "loss", "minImprovement": 0.1}])), "spec.gates", "spec.gates: Invalid value: minImprovement and maxRegression gates that compare with the base need", id="improvement-without-base"),
+    pytest.param(both(at("spec.evaluation.compareWithBase", False), at("spec.gates", [{"metric": "loss", "maxRegression": 0.1, "compareWith": "base"}])), "spec.gates", "spec.gates: Invalid value: minImprovement and maxRegression gates", id="regression-without-base"),
+    pytest.param(at("spec.gates", [{"metric": "loss", "max": 1.0, "compareWith": "promoted"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith: Invalid value: compareWith applies to minImprovement and maxRegression", id="compare-with-on-a-max"),
+    pytest.param(at("spec.gates", [{"metric": "loss", "maxRegression": -0.1}]), "spec.gates[0].maxRegression", "spec.gates[0].maxRegression", id="negative-regression"),
+    pytest.param(at("spec.gates", [{"metric": "loss", "minImprovement": 0.1, "compareWith": "champion"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith", id="compare-with-enum"),
     pytest.param(at("spec.evaluation.metrics", ["loss", "loss"]), "spec.evaluation.metrics", "spec.evaluation.metrics: ['loss', 'loss'] has non-unique elements", id="duplicate-metric"),
     pytest.param(at("spec.evaluation.metrics", []), "spec.evaluation.metrics", "spec.evaluation.metrics: [] should be non-empty", id="no-metrics"),
     pytest.param(both(at("spec.method", {"type": "prefix"}), at("spec.output.mergeAdapter", True)), "spec.output.mergeAdapter", "spec.output.mergeAdapter: Invalid value: prefix and prompt tuning cannot be merged", id="merge-prefix"),
@@ -169,6 +173,19 @@ VALID = [
     pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
     pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
     pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),
+    pytest.param(
+        both(
+            at("spec.evaluation.compareWithBase", False),
+            at(
+                "spec.gates",
+                [
+                    {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"},
+                    {"metric": "exactMatch", "maxRegression": 0.02, "compareWith": "promoted"},
+                ],
+            ),
+        ),
+        id="champion-gates-without-base",
+    ),
     pytest.param(
         both(
             at("spec.model", {"uri": "s3://models/base", "credentialsSecret": "m"}),

@@ -7,9 +7,10 @@ half-way through its upload therefore never looks complete, and nothing is promo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from kubetune.api import (
     EvalMetrics,
     FineTuneJobSpec,
     GateResult,
+    PromotedModel,
+    PromotionRecord,
     TrainerConfig,
     TrainerResult,
 )
-from kubetune_trainer import storage
+from kubetune_trainer import promotion, storage
 from kubetune_trainer.data import Example, Leakage, Splits
 from kubetune_trainer.gates import describe
 from kubetune_trainer.modeling import hf_repo
@@ -39,6 +42,9 @@ class Evaluation:
     tuned_outputs: list[str]
     base_outputs: list[str]
     examples: list[Example]
+    promoted: EvalMetrics | None = None  # the champion's, when a gate compares with it
+    promoted_outputs: list[str] = field(default_factory=list)
+    promoted_run_id: str | None = None
 
 
 def artifact_uris(config: TrainerConfig, spec: FineTuneJobSpec, merged: bool) -> Artifacts:
@@ -85,14 +91,17 @@ def write_eval_samples(path: Path, evaluation: Evaluation, metrics: list[str]) -
         for i, ex in enumerate(evaluation.examples):
             base = evaluation.base_outputs[i] if i < len(evaluation.base_outputs) else None
             tuned = evaluation.tuned_outputs[i] if i < len(evaluation.tuned_outputs) else None
+            outputs = evaluation.promoted_outputs
+            promoted = outputs[i] if i < len(outputs) else None
             row = {
                 "prompt": ex.prompt,
                 "reference": ex.completion,
                 "base": base,
                 "tuned": tuned,
+                **({"promoted": promoted} if promoted is not None else {}),
                 "scores": {
                     name: sample_scores(answer, ex.completion, metrics)
-                    for name, answer in (("base", base), ("tuned", tuned))
+                    for name, answer in (("base", base), ("promoted", promoted), ("tuned", tuned))
                     if answer is not None
                 },
             }
@@ -260,10 +269,14 @@ def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
 
 def _gate_line(g: GateResult, evaluation: Evaluation) -> str:
     line = f"- {'PASS' if g.passed else 'FAIL'} {describe(g)}"
-    if g.bound == "minImprovement" and evaluation.base is not None:
-        base = evaluation.base.model_dump(by_alias=True).get(g.metric)
+    against = (g.compared_with or "").split(" ")[0]
+    reference = evaluation.promoted if against == "promoted" else evaluation.base
+    if g.bound in ("minImprovement", "maxRegression") and reference is not None:
+        before = reference.model_dump(by_alias=True).get(g.metric)
         tuned = evaluation.tuned.model_dump(by_alias=True).get(g.metric)
-        line += f" — improvement over the base ({_fmt(base)} → {_fmt(tuned)})"
+        name = "the promoted run" if against == "promoted" else "the base"
+        how = "improvement over" if g.bound == "minImprovement" else "change against"
+        line += f" — {how} {name} ({_fmt(before)} → {_fmt(tuned)})"
     return line
 
 
@@ -274,16 +287,22 @@ def model_card(
     outcome: TrainOutcome,
     splits: Splits,
     leak: Leakage,
+    superseded: str = "",
 ) -> str:
-    """report.md, and the adapter's README.md: a model card in the Hub's conventions."""
+    """report.md, and the adapter's README.md: a model card in the Hub's conventions.
+    superseded: why a run whose gates passed was not promoted (a better run was, meanwhile)."""
     spec = config.spec
     hp = spec.hyperparameters
     tuned = evaluation.tuned.model_dump(by_alias=True)
     base = evaluation.base.model_dump(by_alias=True) if evaluation.base else {}
+    champion = evaluation.promoted.model_dump(by_alias=True) if evaluation.promoted else None
     rows = [
-        f"| {m} | {_fmt(base.get(m))} | {_fmt(tuned.get(m))} |" for m in spec.evaluation.metrics
+        f"| {m} | {_fmt(base.get(m))} | "
+        + (f"{_fmt(champion.get(m))} | " if champion is not None else "")
+        + f"{_fmt(tuned.get(m))} |"
+        for m in spec.evaluation.metrics
     ]
-    passed = all(g.passed for g in gates)
+    passed = all(g.passed for g in gates) and not superseded
     versions, hardware = _environment()
     warning = leak.warning()
     leak_lines = [
@@ -299,7 +318,9 @@ def model_card(
         f"**{spec.method.type}** fine-tune of **{base_model_id(spec.model.uri)}** on "
         f"`{spec.dataset.uri}`, trained and evaluated by kubetune "
         f"({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}). "
-        f"Verdict: **{'promoted' if passed else 'not promoted'}**.",
+        f"Verdict: **{'promoted' if passed else 'not promoted'}**"
+        + (f" ({superseded})" if superseded else "")
+        + ".",
         "",
         "## Method",
         "",
@@ -333,8 +354,12 @@ def model_card(
         f"{spec.evaluation.max_new_tokens} new tokens; per-example outputs in "
         "`eval_samples.jsonl`.",
         "",
-        "| metric | base | tuned |",
-        "|---|---|---|",
+        (
+            f"| metric | base | promoted ({evaluation.promoted_run_id}) | tuned |"
+            if champion is not None
+            else "| metric | base | tuned |"
+        ),
+        "|---|---|---|---|" if champion is not None else "|---|---|---|",
         *rows,
         "",
         "## Gates",
@@ -383,13 +408,14 @@ def write_run_files(
     splits: Splits,
     leak: Leakage,
     result: TrainerResult,
+    superseded: str = "",
 ) -> None:
     """Everything of the run but the models: eval samples, loss plot, model card (also the
     adapter's README.md, whose config then names the spec's base model), metrics and the full
     result (what the operator reads when the pod that carried the result is gone)."""
     write_eval_samples(staging / "eval_samples.jsonl", evaluation, config.spec.evaluation.metrics)
     plot_losses(staging / "loss.png", outcome.history, f"{config.job_name} — run {config.run_id}")
-    card = model_card(config, evaluation, gates, outcome, splits, leak)
+    card = model_card(config, evaluation, gates, outcome, splits, leak, superseded)
     (staging / "report.md").write_text(card)
     if (staging / "adapter").is_dir():
         make_adapter_portable(staging / "adapter", config.spec, card)
@@ -407,6 +433,14 @@ def write_run_files(
             {
                 "tuned": evaluation.tuned.model_dump(mode="json"),
                 "base": base.model_dump(mode="json") if base else None,
+                "promoted": (
+                    {
+                        "runId": evaluation.promoted_run_id,
+                        **evaluation.promoted.model_dump(mode="json"),
+                    }
+                    if evaluation.promoted
+                    else None
+                ),
                 "history": outcome.history,
                 "data": data_report,
             },
@@ -416,32 +450,56 @@ def write_run_files(
     (staging / "result.json").write_text(result.model_dump_json(indent=2, exclude_none=True))
 
 
-def latest_record(config: TrainerConfig, result: TrainerResult) -> dict[str, Any]:
-    """latest.json: which run is promoted, where its files are and how it scored."""
+def latest_record(config: TrainerConfig, result: TrainerResult) -> PromotionRecord:
+    """latest.json: which run is promoted, what a server needs to load it, how it scored."""
+    spec = config.spec
     artifacts = result.artifacts or Artifacts()
     tuned = result.metrics.tuned if result.metrics and result.metrics.tuned else EvalMetrics()
-    return {
-        "runId": config.run_id,
-        "job": config.job_name,
-        "manifestUri": artifacts.manifest_uri,
-        "adapterUri": artifacts.adapter_uri,
-        "mergedUri": artifacts.merged_uri,
-        "metrics": tuned.model_dump(mode="json", exclude_none=True),
-    }
+    return PromotionRecord(
+        run_id=config.run_id,
+        job=config.job_name,
+        namespace=config.namespace,
+        base_model=PromotedModel(uri=spec.model.uri, revision=spec.model.revision),
+        method=spec.method.type,
+        spec_hash=config.spec_hash,
+        adapter_uri=artifacts.adapter_uri,
+        merged_uri=artifacts.merged_uri,
+        manifest_uri=artifacts.manifest_uri,
+        metrics=tuned,
+        promoted_at=datetime.now(UTC).replace(microsecond=0),
+    )
 
 
-def publish(staging: Path, config: TrainerConfig, promote: bool, latest: dict[str, Any]) -> None:
-    """Uploads staging to the run prefix, then manifest.json, then (if promoted) latest.json."""
+def publish(
+    staging: Path,
+    config: TrainerConfig,
+    record: PromotionRecord | None,
+    decide: promotion.Decide,
+    only: tuple[str, ...] = (),
+) -> promotion.Outcome | None:
+    """Uploads staging to the run prefix (only these files, when given: the rest is there),
+    then manifest.json (of every file), then, with a record, promotes it (latest.json, written
+    conditionally: promotion.py). Returns the promotion's outcome, None when not promoting."""
     run = config.output_prefix
-    uploaded = storage.upload_dir(staging, run)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    for path in files:
+        rel = path.relative_to(staging).as_posix()
+        if not only or rel in only:
+            storage.write_bytes(storage.join(run, rel), path.read_bytes())
     manifest = {
         "runId": config.run_id,
         "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": [{"path": u.path, "size": u.size, "sha256": u.sha256} for u in uploaded],
+        "files": [
+            {
+                "path": path.relative_to(staging).as_posix(),
+                "size": path.stat().st_size,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+            for path in files
+        ],
     }
     storage.write_bytes(storage.join(run, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    log.info("Published files=%d uri=%s", len(uploaded), run)
-    if promote:
-        latest_uri = storage.join(config.spec.output.uri, "latest.json")
-        storage.write_bytes(latest_uri, json.dumps(latest, indent=2).encode())
-        log.info("Promoted run=%s uri=%s", config.run_id, latest_uri)
+    log.info("Published files=%d uri=%s", len(only) or len(files), run)
+    if record is None:
+        return None
+    return promotion.promote(config.spec.output.uri, record, decide)

@@ -1,9 +1,27 @@
-"""The gates stage: pure functions from metrics to verdicts. Promotion is decided here alone."""
+"""The gates stage: pure functions from metrics to verdicts. Promotion is decided here alone.
+
+A gate bounds the tuned value (min, max) or its difference from a reference (minImprovement,
+maxRegression): the untuned base model, or the promoted run (the champion) evaluated on the same
+test set. With nothing promoted yet, a gate that compares with the promoted run compares with
+the base model instead, or passes when the base was not evaluated: the first run that passes
+its other gates becomes the champion.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kubetune.api import EvalMetrics, GateResult, GateSpec
 from kubetune.api.spec import LOWER_IS_BETTER
+
+
+@dataclass(frozen=True)
+class References:
+    """What improvement gates compare with."""
+
+    base: EvalMetrics | None = None
+    promoted: EvalMetrics | None = None
+    promoted_run_id: str | None = None  # None: nothing promoted yet
 
 
 def metric_value(metrics: EvalMetrics | None, metric: str) -> float | None:
@@ -17,8 +35,23 @@ def improvement(metric: str, tuned: float, base: float) -> float:
     return base - tuned if metric in LOWER_IS_BETTER else tuned - base
 
 
-def check_gate(gate: GateSpec, tuned: EvalMetrics | None, base: EvalMetrics | None) -> GateResult:
+def _reference(gate: GateSpec, refs: References) -> tuple[EvalMetrics | None, str, bool]:
+    """(the reference metrics, what they are, whether a missing reference passes)."""
+    if gate.reference() == "promoted":
+        if refs.promoted_run_id is not None:
+            return refs.promoted, f"promoted {refs.promoted_run_id}", False
+        if refs.base is None:
+            return None, "nothing promoted yet", True
+        return refs.base, "base (nothing promoted yet)", False
+    return refs.base, "base", False
+
+
+def check_gate(
+    gate: GateSpec, tuned: EvalMetrics | None, base: EvalMetrics | References | None
+) -> GateResult:
+    refs = base if isinstance(base, References) else References(base=base)
     value = metric_value(tuned, gate.metric)
+    compared = None
     if gate.min is not None:
         bound, threshold = "min", gate.min
         passed = value is not None and value >= threshold
@@ -26,30 +59,57 @@ def check_gate(gate: GateSpec, tuned: EvalMetrics | None, base: EvalMetrics | No
         bound, threshold = "max", gate.max
         passed = value is not None and value <= threshold
     else:
-        assert gate.min_improvement is not None
-        bound, threshold = "minImprovement", gate.min_improvement
-        base_value = metric_value(base, gate.metric)
+        reference, compared, free = _reference(gate, refs)
+        if gate.min_improvement is not None:
+            bound, threshold = "minImprovement", gate.min_improvement
+        else:
+            assert gate.max_regression is not None
+            bound, threshold = "maxRegression", gate.max_regression
+        ref_value = metric_value(reference, gate.metric)
         value = (
             None
-            if value is None or base_value is None
-            else improvement(gate.metric, value, base_value)
+            if value is None or ref_value is None
+            else improvement(gate.metric, value, ref_value)
         )
-        passed = value is not None and value >= threshold
+        if value is None:
+            passed = free and reference is None
+        elif bound == "minImprovement":
+            passed = value >= threshold
+        else:
+            passed = value >= -threshold
     return GateResult(
-        metric=gate.metric, bound=bound, threshold=threshold, value=value, passed=passed
+        metric=gate.metric,
+        bound=bound,
+        threshold=threshold,
+        value=value,
+        passed=passed,
+        compared_with=compared,
     )
 
 
 def check_gates(
-    gates: list[GateSpec], tuned: EvalMetrics | None, base: EvalMetrics | None
+    gates: list[GateSpec],
+    tuned: EvalMetrics | None,
+    base: EvalMetrics | References | None,
 ) -> list[GateResult]:
     return [check_gate(g, tuned, base) for g in gates]
 
 
 def describe(result: GateResult) -> str:
-    """'exactMatch >= 0.5: 0.42 (failed by 0.08)'."""
-    op = {"min": ">=", "max": "<=", "minImprovement": "improves by >="}[result.bound]
+    """'exactMatch >= 0.5: 0.42 (failed by 0.08)'; 'loss regresses by <= 0 vs promoted a1b2c3d4:
+    -0.03 (failed by 0.03)'."""
+    op = {
+        "min": ">=",
+        "max": "<=",
+        "minImprovement": "improves by >=",
+        "maxRegression": "regresses by <=",
+    }[result.bound]
+    against = f" vs {result.compared_with}" if result.compared_with else ""
+    head = f"{result.metric} {op} {result.threshold:g}{against}"
     if result.value is None:
-        return f"{result.metric} {op} {result.threshold:g}: not measured (failed)"
-    verdict = "passed" if result.passed else f"failed by {abs(result.value - result.threshold):.4g}"
-    return f"{result.metric} {op} {result.threshold:g}: {result.value:.4g} ({verdict})"
+        if result.passed:
+            return f"{head}: passed (nothing to compare with)"
+        return f"{head}: not measured (failed)"
+    limit = -result.threshold if result.bound == "maxRegression" else result.threshold
+    verdict = "passed" if result.passed else f"failed by {abs(result.value - limit):.4g}"
+    return f"{head}: {result.value:.4g} ({verdict})"

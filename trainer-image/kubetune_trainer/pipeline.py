@@ -28,7 +28,7 @@ from kubetune.api import (
     TrainerResult,
     credential_routes,
 )
-from kubetune_trainer import data, distributed, hub, modeling, storage
+from kubetune_trainer import champion, data, distributed, hub, modeling, promotion, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
 from kubetune_trainer.export import (
@@ -39,7 +39,7 @@ from kubetune_trainer.export import (
     save_models,
     write_run_files,
 )
-from kubetune_trainer.gates import check_gates, describe
+from kubetune_trainer.gates import References, check_gates, describe
 from kubetune_trainer.model_cache import ModelCache
 from kubetune_trainer.telemetry import Reporter, Reporters
 from kubetune_trainer.tracking import Tracking
@@ -182,19 +182,34 @@ def _run(
     tracking.params(_data_params(prepared))
     model = modeling.load_model(config.spec, prepared.source)
     reporter.stage("baseline")
-    # The base model's evaluation: rank 0's, once for the run.
-    baseline = distributed.on_main(
-        lambda: _baseline(
-            config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
+    # The base model's evaluation and the champion's (the promoted run, when a gate compares
+    # with it): rank 0's, once for the run.
+    references = distributed.on_main(
+        lambda: (
+            _baseline(
+                config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
+            ),
+            champion.evaluate_champion(
+                config,
+                model,
+                prepared.tokenizer,
+                prepared.test_examples,
+                prepared.test_rows,
+                workdir,
+            ),
         )
     )
+    assert references is not None
+    baseline, champ = references
     model, outcome = _train(config, reporter, workdir, prepared, model)
 
     def judge_and_export() -> TrainerResult:
         reporter.stage("evaluate")
-        evaluation, gates = _evaluate(config, prepared, model, baseline)
+        evaluation, gates = _evaluate(config, prepared, model, baseline, champ)
         reporter.stage("export")
-        return _export(config, workdir, prepared, model, outcome, evaluation, gates, tracking)
+        return _export(
+            config, workdir, prepared, model, outcome, evaluation, gates, tracking, champ
+        )
 
     result = distributed.on_main(judge_and_export)
     assert result is not None
@@ -299,15 +314,25 @@ def _train(
 
 
 def _evaluate(
-    config: TrainerConfig, prepared: Prepared, model: Any, baseline: EvalOutput | None
+    config: TrainerConfig,
+    prepared: Prepared,
+    model: Any,
+    baseline: EvalOutput | None,
+    champ: champion.Champion | None,
 ) -> tuple[Evaluation, list[GateResult]]:
-    """The tuned model on the test set, beside the baseline, and the gates' verdicts."""
+    """The tuned model on the test set, beside the baseline and the champion, and the gates'
+    verdicts."""
     spec = config.spec
     tuned = evaluate(
         model, prepared.tokenizer, prepared.test_examples, prepared.test_rows, spec.evaluation
     )
     base_metrics = baseline.metrics if baseline else None
-    gates = check_gates(spec.gates, tuned.metrics, base_metrics)
+    refs = References(
+        base=base_metrics,
+        promoted=champ.metrics if champ else None,
+        promoted_run_id=champ.record.run_id if champ else None,
+    )
+    gates = check_gates(spec.gates, tuned.metrics, refs)
     for g in gates:
         log.info("Gate %s %s", "passed" if g.passed else "FAILED", describe(g))
     evaluation = Evaluation(
@@ -316,6 +341,9 @@ def _evaluate(
         tuned.generations,
         baseline.generations if baseline else [],
         prepared.test_examples,
+        promoted=refs.promoted,
+        promoted_outputs=champ.generations if champ else [],
+        promoted_run_id=refs.promoted_run_id,
     )
     return evaluation, gates
 
@@ -329,12 +357,20 @@ def _export(
     evaluation: Evaluation,
     gates: list[GateResult],
     tracking: Tracking,
+    champ: champion.Champion | None = None,
 ) -> TrainerResult:
     """The models and the run's files staged, then published; promoted only if every gate
-    passed. The trackers get the result before the files are written (W&B's offline records
-    go into them) and the files once they are published."""
+    passed and no better run was promoted meanwhile (promotion.py). The trackers get the
+    result before the files are written (W&B's offline records go into them) and the files
+    once they are published."""
     spec = config.spec
+    decide = promotion.decider(
+        config.run_id, spec.gates, evaluation.tuned, champ.record.run_id if champ else None
+    )
     passed = all(g.passed for g in gates)
+    superseded = ""
+    if passed:  # checked again, atomically, when latest.json is written
+        superseded = decide(promotion.read_champion(spec.output.uri).record) or ""
     staging = workdir / STAGING
     if staging.exists():
         shutil.rmtree(staging)
@@ -345,36 +381,73 @@ def _export(
         prepared.tokenizer,
         spec,
         staging,
-        spec.output.merge_adapter and passed,
+        spec.output.merge_adapter and passed and not superseded,
         lambda: modeling.load_unquantized(spec, source),
     )
-    failed = [describe(g) for g in gates if not g.passed]
-    result = TrainerResult(
-        run_id=config.run_id,
-        outcome="Succeeded" if passed else "GatesFailed",
-        exit_code=ExitCode.SUCCEEDED if passed else ExitCode.GATES_FAILED,
-        message=(
-            f"trained {outcome.steps} steps; {len(gates)} gate(s) passed; promoted"
-            if passed
-            else f"gates failed: {'; '.join(failed)}; nothing promoted"
-        ),
-        steps=outcome.steps,
-        epochs=outcome.epochs,
-        train_seconds=outcome.seconds,
-        resumed_from_step=outcome.resumed_from_step,
-        metrics=MetricsStatus(tuned=evaluation.tuned, base=evaluation.base),
-        gates=gates,
-        artifacts=artifact_uris(config, spec, merged),
-        promoted=passed,
-        warnings=[w] if (w := prepared.leakage.warning()) else [],
+    result = _result(config, outcome, evaluation, gates, merged, superseded)
+    result = result.model_copy(
+        update={"warnings": [w] if (w := prepared.leakage.warning()) else []}
     )
     tracking.finish(result, staging)
     if tracking.warnings:
         result = result.model_copy(update={"warnings": [*result.warnings, *tracking.warnings]})
-    write_run_files(
-        staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, result
-    )
+
+    def write(res: TrainerResult, why: str) -> None:
+        write_run_files(
+            staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, res, why
+        )
+
+    write(result, superseded)
     if (workdir / LOG_FILE).exists():
         shutil.copyfile(workdir / LOG_FILE, staging / LOG_FILE)  # the log up to the upload
-    publish(staging, config, passed, latest_record(config, result))
+    record = latest_record(config, result) if result.promoted else None
+    promoted = publish(staging, config, record, decide)
+    if promoted is not None and not promoted.promoted:
+        # A better run was promoted in the moment between the check and the write: say so in
+        # the run's own files, and the manifest again, last.
+        superseded = promoted.reason
+        lost = _result(config, outcome, evaluation, gates, merged, superseded)
+        result = lost.model_copy(update={"warnings": result.warnings})
+        write(result, superseded)
+        publish(staging, config, None, decide, only=RESULT_FILES)
     return result
+
+
+RESULT_FILES = ("result.json", "report.md", "metrics.json", "eval_samples.jsonl")
+
+
+def _result(
+    config: TrainerConfig,
+    outcome: TrainOutcome,
+    evaluation: Evaluation,
+    gates: list[GateResult],
+    merged: bool,
+    superseded: str,
+) -> TrainerResult:
+    passed = all(g.passed for g in gates) and not superseded
+    failed = [describe(g) for g in gates if not g.passed]
+    if passed:
+        message = f"trained {outcome.steps} steps; {len(gates)} gate(s) passed; promoted"
+    elif superseded:
+        message = f"trained {outcome.steps} steps; gates passed but not promoted: {superseded}"
+    else:
+        message = f"gates failed: {'; '.join(failed)}; nothing promoted"
+    return TrainerResult(
+        run_id=config.run_id,
+        outcome="Succeeded" if passed else "GatesFailed",
+        exit_code=ExitCode.SUCCEEDED if passed else ExitCode.GATES_FAILED,
+        message=message,
+        steps=outcome.steps,
+        epochs=outcome.epochs,
+        train_seconds=outcome.seconds,
+        resumed_from_step=outcome.resumed_from_step,
+        metrics=MetricsStatus(
+            tuned=evaluation.tuned,
+            base=evaluation.base,
+            promoted=evaluation.promoted,
+            promoted_run_id=evaluation.promoted_run_id,
+        ),
+        gates=gates,
+        artifacts=artifact_uris(config, config.spec, merged),
+        promoted=passed,
+    )

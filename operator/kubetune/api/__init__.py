@@ -26,6 +26,7 @@ from kubetune.api.profile import (
     FineTuneProfileSpec,
     ModelCacheSpec,
 )
+from kubetune.api.promotion import PromotedModel, PromotionRecord
 from kubetune.api.resource import (
     API_VERSION,
     CATEGORIES,
@@ -130,6 +131,8 @@ __all__ = [
     "PodPhase",
     "ProfileRef",
     "Progress",
+    "PromotedModel",
+    "PromotionRecord",
     "QuantizationSpec",
     "ResourcesSpec",
     "Rule",

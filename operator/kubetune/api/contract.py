@@ -179,6 +179,13 @@ class TrainerConfig(ApiModel):
         ),
     )
 
+    spec_hash: str | None = Field(
+        default=None,
+        description=(
+            "specHash identifies the FineTuneJob's own spec (what names the run); latest.json "
+            "records it."
+        ),
+    )
     model_cache: ModelCacheSpec | None = Field(
         default=None,
         description=(

@@ -336,10 +336,23 @@ class GateSpec(ApiModel):
         Rule(
             cel=(
                 "(has(self.min) ? 1 : 0) + (has(self.max) ? 1 : 0)"
-                " + (has(self.minImprovement) ? 1 : 0) == 1"
+                " + (has(self.minImprovement) ? 1 : 0) + (has(self.maxRegression) ? 1 : 0) == 1"
             ),
-            check=lambda s: [s.min, s.max, s.min_improvement].count(None) == 2,
-            message="a gate sets exactly one of min, max or minImprovement",
+            check=lambda s: [s.min, s.max, s.min_improvement, s.max_regression].count(None) == 3,
+            message="a gate sets exactly one of min, max, minImprovement or maxRegression",
+        ),
+        Rule(
+            cel=("!has(self.compareWith) || has(self.minImprovement) || has(self.maxRegression)"),
+            check=lambda s: (
+                s.compare_with is None
+                or s.min_improvement is not None
+                or s.max_regression is not None
+            ),
+            message=(
+                "compareWith applies to minImprovement and maxRegression (min and max bound the "
+                "tuned value itself)"
+            ),
+            field=".compareWith",
         ),
     )
 
@@ -353,11 +366,35 @@ class GateSpec(ApiModel):
     min_improvement: float | None = Field(
         default=None,
         description=(
-            "minImprovement passes when the tuned model beats the base by at least this much: "
-            "tuned minus base for rougeL, bleu and exactMatch; base minus tuned for loss and "
-            "perplexity, where lower is better. Needs compareWithBase."
+            "minImprovement passes when the tuned model beats the reference (compareWith) by at "
+            "least this much: tuned minus reference for rougeL, bleu and exactMatch; reference "
+            "minus tuned for loss and perplexity, where lower is better."
         ),
     )
+    max_regression: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "maxRegression passes when the tuned model is worse than the reference "
+            "(compareWith) by at most this much (0: not worse), measured as minImprovement is."
+        ),
+    )
+    compare_with: Literal["base", "promoted"] | None = Field(
+        default=None,
+        description=(
+            "compareWith is the reference of minImprovement and maxRegression: base (the "
+            "untuned base model, the default) or promoted (the run <output.uri>/latest.json "
+            "names, evaluated on this run's test set: the champion). With nothing promoted yet, "
+            "a promoted gate compares with the base model, or passes when the base is not "
+            "evaluated (compareWithBase: false)."
+        ),
+    )
+
+    def reference(self) -> Literal["base", "promoted"] | None:
+        """What the gate compares with: base, promoted, or None for min and max."""
+        if self.min_improvement is None and self.max_regression is None:
+            return None
+        return self.compare_with or "base"
 
 
 class OutputSpec(ApiModel):
@@ -418,11 +455,19 @@ class FineTuneJobSpec(ApiModel):
             field=".gates",
         ),
         Rule(
-            cel="self.evaluation.compareWithBase || self.gates.all(g, !has(g.minImprovement))",
-            check=lambda s: (
-                s.evaluation.compare_with_base or all(g.min_improvement is None for g in s.gates)
+            cel=(
+                "self.evaluation.compareWithBase || self.gates.all(g, "
+                "!(has(g.minImprovement) || has(g.maxRegression)) || "
+                "(has(g.compareWith) && g.compareWith == 'promoted'))"
             ),
-            message="minImprovement gates need evaluation.compareWithBase: true",
+            check=lambda s: (
+                s.evaluation.compare_with_base
+                or all(g.reference() in (None, "promoted") for g in s.gates)
+            ),
+            message=(
+                "minImprovement and maxRegression gates that compare with the base need "
+                "evaluation.compareWithBase: true"
+            ),
             field=".gates",
         ),
         Rule(

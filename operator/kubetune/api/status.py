@@ -24,7 +24,7 @@ class StatusModel(ApiModel):
 Phase = Literal["Pending", "Queued", "Running", "Evaluating", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = get_args(Phase)
 FINAL_PHASES: tuple[str, ...] = ("Succeeded", "Failed")  # a run in one of these never changes
-Bound = Literal["min", "max", "minImprovement"]
+Bound = Literal["min", "max", "minImprovement", "maxRegression"]
 
 
 class Condition(StatusModel):
@@ -113,22 +113,40 @@ class MetricsStatus(StatusModel):
     base: EvalMetrics | None = Field(
         default=None, description="base holds the base model's metrics."
     )
+    promoted: EvalMetrics | None = Field(
+        default=None,
+        description=(
+            "promoted holds the promoted run's metrics on this run's test set (the champion, "
+            "when a gate compares with it)."
+        ),
+    )
+    promoted_run_id: str | None = Field(
+        default=None, description="promotedRunId is the champion's run id."
+    )
 
 
 class GateResult(StatusModel):
     """The verdict of one gate."""
 
     metric: Metric = Field(description="metric is the gated metric.")
-    bound: Bound = Field(description="bound is min, max or minImprovement.")
+    bound: Bound = Field(description="bound is min, max, minImprovement or maxRegression.")
     threshold: float = Field(description="threshold is the bound's value from the spec.")
     value: float | None = Field(
         default=None,
         description=(
             "value is what was observed: the tuned value for min and max, the improvement over "
-            "the base for minImprovement; null when the metric could not be computed."
+            "the reference for minImprovement and maxRegression (negative: worse); null when the "
+            "metric could not be computed."
         ),
     )
     passed: bool = Field(description="passed is whether the gate held.")
+    compared_with: str | None = Field(
+        default=None,
+        description=(
+            "comparedWith is the reference of minImprovement and maxRegression: base, promoted "
+            "<runId>, or base (nothing promoted yet)."
+        ),
+    )
 
 
 class Artifacts(StatusModel):

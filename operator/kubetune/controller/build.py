@@ -140,6 +140,7 @@ def trainer_config(
         metrics_port=settings.trainer_metrics_port,
         termination_message_path=TERMINATION_LOG,
         model_cache=template.model_cache,
+        spec_hash=template.spec_hash or spec_hash(job),
     )
 
 

@@ -1,0 +1,72 @@
+"""Champion and challenger: gates that compare with the promoted run, evaluated in the same run
+on the same test set, and latest.json naming what a server needs. Three real runs of the tiny
+model into one output: the first (nothing promoted yet) is judged against the base model and
+promoted; a second, worse than the first but better than the base, is not promoted and says
+why; a third, better than the first, is promoted and remembers the first for a rollback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from kubetune.api import ExitCode, PromotionRecord
+from tests.trainer.conftest import job_manifest, run_job
+
+CHAMPION_GATE = {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}
+
+
+def _run(tiny_model: Path, task_file: Path, out: str, steps: int, run_id: str, tmp: Path):
+    doc = job_manifest(
+        tiny_model,
+        task_file,
+        out,
+        "lora",
+        hyperparameters__maxSteps=steps,
+        evaluation__metrics=["loss"],
+        gates=[CHAMPION_GATE],
+    )
+    return run_job(doc, tmp / run_id, run_id=run_id)[0]
+
+
+def _latest(out: str) -> PromotionRecord:
+    path = Path(urlsplit(out).path) / "latest.json"
+    return PromotionRecord.model_validate_json(path.read_text())
+
+
+def test_a_challenger_is_promoted_only_when_it_beats_the_champion(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    out = (tmp_path / "out").as_uri()
+
+    first = _run(tiny_model, task_file, out, 40, "c1a1c1a1", tmp_path)
+    assert first.exit_code == ExitCode.SUCCEEDED and first.promoted, first.message
+    (gate,) = first.gates
+    assert gate.compared_with == "base (nothing promoted yet)" and gate.passed
+    record = _latest(out)
+    assert record.run_id == "c1a1c1a1" and record.previous_run_id is None
+    assert record.base_model is not None and record.base_model.uri == tiny_model.as_uri()
+    assert record.method == "lora"
+    assert record.adapter_uri == f"{out}/runs/c1a1c1a1/adapter/" and record.promoted_at
+    assert record.metrics is not None and record.metrics.loss == first.metrics.tuned.loss
+
+    second = _run(tiny_model, task_file, out, 3, "c2b2c2b2", tmp_path)
+    assert second.exit_code == ExitCode.GATES_FAILED and not second.promoted
+    metrics = second.metrics
+    assert metrics.promoted_run_id == "c1a1c1a1"
+    # The champion evaluated here, on the same test set, scores as it did in its own run.
+    assert abs(metrics.promoted.loss - first.metrics.tuned.loss) < 1e-3
+    assert metrics.base.loss > metrics.tuned.loss > metrics.promoted.loss  # between the two
+    assert "loss improves by >= 0 vs promoted c1a1c1a1" in second.message, second.message
+    assert _latest(out).run_id == "c1a1c1a1"
+    report = (Path(urlsplit(out).path) / "runs/c2b2c2b2/report.md").read_text()
+    assert "| metric | base | promoted (c1a1c1a1) | tuned |" in report
+    assert "improvement over the promoted run" in report
+
+    third = _run(tiny_model, task_file, out, 120, "c3c3c3c3", tmp_path)
+    assert third.exit_code == ExitCode.SUCCEEDED and third.promoted, third.message
+    assert third.metrics.tuned.loss <= third.metrics.promoted.loss
+    record = _latest(out)
+    assert (record.run_id, record.previous_run_id) == ("c3c3c3c3", "c1a1c1a1")
+    saved = json.loads((Path(urlsplit(out).path) / "runs/c3c3c3c3/metrics.json").read_text())
+    assert saved["promoted"]["runId"] == "c1a1c1a1"

@@ -1,0 +1,134 @@
+"""The champion: the run `<output>/latest.json` names, evaluated on this run's test set so that
+gates with `compareWith: promoted` compare like with like.
+
+Evaluated once per run, before training, on rank 0 (its result is kept as `champion.json` in the
+run, so a resumed run does not redo it):
+- an adapter of the same base model (and revision) is loaded onto the base model already in
+  memory, evaluated, and removed again (PEFT's unload; prefix and prompt tuning never change the
+  base model's modules), so the champion costs no second copy of the model;
+- a full fine-tune (only a merged model) is loaded on its own, evaluated and freed;
+- a champion of another base model (a new base model was chosen since) cannot be loaded onto
+  this one: its recorded metrics, from its own test set, stand in, and the run says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import ADAPTER_METHODS, EvalMetrics, PromotionRecord, TrainerConfig
+from kubetune_trainer import data, storage
+from kubetune_trainer.evaluation import EvalOutput, evaluate
+from kubetune_trainer.promotion import read_champion
+
+log = logging.getLogger(__name__)
+
+CACHED = "champion.json"
+
+
+@dataclass(frozen=True)
+class Champion:
+    record: PromotionRecord
+    metrics: EvalMetrics | None
+    generations: list[str]
+    note: str = ""  # how the metrics were obtained when not by evaluating here
+
+
+def wanted(config: TrainerConfig) -> bool:
+    return any(g.reference() == "promoted" for g in config.spec.gates)
+
+
+def _same_base(config: TrainerConfig, record: PromotionRecord) -> bool:
+    base = record.base_model
+    model = config.spec.model
+    return base is None or (base.uri == model.uri and base.revision == model.revision)
+
+
+def evaluate_champion(
+    config: TrainerConfig,
+    model: Any,
+    tokenizer: Any,
+    examples: list[data.Example],
+    rows: Any,
+    workdir: Path,
+) -> Champion | None:
+    """The champion evaluated (None when nothing is promoted). The base model is left as it
+    was: a champion adapter loaded onto it is removed again."""
+    if not wanted(config):
+        return None
+    record = read_champion(config.spec.output.uri).record
+    if record is None:
+        log.info("Champion none: nothing promoted yet under %s", config.spec.output.uri)
+        return None
+    cached = storage.join(config.output_prefix, CACHED)
+    if storage.exists(cached):
+        saved = json.loads(storage.read_bytes(cached))
+        if saved["runId"] == record.run_id:
+            metrics = EvalMetrics.model_validate(saved["metrics"]) if saved["metrics"] else None
+            return Champion(record, metrics, saved["generations"], saved["note"])
+    champion = _evaluate(config, record, model, tokenizer, examples, rows, workdir)
+    payload = {
+        "runId": record.run_id,
+        "metrics": champion.metrics.model_dump(mode="json") if champion.metrics else None,
+        "generations": champion.generations,
+        "note": champion.note,
+    }
+    storage.write_bytes(cached, json.dumps(payload).encode())
+    return champion
+
+
+def _evaluate(
+    config: TrainerConfig,
+    record: PromotionRecord,
+    model: Any,
+    tokenizer: Any,
+    examples: list[data.Example],
+    rows: Any,
+    workdir: Path,
+) -> Champion:
+    spec = config.spec
+    if not _same_base(config, record):
+        note = (
+            f"the promoted run {record.run_id} tuned another base model "
+            f"({record.base_model.uri if record.base_model else '?'}); its recorded metrics "
+            "(from its own test set) stand in"
+        )
+        log.warning("Champion %s", note)
+        return Champion(record, record.metrics, [], note)
+    target = workdir / "champion"
+    if record.adapter_uri and (record.method in ADAPTER_METHODS or record.method is None):
+        from peft import PeftModel
+
+        storage.download(record.adapter_uri, target)
+        log.info("Champion run=%s adapter=%s", record.run_id, record.adapter_uri)
+        wrapped = PeftModel.from_pretrained(model, str(target), is_trainable=False)
+        out = evaluate(wrapped, tokenizer, examples, rows, spec.evaluation)
+        if not wrapped.peft_config["default"].is_prompt_learning:
+            restored = wrapped.unload()  # the adapter's layers out of the base model again
+            assert restored is model, "PEFT's unload returned another model"
+        del wrapped
+        return Champion(record, out.metrics, out.generations)
+    if record.merged_uri:
+        from transformers import AutoModelForCausalLM
+
+        storage.download(record.merged_uri, target)
+        log.info("Champion run=%s merged=%s", record.run_id, record.merged_uri)
+        full = AutoModelForCausalLM.from_pretrained(str(target), torch_dtype=model.dtype)
+        full.to(model.device)
+        out = evaluate(full, tokenizer, examples, rows, spec.evaluation)
+        del full
+        gc.collect()
+        return Champion(record, out.metrics, out.generations)
+    note = f"the promoted run {record.run_id} names no model to load; its recorded metrics stand in"
+    log.warning("Champion %s", note)
+    return Champion(record, record.metrics, [], note)
+
+
+def as_output(champion: Champion | None) -> EvalOutput | None:
+    if champion is None or champion.metrics is None:
+        return None
+    return EvalOutput(champion.metrics, champion.generations)

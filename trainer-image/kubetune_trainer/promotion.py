@@ -1,0 +1,144 @@
+"""Promotion: the one place that reads the current champion and replaces `<output>/latest.json`.
+
+latest.json names the promoted run and what a server needs to load it (PromotionRecord). It is
+replaced only by a conditional write, so two runs finishing at once can neither lose an update
+nor leave a half-written file:
+
+- object storage (s3://, gs://, az://): a PUT with `If-Match: <the ETag read>` (or
+  `If-None-Match: *` when there is none yet); a 412 means another run promoted meanwhile;
+- file://: an exclusive `flock` on `latest.json.lock` around read-decide-write, the file itself
+  replaced by a rename (obstore's local store writes a temporary file and renames it).
+
+Between two runs promoting at once, the better one stays promoted: after a conflict the run
+re-reads the new champion and promotes itself only if it still beats that champion on the
+deciding metric (the metric of its first gate that compares with the promoted run), keeping it
+otherwise; with no such gate, the later run wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import obstore
+
+from kubetune.api import EvalMetrics, GateSpec, PromotionRecord
+from kubetune_trainer import storage
+from kubetune_trainer.gates import improvement, metric_value
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+ATTEMPTS = 8  # conflicts in a row before giving up: runs finishing within the same second
+
+
+@dataclass(frozen=True)
+class Champion:
+    """latest.json as read: the record (None: nothing promoted yet) and its version."""
+
+    record: PromotionRecord | None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    promoted: bool
+    reason: str  # why not, when not
+    previous: PromotionRecord | None  # the champion this run replaced, or kept
+
+
+# Given the champion that is there now (None: none), why this run must not replace it (None: go).
+Decide = Callable[[PromotionRecord | None], str | None]
+
+
+def latest_uri(output_uri: str) -> str:
+    return storage.join(output_uri, LATEST)
+
+
+def read_champion(output_uri: str) -> Champion:
+    """The promoted run of an output (its latest.json) and the version it was read at."""
+    uri = latest_uri(output_uri)
+    loc = storage.locate(uri)
+    try:
+        got = obstore.get(loc.store, loc.key())
+    except FileNotFoundError:
+        return Champion(None)
+    record = PromotionRecord.model_validate_json(bytes(got.bytes()))
+    return Champion(record, got.meta.get("e_tag"))
+
+
+def promote(output_uri: str, record: PromotionRecord, decide: Decide) -> Outcome:
+    """Make record the promoted run of output_uri if decide agrees, atomically."""
+    uri = latest_uri(output_uri)
+    if urlsplit(uri).scheme == "file":
+        with _file_lock(Path(urlsplit(uri).path)):
+            champion = read_champion(output_uri)
+            return _write(uri, record, champion, decide, conditional=False)
+    for _ in range(ATTEMPTS):
+        champion = read_champion(output_uri)
+        try:
+            return _write(uri, record, champion, decide, conditional=True)
+        except (obstore.exceptions.PreconditionError, obstore.exceptions.AlreadyExistsError):
+            log.info("latest.json changed meanwhile (another run promoted); deciding again")
+    raise storage.TrainerError(
+        f"cannot promote to {uri}: it kept changing ({ATTEMPTS} conflicting writes in a row)"
+    )
+
+
+def _write(
+    uri: str, record: PromotionRecord, champion: Champion, decide: Decide, *, conditional: bool
+) -> Outcome:
+    why_not = decide(champion.record)
+    if why_not is not None:
+        return Outcome(False, why_not, champion.record)
+    if champion.record is not None and champion.record.run_id != record.run_id:
+        record = record.model_copy(update={"previous_run_id": champion.record.run_id})
+    body = (record.model_dump_json(by_alias=True, exclude_none=True, indent=2) + "\n").encode()
+    loc = storage.locate(uri)
+    if not conditional:
+        obstore.put(loc.store, loc.key(), body)
+    elif champion.etag is None:
+        obstore.put(loc.store, loc.key(), body, mode="create")
+    else:
+        obstore.put(loc.store, loc.key(), body, mode={"e_tag": champion.etag})
+    log.info("Promoted run=%s uri=%s previous=%s", record.run_id, uri, record.previous_run_id)
+    return Outcome(True, "", champion.record)
+
+
+@contextlib.contextmanager
+def _file_lock(latest: Path) -> Iterator[None]:
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    with (latest.parent / f"{latest.name}.lock").open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def decider(run_id: str, gates: list[GateSpec], tuned: EvalMetrics, judged: str | None) -> Decide:
+    """Whether a run whose gates passed may replace the champion that is there now. The one
+    its gates judged it against (judged; None: nothing was promoted), or itself: yes. Another,
+    promoted meanwhile: only if this run is not worse on the deciding metric (its first gate
+    that compares with the promoted run); with no such gate, the later run wins."""
+    deciding = next((g for g in gates if g.reference() == "promoted"), None)
+
+    def decide(current: PromotionRecord | None) -> str | None:
+        if current is None or current.run_id in (judged, run_id) or deciding is None:
+            return None
+        metric = deciding.metric
+        ours = metric_value(tuned, metric)
+        theirs = metric_value(current.metrics, metric)
+        if ours is None or theirs is None or improvement(metric, ours, theirs) >= 0:
+            return None
+        return (
+            f"run {current.run_id} was promoted meanwhile with a better {metric} "
+            f"({theirs:.4g} against {ours:.4g}); it stays promoted"
+        )
+
+    return decide
