@@ -242,3 +242,19 @@ def test_kubetune_run_with_two_processes(tiny_model: Path, task_file: Path, tmp_
     )
     assert bad.returncode == ExitCode.INVALID_SPEC
     assert "--nproc 3: spec.hyperparameters.batchSize (16)" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (-9, "was killed by SIGKILL (out of memory?)"),
+        (-15, "was killed by SIGTERM"),
+        (-200, "was killed by 200"),
+        (3, "exited with code 3"),
+    ],
+)
+def test_how_a_process_ended_is_said_for_any_exit_code(code: int, said: str) -> None:
+    """(`-9 in signal.Signals` raises on Python 3.11: the launcher crashed on this path.)"""
+    from kubetune_trainer.launch import _describe_exit
+
+    assert _describe_exit(code) == said

@@ -68,7 +68,10 @@ def _worker(path: str, workdir: str) -> str:
 
 def _describe_exit(code: int) -> str:
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # not a signal this platform names
+            name = str(-code)
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"was killed by {name}{hint}"
     return f"exited with code {code}"

@@ -133,7 +133,9 @@ def _needs_stored_result(job: FineTuneJob, observed: Observed, run_id: str) -> b
         return False
     if current is not None:
         return current.complete or current.failed_reason is not None
-    return same_run and previous.phase is not None  # the run's Job existed and is gone
+    # The run's Job existed, a trainer started, and it is gone. (A Job never created, e.g. under
+    # the operator's own misconfiguration, has no result to look for.)
+    return same_run and previous.phase is not None and previous.attempts > 0
 
 
 def _stored_result(
@@ -142,11 +144,9 @@ def _stored_result(
     output = job.spec.output
     credentials: dict[str, str] = {}
     if output.credentials_secret:
-        try:
-            credentials = kube.secret_data(job.metadata.namespace or "", output.credentials_secret)
-        except Retry as exc:
-            log.warning("result.json of run %s not read: %s", run_id, exc)
-            return None
+        # A transient failure (Retry) propagates: the reconcile is retried rather than the run
+        # finished without its result (a final status is never revisited).
+        credentials = kube.secret_data(job.metadata.namespace or "", output.credentials_secret)
         if credentials is None:
             return None
     return read_result(output.uri, run_id, credentials)

@@ -11,15 +11,22 @@ trusts it only when the run's manifest is there.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import BaseError, NotFoundError
+from obstore.exceptions import (
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from obstore.store import from_url
 from pydantic import ValidationError
 
 from kubetune.api import TrainerResult, run_prefix
+from kubetune.controller.errors import Retry
 
 log = logging.getLogger("kubetune.operator")
 
@@ -32,7 +39,9 @@ def _store(root: str, credentials: dict[str, str]) -> Any:
     options: dict[str, Any] = {"timeout": "10s", "connect_timeout": "5s"}
     if credentials.get("AWS_ENDPOINT_URL", "").startswith("http://") or root.startswith("http://"):
         options["allow_http"] = True
-    return from_url(root, config=config or None, client_options=options)
+    # A reconcile waits for this read: retry briefly; the work queue retries the reconcile.
+    retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
+    return from_url(root, config=config or None, client_options=options, retry_config=retry)
 
 
 def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult | None:
@@ -48,6 +57,11 @@ def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> Tr
         return TrainerResult.model_validate_json(raw)
     except (FileNotFoundError, NotFoundError):
         return None
-    except (ValidationError, BaseError, OSError, ValueError) as exc:
+    except (PermissionDeniedError, UnauthenticatedError, ValidationError, ValueError) as exc:
+        # Permanent: the run ends without its metrics rather than waiting forever.
         log.warning("result.json of run %s not readable: %s", run_id, exc)
         return None
+    except (BaseError, OSError) as exc:
+        # A timeout, a 5xx, a connection refused: read it again later, before the run's final
+        # status is written (a final status is never revisited).
+        raise Retry(f"result.json of run {run_id} not read yet: {exc}", 5.0) from exc
