@@ -22,7 +22,7 @@ from typing import Any
 
 from kubetune.api import ADAPTER_METHODS, EvalMetrics, PromotionRecord, TrainerConfig
 from kubetune_trainer import data, storage
-from kubetune_trainer.evaluation import EvalOutput, evaluate
+from kubetune_trainer.evaluation import evaluate
 from kubetune_trainer.promotion import read_champion
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,3 @@ def _evaluate(
     note = f"the promoted run {record.run_id} names no model to load; its recorded metrics stand in"
     log.warning("Champion %s", note)
     return Champion(record, record.metrics, [], note)
-
-
-def as_output(champion: Champion | None) -> EvalOutput | None:
-    if champion is None or champion.metrics is None:
-        return None
-    return EvalOutput(champion.metrics, champion.generations)

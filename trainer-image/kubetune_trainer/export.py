@@ -481,25 +481,19 @@ def publish(
     then manifest.json (of every file), then, with a record, promotes it (latest.json, written
     conditionally: promotion.py). Returns the promotion's outcome, None when not promoting."""
     run = config.output_prefix
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    for path in files:
-        rel = path.relative_to(staging).as_posix()
+    entries = []
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        rel, data = path.relative_to(staging).as_posix(), path.read_bytes()
         if not only or rel in only:
-            storage.write_bytes(storage.join(run, rel), path.read_bytes())
+            storage.write_bytes(storage.join(run, rel), data)
+        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "runId": config.run_id,
         "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": [
-            {
-                "path": path.relative_to(staging).as_posix(),
-                "size": path.stat().st_size,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            }
-            for path in files
-        ],
+        "files": entries,
     }
     storage.write_bytes(storage.join(run, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    log.info("Published files=%d uri=%s", len(only) or len(files), run)
+    log.info("Published files=%d uri=%s", len(only) or len(entries), run)
     if record is None:
         return None
     return promotion.promote(config.spec.output.uri, record, decide)

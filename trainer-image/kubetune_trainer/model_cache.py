@@ -19,8 +19,6 @@ is written last, so a reader never takes a half-fetched model.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +26,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import obstore
@@ -86,7 +84,8 @@ class ModelCache:
             log.info("Model from the cache uri=%s entry=%s", uri, entry)
             return entry
         root.mkdir(parents=True, exist_ok=True)
-        with _flock(root / f"{name}.lock", uri):
+        waiting = f"Waiting for another run fetching the model into the cache uri={uri}"
+        with storage.file_lock(root / f"{name}.lock", waiting):
             if (entry / MARKER).is_file():  # another run fetched it while this one waited
                 log.info("Model from the cache uri=%s entry=%s", uri, entry)
                 return entry
@@ -149,20 +148,6 @@ class ModelCache:
         partial.rename(target)
         self.fetched = True
         return target
-
-
-@contextlib.contextmanager
-def _flock(path: Path, uri: str) -> Iterator[None]:
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another run fetching the model into the cache uri=%s", uri)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _create(uri: str) -> bool:

@@ -17,10 +17,8 @@ otherwise; with no such gate, the later run wins.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -76,7 +74,8 @@ def promote(output_uri: str, record: PromotionRecord, decide: Decide) -> Outcome
     """Make record the promoted run of output_uri if decide agrees, atomically."""
     uri = latest_uri(output_uri)
     if urlsplit(uri).scheme == "file":
-        with _file_lock(Path(urlsplit(uri).path)):
+        latest = Path(urlsplit(uri).path)
+        with storage.file_lock(latest.with_name(f"{latest.name}.lock")):
             champion = read_champion(output_uri)
             return _write(uri, record, champion, decide, conditional=False)
     for _ in range(ATTEMPTS):
@@ -108,17 +107,6 @@ def _write(
         obstore.put(loc.store, loc.key(), body, mode={"e_tag": champion.etag})
     log.info("Promoted run=%s uri=%s previous=%s", record.run_id, uri, record.previous_run_id)
     return Outcome(True, "", champion.record)
-
-
-@contextlib.contextmanager
-def _file_lock(latest: Path) -> Iterator[None]:
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    with (latest.parent / f"{latest.name}.lock").open("a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def decider(run_id: str, gates: list[GateSpec], tuned: EvalMetrics, judged: str | None) -> Decide:

@@ -14,8 +14,11 @@ network) is allowed when its AWS_ENDPOINT_URL says http://.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from obstore.store import from_url
 
 from kubetune.api import CREDENTIAL_ENV
 from kubetune_trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -215,3 +220,21 @@ def upload_dir(local: Path, uri: str) -> list[Uploaded]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str = "") -> Iterator[None]:
+    """An exclusive flock on path (created, with its directory, if absent), released when the
+    block ends or the process dies; waiting is logged when another holder makes this one wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.info("%s", waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
