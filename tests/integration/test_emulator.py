@@ -295,11 +295,21 @@ def test_a_watch_resumes_from_a_resource_version_until_it_is_too_old(
     current = _watch(cluster, path, seconds=1.0)
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in current] == [("ADDED", "after")]
     # After compaction the old version is gone: one ERROR event, 410 Expired, and the end.
+    # So is the newest version handed out before it (a client that was fully up to date): the
+    # cluster's revision moved on meanwhile (see Emulator.expire_watches).
+    newest = api.request("GET", path)["metadata"]["resourceVersion"]
     cluster.expire_watches()
-    (expired,) = _watch(cluster, path, seconds=2.0, resourceVersion=listed)
-    assert expired["type"] == "ERROR"
-    assert expired["object"]["code"] == 410 and expired["object"]["reason"] == "Expired"
-    assert expired["object"]["message"] == f"too old resource version: {listed}"
+    for version in (listed, newest):
+        (expired,) = _watch(cluster, path, seconds=2.0, resourceVersion=version)
+        assert expired["type"] == "ERROR"
+        assert expired["object"]["code"] == 410 and expired["object"]["reason"] == "Expired"
+        assert expired["object"]["message"] == f"too old resource version: {version}"
+    # A list after it gives a version to watch from again.
+    relisted = api.request("GET", path)["metadata"]["resourceVersion"]
+    assert int(relisted) > int(newest)
+    api.create("configmaps", ns, _config_map(ns, "later"))
+    events = _watch(cluster, path, seconds=1.0, resourceVersion=relisted)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "later")]
 
 
 def test_watches_get_bookmarks_and_end_after_their_timeout(

@@ -30,8 +30,9 @@ patches. This layer adds what a real API server does on top (see ../shared/notes
   old resource version" (the client must list again); `allowWatchBookmarks=true` gets a
   BOOKMARK (the object carries only metadata.resourceVersion) after `bookmark_seconds` without
   an event; `timeoutSeconds` ends the stream (the server closes watches; clients reconnect).
-  `expire_watches()` compacts the history and closes every open watch, as an API server
-  restart after compaction does, so tests can show a client relisting;
+  `expire_watches()` compacts the history past every version handed out (a bookmark's too)
+  and closes every open watch, as an API server restart does while the cluster's revision
+  moves on, so tests can show a client relisting;
 - the CRD's admission on every FineTuneJob create, update and status write (tests/support/
   apiserver.py: prune, default, schema, CEL; 422 Invalid with the field errors), honouring
   `fieldValidation` (Strict rejects unknown fields, the default prunes them) and validation
@@ -670,9 +671,16 @@ class Emulator(kmock.KubernetesEmulator):
             hub.subscribers.discard(queue)
 
     def expire_watches(self) -> None:
-        """Compact every resource's history and close every open watch (call on the loop)."""
+        """Compact every resource's history and close every open watch (call on the loop).
+
+        The compaction reaches one revision past every version handed out so far, bookmarks'
+        included: in a real cluster the shared etcd revision keeps moving (leases, events) while
+        the API server restarts, and its watch cache starts again from a list at the revision of
+        that moment (k8s.io/apiserver/pkg/storage/cacher), so every client resuming from an
+        older version is told "too old resource version", whatever it last saw."""
+        compacted = self.next_revision()
         for hub in self._buses.values():
-            hub.compacted = self.revision
+            hub.compacted = compacted
             hub.history.clear()
             for queue in list(hub.subscribers):
                 queue.put_nowait(None)
