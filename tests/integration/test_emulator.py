@@ -642,6 +642,33 @@ def test_an_env_var_from_a_secret_key_waits_for_the_key(
     )
 
 
+def test_a_pod_waits_in_container_creating_for_its_config_map(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """As the kubelet does: volumes are mounted before anything starts; a missing ConfigMap
+    keeps the pod ContainerCreating (it is retried), never fails it."""
+    _, api, _ = node
+    ns = "emu-config-map"
+    volume = {"name": "config", "configMap": {"name": "later"}}
+    container = {"name": "trainer", "image": "t", "command": ["true"],
+                 "volumeMounts": [{"name": "config", "mountPath": "/etc/kubetune"}]}  # fmt: skip
+    api.create("jobs", ns, _job(ns, "mounts", pod={"containers": [container], "volumes": [volume]}))
+
+    def waiting() -> dict[str, Any] | None:
+        pods = _pods(api, ns, "mounts")
+        statuses = ((pods[0].get("status") or {}).get("containerStatuses") or []) if pods else []
+        return next((c["state"]["waiting"] for c in statuses if "waiting" in c["state"]), None)
+
+    assert wait_until("the missing ConfigMap", waiting) == {"reason": "ContainerCreating"}
+    time.sleep(1.0)
+    assert _pods(api, ns, "mounts")[0]["status"]["phase"] == "Pending"
+    api.create("configmaps", ns, _config_map(ns, "later"))
+    wait_until(
+        "the pod to finish",
+        lambda: (p := _pods(api, ns, "mounts")) and p[0]["status"].get("phase") == "Succeeded",
+    )
+
+
 def test_a_failed_pod_is_replaced_after_the_job_controllers_back_off(
     node: tuple[Cluster, Client, Kubelet],
 ) -> None:

@@ -614,8 +614,21 @@ class Kubelet:
                 "conditions": [_condition("PodScheduled", "Unschedulable", message, "False")],
             }
         waiting = None
+        for volume in spec.get("volumes") or []:
+            ref = volume.get("configMap")
+            if (
+                waiting is None
+                and ref
+                and not ref.get("optional")
+                and self.api.get("configmaps", run.namespace, ref["name"]) is None
+            ):
+                # The kubelet mounts volumes before it pulls or creates anything
+                # (kubelet.syncPod: volumeManager.WaitForAttachAndMount) and retries while the
+                # ConfigMap is missing: the pod stays ContainerCreating, with a FailedMount
+                # event 'MountVolume.SetUp failed for volume ...: configmap "..." not found'.
+                waiting = {"reason": "ContainerCreating"}
         image = container.get("image", "")
-        if image.startswith(self.unpullable):
+        if waiting is None and image.startswith(self.unpullable):
             reason = "ImagePullBackOff" if run.waiting == "ErrImagePull" else "ErrImagePull"
             waiting = {"reason": reason, "message": f'Back-off pulling image "{image}"'}
         for source in container.get("envFrom") or []:
