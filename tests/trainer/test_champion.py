@@ -49,6 +49,8 @@ def test_a_challenger_is_promoted_only_when_it_beats_the_champion(
     assert record.method == "lora"
     assert record.adapter_uri == f"{out}/runs/c1a1c1a1/adapter/" and record.promoted_at
     assert record.metrics is not None and record.metrics.loss == first.metrics.tuned.loss
+    # The result says what latest.json says (the operator announces the promotion from it).
+    assert (first.promoted_at, first.previous_run_id) == (record.promoted_at, None)
 
     second = _run(tiny_model, task_file, out, 3, "c2b2c2b2", tmp_path)
     assert second.exit_code == ExitCode.GATES_FAILED and not second.promoted
@@ -68,5 +70,9 @@ def test_a_challenger_is_promoted_only_when_it_beats_the_champion(
     assert third.metrics.tuned.loss <= third.metrics.promoted.loss
     record = _latest(out)
     assert (record.run_id, record.previous_run_id) == ("c3c3c3c3", "c1a1c1a1")
+    assert (third.promoted_at, third.previous_run_id) == (record.promoted_at, "c1a1c1a1")
+    stored = json.loads((Path(urlsplit(out).path) / "runs/c3c3c3c3/result.json").read_text())
+    assert stored["previousRunId"] == "c1a1c1a1"
+    assert second.promoted_at is None and second.previous_run_id is None
     saved = json.loads((Path(urlsplit(out).path) / "runs/c3c3c3c3/metrics.json").read_text())
     assert saved["promoted"]["runId"] == "c1a1c1a1"

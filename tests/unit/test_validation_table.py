@@ -84,6 +84,11 @@ INVALID = [
     pytest.param(at("spec.gates", [{"metric": "loss", "max": 1.0, "compareWith": "promoted"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith: Invalid value: compareWith applies to minImprovement and maxRegression", id="compare-with-on-a-max"),
     pytest.param(at("spec.gates", [{"metric": "loss", "maxRegression": -0.1}]), "spec.gates[0].maxRegression", "spec.gates[0].maxRegression", id="negative-regression"),
     pytest.param(at("spec.gates", [{"metric": "loss", "minImprovement": 0.1, "compareWith": "champion"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith", id="compare-with-enum"),
+    pytest.param(at("spec.notify", {"webhook": {"url": "http://a.b/c", "urlSecret": {"name": "w", "key": "url"}}}), "spec.notify.webhook", "spec.notify.webhook: Invalid value: a webhook sets exactly one of url or urlSecret", id="webhook-two-urls"),
+    pytest.param(at("spec.notify", {"webhook": {}}), "spec.notify.webhook", "spec.notify.webhook: Invalid value: a webhook sets exactly one of url or urlSecret", id="webhook-no-url"),
+    pytest.param(at("spec.notify", {"webhook": {"url": "ftp://a.b/c"}}), "spec.notify.webhook.url", "spec.notify.webhook.url: 'ftp://a.b/c' does not match", id="webhook-scheme"),
+    pytest.param(at("spec.notify", {"webhook": {"url": "https://user:pw@a.b/c"}}), "spec.notify.webhook.url", "spec.notify.webhook.url: 'https://user:pw@a.b/c' does not match", id="webhook-credentials-in-url"),
+    pytest.param(at("spec.notify", {"webhook": {"urlSecret": {"name": "w"}}}), "spec.notify.webhook.urlSecret.key", "spec.notify.webhook.urlSecret: 'key' is a required property", id="webhook-secret-without-key"),
     pytest.param(at("spec.evaluation.metrics", ["loss", "loss"]), "spec.evaluation.metrics", "spec.evaluation.metrics: ['loss', 'loss'] has non-unique elements", id="duplicate-metric"),
     pytest.param(at("spec.evaluation.metrics", []), "spec.evaluation.metrics", "spec.evaluation.metrics: [] should be non-empty", id="no-metrics"),
     pytest.param(both(at("spec.method", {"type": "prefix"}), at("spec.output.mergeAdapter", True)), "spec.output.mergeAdapter", "spec.output.mergeAdapter: Invalid value: prefix and prompt tuning cannot be merged", id="merge-prefix"),
@@ -173,6 +178,22 @@ VALID = [
     pytest.param(at("spec.hyperparameters.learningRate", None), id="null-is-unset"),
     pytest.param(at("spec.dataset.uri", "hf://datasets/b-mc2/sql-create-context"), id="hf-dataset"),
     pytest.param(at("spec.model.uri", "s3://models/smollm2/model.q4.gguf"), id="gguf-model"),
+    pytest.param(
+        at(
+            "spec.notify",
+            {
+                "webhook": {
+                    "url": "https://deploy.example.com/hooks/kubetune",
+                    "signingSecret": {"name": "hook", "key": "key"},
+                }
+            },
+        ),
+        id="webhook-url",
+    ),
+    pytest.param(
+        at("spec.notify", {"webhook": {"urlSecret": {"name": "hook", "key": "url"}}}),
+        id="webhook-url-secret",
+    ),
     pytest.param(
         both(
             at("spec.evaluation.compareWithBase", False),

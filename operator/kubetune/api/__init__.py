@@ -19,6 +19,7 @@ from kubetune.api.contract import (
     run_prefix,
 )
 from kubetune.api.errors import describe_errors, format_path
+from kubetune.api.notify import PROMOTED_EVENT_TYPE, NotifySpec, SecretKey, WebhookSpec
 from kubetune.api.profile import (
     PROFILE_KIND,
     PROFILE_PLURAL,
@@ -26,7 +27,7 @@ from kubetune.api.profile import (
     FineTuneProfileSpec,
     ModelCacheSpec,
 )
-from kubetune.api.promotion import PromotedModel, PromotionRecord
+from kubetune.api.promotion import PromotedModel, PromotionRecord, latest_uri
 from kubetune.api.resource import (
     API_VERSION,
     CATEGORIES,
@@ -69,9 +70,11 @@ from kubetune.api.status import (
     FineTuneJobStatus,
     GateResult,
     MetricsStatus,
+    NotificationStatus,
     PodPhase,
     ProfileRef,
     Progress,
+    PromotionStatus,
     gates_summary,
 )
 from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
@@ -96,6 +99,7 @@ __all__ = [
     "PLURAL",
     "PROFILE_KIND",
     "PROFILE_PLURAL",
+    "PROMOTED_EVENT_TYPE",
     "RUN_ID_LENGTH",
     "SHORT_NAMES",
     "SINGULAR",
@@ -126,6 +130,8 @@ __all__ = [
     "MlflowSpec",
     "ModelCacheSpec",
     "ModelSpec",
+    "NotificationStatus",
+    "NotifySpec",
     "ObjectMeta",
     "OutputSpec",
     "PodPhase",
@@ -133,19 +139,23 @@ __all__ = [
     "Progress",
     "PromotedModel",
     "PromotionRecord",
+    "PromotionStatus",
     "QuantizationSpec",
     "ResourcesSpec",
     "Rule",
+    "SecretKey",
     "Toleration",
     "TrackingSpec",
     "TrainerConfig",
     "TrainerResult",
     "WandbSpec",
+    "WebhookSpec",
     "child_name",
     "credential_routes",
     "describe_errors",
     "format_path",
     "gates_summary",
+    "latest_uri",
     "make_run_id",
     "resolve_spec",
     "run_prefix",

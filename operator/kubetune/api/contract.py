@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum
 from typing import Literal
 
@@ -240,6 +241,13 @@ class TrainerResult(ApiModel):
     artifacts: Artifacts | None = Field(default=None, description="artifacts are the output URIs.")
     promoted: bool = Field(
         default=False, description="promoted is whether latest.json now names this run."
+    )
+    promoted_at: datetime | None = Field(
+        default=None, description="promotedAt is when latest.json was written, when promoted."
+    )
+    previous_run_id: str | None = Field(
+        default=None,
+        description="previousRunId is the run latest.json named before this one, when promoted.",
     )
     truncated: bool = Field(
         default=False,

@@ -64,3 +64,11 @@ class PromotionRecord(ApiModel):
         default=None,
         description="previousRunId is the run this one replaced (the one to roll back to).",
     )
+
+
+LATEST = "latest.json"
+
+
+def latest_uri(output_uri: str) -> str:
+    """<output.uri>/latest.json."""
+    return f"{output_uri.rstrip('/')}/{LATEST}"

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from kubetune.api.base import ApiModel, Rule
 from kubetune.api.compute import DistributedSpec, ResourcesSpec, Toleration
+from kubetune.api.notify import NotifySpec
 from kubetune.api.tracking import TrackingSpec
 from kubetune.api.training import (
     ADAPTER_METHODS,
@@ -585,6 +586,13 @@ class FineTuneJobSpec(ApiModel):
         description=(
             "tracking sends the run's parameters, curves, results and artifact URIs to MLflow "
             "or Weights & Biases."
+        ),
+    )
+    notify: NotifySpec | None = Field(
+        default=None,
+        description=(
+            "notify announces a promotion of this job's runs (a webhook); changing it starts "
+            "no new run."
         ),
     )
     profile: DnsLabel | None = Field(

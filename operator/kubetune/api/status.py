@@ -202,6 +202,46 @@ class ProfileRef(StatusModel):
     )
 
 
+class NotificationStatus(StatusModel):
+    """The promotion's webhook delivery (spec.notify.webhook)."""
+
+    id: str = Field(
+        description="id is the CloudEvent's id, the same in every attempt (receivers drop repeats)."
+    )
+    state: Literal["Pending", "Delivered", "Failed"] = Field(
+        description=(
+            "state is Pending (to be sent, or retried at nextAttemptTime), Delivered (the "
+            "receiver answered 2xx) or Failed (every attempt failed; see message)."
+        )
+    )
+    attempts: int = Field(default=0, ge=0, description="attempts counts the POSTs made.")
+    last_attempt_time: datetime | None = Field(
+        default=None, description="lastAttemptTime is when the last POST was made."
+    )
+    next_attempt_time: datetime | None = Field(
+        default=None, description="nextAttemptTime is when a Pending delivery is tried again."
+    )
+    message: str | None = Field(
+        default=None, description="message says why the last attempt failed, when it did."
+    )
+
+
+class PromotionStatus(StatusModel):
+    """The run's promotion: latest.json names it."""
+
+    latest_uri: str = Field(description="latestUri is the latest.json that names this run.")
+    promoted_at: datetime | None = Field(
+        default=None, description="promotedAt is when latest.json was written."
+    )
+    previous_run_id: str | None = Field(
+        default=None,
+        description="previousRunId is the run latest.json named before (the one to roll back to).",
+    )
+    notification: NotificationStatus | None = Field(
+        default=None, description="notification is the webhook delivery, when spec.notify sets one."
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """The observed state of the run, written by the operator."""
 
@@ -262,6 +302,10 @@ class FineTuneJobStatus(StatusModel):
     )
     artifacts: Artifacts | None = Field(
         default=None, description="artifacts are the URIs of the outputs."
+    )
+    promotion: PromotionStatus | None = Field(
+        default=None,
+        description="promotion is set when the run was promoted: latest.json names it.",
     )
     message: str | None = Field(default=None, description="message explains the current phase.")
 

@@ -148,6 +148,21 @@ TrackingUri = Annotated[
     Field(min_length=1, max_length=1024),
     *_pattern_check(TRACKING_URI, _explain_tracking_uri),
 ]
+
+
+def _explain_webhook_url(value: str) -> str:
+    if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        return f"{value!r} has credentials in it; name a Secret key with urlSecret instead"
+    return f"{value!r} is not an http:// or https:// URL of the receiver"
+
+
+WebhookUrl = Annotated[
+    str,
+    Field(min_length=1, max_length=2048),
+    *_pattern_check(TRACKING_URI, _explain_webhook_url),
+]
+
+
 DnsSubdomain = Annotated[
     str,
     Field(min_length=1, max_length=253),

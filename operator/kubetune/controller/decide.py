@@ -26,11 +26,14 @@ from kubetune.api import (
     ExitCode,
     FineTuneJob,
     FineTuneJobStatus,
+    NotificationStatus,
     PodPhase,
     Progress,
+    PromotionStatus,
     TrainerResult,
     child_name,
     gates_summary,
+    latest_uri,
     make_run_id,
 )
 from kubetune.controller.build import (
@@ -233,7 +236,27 @@ def _status(
         gates=gates,
         gates_summary=gates_summary(gates),
         artifacts=result.artifacts if result else (kept.artifacts if final else None),
+        promotion=_promotion(job, result, kept) if state.succeeded else None,
         message=state.message or None,
+    )
+
+
+def _promotion(
+    job: FineTuneJob, result: TrainerResult | None, kept: FineTuneJobStatus
+) -> PromotionStatus | None:
+    """Set once, when the run ends promoted (its notification, if any, goes on from there)."""
+    if kept.promotion is not None:
+        return kept.promotion
+    if result is None or not result.promoted:
+        return None
+    notify = job.spec.notify
+    return PromotionStatus(
+        latest_uri=latest_uri(job.spec.output.uri),
+        promoted_at=result.promoted_at,
+        previous_run_id=result.previous_run_id,
+        notification=NotificationStatus(id=result.run_id, state="Pending")
+        if notify is not None and notify.webhook is not None
+        else None,
     )
 
 
@@ -297,6 +320,15 @@ def decide(
         message = state.message or f"run {run_id} is {decision.status.phase}"
         decision.events.append(Event(kind, state.reason, message))
         result = observed.result
+        promotion = decision.status.promotion
+        if promotion is not None and (previous.promotion is None or not same_run):
+            artifacts = decision.status.artifacts
+            where = (
+                f"; adapter {artifacts.adapter_uri}" if artifacts and artifacts.adapter_uri else ""
+            )
+            decision.events.append(
+                Event("Normal", "Promoted", f"run {run_id} promoted: {promotion.latest_uri}{where}")
+            )
         if (state.succeeded or state.failed) and result is not None:
             # What the user should know about the numbers (e.g. a test set that overlaps the
             # training data), once, when the run ends.

@@ -30,7 +30,7 @@ from kubetune.api import (
     describe_errors,
     make_run_id,
 )
-from kubetune.controller import results
+from kubetune.controller import results, webhook
 from kubetune.controller.build import RunTemplate, spec_hash
 from kubetune.controller.conditions import State
 from kubetune.controller.decide import Decision, Observed, decide
@@ -254,7 +254,7 @@ def reconcile(
         return _apply(kube, raw, previous, decision, now, target)
 
     try:
-        return attempt(
+        outcome = attempt(
             decide(job, observed, settings, now, refusal=refusal, run_id=run_id, template=template)
         )
     except Rejected as exc:
@@ -284,6 +284,54 @@ def reconcile(
         with suppress(Retry):
             attempt(decision)
         raise
+    if job.spec is not None:
+        hashed = template.spec_hash or spec_hash(job)
+        _announce(kube, raw, job, outcome.after, hashed, settings, now)
+    return outcome
+
+
+def _announce(
+    kube: KubeIO,
+    raw: dict[str, Any],
+    job: FineTuneJob,
+    status: FineTuneJobStatus,
+    run_spec_hash: str,
+    settings: OperatorSettings,
+    now: datetime,
+) -> None:
+    """Deliver the run's promotion notification when one is due (webhook.py); raises Retry to
+    come back when the next attempt is."""
+    promotion = status.promotion
+    note = promotion.notification if promotion else None
+    if note is None or note.state != "Pending":
+        return
+    if webhook.due_in(note, now) > 0:
+        raise webhook.retry_later(note, now)
+    namespace, name = job.metadata.namespace or "", job.metadata.name or ""
+    hook = job.spec.notify.webhook if job.spec.notify else None
+    if hook is None:
+        error: str | None = "spec.notify.webhook was removed before the notification was sent"
+        note = note.model_copy(update={"state": "Failed", "message": error})
+    else:
+        try:
+            url, message = webhook.request(kube, hook, job, status, run_spec_hash, note, now)
+        except webhook.NotReady as exc:
+            error = str(exc)
+        else:
+            error = webhook.post(url, message, settings.notify_timeout_seconds)
+        note = webhook.after_attempt(note, error, now, settings)
+    patch = {"promotion": {"notification": _finite(note.model_dump(by_alias=True, mode="json"))}}
+    kube.patch_status(namespace, name, patch)
+    if note.state == "Delivered":
+        log.info("promotion of %s/%s announced (%s)", namespace, name, note.id)
+        kube.event(
+            raw, "Normal", "Notified", f"the webhook received run {note.id}'s promotion", now
+        )
+    elif note.state == "Failed":
+        kube.event(raw, "Warning", "NotificationFailed", note.message or "", now)
+    else:
+        log.info("promotion of %s/%s not announced yet: %s", namespace, name, error)
+        raise webhook.retry_later(note, now)
 
 
 def _apply(

@@ -87,6 +87,18 @@ class OperatorSettings(BaseSettings):
     retry_period_seconds: int = Field(
         default=2, ge=1, description="How often the Lease is renewed or tried."
     )
+    notify_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long a promotion webhook may take to answer."
+    )
+    notify_max_attempts: int = Field(
+        default=12, ge=1, description="POSTs of a promotion notification before it is Failed."
+    )
+    notify_backoff_seconds: float = Field(
+        default=10.0, gt=0, description="The wait after a failed POST; doubles after each."
+    )
+    notify_backoff_max_seconds: float = Field(
+        default=600.0, gt=0, description="The longest wait between two POSTs."
+    )
     metrics_port: int = Field(
         default=8080, ge=0, le=65535, description="Operator metrics port; 0 turns it off."
     )
