@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="local working directory (default ~/.cache/kubetune)")
     p.add_argument(
+        "--print-notification",
+        action="store_true",
+        help="when the run is promoted, print the CloudEvent the operator would POST to "
+        "spec.notify.webhook (headers and body; unsigned here: the key is the cluster's)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,

@@ -20,6 +20,7 @@ import sys
 import threading
 import urllib.request
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,11 @@ from kubetune.api import (
     RUN_ID_LENGTH,
     ExitCode,
     FineTuneJob,
+    FineTuneJobStatus,
+    PromotionStatus,
     TrainerConfig,
     TrainerResult,
+    latest_uri,
 )
 from kubetune.manifests import Document, Loader, read_documents, validate_document
 
@@ -287,17 +291,47 @@ def run(args: Any) -> int:
     workdir = home / "runs" / f"{job.metadata.name}-{run_id}"
     if nproc > 1:
         result = _run_processes(config, workdir, home / "cache", nproc)
-        print(summary(job, result))
-        return int(result.exit_code)
-    trainer_log.addHandler(console)
-    propagate, trainer_log.propagate = trainer_log.propagate, False
-    try:
-        result = run_pipeline(config, Reporters(*reporters), workdir, cache=home / "cache")
-    finally:
-        trainer_log.removeHandler(console)
-        trainer_log.propagate = propagate
+    else:
+        trainer_log.addHandler(console)
+        propagate, trainer_log.propagate = trainer_log.propagate, False
+        try:
+            result = run_pipeline(config, Reporters(*reporters), workdir, cache=home / "cache")
+        finally:
+            trainer_log.removeHandler(console)
+            trainer_log.propagate = propagate
     print(summary(job, result))
+    if getattr(args, "print_notification", False):
+        print("\n" + notification(job, result, config.spec_hash or ""))
     return int(result.exit_code)
+
+
+def notification(job: FineTuneJob, result: TrainerResult, hashed: str) -> str:
+    """What spec.notify.webhook would receive for this run's promotion (kubetune/notify.py),
+    as the operator builds it from the run's status; unsigned (the key is a cluster Secret)."""
+    from kubetune.notify import promotion_event, record_of, signed
+
+    if not result.promoted:
+        return f"==> no notification: run {result.run_id} was not promoted"
+    status = FineTuneJobStatus(
+        run_id=result.run_id,
+        metrics=result.metrics,
+        gates=result.gates,
+        artifacts=result.artifacts,
+        promotion=PromotionStatus(
+            latest_uri=latest_uri(job.spec.output.uri),
+            promoted_at=result.promoted_at,
+            previous_run_id=result.previous_run_id,
+        ),
+    )
+    message = promotion_event(record_of(job, status, hashed), job.spec.output.uri, status)
+    message = signed(message, None, result.run_id, datetime.now(UTC))
+    hook = job.spec.notify.webhook if job.spec.notify else None
+    if hook is None:
+        target = "spec.notify.webhook (not set)"
+    else:
+        target = hook.url or f"the URL in Secret {hook.url_secret.name if hook.url_secret else ''}"
+    note = " (the cluster signs it: webhook-signature)" if hook and hook.signing_secret else ""
+    return f"==> notification: POST to {target}{note}\n{message.show()}"
 
 
 def _free_port() -> int:
