@@ -27,7 +27,7 @@ from kubetune.api import (
 )
 from kubetune.controller import webhook
 from kubetune.controller.build import spec_hash
-from kubetune.controller.errors import Retry
+from kubetune.controller.errors import Misconfigured, Retry
 from kubetune.controller.reconcile import reconcile
 from kubetune.controller.settings import OperatorSettings
 from kubetune.notify import signing_key
@@ -277,3 +277,27 @@ def test_signing_keys_read_as_the_standard_webhooks_libraries_read_them(
 def test_an_empty_signing_key_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         signing_key("whsec_")
+
+
+def test_a_secret_the_operator_may_not_read_is_a_failed_attempt(receiver: Receiver) -> None:
+    """With the chart's readStorageSecrets: false the signing key cannot be read: the attempt
+    fails and says why on the status, rather than the reconcile failing over and over."""
+    kube = promoted_job({"url": receiver.url, "signingSecret": {"name": "hook", "key": "key"}})
+    stored = result_of(kube)
+    reads = kube.secret_data
+
+    def forbidden(namespace: str, name: str) -> dict[str, str] | None:
+        if name == "hook":
+            raise Misconfigured('secrets "hook" is forbidden', "Forbidden")
+        return reads(namespace, name)
+
+    kube.secret_data = forbidden  # type: ignore[method-assign]
+    with pytest.raises(Retry) as retry:
+        reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, read_result=lambda *_: stored)
+    assert not isinstance(retry.value, Misconfigured) and receiver.requests == []
+    note = notification(kube)
+    assert note["state"] == "Pending" and note["attempts"] == 1
+    assert note["message"] == (
+        "Secret 'hook' cannot be read (spec.notify.webhook.signingSecret): "
+        'secrets "hook" is forbidden'
+    )

@@ -18,7 +18,7 @@ from typing import Protocol
 import urllib3
 
 from kubetune.api import FineTuneJob, FineTuneJobStatus, NotificationStatus, WebhookSpec
-from kubetune.controller.errors import Retry
+from kubetune.controller.errors import Misconfigured, Retry
 from kubetune.controller.settings import OperatorSettings
 from kubetune.notify import Message, promotion_event, record_of, signed, signing_key
 
@@ -98,7 +98,10 @@ class NotReady(Exception):
 
 
 def _secret_value(kube: SecretReader, namespace: str, name: str, key: str, field: str) -> str:
-    data = kube.secret_data(namespace, name)
+    try:
+        data = kube.secret_data(namespace, name)
+    except Misconfigured as exc:  # e.g. the chart's readStorageSecrets: false (403)
+        raise NotReady(f"Secret {name!r} cannot be read ({field}): {exc}") from exc
     if data is None:
         raise NotReady(f"Secret {name!r} not found in namespace {namespace} ({field})")
     if key not in data:
