@@ -76,7 +76,12 @@ def test_happy_path(platform: Platform, ns: str) -> None:
         (owner,) = child["metadata"]["ownerReferences"]
         assert owner["uid"] == obj["metadata"]["uid"] and owner["controller"] is True
     reasons = _reasons(platform, ns, "reviews")
-    assert reasons[0] == "Pending" and "Running" in reasons and reasons[-1] == "Succeeded"
+    assert reasons[0] == "Pending" and "Running" in reasons
+    assert reasons[-2:] == ["Succeeded", "Promoted"]  # latest.json names it: announced
+    assert status["promotion"] == {
+        "latestUri": f"s3://models/{ns}/reviews/latest.json",
+        "promotedAt": latest["promotedAt"].replace("+00:00", "Z"),
+    }  # no earlier run to roll back to, no webhook
 
     # The storage credentials reached the pod only through the Secret.
     secret_value = platform.s3.env()["AWS_SECRET_ACCESS_KEY"]
@@ -233,7 +238,10 @@ def test_suspend_and_resume(platform: Platform, ns: str) -> None:
     pods = sorted(platform.children(ns, "pods", "pausable"), key=lambda p: p["metadata"]["name"])
     assert _trainer_result(pods[-1]).resumed_from_step > 0
     reasons = _reasons(platform, ns, "pausable")
-    assert reasons.index("Suspended") < len(reasons) - 1 and reasons[-1] == "Succeeded"
+    assert reasons.index("Suspended") < len(reasons) - 2 and reasons[-2:] == [
+        "Succeeded",
+        "Promoted",
+    ]
 
 
 def test_queued_through_kueue(platform: Platform, ns: str) -> None:
