@@ -75,7 +75,8 @@ def test_a_finished_run_is_not_run_again_after_its_job_ttl(platform: Platform, n
     )
     assert platform.job_creates(ns, "once") == 1
     assert not [p for p in platform.kubelet.running_pods() if p.namespace == ns]
-    assert _events(platform, ns, "once")[-1] == ("Normal", "Succeeded")
+    # The last Events are the run's end and its promotion, once: nothing after the TTL.
+    assert _events(platform, ns, "once")[-2:] == [("Normal", "Succeeded"), ("Normal", "Promoted")]
     # ...nor after an operator restart, when it resumes every FineTuneJob.
     platform.operator.kill()
     platform.operator.start()
