@@ -57,6 +57,13 @@ def _pods(api: Client, ns: str, job: str) -> list[dict[str, Any]]:
     return [p for p in api.list("pods", ns) if p["metadata"]["labels"].get("job-name") == job]
 
 
+def _waiting(api: Client, ns: str, job: str) -> dict[str, Any] | None:
+    """Why the job's first pod's container waits, if it does."""
+    pods = _pods(api, ns, job)
+    statuses = ((pods[0].get("status") or {}).get("containerStatuses") or []) if pods else []
+    return next((c["state"]["waiting"] for c in statuses if "waiting" in c["state"]), None)
+
+
 def _raw(cluster: Cluster, method: str, path: str, body: bytes, ctype: str) -> tuple[int, dict]:
     req = urllib.request.Request(
         cluster.url + path,
@@ -625,12 +632,7 @@ def test_an_env_var_from_a_secret_key_waits_for_the_key(
     container = {"name": "trainer", "image": "t", "command": ["true"], "env": env}
     api.create("jobs", ns, _job(ns, "token", pod={"containers": [container]}))
 
-    def waiting() -> dict[str, Any] | None:
-        pods = _pods(api, ns, "token")
-        statuses = ((pods[0].get("status") or {}).get("containerStatuses") or []) if pods else []
-        return next((c["state"]["waiting"] for c in statuses if "waiting" in c["state"]), None)
-
-    why = wait_until("the missing key", waiting)
+    why = wait_until("the missing key", lambda: _waiting(api, ns, "token"))
     assert why == {
         "reason": "CreateContainerConfigError",
         "message": f"couldn't find key HF_TOKEN in Secret {ns}/hf",
@@ -654,12 +656,8 @@ def test_a_pod_waits_in_container_creating_for_its_config_map(
                  "volumeMounts": [{"name": "config", "mountPath": "/etc/kubetune"}]}  # fmt: skip
     api.create("jobs", ns, _job(ns, "mounts", pod={"containers": [container], "volumes": [volume]}))
 
-    def waiting() -> dict[str, Any] | None:
-        pods = _pods(api, ns, "mounts")
-        statuses = ((pods[0].get("status") or {}).get("containerStatuses") or []) if pods else []
-        return next((c["state"]["waiting"] for c in statuses if "waiting" in c["state"]), None)
-
-    assert wait_until("the missing ConfigMap", waiting) == {"reason": "ContainerCreating"}
+    waiting = wait_until("the missing ConfigMap", lambda: _waiting(api, ns, "mounts"))
+    assert waiting == {"reason": "ContainerCreating"}
     time.sleep(1.0)
     assert _pods(api, ns, "mounts")[0]["status"]["phase"] == "Pending"
     api.create("configmaps", ns, _config_map(ns, "later"))

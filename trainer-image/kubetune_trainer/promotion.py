@@ -25,13 +25,12 @@ from urllib.parse import urlsplit
 
 import obstore
 
-from kubetune.api import EvalMetrics, GateSpec, PromotionRecord
+from kubetune.api import EvalMetrics, GateSpec, PromotionRecord, latest_uri
 from kubetune_trainer import storage
 from kubetune_trainer.gates import improvement, metric_value
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest.json"
 ATTEMPTS = 8  # conflicts in a row before giving up: runs finishing within the same second
 
 
@@ -52,10 +51,6 @@ class Outcome:
 
 # Given the champion that is there now (None: none), why this run must not replace it (None: go).
 Decide = Callable[[PromotionRecord | None], str | None]
-
-
-def latest_uri(output_uri: str) -> str:
-    return storage.join(output_uri, LATEST)
 
 
 def read_champion(output_uri: str) -> Champion:
