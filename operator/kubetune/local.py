@@ -36,6 +36,7 @@ from kubetune.api import (
     TrainerConfig,
     TrainerResult,
     latest_uri,
+    spec_hash,
 )
 from kubetune.manifests import Document, Loader, read_documents, validate_document
 
@@ -270,8 +271,6 @@ def run(args: Any) -> int:
             file=sys.stderr,
         )
         return int(ExitCode.INVALID_SPEC)
-    from kubetune.controller.build import spec_hash
-
     config = TrainerConfig.for_job(
         job, run_id, world_size=nproc, metrics_port=args.metrics_port, spec_hash=spec_hash(job)
     )

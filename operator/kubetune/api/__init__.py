@@ -17,6 +17,7 @@ from kubetune.api.contract import (
     make_run_id,
     resolve_spec,
     run_prefix,
+    spec_hash,
 )
 from kubetune.api.errors import describe_errors, format_path
 from kubetune.api.notify import PROMOTED_EVENT_TYPE, NotifySpec, SecretKey, WebhookSpec
@@ -159,4 +160,5 @@ __all__ = [
     "make_run_id",
     "resolve_spec",
     "run_prefix",
+    "spec_hash",
 ]

@@ -98,6 +98,15 @@ def credential_routes(
     return routes
 
 
+def spec_hash(job: FineTuneJob) -> str:
+    """What defines a run: the spec without `suspend` (pausing a run does not make a new one) and
+    `notify` (where promotions are announced is not what is trained).
+    Unset optional fields are left out, so that a release adding one does not change the hash
+    of every existing spec (which would start a new run of each finished job)."""
+    text = job.spec.model_dump_json(by_alias=True, exclude={"suspend", "notify"}, exclude_none=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def make_run_id(uid: str, generation: int) -> str:
     """The run id of one generation of one FineTuneJob: stable across operator restarts."""
     return hashlib.sha256(f"{uid}/{generation}".encode()).hexdigest()[:RUN_ID_LENGTH]

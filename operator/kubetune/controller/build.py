@@ -12,7 +12,6 @@ environment (PET_*), as Kubeflow Trainer's torch runtime sets it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from kubetune.api import (
     ProfileRef,
     TrainerConfig,
     child_name,
+    spec_hash,
 )
 from kubetune.controller.settings import OperatorSettings
 
@@ -71,15 +71,6 @@ class RunTemplate:
 
 
 NO_PROFILE = RunTemplate()
-
-
-def spec_hash(job: FineTuneJob) -> str:
-    """What defines a run: the spec without `suspend` (pausing a run does not make a new one) and
-    `notify` (where promotions are announced is not what is trained).
-    Unset optional fields are left out, so that a release adding one does not change the hash
-    of every existing spec (which would start a new run of each finished job)."""
-    text = job.spec.model_dump_json(by_alias=True, exclude={"suspend", "notify"}, exclude_none=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def labels(job: FineTuneJob, run_id: str, template: RunTemplate = NO_PROFILE) -> dict[str, str]:
