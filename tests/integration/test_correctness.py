@@ -193,7 +193,11 @@ def test_a_missing_secret_shows_pending_with_its_name_and_fix(platform: Platform
     status = platform.status(ns, "nokeys")
     assert status["phase"] == "Pending" and "startTime" not in status
     assert "create the Secret 'team-s3' in namespace" in ready["message"]
-    assert ("Warning", "CreateContainerConfigError") in _events(platform, ns, "nokeys")
+    platform.wait_for(  # posted after the status write that carries it
+        "the Warning Event",
+        lambda: ("Warning", "CreateContainerConfigError") in _events(platform, ns, "nokeys"),
+        10,
+    )
     (secret,) = [s for s in platform.api.list("secrets", ns) if s["metadata"]["name"] == "s3-credentials"]  # fmt: skip
     platform.api.create("secrets", ns, {**secret, "metadata": {"name": "team-s3", "namespace": ns}})
     status = platform.wait_phase(ns, "nokeys", FINAL, timeout=120)

@@ -104,7 +104,11 @@ def test_a_job_outside_its_profile_is_refused_naming_the_field_and_the_profile(
         assert _ready(status)["reason"] == "PolicyViolation"
         assert message in status["message"], status["message"]
         assert not platform.children(ns, "jobs", name)  # nothing was created
-        assert "PolicyViolation" in [e["reason"] for e in platform.events(ns, name)]
+        platform.wait_for(  # posted after the status write that carries it
+            "the PolicyViolation Event",
+            lambda name=name: "PolicyViolation" in [e["reason"] for e in platform.events(ns, name)],
+            10,
+        )
         platform.assert_no_more_writes(ns, name)  # no retry loop
 
     # A namespace labelled into the other profile's selector: a new run of the refused job is
