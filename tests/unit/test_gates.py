@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api import EvalMetrics, GateSpec, gates_summary
-from kubetune_trainer.gates import References, check_gate, describe
+from kubetune_trainer.gates import References, check_gate, check_gates, describe
 
 TUNED = EvalMetrics(loss=0.5, perplexity=1.65, exact_match=0.7, rouge_l=0.9, bleu=40.0)
 BASE = EvalMetrics(loss=1.5, perplexity=4.48, exact_match=0.1, rouge_l=0.3, bleu=5.0)
@@ -89,3 +89,45 @@ def test_describe_a_champion_gate() -> None:
     assert (
         describe(result) == "loss regresses by <= 0.01 vs promoted c0ffee01: -0.05 (failed by 0.04)"
     )
+
+
+def test_regression_gates_read_the_regression_set() -> None:
+    """The forgetting check: a gate with evalSet: regression reads the regression set's
+    metrics, the others the test set's, in one list of verdicts."""
+    gates = [
+        GateSpec.model_validate({"metric": "loss", "minImprovement": 0.5}),
+        GateSpec.model_validate({"metric": "loss", "maxRegression": 0.1, "evalSet": "regression"}),
+        GateSpec.model_validate(
+            {
+                "metric": "loss",
+                "maxRegression": 0.0,
+                "compareWith": "promoted",
+                "evalSet": "regression",
+            }
+        ),
+    ]
+    # Better on the task, a little worse on general behaviour than the base (within 0.1), and
+    # worse than the champion on it (not within 0).
+    general = (
+        EvalMetrics(loss=2.05),
+        References(
+            base=EvalMetrics(loss=2.0), promoted=EvalMetrics(loss=1.9), promoted_run_id="c1"
+        ),
+    )
+    task, forgot, champion = check_gates(gates, TUNED, BASE, general)
+    assert (task.value, task.passed, task.eval_set) == (1.0, True, None)
+    assert (forgot.value, forgot.passed, forgot.eval_set) == (
+        pytest.approx(-0.05),
+        True,
+        "regression",
+    )
+    assert (champion.value, champion.passed) == (pytest.approx(-0.15), False)
+    assert describe(champion) == (
+        "loss on the regression set regresses by <= 0 vs promoted c1: -0.15 (failed by 0.15)"
+    )
+    # No regression set measured: a regression gate is not measured and fails.
+    assert [g.passed for g in check_gates(gates, TUNED, BASE)] == [True, False, False]
+    # A champion not measured on the regression set: the base stands in, and the verdict says so.
+    unmeasured = References(base=EvalMetrics(loss=2.0), unpromoted="promoted c1 not measured")
+    verdict = check_gates(gates[2:], TUNED, BASE, (EvalMetrics(loss=2.0), unmeasured))[0]
+    assert verdict.passed and verdict.compared_with == "base (promoted c1 not measured)"

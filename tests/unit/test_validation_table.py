@@ -84,6 +84,8 @@ INVALID = [
     pytest.param(at("spec.gates", [{"metric": "loss", "max": 1.0, "compareWith": "promoted"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith: Invalid value: compareWith applies to minImprovement and maxRegression", id="compare-with-on-a-max"),
     pytest.param(at("spec.gates", [{"metric": "loss", "maxRegression": -0.1}]), "spec.gates[0].maxRegression", "spec.gates[0].maxRegression", id="negative-regression"),
     pytest.param(at("spec.gates", [{"metric": "loss", "minImprovement": 0.1, "compareWith": "champion"}]), "spec.gates[0].compareWith", "spec.gates[0].compareWith", id="compare-with-enum"),
+    pytest.param(at("spec.gates", [{"metric": "loss", "maxRegression": 0.05, "evalSet": "regression"}]), "spec.gates", "spec.gates: Invalid value: a gate with evalSet: regression needs evaluation.regressionUri", id="regression-gate-without-set"),
+    pytest.param(both(at("spec.evaluation.regressionUri", "s3://d/general.jsonl"), at("spec.gates", [{"metric": "loss", "max": 2, "evalSet": "forgetting"}])), "spec.gates[0].evalSet", "spec.gates[0].evalSet", id="eval-set-enum"),
     pytest.param(at("spec.notify", {"webhook": {"url": "http://a.b/c", "urlSecret": {"name": "w", "key": "url"}}}), "spec.notify.webhook", "spec.notify.webhook: Invalid value: a webhook sets exactly one of url or urlSecret", id="webhook-two-urls"),
     pytest.param(at("spec.notify", {"webhook": {}}), "spec.notify.webhook", "spec.notify.webhook: Invalid value: a webhook sets exactly one of url or urlSecret", id="webhook-no-url"),
     pytest.param(at("spec.notify", {"webhook": {"url": "ftp://a.b/c"}}), "spec.notify.webhook.url", "spec.notify.webhook.url: 'ftp://a.b/c' does not match", id="webhook-scheme"),
@@ -206,6 +208,25 @@ VALID = [
             ),
         ),
         id="champion-gates-without-base",
+    ),
+    pytest.param(
+        both(
+            at("spec.evaluation.regressionUri", "s3://d/general.jsonl"),
+            at(
+                "spec.gates",
+                [
+                    {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"},
+                    {"metric": "loss", "maxRegression": 0.05, "evalSet": "regression"},
+                    {
+                        "metric": "loss",
+                        "maxRegression": 0.0,
+                        "compareWith": "promoted",
+                        "evalSet": "regression",
+                    },
+                ],
+            ),
+        ),
+        id="regression-guard",
     ),
     pytest.param(
         both(

@@ -36,6 +36,7 @@ class Champion:
     metrics: EvalMetrics | None
     generations: list[str]
     note: str = ""  # how the metrics were obtained when not by evaluating here
+    regression: EvalMetrics | None = None  # on evaluation.regressionUri, when it is set
 
 
 def wanted(config: TrainerConfig) -> bool:
@@ -55,9 +56,11 @@ def evaluate_champion(
     examples: list[data.Example],
     rows: Any,
     workdir: Path,
+    regression: tuple[list[data.Example], Any] | None = None,
 ) -> Champion | None:
-    """The champion evaluated (None when nothing is promoted). The base model is left as it
-    was: a champion adapter loaded onto it is removed again."""
+    """The champion evaluated on the test set, and on the regression set when there is one
+    (None when nothing is promoted). The base model is left as it was: a champion adapter
+    loaded onto it is removed again."""
     if not wanted(config):
         return None
     record = read_champion(config.spec.output.uri).record
@@ -69,13 +72,23 @@ def evaluate_champion(
         saved = json.loads(storage.read_bytes(cached))
         if saved["runId"] == record.run_id:
             metrics = EvalMetrics.model_validate(saved["metrics"]) if saved["metrics"] else None
-            return Champion(record, metrics, saved["generations"], saved["note"])
-    champion = _evaluate(config, record, model, tokenizer, examples, rows, workdir)
+            kept = saved.get("regression")
+            return Champion(
+                record,
+                metrics,
+                saved["generations"],
+                saved["note"],
+                EvalMetrics.model_validate(kept) if kept else None,
+            )
+    champion = _evaluate(config, record, model, tokenizer, examples, rows, workdir, regression)
     payload = {
         "runId": record.run_id,
         "metrics": champion.metrics.model_dump(mode="json") if champion.metrics else None,
         "generations": champion.generations,
         "note": champion.note,
+        "regression": (
+            champion.regression.model_dump(mode="json") if champion.regression else None
+        ),
     }
     storage.write_bytes(cached, json.dumps(payload).encode())
     return champion
@@ -89,8 +102,15 @@ def _evaluate(
     examples: list[data.Example],
     rows: Any,
     workdir: Path,
+    regression: tuple[list[data.Example], Any] | None = None,
 ) -> Champion:
     spec = config.spec
+
+    def on_regression_set(candidate: Any) -> EvalMetrics | None:
+        if not regression:
+            return None
+        return evaluate(candidate, tokenizer, *regression, spec.evaluation).metrics
+
     if not _same_base(config, record):
         note = (
             f"the promoted run {record.run_id} tuned another base model "
@@ -107,11 +127,12 @@ def _evaluate(
         log.info("Champion run=%s adapter=%s", record.run_id, record.adapter_uri)
         wrapped = PeftModel.from_pretrained(model, str(target), is_trainable=False)
         out = evaluate(wrapped, tokenizer, examples, rows, spec.evaluation)
+        guard = on_regression_set(wrapped)
         if not wrapped.peft_config["default"].is_prompt_learning:
             restored = wrapped.unload()  # the adapter's layers out of the base model again
             assert restored is model, "PEFT's unload returned another model"
         del wrapped
-        return Champion(record, out.metrics, out.generations)
+        return Champion(record, out.metrics, out.generations, regression=guard)
     if record.merged_uri:
         from transformers import AutoModelForCausalLM
 
@@ -120,9 +141,10 @@ def _evaluate(
         full = AutoModelForCausalLM.from_pretrained(str(target), torch_dtype=model.dtype)
         full.to(model.device)
         out = evaluate(full, tokenizer, examples, rows, spec.evaluation)
+        guard = on_regression_set(full)
         del full
         gc.collect()
-        return Champion(record, out.metrics, out.generations)
+        return Champion(record, out.metrics, out.generations, regression=guard)
     note = f"the promoted run {record.run_id} names no model to load; its recorded metrics stand in"
     log.warning("Champion %s", note)
     return Champion(record, record.metrics, [], note)

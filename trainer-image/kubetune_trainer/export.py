@@ -23,6 +23,7 @@ from kubetune.api import (
     GateResult,
     PromotedModel,
     PromotionRecord,
+    RegressionMetrics,
     TrainerConfig,
     TrainerResult,
 )
@@ -45,6 +46,8 @@ class Evaluation:
     promoted: EvalMetrics | None = None  # the champion's, when a gate compares with it
     promoted_outputs: list[str] = field(default_factory=list)
     promoted_run_id: str | None = None
+    regression: RegressionMetrics | None = None  # on evaluation.regressionUri, when set
+    regression_examples: int = 0
 
 
 def artifact_uris(config: TrainerConfig, spec: FineTuneJobSpec, merged: bool) -> Artifacts:
@@ -270,14 +273,37 @@ def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
 def _gate_line(g: GateResult, evaluation: Evaluation) -> str:
     line = f"- {'PASS' if g.passed else 'FAIL'} {describe(g)}"
     against = (g.compared_with or "").split(" ")[0]
-    reference = evaluation.promoted if against == "promoted" else evaluation.base
+    measured: Any = evaluation
+    if g.eval_set == "regression":
+        measured = evaluation.regression or RegressionMetrics()
+    reference = measured.promoted if against == "promoted" else measured.base
     if g.bound in ("minImprovement", "maxRegression") and reference is not None:
         before = reference.model_dump(by_alias=True).get(g.metric)
-        tuned = evaluation.tuned.model_dump(by_alias=True).get(g.metric)
+        tuned = (measured.tuned or EvalMetrics()).model_dump(by_alias=True).get(g.metric)
         name = "the promoted run" if against == "promoted" else "the base"
         how = "improvement over" if g.bound == "minImprovement" else "change against"
         line += f" — {how} {name} ({_fmt(before)} → {_fmt(tuned)})"
     return line
+
+
+def _regression_lines(uri: str | None, metrics: list[str], evaluation: Evaluation) -> list[str]:
+    """The regression set's section of the model card: base, promoted and tuned side by side."""
+    measured = evaluation.regression
+    if uri is None or measured is None:
+        return []
+    columns = [("base", measured.base), ("promoted", measured.promoted), ("tuned", measured.tuned)]
+    shown = [(name, m.model_dump(by_alias=True)) for name, m in columns if m is not None]
+    return [
+        "## Evaluation (regression set)",
+        "",
+        f"General behaviour that tuning must not make worse: {evaluation.regression_examples} "
+        f"examples of `{uri}`, evaluated the same way.",
+        "",
+        "| metric | " + " | ".join(name for name, _ in shown) + " |",
+        "|---|" + "---|" * len(shown),
+        *(f"| {m} | " + " | ".join(_fmt(v.get(m)) for _, v in shown) + " |" for m in metrics),
+        "",
+    ]
 
 
 def model_card(
@@ -362,6 +388,7 @@ def model_card(
         "|---|---|---|---|" if champion is not None else "|---|---|---|",
         *rows,
         "",
+        *_regression_lines(spec.evaluation.regression_uri, spec.evaluation.metrics, evaluation),
         "## Gates",
         "",
         *([_gate_line(g, evaluation) for g in gates] or ["- (no gates)"]),
@@ -440,6 +467,9 @@ def write_run_files(
                     }
                     if evaluation.promoted
                     else None
+                ),
+                "regression": (
+                    evaluation.regression.model_dump(mode="json") if evaluation.regression else None
                 ),
                 "history": outcome.history,
                 "data": data_report,

@@ -2,9 +2,10 @@
 
 A gate bounds the tuned value (min, max) or its difference from a reference (minImprovement,
 maxRegression): the untuned base model, or the promoted run (the champion) evaluated on the same
-test set. With nothing promoted yet, a gate that compares with the promoted run compares with
-the base model instead, or passes when the base was not evaluated: the first run that passes
-its other gates becomes the champion.
+test set. A gate with evalSet: regression reads the regression set instead (the forgetting
+check: general behaviour measured on evaluation.regressionUri). With nothing promoted yet, a
+gate that compares with the promoted run compares with the base model instead, or passes when
+the base was not evaluated: the first run that passes its other gates becomes the champion.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class References:
     base: EvalMetrics | None = None
     promoted: EvalMetrics | None = None
     promoted_run_id: str | None = None  # None: nothing promoted yet
+    # Why promoted_run_id is None: nothing is promoted, or the champion was not measured on
+    # this set (a champion of another base model has no regression metrics to stand in).
+    unpromoted: str = "nothing promoted yet"
 
 
 def metric_value(metrics: EvalMetrics | None, metric: str) -> float | None:
@@ -41,8 +45,8 @@ def _reference(gate: GateSpec, refs: References) -> tuple[EvalMetrics | None, st
         if refs.promoted_run_id is not None:
             return refs.promoted, f"promoted {refs.promoted_run_id}", False
         if refs.base is None:
-            return None, "nothing promoted yet", True
-        return refs.base, "base (nothing promoted yet)", False
+            return None, refs.unpromoted, True
+        return refs.base, f"base ({refs.unpromoted})", False
     return refs.base, "base", False
 
 
@@ -91,8 +95,23 @@ def check_gates(
     gates: list[GateSpec],
     tuned: EvalMetrics | None,
     base: EvalMetrics | References | None,
+    regression: tuple[EvalMetrics | None, References] | None = None,
 ) -> list[GateResult]:
-    return [check_gate(g, tuned, base) for g in gates]
+    """Each gate on its evaluation set: the test set's metrics (tuned, base), or, for a gate
+    with evalSet: regression, the regression set's (tuned, references); a regression gate with
+    no regression metrics is not measured and fails."""
+    out = []
+    for gate in gates:
+        if gate.eval_set == "regression":
+            verdict = check_gate(gate, *(regression or (None, None)))
+            if regression is None:  # nothing measured: no free pass
+                verdict = verdict.model_copy(
+                    update={"value": None, "passed": False, "compared_with": None}
+                )
+            out.append(verdict.model_copy(update={"eval_set": "regression"}))
+        else:
+            out.append(check_gate(gate, tuned, base))
+    return out
 
 
 def describe(result: GateResult) -> str:
@@ -105,7 +124,8 @@ def describe(result: GateResult) -> str:
         "maxRegression": "regresses by <=",
     }[result.bound]
     against = f" vs {result.compared_with}" if result.compared_with else ""
-    head = f"{result.metric} {op} {result.threshold:g}{against}"
+    where = " on the regression set" if result.eval_set == "regression" else ""
+    head = f"{result.metric}{where} {op} {result.threshold:g}{against}"
     if result.value is None:
         if result.passed:
             return f"{head}: passed (nothing to compare with)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from kubetune.api import (
     GateResult,
     MetricsStatus,
     PromotionRecord,
+    RegressionMetrics,
     TrainerConfig,
     TrainerResult,
     credential_routes,
@@ -58,20 +59,43 @@ def _check_spec(config: TrainerConfig, data_format: str) -> None:
         )
 
 
-def _baseline(
-    config: TrainerConfig, model: Any, tokenizer: Any, examples: list[data.Example], rows: Any
-) -> EvalOutput | None:
+@dataclass(frozen=True)
+class Baseline:
+    """The base model's evaluation on the test set, and on the regression set when set."""
+
+    test: EvalOutput
+    regression: EvalMetrics | None = None
+
+
+def _baseline(config: TrainerConfig, model: Any, prepared: Prepared) -> Baseline | None:
     """The base model's evaluation, computed once per run and kept in storage for resumes."""
     if not config.spec.evaluation.compare_with_base:
         return None
     cached = storage.join(config.output_prefix, "baseline.json")
     if storage.exists(cached):
         saved = json.loads(storage.read_bytes(cached))
-        return EvalOutput(EvalMetrics.model_validate(saved["metrics"]), saved["generations"])
-    out = evaluate(model, tokenizer, examples, rows, config.spec.evaluation)
-    payload = {"metrics": out.metrics.model_dump(mode="json"), "generations": out.generations}
+        kept = saved.get("regression")
+        return Baseline(
+            EvalOutput(EvalMetrics.model_validate(saved["metrics"]), saved["generations"]),
+            EvalMetrics.model_validate(kept) if kept else None,
+        )
+    tokenizer, spec = prepared.tokenizer, config.spec.evaluation
+    out = evaluate(model, tokenizer, prepared.test_examples, prepared.test_rows, spec)
+    guard = _on_regression_set(model, prepared, spec)
+    payload = {
+        "metrics": out.metrics.model_dump(mode="json"),
+        "generations": out.generations,
+        "regression": guard.model_dump(mode="json") if guard else None,
+    }
     storage.write_bytes(cached, json.dumps(payload).encode())
-    return out
+    return Baseline(out, guard)
+
+
+def _on_regression_set(model: Any, prepared: Prepared, spec: Any) -> EvalMetrics | None:
+    if not prepared.regression_examples:
+        return None
+    rows = prepared.regression_rows
+    return evaluate(model, prepared.tokenizer, prepared.regression_examples, rows, spec).metrics
 
 
 def run(
@@ -169,6 +193,9 @@ class Prepared:
     test_examples: list[data.Example]
     test_rows: list[dict[str, list[int]]]
     leakage: data.Leakage
+    # evaluation.regressionUri's examples (up to maxSamples), for the forgetting check
+    regression_examples: list[data.Example] = field(default_factory=list)
+    regression_rows: list[dict[str, list[int]]] = field(default_factory=list)
 
 
 def _run(
@@ -187,9 +214,7 @@ def _run(
     # with it): rank 0's, once for the run.
     references = distributed.on_main(
         lambda: (
-            _baseline(
-                config, model, prepared.tokenizer, prepared.test_examples, prepared.test_rows
-            ),
+            _baseline(config, model, prepared),
             champion.evaluate_champion(
                 config,
                 model,
@@ -197,6 +222,9 @@ def _run(
                 prepared.test_examples,
                 prepared.test_rows,
                 workdir,
+                (prepared.regression_examples, prepared.regression_rows)
+                if prepared.regression_examples
+                else None,
             ),
         )
     )
@@ -268,9 +296,48 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     )
     if leak.warning():
         log.warning("%s", leak.warning())
+    regression_examples: list[data.Example] = []
+    regression_rows: list[dict[str, list[int]]] = []
+    if spec.evaluation.regression_uri:
+        regression_examples, regression_rows = _regression_set(
+            spec.evaluation.regression_uri, tokenizer, workdir, splits, config
+        )
     return Prepared(
-        source, tokenizer, splits, train_rows, validation_rows, test_examples, test_rows, leak
+        source,
+        tokenizer,
+        splits,
+        train_rows,
+        validation_rows,
+        test_examples,
+        test_rows,
+        leak,
+        regression_examples,
+        regression_rows,
     )
+
+
+def _regression_set(
+    uri: str, tokenizer: Any, workdir: Path, splits: data.Splits, config: TrainerConfig
+) -> tuple[list[data.Example], list[dict[str, list[int]]]]:
+    """evaluation.regressionUri read in its own format (general behaviour need not look like
+    the task's data), its prompts rendered as the training data's are."""
+    spec = config.spec
+    examples, fmt, _, _ = data.load_examples(
+        uri, tokenizer, workdir / "data", "auto", splits.prompts
+    )
+    examples = examples[: spec.evaluation.max_samples]
+    wanted = set(spec.evaluation.metrics) & set(GENERATION_METRICS)
+    if fmt == "text" and wanted:
+        raise SpecError(
+            f"spec.evaluation.regressionUri: {uri} is plain text; "
+            f"{', '.join(sorted(wanted))} need prompt/answer pairs (use an alpaca, chat or "
+            "prompt/completion file, or evaluate only loss and perplexity)"
+        )
+    rows, _ = data.tokenize(examples, tokenizer, spec.dataset.max_seq_length)
+    if not examples:
+        raise DataError(f"spec.evaluation.regressionUri: {uri} has no usable examples")
+    log.info("Regression set examples=%d format=%s", len(examples), fmt)
+    return examples, rows
 
 
 def _data_params(prepared: Prepared) -> dict[str, Any]:
@@ -318,33 +385,54 @@ def _evaluate(
     config: TrainerConfig,
     prepared: Prepared,
     model: Any,
-    baseline: EvalOutput | None,
+    baseline: Baseline | None,
     champ: champion.Champion | None,
 ) -> tuple[Evaluation, list[GateResult]]:
-    """The tuned model on the test set, beside the baseline and the champion, and the gates'
-    verdicts."""
+    """The tuned model on the test set (and the regression set), beside the baseline and the
+    champion, and the gates' verdicts."""
     spec = config.spec
     tuned = evaluate(
         model, prepared.tokenizer, prepared.test_examples, prepared.test_rows, spec.evaluation
     )
-    base_metrics = baseline.metrics if baseline else None
+    base_metrics = baseline.test.metrics if baseline else None
     refs = References(
         base=base_metrics,
         promoted=champ.metrics if champ else None,
         promoted_run_id=champ.record.run_id if champ else None,
     )
-    gates = check_gates(spec.gates, tuned.metrics, refs)
+    regression, refs_r = None, References()
+    guard = _on_regression_set(model, prepared, spec.evaluation)
+    if guard is not None:
+        measured = champ is not None and champ.regression is not None
+        regression = RegressionMetrics(
+            tuned=guard,
+            base=baseline.regression if baseline else None,
+            promoted=champ.regression if champ else None,
+        )
+        refs_r = References(
+            base=regression.base,
+            promoted=regression.promoted,
+            promoted_run_id=champ.record.run_id if champ and measured else None,
+            unpromoted="nothing promoted yet"
+            if champ is None
+            else f"promoted {champ.record.run_id} not measured on this set",
+        )
+    gates = check_gates(
+        spec.gates, tuned.metrics, refs, (guard, refs_r) if guard is not None else None
+    )
     for g in gates:
         log.info("Gate %s %s", "passed" if g.passed else "FAILED", describe(g))
     evaluation = Evaluation(
         tuned.metrics,
         base_metrics,
         tuned.generations,
-        baseline.generations if baseline else [],
+        baseline.test.generations if baseline else [],
         prepared.test_examples,
         promoted=refs.promoted,
         promoted_outputs=champ.generations if champ else [],
         promoted_run_id=refs.promoted_run_id,
+        regression=regression,
+        regression_examples=len(prepared.regression_examples),
     )
     return evaluation, gates
 
@@ -471,6 +559,7 @@ def _result(
             base=evaluation.base,
             promoted=evaluation.promoted,
             promoted_run_id=evaluation.promoted_run_id,
+            regression=evaluation.regression,
         ),
         gates=gates,
         artifacts=artifact_uris(config, config.spec, merged),

@@ -76,6 +76,7 @@ from kubetune.api.status import (
     ProfileRef,
     Progress,
     PromotionStatus,
+    RegressionMetrics,
     gates_summary,
 )
 from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
@@ -142,6 +143,7 @@ __all__ = [
     "PromotionRecord",
     "PromotionStatus",
     "QuantizationSpec",
+    "RegressionMetrics",
     "ResourcesSpec",
     "Rule",
     "SecretKey",

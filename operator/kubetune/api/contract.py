@@ -90,7 +90,7 @@ def credential_routes(
 
     add(spec.model.uri, spec.model.credentials_secret, "model")
     data = spec.dataset
-    for uri in (data.uri, data.validation_uri, data.test_uri):
+    for uri in (data.uri, data.validation_uri, data.test_uri, spec.evaluation.regression_uri):
         add(uri, data.credentials_secret, "dataset")
     add(spec.output.uri, spec.output.credentials_secret, "output")
     if cache is not None and cache.uri:

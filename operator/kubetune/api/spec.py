@@ -328,6 +328,17 @@ class EvaluationSpec(ApiModel):
             "the report."
         ),
     )
+    regression_uri: DatasetUri | None = Field(
+        default=None,
+        description=(
+            "regressionUri is a second evaluation set of general behaviour the tuned model must "
+            "not forget (a .jsonl, .json, .csv or .parquet file, any format the dataset may "
+            "have, read with the dataset's credentials). The tuned model, the base model and "
+            "(when a gate compares with it) the promoted run are evaluated on it too, up to "
+            "maxSamples examples; gates with evalSet: regression bound how much worse the tuned "
+            "model may get on it."
+        ),
+    )
 
 
 class GateSpec(ApiModel):
@@ -388,6 +399,15 @@ class GateSpec(ApiModel):
             "names, evaluated on this run's test set: the champion). With nothing promoted yet, "
             "a promoted gate compares with the base model, or passes when the base is not "
             "evaluated (compareWithBase: false)."
+        ),
+    )
+
+    eval_set: Literal["test", "regression"] | None = Field(
+        default=None,
+        description=(
+            "evalSet is the evaluation set the gate reads: test (the held-out test set, the "
+            "default) or regression (evaluation.regressionUri, the forgetting check: e.g. "
+            "maxRegression 0.05 on loss against the base or the promoted run)."
         ),
     )
 
@@ -469,6 +489,18 @@ class FineTuneJobSpec(ApiModel):
                 "minImprovement and maxRegression gates that compare with the base need "
                 "evaluation.compareWithBase: true"
             ),
+            field=".gates",
+        ),
+        Rule(
+            cel=(
+                "has(self.evaluation.regressionUri) || self.gates.all(g, !has(g.evalSet) || "
+                "g.evalSet != 'regression')"
+            ),
+            check=lambda s: (
+                s.evaluation.regression_uri is not None
+                or all(g.eval_set != "regression" for g in s.gates)
+            ),
+            message="a gate with evalSet: regression needs evaluation.regressionUri",
             field=".gates",
         ),
         Rule(

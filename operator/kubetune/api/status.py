@@ -104,6 +104,17 @@ class EvalMetrics(StatusModel):
     )
 
 
+class RegressionMetrics(StatusModel):
+    """Metrics on the regression set (evaluation.regressionUri): general behaviour that tuning
+    must not make worse."""
+
+    tuned: EvalMetrics | None = Field(default=None, description="tuned is the tuned model's.")
+    base: EvalMetrics | None = Field(default=None, description="base is the base model's.")
+    promoted: EvalMetrics | None = Field(
+        default=None, description="promoted is the promoted run's (the champion's)."
+    )
+
+
 class MetricsStatus(StatusModel):
     """Evaluation results of the tuned model and, when compared, of the base model."""
 
@@ -122,6 +133,13 @@ class MetricsStatus(StatusModel):
     )
     promoted_run_id: str | None = Field(
         default=None, description="promotedRunId is the champion's run id."
+    )
+    regression: RegressionMetrics | None = Field(
+        default=None,
+        description=(
+            "regression holds the metrics on evaluation.regressionUri (the forgetting check), "
+            "when it is set."
+        ),
     )
 
 
@@ -146,6 +164,10 @@ class GateResult(StatusModel):
             "comparedWith is the reference of minImprovement and maxRegression: base, promoted "
             "<runId>, or base (nothing promoted yet)."
         ),
+    )
+    eval_set: Literal["regression"] | None = Field(
+        default=None,
+        description="evalSet is regression for a gate on the regression set (unset: test set).",
     )
 
 
