@@ -228,6 +228,7 @@ VALID = [
         ),
         id="regression-guard",
     ),
+    pytest.param(at("spec.dataset.uri", "s3://data/reviews/"), id="dataset-newest-under-prefix"),
     pytest.param(
         both(
             at("spec.model", {"uri": "s3://models/base", "credentialsSecret": "m"}),

@@ -30,6 +30,7 @@ from kubetune.api import (
     TrainerResult,
     credential_routes,
 )
+from kubetune.api.types import DATA_EXTENSIONS
 from kubetune_trainer import champion, data, distributed, hub, modeling, promotion, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
@@ -206,6 +207,9 @@ def _run(
     tracking.check_installed()
     tracking.start()
     transformers.set_seed(config.spec.hyperparameters.seed)
+    pinned = distributed.on_main(lambda: _pin_inputs(config))
+    assert pinned is not None
+    config = pinned
     prepared = _prepare(config, reporter, workdir, cache)
     tracking.params(_data_params(prepared))
     model = modeling.load_model(config.spec, prepared.source)
@@ -244,6 +248,56 @@ def _run(
     assert result is not None
     reporter.stage("done", result.message)
     return result
+
+
+INPUTS = "inputs.json"  # the data files a run chose for URIs that name a prefix
+
+
+def _pin_inputs(config: TrainerConfig) -> TrainerConfig:
+    """The config with each data URI that names a prefix (ends in /) replaced by the newest data
+    file under it. Chosen once, when the run starts, and kept in the run (inputs.json): a
+    resumed run trains on what it started with, even when newer data has arrived since."""
+    spec = config.spec
+    fields = {
+        "dataset.uri": spec.dataset.uri,
+        "dataset.validationUri": spec.dataset.validation_uri,
+        "dataset.testUri": spec.dataset.test_uri,
+        "evaluation.regressionUri": spec.evaluation.regression_uri,
+    }
+    prefixes = {k: v for k, v in fields.items() if v and v.endswith("/")}
+    if not prefixes:
+        return config
+    kept = storage.join(config.output_prefix, INPUTS)
+    chosen: dict[str, str] = {}
+    if storage.exists(kept):
+        chosen = json.loads(storage.read_bytes(kept))
+    for name, prefix in prefixes.items():
+        if chosen.get(name, "").startswith(prefix):
+            continue
+        found = storage.newest(prefix, DATA_EXTENSIONS)
+        if found is None:
+            raise DataError(
+                f"spec.{name}: no data file ({', '.join(DATA_EXTENSIONS)}) under {prefix}; "
+                "upload one, or name a file"
+            )
+        chosen[name] = found
+    storage.write_bytes(kept, json.dumps(chosen, indent=2).encode())
+    for name in prefixes:
+        log.info("Data %s=%s (the newest under %s)", name, chosen[name], prefixes[name])
+    dataset = spec.dataset.model_copy(
+        update={
+            "uri": chosen.get("dataset.uri", spec.dataset.uri),
+            "validation_uri": chosen.get("dataset.validationUri", spec.dataset.validation_uri),
+            "test_uri": chosen.get("dataset.testUri", spec.dataset.test_uri),
+        }
+    )
+    evaluation = spec.evaluation.model_copy(
+        update={
+            "regression_uri": chosen.get("evaluation.regressionUri", spec.evaluation.regression_uri)
+        }
+    )
+    resolved = spec.model_copy(update={"dataset": dataset, "evaluation": evaluation})
+    return config.model_copy(update={"spec": resolved})
 
 
 def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> Prepared:

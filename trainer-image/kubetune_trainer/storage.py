@@ -169,6 +169,29 @@ def list_keys(uri: str) -> list[str]:
     return sorted(k[len(base) :] for k in keys if k.startswith(base))
 
 
+def newest(uri: str, suffixes: tuple[str, ...]) -> str | None:
+    """The URI of the newest object under the prefix uri whose name ends in one of suffixes
+    (the latest modification time; the greatest key on a tie), or None when there is none."""
+    loc = locate(uri)
+    prefix = loc.key()
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    try:
+        metas = [m for batch in obstore.list(loc.store, prefix=prefix or None) for m in batch]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _problem("list", uri, exc) from exc
+    found = [
+        (m["last_modified"], m["path"])
+        for m in metas
+        if m["path"].startswith(base) and m["path"].endswith(suffixes)
+    ]
+    if not found:
+        return None
+    _, key = max(found)
+    return join(uri, key[len(base) :])
+
+
 def download(uri: str, dest: Path) -> Path:
     """Copies one object (when uri names one) or every object under a prefix into dest."""
     keys = list_keys(uri)

@@ -203,7 +203,11 @@ class DatasetSpec(ApiModel):
     uri: DatasetUri = Field(
         description=(
             "uri is the training data: a .jsonl, .json, .csv or .parquet file at s3://, gs://, "
-            "az://, https:// or file:///, or hf://datasets/ORG/NAME[/path]."
+            "az://, https:// or file:///, or hf://datasets/ORG/NAME[/path]. A URI ending in / "
+            "(s3://, gs://, az://, file:///) names the newest such file under that prefix (the "
+            "latest modification time; the greatest key on a tie), chosen when the run starts "
+            "and kept for its resumes; the same holds for validationUri, testUri and "
+            "evaluation.regressionUri."
         )
     )
     credentials_secret: DnsSubdomain | None = Field(

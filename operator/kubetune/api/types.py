@@ -35,7 +35,9 @@ DATA_SCHEMES = ("hf://datasets/", "s3://", "gs://", "az://", "https://", "file:/
 DATASET_URI = (
     r"^(hf://datasets/[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(/[^\s]+)?"
     r"|((s3|gs|az)://[a-z0-9][-_.a-z0-9]*/|https://[^\s/]+/|file:///)[^\s]*"
-    r"\.(jsonl|json|csv|parquet))$"
+    r"\.(jsonl|json|csv|parquet)"
+    # A prefix (ending in /): the newest data file under it, chosen when the run starts.
+    r"|((s3|gs|az)://[a-z0-9][-_.a-z0-9]*/|file:///)([^\s]*/)?)$"
 )
 OUTPUT_SCHEMES = ("s3://", "gs://", "az://", "file:///")
 OUTPUT_URI = r"^((s3|gs|az)://[a-z0-9][-_.a-z0-9]*(/[^\s]*)?|file:///[^\s]*)$"
@@ -99,7 +101,10 @@ def _explain_dataset_uri(value: str) -> str:
     if value.startswith("hf://"):
         return f"{value!r} is not hf://datasets/ORG/NAME[/path]"
     if not value.endswith(DATA_EXTENSIONS):
-        return f"dataset file {value!r} must end in one of {', '.join(DATA_EXTENSIONS)}"
+        return (
+            f"dataset file {value!r} must end in one of {', '.join(DATA_EXTENSIONS)}, or in / "
+            "to name the newest data file under a prefix (s3://, gs://, az:// or file:///)"
+        )
     return f"{value!r} is not a valid dataset URI (bucket names are lowercase; no spaces)"
 
 
