@@ -65,8 +65,9 @@ test: lint sysdeps
 crd: venv
 	$(BIN)/kubetune crd --output crds/kubetune.dev_finetunejobs.yaml
 	$(BIN)/kubetune crd --kind finetuneprofile --output crds/kubetune.dev_finetuneprofiles.yaml
+	$(BIN)/kubetune crd --kind finetuneschedule --output crds/kubetune.dev_finetuneschedules.yaml
 	cp crds/kubetune.dev_finetunejobs.yaml crds/kubetune.dev_finetuneprofiles.yaml \
-		helm/kubetune/files/crds/
+		crds/kubetune.dev_finetuneschedules.yaml helm/kubetune/files/crds/
 docs: venv
 	$(BIN)/kubetune api-docs --output docs/api.md
 

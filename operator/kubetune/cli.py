@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument(
         "--kind",
-        choices=["finetunejob", "finetuneprofile"],
+        choices=["finetunejob", "finetuneprofile", "finetuneschedule"],
         default="finetunejob",
         help="which kind's CRD (default: finetunejob)",
     )

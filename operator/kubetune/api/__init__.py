@@ -41,6 +41,15 @@ from kubetune.api.resource import (
     FineTuneJob,
     ObjectMeta,
 )
+from kubetune.api.schedule import (
+    SCHEDULE_KIND,
+    SCHEDULE_LABEL,
+    SCHEDULE_PLURAL,
+    SCHEDULED_TIME_ANNOTATION,
+    FineTuneSchedule,
+    FineTuneScheduleSpec,
+    FineTuneScheduleStatus,
+)
 from kubetune.api.spec import (
     ADAPTER_METHODS,
     CREDENTIAL_ENV,
@@ -103,6 +112,10 @@ __all__ = [
     "PROFILE_PLURAL",
     "PROMOTED_EVENT_TYPE",
     "RUN_ID_LENGTH",
+    "SCHEDULED_TIME_ANNOTATION",
+    "SCHEDULE_KIND",
+    "SCHEDULE_LABEL",
+    "SCHEDULE_PLURAL",
     "SHORT_NAMES",
     "SINGULAR",
     "TERMINATION_MESSAGE_LIMIT",
@@ -123,6 +136,9 @@ __all__ = [
     "FineTuneJobStatus",
     "FineTuneProfile",
     "FineTuneProfileSpec",
+    "FineTuneSchedule",
+    "FineTuneScheduleSpec",
+    "FineTuneScheduleStatus",
     "GateResult",
     "GateSpec",
     "HyperparametersSpec",

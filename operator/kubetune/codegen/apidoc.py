@@ -7,6 +7,12 @@ from typing import Any
 from kubetune.api import API_VERSION, KIND, MAX_NAME_LENGTH, SHORT_NAMES
 from kubetune.api.profile import PROFILE_KIND, PROFILE_SHORT_NAMES, FineTuneProfile
 from kubetune.api.resource import MAX_GENERATE_NAME_LENGTH
+from kubetune.api.schedule import (
+    MAX_SCHEDULE_NAME_LENGTH,
+    SCHEDULE_KIND,
+    SCHEDULE_SHORT_NAMES,
+    FineTuneSchedule,
+)
 from kubetune.codegen.crd import structural_schema
 
 INTRO = f"""\
@@ -55,6 +61,20 @@ checks as above: pydantic in `kubetune validate`, the CRD's schema and CEL rules
 server (the quantity library compares `resources` with `limits`).
 """
 
+SCHEDULE_INTRO = f"""
+# {SCHEDULE_KIND} API reference
+
+`apiVersion: {API_VERSION}`, `kind: {SCHEDULE_KIND}`, short name `{SCHEDULE_SHORT_NAMES[0]}`,
+namespaced. Stamps a FineTuneJob from `spec.jobTemplate` at each time of a cron schedule, as a
+batch/v1 CronJob stamps Jobs (the same fields, the same meaning; concurrencyPolicy defaults to
+Forbid). Each stamped FineTuneJob is named `<schedule>-<minutes since the epoch of its scheduled
+time>` (so the name is at most {MAX_SCHEDULE_NAME_LENGTH} characters), labelled
+`kubetune.dev/schedule`, annotated with `kubetune.dev/scheduled-time`, and owned by the schedule.
+`jobTemplate.spec` is a [FineTuneJob spec](#spec). The cron expression and time zone are checked
+by pydantic (`kubetune validate`, and the operator, which sets `Ready=False` reason
+`InvalidSpec` on a schedule it cannot read): the API server's schema cannot parse cron.
+"""
+
 
 def render_api_docs() -> str:
     schema = structural_schema()
@@ -70,11 +90,25 @@ def render_api_docs() -> str:
     profile_rules = _rules(profile)
     profile_extra = f"\n## Rules on the whole profile\n\n{profile_rules}" if profile_rules else ""
     profile_body = "\n".join(profile_sections)
-    return f"{INTRO}{extra}\n{body}{PROFILE_INTRO}{profile_extra}\n{profile_body}"
+    schedule = structural_schema(FineTuneSchedule)
+    schedule_sections: list[str] = []
+    template = "schedule.spec.jobTemplate.spec"
+    _walk("schedule.spec", schedule["properties"]["spec"], schedule_sections, skip=(template,))
+    _walk("schedule.status", schedule["properties"]["status"], schedule_sections)
+    schedule_rules = _rules(schedule)
+    schedule_extra = (
+        f"\n## Rules on the whole schedule\n\n{schedule_rules}" if schedule_rules else ""
+    )
+    schedule_body = "\n".join(schedule_sections)
+    return (
+        f"{INTRO}{extra}\n{body}{PROFILE_INTRO}{profile_extra}\n{profile_body}"
+        f"{SCHEDULE_INTRO}{schedule_extra}\n{schedule_body}"
+    )
 
 
-def _walk(path: str, node: dict[str, Any], out: list[str]) -> None:
-    """Appends a section for the object at path, then for each object below it."""
+def _walk(path: str, node: dict[str, Any], out: list[str], skip: tuple[str, ...] = ()) -> None:
+    """Appends a section for the object at path, then for each object below it (but those at
+    the paths in skip, documented elsewhere)."""
     props = node.get("properties", {})
     required = set(node.get("required", ()))
     rows = ["| Field | Type | Default | Description |", "|---|---|---|---|"]
@@ -96,7 +130,8 @@ def _walk(path: str, node: dict[str, Any], out: list[str]) -> None:
         section += ["Rules:", "", rules]
     out.append("\n".join(section))
     for child_path, child in children:
-        _walk(child_path, child, out)
+        if child_path not in skip:
+            _walk(child_path, child, out, skip)
 
 
 def _anchor(path: str) -> str:
