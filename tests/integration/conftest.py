@@ -149,6 +149,7 @@ class Platform:
         return self.api.create("finetuneprofiles", "", body)
 
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Create a FineTuneJob (or FineTuneSchedule), with its namespace and S3 Secret."""
         namespace = doc["metadata"]["namespace"]
         if namespace not in self.namespaces:
             self.namespace(namespace)
@@ -162,7 +163,8 @@ class Platform:
             }
             self.api.create("secrets", namespace, secret)
             self.namespaces.add(namespace)
-        return self.api.create("finetunejobs", namespace, doc)
+        plural = "finetuneschedules" if doc["kind"] == "FineTuneSchedule" else "finetunejobs"
+        return self.api.create(plural, namespace, doc)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.api.get("finetunejobs", namespace, name)

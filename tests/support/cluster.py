@@ -78,19 +78,31 @@ from tests.support.apiserver import ApiServer, generate_name
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 CRD_PATH = CRDS / "kubetune.dev_finetunejobs.yaml"
 PROFILE_CRD_PATH = CRDS / "kubetune.dev_finetuneprofiles.yaml"
+SCHEDULE_CRD_PATH = CRDS / "kubetune.dev_finetuneschedules.yaml"
 REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
 GROUPS = {
     "finetunejobs": "kubetune.dev",
     "finetuneprofiles": "kubetune.dev",
+    "finetuneschedules": "kubetune.dev",
     "jobs": "batch",
     "leases": "coordination.k8s.io",
 }
-KINDS = {"finetunejobs": "FineTuneJob", "finetuneprofiles": "FineTuneProfile"}
+KINDS = {
+    "finetunejobs": "FineTuneJob",
+    "finetuneprofiles": "FineTuneProfile",
+    "finetuneschedules": "FineTuneSchedule",
+}
 RESOURCES: dict[str, dict[str, Any]] = {
     "kubetune.dev/v1alpha1/finetunejobs": {
         "kind": "FineTuneJob",
         "singular": "finetunejob",
         "shortnames": {"ftj"},
+        "subresources": {"status"},
+    },
+    "kubetune.dev/v1alpha1/finetuneschedules": {
+        "kind": "FineTuneSchedule",
+        "singular": "finetuneschedule",
+        "shortnames": {"fts"},
         "subresources": {"status"},
     },
     "kubetune.dev/v1alpha1/finetuneprofiles": {
@@ -190,6 +202,7 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.admission: ApiServer | None = ApiServer(yaml.safe_load(CRD_PATH.read_text()))
         self.profile_admission = ApiServer(yaml.safe_load(PROFILE_CRD_PATH.read_text()))
+        self.schedule_admission = ApiServer(yaml.safe_load(SCHEDULE_CRD_PATH.read_text()))
         self.revision = 0  # etcd's revision: the newest resourceVersion handed out
         self.history_limit = HISTORY_LIMIT
         self.bookmark_seconds = BOOKMARK_SECONDS
@@ -283,7 +296,11 @@ class Emulator(kmock.KubernetesEmulator):
             conflict = await self._prepare_patch(request, plural)
             if conflict is not None:
                 return await self._render_error(conflict)
-        admission = {"finetunejobs": self.admission, "finetuneprofiles": self.profile_admission}
+        admission = {
+            "finetunejobs": self.admission,
+            "finetuneprofiles": self.profile_admission,
+            "finetuneschedules": self.schedule_admission,
+        }
         if verb in ("create", "patch") and (server := admission.get(plural)) is not None:
             refused = await self._admit(request, verb, server, KINDS[plural])
             if refused is not None:
@@ -946,6 +963,7 @@ def running_cluster() -> Iterator[Cluster]:
 PATHS = {
     "finetunejobs": "/apis/kubetune.dev/v1alpha1",
     "finetuneprofiles": "/apis/kubetune.dev/v1alpha1",
+    "finetuneschedules": "/apis/kubetune.dev/v1alpha1",
     "namespaces": "/api/v1",
     "jobs": "/apis/batch/v1",
     "pods": "/api/v1",

@@ -38,16 +38,21 @@ app.kubernetes.io/managed-by: kubetune-operator
 
 {{/* What the operator may do with the API, in the namespaces it watches (docs/operator.md). */}}
 {{- define "kubetune.namespacedRules" -}}
+{{- /* create and delete: the FineTuneJobs a FineTuneSchedule stamps, and removes past its
+       history limits (or replaces, with concurrencyPolicy Replace). */}}
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetuneschedules"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["kubetune.dev"]
-  resources: ["finetunejobs/status"]
+  resources: ["finetunejobs/status", "finetuneschedules/status"]
   verbs: ["patch"]
 {{- /* blockOwnerDeletion on the children needs this where OwnerReferencesPermissionEnforcement
        is on (OpenShift). */}}
 - apiGroups: ["kubetune.dev"]
-  resources: ["finetunejobs/finalizers"]
+  resources: ["finetunejobs/finalizers", "finetuneschedules/finalizers"]
   verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -104,6 +104,7 @@ def trim_namespace(obj: dict[str, Any]) -> dict[str, Any]:
 TRIM: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "finetunejobs": trim_finetunejob,
     "finetuneprofiles": trim_finetunejob,
+    "finetuneschedules": trim_finetunejob,
     "namespaces": trim_namespace,
     "jobs": trim_job,
     "configmaps": trim_configmap,

@@ -105,6 +105,20 @@ def _condition(
     )
 
 
+def make_condition(
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    previous: list[Condition],
+    generation: int | None,
+    now: datetime,
+) -> Condition:
+    """One condition of any kind (a FineTuneSchedule's Ready), its lastTransitionTime kept from
+    `previous` while its status stays the same."""
+    return _condition(kind, status, reason, message, previous, generation, now)
+
+
 def conditions_for(
     state: State,
     previous: list[Condition],

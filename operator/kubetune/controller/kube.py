@@ -29,7 +29,15 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from kubetune.api import API_VERSION, GROUP, KIND, PLURAL, PROFILE_PLURAL, VERSION
+from kubetune.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    PROFILE_PLURAL,
+    SCHEDULE_PLURAL,
+    VERSION,
+)
 from kubetune.controller.build import MANAGED_BY
 from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
@@ -51,9 +59,12 @@ _RAISE = object()
 # Enforcement admission plugin (OpenShift). Secrets: `get` of the one a FineTuneJob names, to
 # read result.json when its pod is gone (optional; see results.py).
 PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (GROUP, PLURAL, ("get", "list", "watch")),
+    (GROUP, PLURAL, ("get", "list", "watch", "create", "delete")),  # create, delete: schedules
+    (GROUP, SCHEDULE_PLURAL, ("get", "list", "watch")),
     (GROUP, f"{PLURAL}/status", ("patch",)),
+    (GROUP, f"{SCHEDULE_PLURAL}/status", ("patch",)),
     (GROUP, f"{PLURAL}/finalizers", ("update",)),
+    (GROUP, f"{SCHEDULE_PLURAL}/finalizers", ("update",)),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete", "patch")),
     ("", "configmaps", ("get", "list", "watch", "create", "delete")),
     ("", "services", ("get", "list", "watch", "create", "delete")),
@@ -170,10 +181,11 @@ class Kube:
     # -- list and watch (the informers') --------------------------------------------------------
 
     def _lister(self, kind: str, namespace: str | None) -> tuple[Any, tuple[Any, ...]]:
-        if kind == "finetunejobs":
+        if kind in ("finetunejobs", "finetuneschedules"):
+            plural = PLURAL if kind == "finetunejobs" else SCHEDULE_PLURAL
             if namespace is None:
-                return self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
-            return self.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL)
+                return self.custom.list_cluster_custom_object, (GROUP, VERSION, plural)
+            return self.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, plural)
         if kind == "finetuneprofiles":  # cluster-scoped
             return self.custom.list_cluster_custom_object, (GROUP, VERSION, PROFILE_PLURAL)
         if kind == "namespaces":
@@ -255,6 +267,14 @@ class Kube:
             missing=None,
         )
 
+    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._call(
+            f"get FineTuneSchedule {namespace}/{name}",
+            self.custom.get_namespaced_custom_object,
+            *(GROUP, VERSION, namespace, SCHEDULE_PLURAL, name),
+            missing=None,
+        )
+
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data, decoded; None when it does not exist."""
         secret = self._call(
@@ -296,6 +316,14 @@ class Kube:
                 self.core.read_namespaced_config_map,
             ),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            KIND: (  # stamped by a FineTuneSchedule
+                lambda ns, body, **kw: self.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, body, **kw
+                ),
+                lambda n, ns, **kw: self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, n, **kw
+                ),
+            ),
         }[kind]
         what = f"{kind} {namespace}/{name}"
         try:
@@ -328,6 +356,9 @@ class Kube:
             "Job": self.batch.delete_namespaced_job,
             "ConfigMap": self.core.delete_namespaced_config_map,
             "Service": self.core.delete_namespaced_service,
+            KIND: lambda n, ns, **kw: self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, n, **kw
+            ),
         }[kind]
         what = f"{kind} {namespace}/{name}"
         if (
@@ -359,10 +390,12 @@ class Kube:
         name: str,
         patch: dict[str, Any],
         resource_version: str | None = None,
+        plural: str = PLURAL,
     ) -> dict[str, Any] | None:
-        """Merge-patch the FineTuneJob's status subresource; returns the object as stored, None
-        when it is gone. With resource_version, only if the object is still at that version
-        (else Conflict: the status was decided from a stale copy)."""
+        """Merge-patch the status subresource of a FineTuneJob (or of another kind's object:
+        plural); returns the object as stored, None when it is gone. With resource_version,
+        only if the object is still at that version (else Conflict: the status was decided
+        from a stale copy)."""
         body: dict[str, Any] = {"status": patch}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
@@ -371,7 +404,7 @@ class Kube:
             return self._call(
                 what,
                 self.custom.patch_namespaced_custom_object_status,
-                *(GROUP, VERSION, namespace, PLURAL, name, body),
+                *(GROUP, VERSION, namespace, plural, name, body),
                 _content_type=MERGE_PATCH,
                 missing=None,
             )
@@ -383,7 +416,8 @@ class Kube:
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
     ) -> None:
-        """Post a core/v1 Event about the FineTuneJob. Best effort: a lost Event is logged.
+        """Post a core/v1 Event about the FineTuneJob (or FineTuneSchedule): best effort, a lost
+        Event is logged.
 
         The same Event (object, type, reason, message) again within ten minutes is not a new
         object: the first one's `count` and `lastTimestamp` are patched, as client-go's
@@ -415,7 +449,7 @@ class Kube:
             "metadata": {"name": name, "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": API_VERSION,
-                "kind": KIND,
+                "kind": owner.get("kind") or KIND,
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "uid": meta.get("uid"),

@@ -32,8 +32,8 @@ from kubetune.api import (
 )
 from kubetune.controller import results, webhook
 from kubetune.controller.build import RunTemplate, spec_hash
-from kubetune.controller.conditions import State
-from kubetune.controller.decide import Decision, Observed, decide
+from kubetune.controller.conditions import State, make_condition
+from kubetune.controller.decide import Decision, Event, Observed, decide
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.observe import current_run_id, metrics_target, observe, running_pod
 from kubetune.controller.policy import policy_problems
@@ -43,6 +43,7 @@ from kubetune.controller.profiles import (
     pinned_profile,
     select_profile,
 )
+from kubetune.controller.schedules import decide_schedule
 from kubetune.controller.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -366,3 +367,67 @@ def _apply(
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
     return Outcome(previous, decision.status, written, target)
+
+
+class ScheduleIO(Protocol):
+    """What a schedule's reconcile needs from the API layer (runtime.CachedKube)."""
+
+    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+    def create(self, obj: dict[str, Any]) -> None: ...
+    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+    def patch_schedule_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+    ) -> Any: ...
+    def event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
+    ) -> None: ...
+
+
+def reconcile_schedule(
+    kube: ScheduleIO, namespace: str, name: str, now: datetime | None = None
+) -> float | None:
+    """One FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides, write its
+    status; returns the seconds until it is due again (None: only a change wakes it)."""
+    raw = kube.get_schedule(namespace, name)
+    if raw is None:
+        return None
+    now = now or datetime.now(UTC)
+    decision = decide_schedule(raw, kube.stamped(namespace, name), now)
+    for job in decision.delete:
+        kube.delete("FineTuneJob", namespace, job)
+    for obj in decision.create:
+        try:
+            kube.create(obj)
+        except Rejected as exc:  # the API server refused the stamped FineTuneJob for good
+            problem = f"the stamped FineTuneJob {obj['metadata']['name']} was refused: {exc}"
+            decision.create.remove(obj)
+            decision.events = [e for e in decision.events if e.reason != "SuccessfulCreate"]
+            decision.events.append(Event("Warning", "FailedCreate", problem))
+            # The time stays used (lastScheduleTime): the next try is at the next time, by
+            # which the template may be fixed, not a retry loop against the same refusal.
+            decision.status.conditions = [
+                make_condition(
+                    "Ready",
+                    False,
+                    "FailedCreate",
+                    problem,
+                    decision.status.conditions,
+                    (raw.get("metadata") or {}).get("generation"),
+                    now,
+                )
+            ]
+            stamped = obj["metadata"]["name"]
+            decision.status.runs = [r for r in decision.status.runs if r.name != stamped]
+            decision.status.active = [n for n in decision.status.active if n != stamped]
+            break
+    new = _finite(decision.status.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    patch = merge_patch(raw.get("status") or {}, new)
+    written = not patch
+    if patch:
+        version = raw["metadata"].get("resourceVersion")
+        written = bool(kube.patch_schedule_status(namespace, name, patch, version))
+    if written:
+        for event in decision.events:
+            kube.event(raw, event.type, event.reason, event.message, now)
+    return decision.requeue_after

@@ -31,13 +31,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import FINAL_PHASES, FineTuneProfile
+from kubetune.api import (
+    FINAL_PHASES,
+    SCHEDULE_KIND,
+    SCHEDULE_LABEL,
+    SCHEDULE_PLURAL,
+    FineTuneProfile,
+)
 from kubetune.controller.build import JOB_LABEL, MANAGED_BY
 from kubetune.controller.cache import TRIM, Informer, Key, Store
 from kubetune.controller.errors import Conflict, Misconfigured, Retry
 from kubetune.controller.metrics import OperatorMetrics
 from kubetune.controller.observe import parse_metrics
-from kubetune.controller.reconcile import Outcome, reconcile
+from kubetune.controller.reconcile import Outcome, reconcile, reconcile_schedule
 from kubetune.controller.settings import OperatorSettings
 from kubetune.controller.workqueue import WorkQueue
 
@@ -46,15 +52,30 @@ log = logging.getLogger("kubetune.operator")
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 CHILDREN = ("jobs", "configmaps", "pods", "services")
 CLUSTER_SCOPED = ("finetuneprofiles", "namespaces")  # watched cluster-wide, unlabelled
-OWNED = {kind: None if kind in ("finetunejobs", *CLUSTER_SCOPED) else JOB_LABEL for kind in TRIM}
+# Each store's index: a run's children by its FineTuneJob, FineTuneJobs by their schedule.
+OWNED = {kind: JOB_LABEL if kind in CHILDREN else None for kind in TRIM}
+OWNED["finetunejobs"] = SCHEDULE_LABEL
+
+
+def schedule_key(namespace: str, name: str) -> tuple[str, str, str]:
+    """A FineTuneSchedule's key on the work queue (a FineTuneJob's is (namespace, name))."""
+    return (SCHEDULE_KIND, namespace, name)
 
 
 class CachedKube:
     """reconcile's KubeIO: reads from the caches, writes through the API into the caches."""
 
-    def __init__(self, kube: Any, stores: dict[str, Store]) -> None:
+    def __init__(
+        self,
+        kube: Any,
+        stores: dict[str, Store],
+        on_stamped: Callable[[Key], None] | None = None,
+    ) -> None:
         self.kube = kube
         self.stores = stores
+        # A FineTuneJob the operator stamped is in the store before its watch event, which then
+        # looks like no change: the controller is told here, so the new run is reconciled.
+        self.on_stamped = on_stamped
         self._profiles: dict[str, tuple[str, FineTuneProfile | None]] = {}  # by resourceVersion
         self._profiles_lock = threading.Lock()
 
@@ -63,6 +84,32 @@ class CachedKube:
 
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]:
         return {kind: self.stores[kind].owned_by(namespace, job_name) for kind in CHILDREN}
+
+    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.stores["finetuneschedules"].get(namespace, name)
+
+    def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The FineTuneJobs labelled as the schedule's."""
+        return self.stores["finetunejobs"].owned_by(namespace, name)
+
+    def patch_schedule_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        store = self.stores["finetuneschedules"]
+        stored = self.kube.patch_status(namespace, name, patch, resource_version, SCHEDULE_PLURAL)
+        if stored is None:
+            store.forget(namespace, name)
+        else:
+            store.assume(stored)
+        return stored
+
+    def refresh_schedule(self, namespace: str, name: str) -> None:
+        """Read the FineTuneSchedule from the API into the cache (after a 409)."""
+        fresh = self.kube.get_schedule(namespace, name)
+        store = self.stores["finetuneschedules"]
+        store.forget(namespace, name)
+        if fresh is not None:
+            store.assume(fresh)
 
     def profiles(self) -> list[FineTuneProfile]:
         """Every FineTuneProfile, parsed once per version. One the CRD should have refused (a
@@ -100,8 +147,16 @@ class CachedKube:
 
     def create(self, obj: dict[str, Any]) -> None:
         created = self.kube.create(obj)
-        plural = {"Job": "jobs", "ConfigMap": "configmaps", "Service": "services"}[obj["kind"]]
+        plural = {
+            "Job": "jobs",
+            "ConfigMap": "configmaps",
+            "Service": "services",
+            "FineTuneJob": "finetunejobs",
+        }[obj["kind"]]
         self.stores[plural].assume(created)
+        if plural == "finetunejobs" and self.on_stamped is not None:
+            meta = created.get("metadata") or {}
+            self.on_stamped((meta.get("namespace") or "", meta.get("name") or ""))
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.kube.delete(kind, namespace, name)
@@ -260,7 +315,7 @@ class Controller:
         self.settings = settings
         self.metrics = metrics
         self.stores = {kind: Store(kind, OWNED[kind]) for kind in TRIM}
-        self.cached = CachedKube(kube, self.stores)
+        self.cached = CachedKube(kube, self.stores, lambda key: self.enqueue(key, "added"))
         self.queue = WorkQueue(rate=settings.retry_rate, burst=settings.retry_burst)
         self.leading = threading.Event()
         self._stop = threading.Event()
@@ -276,7 +331,7 @@ class Controller:
                 self.stores[kind],
                 namespace,
                 self._changed,
-                selector=MANAGED_SELECTOR if OWNED[kind] else None,
+                selector=MANAGED_SELECTOR if kind in CHILDREN else None,
                 page=settings.list_page_size,
             )
             for kind in TRIM
@@ -332,12 +387,16 @@ class Controller:
         if kind in CLUSTER_SCOPED:
             self._cluster_changed(kind, old, new)
             return
+        if kind == "finetuneschedules":
+            self._schedule_changed(old, new)
+            return
         if kind != "finetunejobs":
             owner = (meta.get("labels") or {}).get(JOB_LABEL)
             if owner:
                 self.enqueue((namespace, owner), "child")
             return
         key = (namespace, meta.get("name") or "")
+        self._stamped_changed(old, new)
         if new is None:
             self.forget(key)
             return
@@ -349,6 +408,38 @@ class Controller:
             or (old.get("status") or {}) != (new.get("status") or {})
         ):
             self.enqueue(key, "finetunejob" if old is not None else "added")
+
+    def _schedule_changed(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """A schedule added, its spec changed, or its status changed by someone else."""
+        meta = (new or old or {}).get("metadata") or {}
+        key = schedule_key(meta.get("namespace") or "", meta.get("name") or "")
+        if new is None:
+            return  # the garbage collector deletes what it stamped
+        before = (old or {}).get("metadata") or {}
+        if (
+            old is None
+            or before.get("generation") != meta.get("generation")
+            or (old.get("status") or {}) != (new.get("status") or {})
+        ):
+            self.enqueue(key, "schedule")
+
+    def _stamped_changed(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """A stamped FineTuneJob came, went, finished or was promoted: its schedule looks again
+        (not at every progress write)."""
+        obj = new if new is not None else old
+        if obj is None:
+            return
+        meta = obj.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(SCHEDULE_LABEL)
+        if not owner:
+            return
+
+        def seen(o: dict[str, Any] | None) -> tuple[Any, ...] | None:
+            status = (o or {}).get("status") or {}
+            return None if o is None else (status.get("phase"), status.get("promotion"))
+
+        if old is None or new is None or seen(old) != seen(new):
+            self.enqueue(schedule_key(meta.get("namespace") or "", owner), "stamped")
 
     def _cluster_changed(
         self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None
@@ -404,12 +495,41 @@ class Controller:
             if key is None:
                 return
             try:
-                self.process(key)  # type: ignore[arg-type]
+                if len(key) == 3:  # type: ignore[arg-type]
+                    self.process_schedule(key)  # type: ignore[arg-type]
+                else:
+                    self.process(key)  # type: ignore[arg-type]
             except Exception:  # one bad object must not stop a worker
-                log.exception("reconcile of %s/%s failed", *key)  # type: ignore[str-format]
+                log.exception("reconcile of %s failed", "/".join(key))  # type: ignore[arg-type]
                 self.queue.retry(key)
             finally:
                 self.queue.done(key)
+
+    def process_schedule(self, key: tuple[str, str, str]) -> float | None:
+        """One FineTuneSchedule; it comes back on the queue when its next time is due."""
+        _, namespace, name = key
+        with self._lock:
+            trigger = self._triggers.pop(key, "retry")
+        try:
+            with self.metrics.reconcile_duration.labels(trigger).time():
+                due = reconcile_schedule(self.cached, namespace, name)
+        except Conflict as exc:
+            log.info("schedule %s/%s changed meanwhile; reading it again: %s", namespace, name, exc)
+            try:
+                self.cached.refresh_schedule(namespace, name)
+            except Retry as again:
+                self.queue.retry(key, again.delay)
+                return None
+            self.queue.retry(key)
+            return None
+        except Retry as exc:
+            delay = self.queue.retry(key, exc.delay)
+            log.info("schedule %s/%s deferred %.1f s: %s", namespace, name, delay, exc)
+            return None
+        self.queue.forget(key)
+        if due is not None:
+            self.queue.add_after(key, due)
+        return due
 
     def process(self, key: Key) -> Outcome | None:
         namespace, name = key
@@ -451,6 +571,13 @@ class Controller:
             else:
                 self._active.add(key)
         self.scraper.set(key, outcome.metrics_target)
+        if (outcome.before.phase, outcome.before.promotion) != (
+            outcome.after.phase,
+            outcome.after.promotion,
+        ):
+            # Its own writes reach the cache before the watch, so the watch shows no change:
+            # the schedule that stamped this run is told here.
+            self._stamped_changed(None, self.stores["finetunejobs"].get(namespace, name))
         self.metrics.observe(namespace, name, outcome.before, outcome.after, outcome.status_written)
         return outcome
 
@@ -460,6 +587,8 @@ class Controller:
             obj = self.stores["finetunejobs"].get(*key)
             phase = ((obj or {}).get("status") or {}).get("phase")
             self.enqueue(key, "resume" if phase not in FINAL_PHASES else "resume-final")
+        for namespace, name in self.stores["finetuneschedules"].names():
+            self.enqueue(schedule_key(namespace, name), "resume")
 
     def stats(self) -> dict[str, Any]:
         return {

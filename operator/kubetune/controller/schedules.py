@@ -1,0 +1,356 @@
+"""A FineTuneSchedule's decision: which FineTuneJobs to stamp and delete, and its status. Pure.
+
+It does what the CronJob controller does for Jobs (kubernetes pkg/controller/cronjob,
+cronjob_controllerv2.go `syncCronJob` and utils.go; kubernetes.io/docs/concepts/workloads/
+controllers/cron-jobs/), reading the stamped FineTuneJobs' phases instead of Jobs' conditions:
+
+- The due time is the most recent scheduled time (in spec.timeZone, UTC by default) after the
+  last one a run was stamped for (status.lastScheduleTime, else the schedule's creation), and
+  not more than startingDeadlineSeconds ago when that is set. Times missed meanwhile (the
+  operator was down) are not made up: only the most recent one runs; over 100 missed is a
+  TooManyMissedTimes Warning, as the CronJob controller's.
+- A due time is stamped as `<schedule>-<minutes since the epoch>` (getJobName), so a time is
+  never stamped twice, even by a reconcile that repeats after a crash.
+- concurrencyPolicy: Forbid (our default) does not stamp while a stamped run is not finished, and
+  keeps the time due (it starts when the run finishes, unless startingDeadlineSeconds has passed:
+  then it is missed); Replace deletes the unfinished runs and stamps; Allow stamps.
+- suspend stamps nothing; runs already stamped go on.
+- The finished runs beyond successfulJobsHistoryLimit / failedJobsHistoryLimit are deleted,
+  oldest first (their artifacts stay in object storage; the garbage collector removes their
+  Jobs, pods and ConfigMaps).
+- The next reconcile is due at the next scheduled time plus 100 ms (nextScheduleTimeDuration).
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api import (
+    API_VERSION,
+    FINAL_PHASES,
+    KIND,
+    SCHEDULE_KIND,
+    SCHEDULE_LABEL,
+    SCHEDULED_TIME_ANNOTATION,
+    Condition,
+    FineTuneSchedule,
+    FineTuneScheduleStatus,
+    describe_errors,
+)
+from kubetune.api.schedule import PromotedRun, ScheduledRun
+from kubetune.controller.conditions import make_condition
+from kubetune.controller.decide import Event
+
+TOO_MANY_MISSED = 100  # the CronJob controller's bound
+REQUEUE_SLACK = timedelta(milliseconds=100)
+
+
+@dataclass
+class ScheduleDecision:
+    """What to do for one FineTuneSchedule, and when to look again."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # FineTuneJob names
+    status: FineTuneScheduleStatus = field(default_factory=FineTuneScheduleStatus)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds
+
+
+def _time(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def stamp_name(schedule: str, scheduled: datetime) -> str:
+    """The FineTuneJob stamped for a scheduled time: <schedule>-<minutes since the epoch>."""
+    return f"{schedule}-{int(scheduled.timestamp()) // 60}"
+
+
+def scheduled_time(job: dict[str, Any]) -> datetime | None:
+    meta = job.get("metadata") or {}
+    stamped = (meta.get("annotations") or {}).get(SCHEDULED_TIME_ANNOTATION)
+    return _time(stamped) or _time(meta.get("creationTimestamp"))
+
+
+def _owned(raw: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The FineTuneJobs this schedule stamped: its label and its controller ownerReference."""
+    uid = (raw.get("metadata") or {}).get("uid")
+    out = []
+    for job in jobs:
+        refs = (job.get("metadata") or {}).get("ownerReferences") or []
+        if any(r.get("controller") and r.get("uid") == uid for r in refs):
+            out.append(job)
+    return out
+
+
+def _phase(job: dict[str, Any]) -> str | None:
+    return (job.get("status") or {}).get("phase")
+
+
+def _next_after(expression: str, zone: zoneinfo.ZoneInfo, after: datetime) -> datetime | None:
+    from croniter import CroniterBadDateError, croniter
+
+    try:
+        found = croniter(expression, after.astimezone(zone)).get_next(datetime)
+    except CroniterBadDateError:  # e.g. '0 0 30 2 *': no such day
+        return None
+    return found.astimezone(UTC)
+
+
+def due_times(
+    expression: str, zone: zoneinfo.ZoneInfo, earliest: datetime, now: datetime
+) -> tuple[datetime | None, int]:
+    """The most recent scheduled time in (earliest, now], and how many there are (counted up to
+    TOO_MANY_MISSED + 1)."""
+    from croniter import CroniterBadDateError, croniter
+
+    try:
+        # get_prev is strictly before its start: start a second later so that a time equal to
+        # now counts, then step back if that found one after now.
+        probe = croniter(expression, (now + timedelta(seconds=1)).astimezone(zone))
+        recent = probe.get_prev(datetime).astimezone(UTC)
+        if recent > now:
+            recent = probe.get_prev(datetime).astimezone(UTC)
+    except CroniterBadDateError:
+        return None, 0
+    if recent <= earliest:
+        return None, 0
+    count, at = 0, earliest
+    while count <= TOO_MANY_MISSED:
+        step = _next_after(expression, zone, at)
+        if step is None or step > now:
+            break
+        count, at = count + 1, step
+    return recent, count
+
+
+def stamp(raw: dict[str, Any], scheduled: datetime) -> dict[str, Any]:
+    """The FineTuneJob for a scheduled time, from the template as the user wrote it (the API
+    server fills the defaults), owned by the schedule."""
+    meta = raw["metadata"]
+    template = raw["spec"]["jobTemplate"]
+    tmeta = template.get("metadata") or {}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": stamp_name(meta["name"], scheduled),
+            "namespace": meta["namespace"],
+            "labels": {**(tmeta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]},
+            "annotations": {
+                **(tmeta.get("annotations") or {}),
+                SCHEDULED_TIME_ANNOTATION: scheduled.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": SCHEDULE_KIND,
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": template["spec"],
+    }
+
+
+def _runs(jobs: list[dict[str, Any]]) -> list[ScheduledRun]:
+    runs = []
+    for job in jobs:
+        status = job.get("status") or {}
+        runs.append(
+            ScheduledRun(
+                name=job["metadata"]["name"],
+                scheduled_time=scheduled_time(job),
+                phase=status.get("phase"),
+                run_id=status.get("runId"),
+                gates_summary=status.get("gatesSummary"),
+                completion_time=_time(status.get("completionTime")),
+                promoted=bool(status.get("promotion")),
+            )
+        )
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return sorted(runs, key=lambda r: (r.scheduled_time or epoch, r.name), reverse=True)
+
+
+def _promoted(jobs: list[dict[str, Any]], before: PromotedRun | None) -> PromotedRun | None:
+    """The stamped run promoted last; kept after its FineTuneJob is deleted (history limits)."""
+    best = before
+    for job in jobs:
+        promotion = (job.get("status") or {}).get("promotion") or {}
+        at = _time(promotion.get("promotedAt"))
+        if not promotion or at is None:
+            continue
+        if best is None or best.promoted_at is None or at > best.promoted_at:
+            best = PromotedRun(
+                name=job["metadata"]["name"],
+                run_id=(job.get("status") or {}).get("runId"),
+                promoted_at=at,
+                latest_uri=promotion.get("latestUri"),
+            )
+    return best
+
+
+def _history(jobs: list[dict[str, Any]], phase: str, keep: int) -> list[str]:
+    """The finished runs of one phase beyond the limit, oldest first."""
+    done = [j for j in jobs if _phase(j) == phase]
+    epoch = datetime.min.replace(tzinfo=UTC)
+    done.sort(key=lambda j: (scheduled_time(j) or epoch, j["metadata"]["name"]))
+    return [j["metadata"]["name"] for j in done[: max(0, len(done) - keep)]]
+
+
+def _ready(
+    ok: bool,
+    reason: str,
+    message: str,
+    previous: list[Condition],
+    generation: int | None,
+    now: datetime,
+) -> list[Condition]:
+    return [make_condition("Ready", ok, reason, message, previous, generation, now)]
+
+
+def decide_schedule(
+    raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime
+) -> ScheduleDecision:
+    """What to do for the schedule `raw`, given the FineTuneJobs labelled as its (from the
+    cache), at `now` (aware)."""
+    decision = _decide(raw, jobs, now)
+    gone = set(decision.delete)
+    status = decision.status
+    status.runs = [r for r in status.runs if r.name not in gone]
+    status.active = [n for n in status.active if n not in gone]
+    return decision
+
+
+def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> ScheduleDecision:
+    meta = raw.get("metadata") or {}
+    generation = meta.get("generation")
+    try:
+        before = FineTuneScheduleStatus.model_validate(raw.get("status") or {})
+    except ValidationError:  # garbage from another writer: start over
+        before = FineTuneScheduleStatus()
+    decision = ScheduleDecision()
+    mine = _owned(raw, jobs)
+    status = before.model_copy(
+        update={
+            "observed_generation": generation,
+            "runs": _runs(mine),
+            "active": sorted(j["metadata"]["name"] for j in mine if _phase(j) not in FINAL_PHASES),
+            "promoted": _promoted(mine, before.promoted),
+        }
+    )
+    succeeded = [_time((j.get("status") or {}).get("completionTime")) for j in mine]
+    finished = [t for t, j in zip(succeeded, mine, strict=True) if t and _phase(j) == "Succeeded"]
+    if finished and (
+        status.last_successful_time is None or max(finished) > status.last_successful_time
+    ):
+        status.last_successful_time = max(finished)
+    decision.status = status
+    if meta.get("deletionTimestamp"):
+        return decision
+
+    try:
+        schedule = FineTuneSchedule.model_validate(raw, by_name=False)
+    except ValidationError as exc:
+        problems = "; ".join(describe_errors(exc, FineTuneSchedule)[:5])
+        conditions = _ready(False, "InvalidSpec", problems, before.conditions, generation, now)
+        if before.conditions != conditions or not before.conditions:
+            decision.events.append(Event("Warning", "InvalidSpec", problems))
+        status.conditions = conditions
+        status.next_schedule_time = None
+        return decision
+    spec = schedule.spec
+    decision.delete += _history(mine, "Succeeded", spec.successful_jobs_history_limit)
+    decision.delete += _history(mine, "Failed", spec.failed_jobs_history_limit)
+    zone = zoneinfo.ZoneInfo(spec.time_zone or "UTC")
+    upcoming = _next_after(spec.schedule, zone, now)
+    status.next_schedule_time = None if spec.suspend else upcoming
+    if upcoming is not None:
+        decision.requeue_after = ((upcoming - now) + REQUEUE_SLACK).total_seconds()
+
+    if spec.suspend:
+        decision.requeue_after = None
+        status.conditions = _ready(
+            True,
+            "Suspended",
+            "suspended: no new runs are stamped",
+            before.conditions,
+            generation,
+            now,
+        )
+        return decision
+    if upcoming is None and before.last_schedule_time is None:
+        message = f"schedule {spec.schedule!r} never comes (no such date)"
+        status.conditions = _ready(
+            False, "InvalidSpec", message, before.conditions, generation, now
+        )
+        return decision
+
+    created = _time(meta.get("creationTimestamp")) or now
+    earliest = before.last_schedule_time or created
+    if spec.starting_deadline_seconds is not None:
+        earliest = max(earliest, now - timedelta(seconds=spec.starting_deadline_seconds))
+    due, missed = due_times(spec.schedule, zone, earliest, now)
+    message = f"next run at {upcoming:%Y-%m-%dT%H:%M:%SZ}" if upcoming else "no next run"
+    status.conditions = _ready(True, "Scheduled", message, before.conditions, generation, now)
+    if due is None:
+        return decision
+    if missed > TOO_MANY_MISSED:
+        decision.events.append(
+            Event(
+                "Warning",
+                "TooManyMissedTimes",
+                f"too many missed start times (> {TOO_MANY_MISSED}); starting only the most "
+                "recent. Set or decrease spec.startingDeadlineSeconds or check clock skew",
+            )
+        )
+    name = stamp_name(meta["name"], due)
+    if any(j["metadata"]["name"] == name for j in mine):  # stamped already (a repeat)
+        status.last_schedule_time = due
+        return decision
+    unfinished = [j["metadata"]["name"] for j in mine if _phase(j) not in FINAL_PHASES]
+    unfinished = [n for n in unfinished if n not in decision.delete]
+    if unfinished and spec.concurrency_policy == "Forbid":
+        decision.events.append(
+            Event(
+                "Normal",
+                "JobAlreadyActive",
+                f"not stamping the run for {due:%Y-%m-%dT%H:%M:%SZ}: {', '.join(unfinished)} "
+                "is still running and concurrencyPolicy is Forbid; it starts when that one "
+                "finishes"
+                + (
+                    f", unless {spec.starting_deadline_seconds} s (startingDeadlineSeconds) "
+                    "have passed by then"
+                    if spec.starting_deadline_seconds is not None
+                    else ""
+                ),
+            )
+        )
+        return decision
+    if unfinished and spec.concurrency_policy == "Replace":
+        for old in unfinished:
+            decision.delete.append(old)
+            decision.events.append(
+                Event("Normal", "SuccessfulDelete", f"deleted unfinished run {old} (Replace)")
+            )
+    decision.create.append(stamp(raw, due))
+    decision.events.append(
+        Event(
+            "Normal", "SuccessfulCreate", f"stamped FineTuneJob {name} for {due:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    )
+    status.last_schedule_time = due
+    status.active = sorted({*status.active, name})
+    status.runs = [ScheduledRun(name=name, scheduled_time=due), *status.runs]
+    return decision
