@@ -113,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate",
-        help="check FineTuneJob manifests; one line per problem",
+        help="check FineTuneJob, FineTuneProfile and FineTuneSchedule manifests",
         description=(
-            "Checks FineTuneJob manifests as the API server would admit them (kubectl's strict "
-            "field validation): one `file:line: field: problem` line per problem. Exit codes: "
-            "0 all valid, 2 a problem (or no FineTuneJob at all)."
+            "Checks FineTuneJob, FineTuneProfile and FineTuneSchedule manifests as the API "
+            "server would admit them (kubectl's strict field validation), a schedule's cron "
+            "expression and time zone, and a job (or a schedule's template) against a profile "
+            "given beside it: one `file:line: field: problem` line per problem. Exit codes: 0 "
+            "all valid, 2 a problem (or no kubetune object at all)."
         ),
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML files; - reads standard input")

@@ -16,7 +16,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, KIND, PROFILE_KIND, FineTuneJob, FineTuneProfile, describe_errors
+from kubetune.api import (
+    GROUP,
+    KIND,
+    PROFILE_KIND,
+    SCHEDULE_KIND,
+    FineTuneJob,
+    FineTuneProfile,
+    FineTuneSchedule,
+    describe_errors,
+)
 
 
 class Loader(yaml.SafeLoader):
@@ -83,6 +92,7 @@ class Document:
     line: int
     job: FineTuneJob | None = None
     profile: FineTuneProfile | None = None
+    schedule: FineTuneSchedule | None = None
     problems: list[Problem] = field(default_factory=list)
     skipped_kind: str | None = None
     generate_name: str | None = None
@@ -96,12 +106,16 @@ class Document:
         """The name; for a generateName the prefix, as the API server will complete it."""
         if self.generate_name:
             return f"{self.generate_name}* (generateName)"
-        parsed = self.job or self.profile
+        parsed = self.parsed
         return parsed.metadata.name if parsed is not None else "?"
 
     @property
+    def parsed(self) -> FineTuneJob | FineTuneProfile | FineTuneSchedule | None:
+        return self.job or self.profile or self.schedule
+
+    @property
     def valid(self) -> bool:
-        return (self.job is not None or self.profile is not None) and not self.problems
+        return self.parsed is not None and not self.problems
 
     def problem(self, message: str, line: int | None = None, field: str | None = None) -> None:
         self.problems.append(Problem(self.source, line or self.line or None, field, message))
@@ -112,10 +126,9 @@ class Document:
             "file": self.source,
             "document": self.index,
             "line": self.line,
-            "kind": self.skipped_kind
-            or (self.kind if self.job or self.profile or self.problems else None),
+            "kind": self.skipped_kind or (self.kind if self.parsed or self.problems else None),
             "name": self.display_name
-            if (self.job or self.profile) is not None and not self.generate_name
+            if self.parsed is not None and not self.generate_name
             else None,
             "generateName": self.generate_name,
             "valid": self.valid,
@@ -172,15 +185,19 @@ def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Docum
     metadata = data.get("metadata")
     if isinstance(metadata, dict) and not metadata.get("name"):
         doc.generate_name = metadata.get("generateName") or None
-    model: type[FineTuneJob] | type[FineTuneProfile] = FineTuneJob
+    model: type[FineTuneJob] | type[FineTuneProfile] | type[FineTuneSchedule] = FineTuneJob
     if kind == PROFILE_KIND:
         model, doc.kind = FineTuneProfile, PROFILE_KIND
+    elif kind == SCHEDULE_KIND:
+        model, doc.kind = FineTuneSchedule, SCHEDULE_KIND
     try:
         # By the JSON names only, as the API server reads it: `learning_rate` is an unknown
         # field there, so it is here too (the models also accept Python names, for code).
         parsed = model.model_validate(data, by_name=False)
         if isinstance(parsed, FineTuneProfile):
             doc.profile = parsed
+        elif isinstance(parsed, FineTuneSchedule):
+            doc.schedule = parsed
         else:
             doc.job = parsed
     except ValidationError as exc:
@@ -258,7 +275,7 @@ def load_manifests(path: str | Path) -> list[Document]:
     if all(d.skipped_kind for d in docs):
         found = ", ".join(sorted({str(d.skipped_kind) for d in docs})) or "nothing"
         empty = Document(_source(path), 0, 0)
-        empty.problem(f"no {KIND} or {PROFILE_KIND} in this file (found: {found})")
+        empty.problem(f"no {KIND}, {PROFILE_KIND} or {SCHEDULE_KIND} in this file (found: {found})")
         docs.append(empty)
     return docs
 
@@ -272,12 +289,30 @@ def check_against_profiles(docs: list[Document]) -> None:
 
     profiles = {d.profile.metadata.name: d.profile for d in docs if d.profile and not d.problems}
     for doc in docs:
-        job = doc.job
+        job, prefix = doc.job, "spec."
+        if doc.schedule is not None:  # the FineTuneJob its template stamps
+            job, prefix = stamped_job(doc.schedule), "spec.jobTemplate.spec."
         if job is None or doc.problems or job.spec.profile not in profiles:
             continue
         resolution = apply_profile(job, profiles[job.spec.profile])
         for line in resolution.problems:
+            line = prefix + line.removeprefix("spec.")
             path, _, message = line.partition(": ")
             doc.problem(message, _problem_line(line, doc.node), path)
         if not resolution.problems:
             doc.under_profile = job.spec.profile
+
+
+def stamped_job(schedule: FineTuneSchedule) -> FineTuneJob:
+    """A FineTuneJob as the schedule stamps it (the name of its first possible time)."""
+    return FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": KIND,
+            "metadata": {
+                "name": f"{schedule.metadata.name}-00000000",
+                "namespace": schedule.metadata.namespace,
+            },
+            "spec": schedule.spec.job_template.spec,
+        }
+    )

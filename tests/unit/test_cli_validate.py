@@ -90,7 +90,11 @@ def test_multi_document_files_skip_other_kinds(
     [
         pytest.param("spec: [unclosed\n", ":2: invalid YAML", id="invalid-yaml"),
         pytest.param("- just\n- a list\n", ":1: expected a mapping", id="not-a-mapping"),
-        pytest.param("", ": no FineTuneJob or FineTuneProfile in this file", id="empty-file"),
+        pytest.param(
+            "",
+            ": no FineTuneJob, FineTuneProfile or FineTuneSchedule in this file",
+            id="empty-file",
+        ),
         pytest.param(
             "apiVersion: kubetune.dev/v1\nkind: FineTuneJob\nmetadata: {name: x}\nspec: {}\n",
             ":1: apiVersion: 'kubetune.dev/v1' is not one of kubetune.dev/v1alpha1",
@@ -132,3 +136,34 @@ def test_a_job_is_checked_against_a_profile_given_beside_it(
     assert f"greedy.yaml:{line}: spec.resources.gpus: 16 is more than FineTuneProfile " in err
     # Alone, the job is valid: the profile is the cluster's to check.
     assert main(["validate", str(greedy)]) == 0
+
+
+def test_a_schedule_is_validated_with_its_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FineTuneSchedule: its cron and time zone (which the CRD cannot check), and the
+    FineTuneJob its template stamps, resolved against a profile given beside it."""
+    text = (ROOT / "examples" / "retraining-schedule.yaml").read_text()
+    bad = text.replace('"0 3 * * 1"', '"0 3 * * 8"').replace("Europe/Berlin", "Europe/Gotham")
+    bad = bad.replace("type: lora", "type: lorra")
+    path = write(tmp_path, "schedule.yaml", bad)
+    assert main(["validate", str(path)]) == ExitCode.INVALID_SPEC
+    err = capsys.readouterr().err
+    lines = bad.splitlines()
+    cron = lines.index('  schedule: "0 3 * * 8"') + 1
+    zone = lines.index("  timeZone: Europe/Gotham") + 1
+    assert f"{path}:{cron}: spec.schedule: '0 3 * * 8' is not a valid cron expression" in err
+    assert f"{path}:{zone}: spec.timeZone: 'Europe/Gotham' is not a time zone" in err
+    assert "spec.jobTemplate.spec.method.type: 'lorra' is not one of" in err
+
+    profile = ROOT / "examples" / "profiles" / "a100-pool.yaml"
+    greedy = text.replace(
+        "      resources:\n        gpus: 1",
+        "      profile: a100-pool\n      resources:\n        gpus: 16",
+    )
+    path = write(tmp_path, "greedy.yaml", greedy)
+    assert main(["validate", str(path), str(profile)]) == ExitCode.INVALID_SPEC
+    assert (
+        "spec.jobTemplate.spec.resources.gpus: 16 is more than FineTuneProfile 'a100-pool' allows"
+        in capsys.readouterr().err
+    )

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob, describe_errors
+from kubetune.api import FineTuneJob, FineTuneSchedule, describe_errors
 from kubetune.controller.build import build_configmap, build_job
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
-from kubetune.manifests import Loader
+from kubetune.manifests import Loader, stamped_job
 from tests.conftest import ROOT, valid_job
 
 SETTINGS = OperatorSettings(
@@ -26,10 +26,15 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def example(path: Path) -> FineTuneJob:
+    """The example's FineTuneJob, or the one a FineTuneSchedule example stamps."""
     doc = yaml.load(path.read_text(), Loader=Loader)
     doc["metadata"].update(
         namespace=doc["metadata"].get("namespace", "ml"), uid="uid-x", generation=1
     )
+    if doc["kind"] == "FineTuneSchedule":
+        job = stamped_job(FineTuneSchedule.model_validate(doc))
+        job.metadata.uid, job.metadata.generation = "uid-x", 1
+        return job
     return FineTuneJob.model_validate(doc)
 
 

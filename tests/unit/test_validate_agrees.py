@@ -173,13 +173,14 @@ def test_a_file_without_a_finetunejob_is_an_error(
     path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     assert main(["validate", str(path)]) == 2
     assert (
-        f"{path}: no FineTuneJob or FineTuneProfile in this file (found: v1/ConfigMap)"
+        f"{path}: no FineTuneJob, FineTuneProfile or FineTuneSchedule in this file (found: v1/ConfigMap)"
         in capsys.readouterr().err
     )
     path.write_text("# nothing here\n")
     assert main(["validate", str(path)]) == 2
     assert (
-        "no FineTuneJob or FineTuneProfile in this file (found: nothing)" in capsys.readouterr().err
+        "no FineTuneJob, FineTuneProfile or FineTuneSchedule in this file (found: nothing)"
+        in capsys.readouterr().err
     )
 
 

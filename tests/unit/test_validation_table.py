@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api import MAX_NAME_LENGTH, FineTuneJob, describe_errors
+from kubetune.api import MAX_NAME_LENGTH, FineTuneJob, FineTuneSchedule, describe_errors
 from kubetune.manifests import Loader
 from tests.conftest import ROOT, valid_job
 from tests.support.apiserver import ApiServer
@@ -293,12 +293,29 @@ def test_table_is_large_enough_and_covers_every_rule(apiserver: ApiServer) -> No
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
+SCHEDULE_API = ApiServer(
+    yaml.safe_load((ROOT / "crds/kubetune.dev_finetuneschedules.yaml").read_text())
+)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_is_accepted_by_both(apiserver: ApiServer, path: Path) -> None:
     for doc in yaml.load_all(path.read_text(), Loader=Loader):
         if doc and doc.get("kind") == "FineTuneJob":
             assert pydantic_problems(doc) == []
             assert apiserver.admit(doc)[1] == []
+        if doc and doc.get("kind") == "FineTuneSchedule":
+            FineTuneSchedule.model_validate(doc, by_name=False)
+            assert SCHEDULE_API.admit(doc)[1] == []
+            # The FineTuneJob it stamps is admitted too.
+            stamped = {
+                "apiVersion": "kubetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": doc["metadata"]["name"] + "-29923380"},
+                "spec": doc["spec"]["jobTemplate"]["spec"],
+            }
+            assert pydantic_problems(stamped) == []
+            assert apiserver.admit(stamped)[1] == []
 
 
 def test_defaults_agree(apiserver: ApiServer) -> None:
