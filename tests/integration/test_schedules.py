@@ -60,8 +60,9 @@ def test_a_schedule_stamps_trains_promotes_and_keeps_its_history(
     now = datetime.now(UTC)
     upcoming = croniter(WEEKLY, now).get_next(datetime)
     assert status["nextScheduleTime"] == upcoming.strftime("%Y-%m-%dT%H:%M:%SZ")
-    (ready,) = status["conditions"]
+    ready, stalled = status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Scheduled")
+    assert (stalled["type"], stalled["status"]) == ("Stalled", "False")
     assert not _stamped(platform, ns)  # created after the last Monday 03:00: nothing due
 
     # The last run was stamped the week before the most recent Monday 03:00: that one is due.
@@ -162,7 +163,7 @@ def test_an_invalid_schedule_says_why(platform: Platform, ns: str) -> None:
             (
                 c
                 for c in _status(platform, ns, "typo").get("conditions") or []
-                if c["status"] == "False"
+                if c["type"] == "Ready" and c["status"] == "False"
             ),
             None,
         ),

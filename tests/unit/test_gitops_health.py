@@ -15,10 +15,12 @@ from tests.conftest import ROOT
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 
 
-def health_check_lua() -> str:
+def health_check_lua(kind: str = "FineTuneJob") -> str:
+    """The block docs/gitops.md gives for the kind (the FineTuneJob's first, then the
+    FineTuneSchedule's)."""
     text = (ROOT / "docs" / "gitops.md").read_text()
-    (block,) = re.findall(r"```lua\n(.*?)```", text, re.S)
-    return block
+    job, schedule = re.findall(r"```lua\n(.*?)```", text, re.S)
+    return schedule if kind == "FineTuneSchedule" else job
 
 
 def status_for(reason: str, message: str = "", generation: int = 3) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def status_for(reason: str, message: str = "", generation: int = 3) -> dict[str,
     }
 
 
-def argocd_health(obj: dict[str, Any]) -> dict[str, str]:
+def argocd_health(obj: dict[str, Any], kind: str = "FineTuneJob") -> dict[str, str]:
     import lupa
 
     lua = lupa.LuaRuntime(unpack_returned_tuples=True)
@@ -44,7 +46,7 @@ def argocd_health(obj: dict[str, Any]) -> dict[str, str]:
             return lua.table_from([to_lua(v) for v in value])
         return value
 
-    check = lua.eval(f"function(obj)\n{health_check_lua()}\nend")
+    check = lua.eval(f"function(obj)\n{health_check_lua(kind)}\nend")
     result = check(to_lua(obj))
     return {"status": result["status"], "message": result["message"]}
 
@@ -138,3 +140,38 @@ def test_bumping_the_dataset_in_the_gitops_example_means_a_new_run() -> None:
     paused = copy.deepcopy(doc)
     paused["spec"]["suspend"] = True
     assert spec_hash(FineTuneJob.model_validate(paused)) == spec_hash(before)  # same run
+
+
+def test_argocd_health_of_a_schedule() -> None:
+    from tests.unit.test_schedules import Cluster
+
+    def health(cluster: Cluster) -> dict[str, str]:
+        return argocd_health(cluster.schedule, "FineTuneSchedule")
+
+    c = Cluster("2026-11-01T00:00:30Z", schedule="0 * * * *")
+    assert health(c)["status"] == "Progressing"  # no status yet
+    (first,) = c.tick("2026-11-01T01:00:00")
+    c.run(first)
+    c.tick("2026-11-01T01:10:00")
+    assert health(c) == {"status": "Healthy", "message": "Next run at 2026-11-01T02:00:00Z"}
+    c.finish(first, "Succeeded", "2026-11-01T01:30:00Z", promoted=True)
+    c.tick("2026-11-01T01:31:00")
+    assert health(c)["message"] == f"Next run at 2026-11-01T02:00:00Z; promoted: {first}"
+    (second,) = c.tick("2026-11-01T02:00:00")
+    c.finish(second, "Failed", "2026-11-01T02:30:00Z")
+    c.tick("2026-11-01T02:31:00")
+    assert health(c) == {
+        "status": "Degraded",
+        "message": f"The newest finished run {second} failed",
+    }
+    c.schedule["spec"]["suspend"] = True
+    c.schedule["metadata"]["generation"] = 2
+    assert health(c)["status"] == "Progressing"  # the operator has not seen generation 2
+    c.tick("2026-11-01T02:32:00")
+    assert health(c)["status"] == "Suspended"
+
+    bad = Cluster("2026-11-01T00:00:30Z", schedule="0 * * * * *")
+    bad.tick("2026-11-01T01:00:00")
+    verdict = health(bad)
+    assert verdict["status"] == "Degraded" and verdict["message"].startswith("InvalidSpec: ")
+    assert kstatus(bad.schedule) == "Failed" and kstatus(c.schedule) == "Current"

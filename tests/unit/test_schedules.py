@@ -221,7 +221,10 @@ def test_suspend_stamps_nothing() -> None:
     c = Cluster("2026-11-01T00:00:30Z", schedule="0 * * * *", suspend=True)
     assert c.tick("2026-11-01T05:00:00") == []
     assert c.requeue_after is None and c.status.get("nextScheduleTime") is None
-    (ready,) = c.status["conditions"]
+    ready, stalled = c.status["conditions"]
+    assert stalled["type"] == "Stalled" and stalled["status"] == (
+        "True" if ready["status"] == "False" else "False"
+    )
     assert (ready["status"], ready["reason"]) == ("True", "Suspended")
     # Resumed: only the most recent missed time runs (lastScheduleTime was never set).
     c.schedule["spec"]["suspend"] = False
@@ -244,7 +247,10 @@ def test_an_invalid_schedule_says_why_and_stamps_nothing(
         spec["timeZone"] = zone
     c = Cluster("2026-11-01T00:00:30Z", **spec)
     assert c.tick("2026-11-10T00:00:00") == []
-    (ready,) = c.status["conditions"]
+    ready, stalled = c.status["conditions"]
+    assert stalled["type"] == "Stalled" and stalled["status"] == (
+        "True" if ready["status"] == "False" else "False"
+    )
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
     assert message in ready["message"], ready["message"]
     assert c.events[0][0] == "InvalidSpec"

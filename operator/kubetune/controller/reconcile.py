@@ -406,16 +406,11 @@ def reconcile_schedule(
             decision.events.append(Event("Warning", "FailedCreate", problem))
             # The time stays used (lastScheduleTime): the next try is at the next time, by
             # which the template may be fixed, not a retry loop against the same refusal.
+            generation = (raw.get("metadata") or {}).get("generation")
+            previous = decision.status.conditions
             decision.status.conditions = [
-                make_condition(
-                    "Ready",
-                    False,
-                    "FailedCreate",
-                    problem,
-                    decision.status.conditions,
-                    (raw.get("metadata") or {}).get("generation"),
-                    now,
-                )
+                make_condition("Ready", False, "FailedCreate", problem, previous, generation, now),
+                make_condition("Stalled", True, "FailedCreate", problem, previous, generation, now),
             ]
             stamped = obj["metadata"]["name"]
             decision.status.runs = [r for r in decision.status.runs if r.name != stamped]

@@ -217,7 +217,13 @@ def _ready(
     generation: int | None,
     now: datetime,
 ) -> list[Condition]:
-    return [make_condition("Ready", ok, reason, message, previous, generation, now)]
+    """Ready, and Stalled (what kstatus and Flux read as a failure) when the schedule cannot
+    stamp until its spec changes."""
+    stalled = (reason, message) if not ok else ("NotStalled", "")
+    return [
+        make_condition("Ready", ok, reason, message, previous, generation, now),
+        make_condition("Stalled", not ok, *stalled, previous, generation, now),
+    ]
 
 
 def decide_schedule(
