@@ -86,10 +86,23 @@ NAMESPACED_RULES = [
     {
         "apiGroups": ["kubetune.dev"],
         "resources": ["finetunejobs"],
+        "verbs": ["get", "list", "watch", "create", "delete"],  # a schedule's stamped runs
+    },
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["finetuneschedules"],
         "verbs": ["get", "list", "watch"],
     },
-    {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
-    {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["finetunejobs/status", "finetuneschedules/status"],
+        "verbs": ["patch"],
+    },
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["finetunejobs/finalizers", "finetuneschedules/finalizers"],
+        "verbs": ["update"],
+    },
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
@@ -268,6 +281,10 @@ CLIENT_CALLS = {
     "patch_namespaced_custom_object_status": ("kubetune.dev", "finetunejobs/status", "patch"),
     "list_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "list"),
     "list_cluster_custom_object": ("kubetune.dev", "finetunejobs", "list"),
+    # FineTuneJobs a FineTuneSchedule stamps and removes (the schedules' own calls are the
+    # get/list/patch-status above, on finetuneschedules: PERMISSIONS lists both).
+    "create_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "create"),
+    "delete_namespaced_custom_object": ("kubetune.dev", "finetunejobs", "delete"),
     "list_namespace": ("", "namespaces", "list"),
     "list_job_for_all_namespaces": ("batch", "jobs", "list"),
     "list_pod_for_all_namespaces": ("", "pods", "list"),
@@ -397,8 +414,16 @@ def test_default_images_are_the_release_built_by_make_images() -> None:
 
 def test_crds_in_the_chart_are_the_generated_ones() -> None:
     rendered = {c["metadata"]["name"]: c for c in by_kind(render(), "CustomResourceDefinition")}
-    assert set(rendered) == {"finetunejobs.kubetune.dev", "finetuneprofiles.kubetune.dev"}
-    for name in ("kubetune.dev_finetunejobs.yaml", "kubetune.dev_finetuneprofiles.yaml"):
+    assert set(rendered) == {
+        "finetunejobs.kubetune.dev",
+        "finetuneprofiles.kubetune.dev",
+        "finetuneschedules.kubetune.dev",
+    }
+    for name in (
+        "kubetune.dev_finetunejobs.yaml",
+        "kubetune.dev_finetuneprofiles.yaml",
+        "kubetune.dev_finetuneschedules.yaml",
+    ):
         chart_copy = CHART / "files" / "crds" / name
         assert chart_copy.read_text() == (ROOT / "crds" / name).read_text(), (
             "helm/kubetune/files/crds/ is stale: run `make crd`"
