@@ -139,3 +139,44 @@ def test_profiles_are_admitted_by_the_real_cel_and_shape_the_run(
         cluster.custom.delete_cluster_custom_object(
             "kubetune.dev", "v1alpha1", "finetuneprofiles", pool
         )
+
+
+def test_a_schedule_stamps_a_queued_run_the_real_api_accepts(
+    cluster: Cluster, namespace: str
+) -> None:
+    """The real API server serves FineTuneSchedule (schema, status subresource), accepts the
+    FineTuneJob the operator stamps from its template (queued: no pod starts), and the real
+    garbage collector deletes it with the schedule."""
+    from datetime import UTC, datetime, timedelta
+
+    from croniter import croniter
+
+    from kubetune.api import GROUP, SCHEDULE_PLURAL, VERSION
+
+    weekly = "0 3 * * 1"
+    schedule = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneSchedule",
+        "metadata": {"name": "weekly"},
+        "spec": {
+            "schedule": weekly,
+            "jobTemplate": {"spec": job("template", queueName="team-a")["spec"]},
+        },
+    }
+    args = (GROUP, VERSION, namespace, SCHEDULE_PLURAL)
+    cluster.custom.create_namespaced_custom_object(*args, schedule)
+
+    def status() -> dict:
+        obj = cluster.custom.get_namespaced_custom_object(*args, "weekly")
+        return obj.get("status") or {}
+
+    cluster.wait_for("the next time", lambda: status().get("nextScheduleTime"))
+    due = croniter(weekly, datetime.now(UTC)).get_prev(datetime)
+    before = (due - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.custom.patch_namespaced_custom_object_status(
+        *args, "weekly", {"status": {"lastScheduleTime": before}}
+    )
+    name = f"weekly-{int(due.timestamp()) // 60}"
+    cluster.wait_phase(namespace, name, "Queued")
+    cluster.custom.delete_namespaced_custom_object(*args, "weekly")
+    cluster.wait_for("the stamped run to go", lambda: cluster.get(namespace, name) is None)
