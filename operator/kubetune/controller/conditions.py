@@ -83,7 +83,7 @@ class State:
         return self.reason in WAITING_REASONS
 
 
-def _condition(
+def make_condition(
     kind: str,
     status: bool,
     reason: str,
@@ -92,6 +92,8 @@ def _condition(
     generation: int | None,
     now: datetime,
 ) -> Condition:
+    """One condition (a run's, or a FineTuneSchedule's Ready and Stalled); its
+    lastTransitionTime is kept from `previous` while its status stays the same."""
     value = "True" if status else "False"
     old = next((c for c in previous if c.type == kind), None)
     since = old.last_transition_time if old is not None and old.status == value else now
@@ -105,20 +107,6 @@ def _condition(
     )
 
 
-def make_condition(
-    kind: str,
-    status: bool,
-    reason: str,
-    message: str,
-    previous: list[Condition],
-    generation: int | None,
-    now: datetime,
-) -> Condition:
-    """One condition of any kind (a FineTuneSchedule's Ready), its lastTransitionTime kept from
-    `previous` while its status stays the same."""
-    return _condition(kind, status, reason, message, previous, generation, now)
-
-
 def conditions_for(
     state: State,
     previous: list[Condition],
@@ -130,9 +118,9 @@ def conditions_for(
 
     def flag(kind: str, active: bool, idle_reason: str, source: State = state) -> Condition:
         reason, message = (source.reason, source.message) if active else (idle_reason, "")
-        return _condition(kind, active, reason, message, previous, generation, now)
+        return make_condition(kind, active, reason, message, previous, generation, now)
 
-    ready = _condition(
+    ready = make_condition(
         "Ready", state.succeeded, state.reason, state.message, previous, generation, now
     )
     return [
