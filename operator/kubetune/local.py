@@ -18,6 +18,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from contextlib import closing
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ import yaml
 from kubetune.api import (
     MUTUALLY_EXCLUSIVE,
     RUN_ID_LENGTH,
+    SCHEDULE_KIND,
     ExitCode,
     FineTuneJob,
     FineTuneJobStatus,
@@ -38,7 +40,14 @@ from kubetune.api import (
     latest_uri,
     spec_hash,
 )
-from kubetune.manifests import Document, Loader, read_documents, validate_document
+from kubetune.manifests import (
+    Document,
+    Loader,
+    RawDocument,
+    read_documents,
+    stamped_job,
+    validate_document,
+)
 
 
 class UsageError(Exception):
@@ -125,6 +134,12 @@ def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTune
             raise UsageError(f"{path}: cannot read: no such file")
         raise ValidationProblems([str(p) for p in raw.problems])
     jobs = [r for r in raw if isinstance(r.data, dict) and r.data.get("kind") == "FineTuneJob"]
+    if not jobs:  # a FineTuneSchedule: one run of what its template stamps, now
+        jobs = [
+            _stamped(r)
+            for r in raw
+            if isinstance(r.data, dict) and r.data.get("kind") == SCHEDULE_KIND
+        ]
     if name:
         jobs = [r for r in jobs if (r.data.get("metadata") or {}).get("name") == name]
     if not jobs:
@@ -143,6 +158,23 @@ def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTune
     if doc.problems or doc.job is None:
         raise ValidationProblems([str(p) for p in doc.problems])
     return doc.job
+
+
+def _stamped(raw: RawDocument) -> RawDocument:
+    """The FineTuneJob a FineTuneSchedule's template stamps (named as a stamp for now), after
+    the schedule itself is validated (its problems keep their lines)."""
+    checked = validate_document(raw.data, raw.node, raw.doc)
+    if checked.problems or checked.schedule is None:
+        raise ValidationProblems([str(p) for p in checked.problems])
+    job = stamped_job(checked.schedule)
+    name = f"{checked.schedule.metadata.name}-{int(time.time()) // 60}"
+    data = {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "metadata": {"name": name},
+        "spec": raw.data["spec"]["jobTemplate"]["spec"],
+    }
+    return RawDocument(data, None, raw.doc)  # its lines are the schedule's, not the job's
 
 
 class ValidationProblems(Exception):

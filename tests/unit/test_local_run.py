@@ -100,3 +100,28 @@ def test_a_job_under_a_profile_runs_as_written_and_says_so(
     assert main(["run", str(path), "--workdir", str(tmp_path / "w"), "--nproc", "3"]) == 2
     err = capsys.readouterr().err
     assert "note: spec.profile (a100-pool) applies in the cluster" in err
+
+
+def test_run_a_schedule_runs_what_its_template_stamps(tmp_path: Path) -> None:
+    """`kubetune run schedule.yaml`: one run of the FineTuneJob the template stamps, now."""
+    from kubetune.local import ValidationProblems, load_job
+
+    root = Path(__file__).resolve().parents[2]
+    example = root / "examples" / "retraining-schedule.yaml"
+    overrides = {
+        "sets": ["spec.hyperparameters.maxSteps=5"],
+        "model": None,
+        "dataset": None,
+        "output": None,
+    }
+    job = load_job(str(example), None, overrides)
+    assert job.metadata.name.startswith("text-to-sql-weekly-")
+    assert job.spec.dataset.uri == "s3://datasets/text-to-sql/"
+    assert job.spec.hyperparameters.max_steps == 5 and job.spec.hyperparameters.epochs is None
+    assert [g.eval_set for g in job.spec.gates][-1] == "regression"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(example.read_text().replace('"0 3 * * 1"', '"0 3 * *"'))
+    with pytest.raises(ValidationProblems) as caught:
+        load_job(str(bad), None, overrides)
+    assert "spec.schedule: '0 3 * *' has 4 fields" in str(caught.value)
