@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import valid_job
 from tests.support.cluster import TEST_AGENT, Client, Cluster, running_cluster, wait_until
-from tests.support.kubelet import Kubelet
+from tests.support.kubelet import Kubelet, PodRun
 from tests.support.specs import override
 
 
@@ -665,6 +665,23 @@ def test_a_pod_waits_in_container_creating_for_its_config_map(
         "the pod to finish",
         lambda: (p := _pods(api, ns, "mounts")) and p[0]["status"].get("phase") == "Succeeded",
     )
+
+
+def test_a_status_for_an_object_deleted_on_the_server_is_dropped(
+    node: tuple[Cluster, Client, Kubelet],
+) -> None:
+    """The garbage collector can delete a Job and its pod while the kubelet starts it (a
+    FineTuneSchedule deleted as its run's pod starts): the kubelet's status manager drops an
+    update for a pod the server no longer has, the Job controller one for a deleted Job."""
+    _, api, kubelet = node
+    gone = PodRun("never-there", "emu-gone", "uid-gone", kubelet.workdir / "emu-gone")
+    kubelet._pod_status(gone, {"phase": "Pending"})  # no exception: dropped
+    assert api.get("pods", "emu-gone", "never-there") is None
+    # Likewise the Job controller's status write for a Job deleted meanwhile.
+    job = {**_job("emu-gone", "deleted"), "status": {}}
+    kubelet._job_status(job, {"active": 1})
+    assert api.get("jobs", "emu-gone", "deleted") is None
+    assert not kubelet.errors
 
 
 def test_a_failed_pod_is_replaced_after_the_job_controllers_back_off(

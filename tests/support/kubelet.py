@@ -66,6 +66,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
@@ -523,7 +524,15 @@ class Kubelet:
             ]
         if status != (job.get("status") or {}):
             job["status"] = status
-            self.api.patch("jobs", meta["namespace"], meta["name"], {"status": status}, status=True)
+            try:
+                self.api.patch(
+                    "jobs", meta["namespace"], meta["name"], {"status": status}, status=True
+                )
+            except urllib.error.HTTPError as exc:
+                # Deleted meanwhile: the Job controller's next sync finds it gone and forgets
+                # it ("Job has been deleted", pkg/controller/job/job_controller.go syncJob).
+                if exc.code != 404:
+                    raise
 
     # -- pods -----------------------------------------------------------------------------
 
@@ -716,7 +725,15 @@ class Kubelet:
             self._job_status(job, {"active": 1, "ready": 1})
 
     def _pod_status(self, run: PodRun, status: dict[str, Any]) -> None:
-        self.api.patch("pods", run.namespace, run.name, {"status": status}, status=True)
+        """Write the pod's status. A pod deleted on the server meanwhile (its Job's owner was
+        deleted and the garbage collector took the pods) is not an error: the kubelet's status
+        manager drops the update ("Pod does not exist on the server",
+        pkg/kubelet/status/status_manager.go syncPod), and the next sync stops its run."""
+        try:
+            self.api.patch("pods", run.namespace, run.name, {"status": status}, status=True)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
 
     def _volumes(
         self, run: PodRun, spec: dict[str, Any], container: dict[str, Any]

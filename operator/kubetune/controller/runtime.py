@@ -95,21 +95,30 @@ class CachedKube:
     def patch_schedule_status(
         self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
     ) -> dict[str, Any] | None:
-        store = self.stores["finetuneschedules"]
         stored = self.kube.patch_status(namespace, name, patch, resource_version, SCHEDULE_PLURAL)
-        if stored is None:
-            store.forget(namespace, name)
-        else:
-            store.assume(stored)
-        return stored
+        return self._took("finetuneschedules", namespace, name, stored)
 
     def refresh_schedule(self, namespace: str, name: str) -> None:
         """Read the FineTuneSchedule from the API into the cache (after a 409)."""
         fresh = self.kube.get_schedule(namespace, name)
-        store = self.stores["finetuneschedules"]
-        store.forget(namespace, name)
-        if fresh is not None:
-            store.assume(fresh)
+        self._took("finetuneschedules", namespace, name, fresh, fresh=True)
+
+    def _took(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        answer: dict[str, Any] | None,
+        fresh: bool = False,
+    ) -> dict[str, Any] | None:
+        """The API's answer (the object as stored, or None: gone) into the kind's cache: a
+        write's answer unless the cache has a later state; a fresh read (fresh) replaces it."""
+        store = self.stores[kind]
+        if answer is None or fresh:
+            store.forget(namespace, name)
+        if answer is not None:
+            store.assume(answer)
+        return answer
 
     def profiles(self) -> list[FineTuneProfile]:
         """Every FineTuneProfile, parsed once per version. One the CRD should have refused (a
@@ -137,10 +146,7 @@ class CachedKube:
     def refresh(self, namespace: str, name: str) -> None:
         """Read the FineTuneJob from the API into the cache (after a 409)."""
         fresh = self.kube.get_finetunejob(namespace, name)
-        store = self.stores["finetunejobs"]
-        store.forget(namespace, name)
-        if fresh is not None:
-            store.assume(fresh)
+        self._took("finetunejobs", namespace, name, fresh, fresh=True)
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         return self.kube.secret_data(namespace, name)
@@ -172,11 +178,7 @@ class CachedKube:
         resource_version: str | None = None,
     ) -> dict[str, Any] | None:
         stored = self.kube.patch_status(namespace, name, patch, resource_version)
-        if stored is None:
-            self.stores["finetunejobs"].forget(namespace, name)
-        else:
-            self.stores["finetunejobs"].assume(stored)
-        return stored
+        return self._took("finetunejobs", namespace, name, stored)
 
     def event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
