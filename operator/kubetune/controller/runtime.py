@@ -530,6 +530,8 @@ class Controller:
             return None
         self.queue.forget(key)
         if due is not None:
+            with self._lock:
+                self._triggers.setdefault(key, "timer")
             self.queue.add_after(key, due)
         return due
 
