@@ -37,7 +37,8 @@ STARTING = frozenset({"ContainerCreating", "PodInitializing"})
 SAME_AS = {"ErrImagePull": "ImagePullBackOff"}
 
 
-def _time(value: str | None) -> datetime | None:
+def parse_time(value: str | None) -> datetime | None:
+    """An API timestamp (RFC 3339, `...Z`), or None when unset."""
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
@@ -63,9 +64,9 @@ def observe_job(raw: dict[str, Any]) -> ObservedJob:
         complete=succeeded is not None and failed is None,
         failed_reason=(failed.get("reason") or "Failed") if failed else None,
         failed_message=(failed or {}).get("message") or "",
-        start_time=_time(status.get("startTime")),
-        completion_time=_time(status.get("completionTime"))
-        or _time(finished.get("lastTransitionTime")),
+        start_time=parse_time(status.get("startTime")),
+        completion_time=parse_time(status.get("completionTime"))
+        or parse_time(finished.get("lastTransitionTime")),
         deleting=bool((raw.get("metadata") or {}).get("deletionTimestamp")),
     )
 
@@ -97,7 +98,7 @@ def _finished_at(pod: dict[str, Any]) -> str:
 def _started_at(pod: dict[str, Any]) -> datetime | None:
     state = _trainer_status(pod).get("state") or {}
     for key in ("running", "terminated"):
-        started = _time((state.get(key) or {}).get("startedAt"))
+        started = parse_time((state.get(key) or {}).get("startedAt"))
         if started is not None:
             return started
     return None

@@ -517,12 +517,7 @@ class Controller:
                 due = reconcile_schedule(self.cached, namespace, name)
         except Conflict as exc:
             log.info("schedule %s/%s changed meanwhile; reading it again: %s", namespace, name, exc)
-            try:
-                self.cached.refresh_schedule(namespace, name)
-            except Retry as again:
-                self.queue.retry(key, again.delay)
-                return None
-            self.queue.retry(key)
+            self._read_again(key, lambda: self.cached.refresh_schedule(namespace, name))
             return None
         except Retry as exc:
             delay = self.queue.retry(key, exc.delay)
@@ -534,6 +529,16 @@ class Controller:
                 self._triggers.setdefault(key, "timer")
             self.queue.add_after(key, due)
         return due
+
+    def _read_again(self, key: Any, refresh: Callable[[], None]) -> None:
+        """After a 409: the object read afresh into the cache, and the key retried (0.5 s,
+        doubling if it conflicts again; the read's own delay if it failed)."""
+        try:
+            refresh()
+        except Retry as again:
+            self.queue.retry(key, again.delay)
+            return
+        self.queue.retry(key)
 
     def process(self, key: Key) -> Outcome | None:
         namespace, name = key
@@ -549,12 +554,7 @@ class Controller:
             if text is not None:
                 with self._lock:
                     self._texts.setdefault(key, text)
-            try:
-                self.cached.refresh(namespace, name)
-            except Retry as again:
-                self.queue.retry(key, again.delay)
-                return None
-            self.queue.retry(key)  # 0.5 s, doubling if it conflicts again
+            self._read_again(key, lambda: self.cached.refresh(namespace, name))
             return None
         except Misconfigured as exc:
             self.metrics.reconcile_errors.labels(exc.reason).inc()

@@ -45,6 +45,7 @@ from kubetune.api import (
 from kubetune.api.schedule import PromotedRun, ScheduledRun
 from kubetune.controller.conditions import make_condition
 from kubetune.controller.decide import Event
+from kubetune.controller.observe import parse_time
 
 TOO_MANY_MISSED = 100  # the CronJob controller's bound
 REQUEUE_SLACK = timedelta(milliseconds=100)
@@ -61,14 +62,6 @@ class ScheduleDecision:
     requeue_after: float | None = None  # seconds
 
 
-def _time(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
 def stamp_name(schedule: str, scheduled: datetime) -> str:
     """The FineTuneJob stamped for a scheduled time: <schedule>-<minutes since the epoch>."""
     return f"{schedule}-{int(scheduled.timestamp()) // 60}"
@@ -77,7 +70,7 @@ def stamp_name(schedule: str, scheduled: datetime) -> str:
 def scheduled_time(job: dict[str, Any]) -> datetime | None:
     meta = job.get("metadata") or {}
     stamped = (meta.get("annotations") or {}).get(SCHEDULED_TIME_ANNOTATION)
-    return _time(stamped) or _time(meta.get("creationTimestamp"))
+    return parse_time(stamped) or parse_time(meta.get("creationTimestamp"))
 
 
 def _owned(raw: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,7 +168,7 @@ def _runs(jobs: list[dict[str, Any]]) -> list[ScheduledRun]:
                 phase=status.get("phase"),
                 run_id=status.get("runId"),
                 gates_summary=status.get("gatesSummary"),
-                completion_time=_time(status.get("completionTime")),
+                completion_time=parse_time(status.get("completionTime")),
                 promoted=bool(status.get("promotion")),
             )
         )
@@ -188,7 +181,7 @@ def _promoted(jobs: list[dict[str, Any]], before: PromotedRun | None) -> Promote
     best = before
     for job in jobs:
         promotion = (job.get("status") or {}).get("promotion") or {}
-        at = _time(promotion.get("promotedAt"))
+        at = parse_time(promotion.get("promotedAt"))
         if not promotion or at is None:
             continue
         if best is None or best.promoted_at is None or at > best.promoted_at:
@@ -256,8 +249,12 @@ def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> S
             "promoted": _promoted(mine, before.promoted),
         }
     )
-    succeeded = [_time((j.get("status") or {}).get("completionTime")) for j in mine]
-    finished = [t for t, j in zip(succeeded, mine, strict=True) if t and _phase(j) == "Succeeded"]
+    finished = [
+        t
+        for j in mine
+        if _phase(j) == "Succeeded"
+        and (t := parse_time((j.get("status") or {}).get("completionTime")))
+    ]
     if finished and (
         status.last_successful_time is None or max(finished) > status.last_successful_time
     ):
@@ -271,7 +268,7 @@ def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> S
     except ValidationError as exc:
         problems = "; ".join(describe_errors(exc, FineTuneSchedule)[:5])
         conditions = _ready(False, "InvalidSpec", problems, before.conditions, generation, now)
-        if before.conditions != conditions or not before.conditions:
+        if before.conditions != conditions:  # said once, not at every reconcile
             decision.events.append(Event("Warning", "InvalidSpec", problems))
         status.conditions = conditions
         status.next_schedule_time = None
@@ -303,7 +300,7 @@ def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> S
         )
         return decision
 
-    created = _time(meta.get("creationTimestamp")) or now
+    created = parse_time(meta.get("creationTimestamp")) or now
     earliest = before.last_schedule_time or created
     if spec.starting_deadline_seconds is not None:
         earliest = max(earliest, now - timedelta(seconds=spec.starting_deadline_seconds))
