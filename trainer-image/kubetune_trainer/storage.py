@@ -28,7 +28,8 @@ import obstore
 from obstore.store import from_url
 
 from kubetune.api import CREDENTIAL_ENV
-from kubetune_trainer.errors import TrainerError
+from kubetune.api.storage_keys import storage_config
+from kubetune_trainer.errors import SpecError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def _store_root(uri: str) -> tuple[str, str]:
 
 # (URI, environment prefix) of the sources with credentials of their own; set per process.
 _routes: list[tuple[str, str]] = []
-_FAMILY = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
 
 
 def use_credentials(routes: list[tuple[str, str]]) -> None:
@@ -78,13 +78,23 @@ def _route(uri: str) -> str | None:
 
 def credentials(uri: str) -> dict[str, str]:
     """The configuration of the source uri belongs to, from its Secret's keys in the
-    environment; empty: the default chain."""
+    environment; empty: the default chain. The Secret is the tenant's: a key that names a file,
+    a command or a credential endpoint (kubetune.api.storage_keys) would make this pod send its
+    own identity (the profile's ServiceAccount token, IRSA) where the tenant says, so such a
+    Secret is refused as the user's error, naming the keys (never their values)."""
     env_prefix = _route(uri)
-    family = _FAMILY.get(urlsplit(uri).scheme)
-    if env_prefix is None or family is None:
+    scheme = urlsplit(uri).scheme
+    if env_prefix is None:
         return {}
-    head = env_prefix + family
-    return {key[len(env_prefix) :]: v for key, v in os.environ.items() if key.startswith(head)}
+    keys = {
+        key[len(env_prefix) :]: v for key, v in os.environ.items() if key.startswith(env_prefix)
+    }
+    storage = storage_config(scheme, keys)
+    if storage.refused:
+        raise SpecError(
+            storage.refusal(f"the Secret of {whose(uri).removeprefix('the credentials of ')}")
+        )
+    return storage.config
 
 
 def locate(uri: str) -> Location:
