@@ -1,18 +1,22 @@
 """Promotion: latest.json replaced only conditionally, so runs finishing together leave it naming
 the best of them (by the deciding gate's metric), never half-written, never losing an update;
-on a real S3 server (If-Match / If-None-Match) and on file:// (a flock)."""
+on a real S3 server (If-Match / If-None-Match), on file:// (a flock), and against the
+requests GCS checks (x-goog-if-generation-match), on a stand-in server (tests/unit/fake_gcs.py)."""
 
 from __future__ import annotations
 
 import json
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kubetune.api import EvalMetrics, GateSpec, PromotionRecord
+from kubetune.api import EvalMetrics, ExitCode, GateSpec, PromotionRecord
 from kubetune_trainer import promotion, storage
+from kubetune_trainer.errors import SpecError
+from tests.unit import fake_gcs
 
 GATES = [
     GateSpec.model_validate({"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"})
@@ -111,3 +115,87 @@ def test_a_record_written_before_this_schema_still_reads(tmp_path: Path) -> None
     champion = promotion.read_champion(out.as_uri()).record
     assert champion is not None and champion.run_id == "0123abcd"
     assert champion.metrics.loss == 0.5 and champion.base_model is None
+
+
+# -- GCS: a conditional update needs the generation ---------------------------------------------
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[fake_gcs.FakeGcs]:
+    with fake_gcs.serve() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        yield server
+
+
+def test_every_promotion_on_gcs_sends_the_generation_it_read(gcs: fake_gcs.FakeGcs) -> None:
+    """object_store's GCS client refuses a conditional update without the object's generation
+    ("Version required for conditional update"); the second promotion failed so until it was
+    passed. GCS checks `x-goog-if-generation-match`, not If-Match."""
+    output = "gs://bucket/out"
+    assert promote(output, "aaaaaaaa", 0.5).promoted
+    assert promote(output, "bbbbbbbb", 0.4).promoted
+    assert promote(output, "cccccccc", 0.3).promoted
+    first, second, third = gcs.writes("latest.json")
+    assert first.headers["x-goog-if-generation-match"] == "0"  # only if there is none yet
+    generations = [b.generation for b in gcs.blobs.values()]
+    assert second.headers["x-goog-if-generation-match"] == str(int(generations[0]) - 2)
+    assert third.headers["x-goog-if-generation-match"] == str(int(generations[0]) - 1)
+    champion = promotion.read_champion(output)
+    assert (champion.record.run_id, champion.record.previous_run_id) == ("cccccccc", "bbbbbbbb")
+    assert champion.version == str(generations[0])
+
+
+def test_a_promotion_on_gcs_that_lost_a_race_decides_again(
+    gcs: fake_gcs.FakeGcs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run promotes between this run's read and its write: GCS answers 412 to the
+    stale generation, and the run reads the new champion and keeps it (it is better)."""
+    output = "gs://bucket/out"
+    assert promote(output, "aaaaaaaa", 0.5).promoted
+    real = promotion.read_champion
+    raced: list[promotion.Outcome | None] = []
+
+    def read_then_lose(uri: str) -> promotion.Champion:
+        champion = real(uri)
+        if not raced:
+            raced.append(None)
+            raced[0] = promote(output, "bbbbbbbb", 0.1)  # lands between read and write
+        return champion
+
+    monkeypatch.setattr(promotion, "read_champion", read_then_lose)
+    late = promote(output, "cccccccc", 0.3, judged="aaaaaaaa")
+    assert raced[0].promoted and not late.promoted, late
+    assert "run bbbbbbbb was promoted meanwhile" in late.reason
+    assert real(output).record.run_id == "bbbbbbbb"
+    statuses = [r.headers.get("x-goog-if-generation-match") for r in gcs.writes("latest.json")]
+    assert len(statuses) == 3  # a, b, and c's refused write; c did not write again
+
+
+# -- a corrupt latest.json is the user's to fix ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        pytest.param(b'{"runId": "aaaa', "Invalid JSON", id="truncated"),
+        pytest.param(b"\xff\xfe not utf-8", "Invalid JSON", id="binary"),
+        pytest.param(b'{"job": "x"}', "runId: Field required", id="not-a-record"),
+        pytest.param(b"[]", "the document", id="an-array"),
+    ],
+)
+def test_a_corrupt_latest_json_is_a_spec_error_naming_the_uri(
+    output: str, content: bytes, detail: str
+) -> None:
+    """Retrying cannot mend it: it fails at once (exit code 2) and says how to mend it."""
+    uri = storage.join(output, "latest.json")
+    storage.write_bytes(uri, content)
+    with pytest.raises(SpecError) as raised:
+        promotion.read_champion(output)
+    message = str(raised.value)
+    assert raised.value.exit_code == ExitCode.INVALID_SPEC
+    assert message.startswith(f"spec.output.uri: {uri} is not a promotion record ("), message
+    assert detail in message and "restore an earlier version of it, or delete it" in message
+    with pytest.raises(SpecError):
+        promote(output, "aaaaaaaa", 0.1)  # never overwritten unread
+    assert storage.read_bytes(uri) == content

@@ -4,8 +4,12 @@ latest.json names the promoted run and what a server needs to load it (Promotion
 replaced only by a conditional write, so two runs finishing at once can neither lose an update
 nor leave a half-written file:
 
-- object storage (s3://, gs://, az://): a PUT with `If-Match: <the ETag read>` (or
-  `If-None-Match: *` when there is none yet); a 412 means another run promoted meanwhile;
+- object storage (s3://, gs://, az://): a PUT conditional on the version read (or on there
+  being none yet); a 412 means another run promoted meanwhile. The version is both the ETag and
+  the object's version as read, because each store checks its own: S3 and Azure send
+  `If-Match: <ETag>`, GCS `x-goog-if-generation-match: <generation>` (object_store refuses a
+  conditional update on GCS without the generation); `If-None-Match: *` or generation 0 when
+  there is no latest.json yet;
 - file://: an exclusive `flock` on `latest.json.lock` around read-decide-write, the file itself
   replaced by a rename (obstore's local store writes a temporary file and renames it).
 
@@ -24,9 +28,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import obstore
+from pydantic import ValidationError
 
 from kubetune.api import EvalMetrics, GateSpec, PromotionRecord, latest_uri
 from kubetune_trainer import storage
+from kubetune_trainer.errors import SpecError
 from kubetune_trainer.gates import improvement, metric_value
 
 log = logging.getLogger(__name__)
@@ -36,10 +42,17 @@ ATTEMPTS = 8  # conflicts in a row before giving up: runs finishing within the s
 
 @dataclass(frozen=True)
 class Champion:
-    """latest.json as read: the record (None: nothing promoted yet) and its version."""
+    """latest.json as read: the record (None: nothing promoted yet) and its version: the ETag
+    (S3, Azure) and the store's own version (GCS's generation; S3's version id on a versioned
+    bucket), whichever the store gave."""
 
     record: PromotionRecord | None
     etag: str | None = None
+    version: str | None = None
+
+    def update_mode(self) -> dict[str, str]:
+        """obstore's put mode that replaces exactly this version (UpdateVersion)."""
+        return {k: v for k, v in (("e_tag", self.etag), ("version", self.version)) if v}
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,18 @@ def read_champion(output_uri: str) -> Champion:
         got = obstore.get(loc.store, loc.key())
     except FileNotFoundError:
         return Champion(None)
-    record = PromotionRecord.model_validate_json(bytes(got.bytes()))
-    return Champion(record, got.meta.get("e_tag"))
+    try:
+        record = PromotionRecord.model_validate_json(bytes(got.bytes()))
+    except ValidationError as exc:  # not JSON, or not a record: no retry can fix it
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or "the document"
+        raise SpecError(
+            f"spec.output.uri: {uri} is not a promotion record ({where}: {problem['msg']}); "
+            "it names the promoted run of this output and only kubetune should write it: "
+            "restore an earlier version of it, or delete it (the next run that passes its "
+            "gates is then promoted without comparison)"
+        ) from exc
+    return Champion(record, got.meta.get("e_tag"), got.meta.get("version"))
 
 
 def promote(output_uri: str, record: PromotionRecord, decide: Decide) -> Outcome:
@@ -96,10 +119,10 @@ def _write(
     loc = storage.locate(uri)
     if not conditional:
         obstore.put(loc.store, loc.key(), body)
-    elif champion.etag is None:
+    elif champion.record is None:
         obstore.put(loc.store, loc.key(), body, mode="create")
     else:
-        obstore.put(loc.store, loc.key(), body, mode={"e_tag": champion.etag})
+        obstore.put(loc.store, loc.key(), body, mode=champion.update_mode())
     log.info("Promoted run=%s uri=%s previous=%s", record.run_id, uri, record.previous_run_id)
     return Outcome(True, "", champion.record)
 
