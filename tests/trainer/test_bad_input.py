@@ -89,3 +89,33 @@ def test_a_diverging_loss_stops_the_run_with_its_own_verdict(
     assert "learningRate" in text and "Traceback" not in text
     written = [p.name for p in out.rglob("*")] if out.exists() else []
     assert "manifest.json" not in written and "latest.json" not in written
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b'{"runId": "0123', id="truncated"),
+        pytest.param(b'{"job": "sql"}', id="not-a-record"),
+    ],
+)
+def test_a_corrupt_latest_json_fails_at_once_naming_it(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    """A run whose gate compares with the promoted run reads latest.json; a corrupt one was a
+    retryable failure (a retry reads the same bytes), now the user's, naming the file."""
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, task_records(40))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latest.json").write_bytes(content)
+    doc = job_manifest(tiny_model, data, out.as_uri(), gates=[
+        {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}
+    ])  # fmt: skip
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    code = main(["run", str(job), "--workdir", str(tmp_path / "work")])
+    assert code == ExitCode.INVALID_SPEC
+    text = capsys.readouterr()
+    text = text.out + text.err
+    assert f"spec.output.uri: {(out / 'latest.json').as_uri()} is not a promotion record" in text
+    assert "Traceback" not in text and (out / "latest.json").read_bytes() == content

@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from kubetune.api import ExitCode, PromotionRecord
+from kubetune_trainer.champion import _kept
 from tests.trainer.conftest import job_manifest, run_job
 
 CHAMPION_GATE = {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}
@@ -76,3 +79,26 @@ def test_a_challenger_is_promoted_only_when_it_beats_the_champion(
     assert second.promoted_at is None and second.previous_run_id is None
     saved = json.loads((Path(urlsplit(out).path) / "runs/c3c3c3c3/metrics.json").read_text())
     assert saved["promoted"]["runId"] == "c1a1c1a1"
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        pytest.param(b'{"runId": "c1a1', False, id="cut-short"),
+        pytest.param(b'{"runId": "c1a1c1a1"}', False, id="older-layout"),
+        pytest.param(b'{"runId": "other", "metrics": null, "generations": [], "note": ""}', False, id="another-champion"),
+        pytest.param(b'{"runId": "c1a1c1a1", "metrics": {"loss": 0.5}, "generations": ["x"], "note": ""}', True, id="readable"),
+    ],
+)  # fmt: skip
+def test_a_kept_champion_evaluation_is_used_only_when_readable(
+    tmp_path: Path, content: bytes, kept: bool
+) -> None:
+    """An unreadable champion.json (an attempt killed while writing it) is evaluated again,
+    not a failure that every retry repeats."""
+    cached = tmp_path / "champion.json"
+    cached.write_bytes(content)
+    record = PromotionRecord(run_id="c1a1c1a1")
+    found = _kept(cached.as_uri(), record)
+    assert (found is not None) == kept
+    if found is not None:
+        assert found.metrics.loss == 0.5 and found.generations == ["x"]

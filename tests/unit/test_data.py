@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import DatasetSpec
-from kubetune_trainer import data
+from kubetune.api import DatasetSpec, ExitCode
+from kubetune_trainer import data, storage
 from kubetune_trainer.errors import DataError, SpecError
 
 
@@ -190,3 +190,94 @@ def test_chat_settings_on_a_completion_file_are_a_spec_error(tmp_path: Path) -> 
     spec = DatasetSpec.model_validate({"uri": uri, "systemPrompt": "x", "testSplit": 0.1})
     with pytest.raises(SpecError, match="apply only to the alpaca and chat formats"):
         data.prepare(spec, ChatTokenizer(), tmp_path / "cache")
+
+
+# -- reading files: line breaks, big cells, malformed content, size ---------------------------
+
+
+@pytest.mark.parametrize(
+    "separator",
+    [
+        pytest.param("\u2028", id="line-separator"),
+        pytest.param("\u2029", id="paragraph-separator"),
+        pytest.param("\x85", id="next-line"),
+    ],
+)
+def test_a_jsonl_line_breaks_only_at_newline(tmp_path: Path, separator: str) -> None:
+    """JSON Lines separates records by \\n only; str.splitlines also broke on these, which
+    are valid unescaped inside a JSON string, and the valid file failed as invalid JSON."""
+    path = tmp_path / "train.jsonl"
+    first = {"prompt": f"a{separator}b", "completion": "c"}
+    path.write_bytes(
+        (
+            json.dumps(first, ensure_ascii=False) + "\r\n" + '{"prompt": "d", "completion": "e"}\n'
+        ).encode()
+    )
+    records = data.read_records(path, "train.jsonl")
+    assert [r.data for r in records] == [first, {"prompt": "d", "completion": "e"}]
+    assert [r.where for r in records] == ["train.jsonl line 1", "train.jsonl line 2"]
+
+
+def test_a_csv_cell_larger_than_128_kib_reads(tmp_path: Path) -> None:
+    """Python's csv stops at 131072 characters per cell (`_csv.Error`, which became a retry on
+    GPUs); a long document in one cell is ordinary data."""
+    long = "word " * 60_000  # 300 KB
+    path = tmp_path / "train.csv"
+    path.write_text(f'prompt,completion\n"{long}",yes\n', encoding="utf-8")
+    (record,) = data.read_records(path, "train.csv")
+    assert record.data == {"prompt": long, "completion": "yes"}
+
+
+# (file name, content, the one-line message expected)
+# fmt: off
+MALFORMED = [
+    pytest.param("train.csv", b"prompt,completion\na,b\nc\rx,d\n", "train.csv line 3: not valid CSV (a carriage return inside a cell that is not quoted); quote cells", id="csv-bare-carriage-return"),
+    pytest.param("train.csv", b"prompt,completion\na,b,c\n", "train.csv line 2: 3 cells but the header names 2 columns", id="csv-extra-cells"),
+    pytest.param("train.csv", b"prompt,completion\na,b\n\xff,c\n", "train.csv line 3: not valid UTF-8 (byte 0xff)", id="csv-not-utf8"),
+    pytest.param("train.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"\n", "train.jsonl line 2: the JSON is nested too deeply", id="jsonl-deep"),
+    pytest.param("train.jsonl", b'{"text": "a"}\n{"text": \n', "train.jsonl line 2: invalid JSON (Expecting value at column 10)", id="jsonl-truncated"),
+    pytest.param("train.json", b"[" * 100_000, "train.json: the JSON is nested too deeply", id="json-deep"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "content", "message"), MALFORMED)
+def test_a_malformed_file_is_the_users_error_naming_the_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    """DataError (exit code 3, no retry), never csv.Error or RecursionError (a retry on GPUs)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as raised:
+        data.read_records(path, name)
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert raised.value.exit_code == ExitCode.DATA_ERROR
+
+
+@pytest.mark.parametrize("scheme", [pytest.param("file", id="file"), pytest.param("s3", id="s3")])
+def test_a_data_file_over_the_bound_is_refused_before_download(
+    scheme: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    content = b'{"text": "a"}\n' * 100
+    if scheme == "s3":
+        request.getfixturevalue("s3_env")
+        uri = f"s3://data/bound-{tmp_path.name}/train.jsonl"
+        storage.write_bytes(uri, content)
+    else:
+        (tmp_path / "train.jsonl").write_bytes(content)
+        uri = (tmp_path / "train.jsonl").as_uri()
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as raised:
+        data.fetch(uri, cache, max_bytes=1000)
+    assert str(raised.value) == (
+        f"dataset {uri}: 1400 bytes, more than spec.dataset.maxFileBytes (1000 bytes); use a "
+        "smaller file, or raise spec.dataset.maxFileBytes if the pod's memory holds its "
+        "records (several times the file's size)"
+    )
+    assert not (cache / "train.jsonl").exists()  # nothing downloaded
+    assert data.fetch(uri, cache, max_bytes=1400).read_bytes() == content  # at the bound: read
+
+
+def test_the_default_bound_is_generous() -> None:
+    spec = DatasetSpec.model_validate({"uri": "s3://data/train.jsonl"})
+    assert data.max_file_bytes(spec) == data.DEFAULT_MAX_FILE_BYTES == 4 << 30

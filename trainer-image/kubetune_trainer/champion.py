@@ -69,17 +69,9 @@ def evaluate_champion(
         return None
     cached = storage.join(config.output_prefix, CACHED)
     if storage.exists(cached):
-        saved = json.loads(storage.read_bytes(cached))
-        if saved["runId"] == record.run_id:
-            metrics = EvalMetrics.model_validate(saved["metrics"]) if saved["metrics"] else None
-            kept = saved.get("regression")
-            return Champion(
-                record,
-                metrics,
-                saved["generations"],
-                saved["note"],
-                EvalMetrics.model_validate(kept) if kept else None,
-            )
+        kept = _kept(cached, record)
+        if kept is not None:
+            return kept
     champion = _evaluate(config, record, model, tokenizer, examples, rows, workdir, regression)
     payload = {
         "runId": record.run_id,
@@ -92,6 +84,29 @@ def evaluate_champion(
     }
     storage.write_bytes(cached, json.dumps(payload).encode())
     return champion
+
+
+def _kept(cached: str, record: PromotionRecord) -> Champion | None:
+    """The champion's evaluation an earlier attempt of this run kept, if it is of this champion
+    and readable (one cut short, or written by another trainer version, is done again)."""
+    try:
+        saved = json.loads(storage.read_bytes(cached))
+        if saved["runId"] != record.run_id:
+            return None
+        metrics = EvalMetrics.model_validate(saved["metrics"]) if saved["metrics"] else None
+        kept = saved.get("regression")
+        return Champion(
+            record,
+            metrics,
+            list(saved["generations"]),
+            str(saved["note"]),
+            EvalMetrics.model_validate(kept) if kept else None,
+        )
+    except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        log.warning(
+            "Champion evaluation kept at %s is unreadable (%s); evaluating again", cached, exc
+        )
+        return None
 
 
 def _evaluate(

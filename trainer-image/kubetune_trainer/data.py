@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import random
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
+
+import obstore
 
 from kubetune.api import DatasetSpec
 from kubetune_trainer import storage
@@ -177,21 +180,60 @@ def _name(uri: str) -> str:
     return PurePosixPath(urlsplit(uri).path).name or uri
 
 
-def fetch(uri: str, cache: Path) -> Path:
-    """The dataset file on local disk (remote files are staged into cache first)."""
+# The default of spec.dataset.maxFileBytes: a data file larger than this is refused before it is
+# downloaded. Its records are held in memory (as Python objects, several times the file's size),
+# so a file far larger than any fine-tuning set would end the pod out of memory, and retried.
+DEFAULT_MAX_FILE_BYTES = 4 << 30
+MAX_BYTES_FIELD = "spec.dataset.maxFileBytes"
+
+
+def max_file_bytes(spec: DatasetSpec) -> int:
+    """The bound on each data file's size: the spec's maxFileBytes, or the default."""
+    return getattr(spec, "max_file_bytes", None) or DEFAULT_MAX_FILE_BYTES
+
+
+def _too_large(uri: str, size: int, limit: int) -> DataError:
+    return DataError(
+        f"dataset {uri}: {size} bytes, more than {MAX_BYTES_FIELD} ({limit} bytes); use a "
+        f"smaller file, or raise {MAX_BYTES_FIELD} if the pod's memory holds its records "
+        "(several times the file's size)"
+    )
+
+
+def fetch(uri: str, cache: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Path:
+    """The dataset file on local disk (remote files are staged into cache first, streamed, with
+    their size checked before the download and while it runs)."""
     if uri.startswith("file://"):
         path = Path(urlsplit(uri).path)
         if not path.is_file():
             raise DataError(f"dataset {uri}: no such file")
+        if path.stat().st_size > max_bytes:
+            raise _too_large(uri, path.stat().st_size, max_bytes)
         return path
     if uri.startswith("hf://datasets/"):
         return _fetch_hf(uri, cache)
     target = cache / _name(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    loc = storage.locate(uri)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.read_bytes(uri))
+        size = obstore.head(loc.store, loc.key())["size"]
+        if size > max_bytes:
+            raise _too_large(uri, size, max_bytes)
+        got = obstore.get(loc.store, loc.key())
+        written = 0
+        with target.open("wb") as out:
+            for chunk in got:
+                written += len(chunk)
+                if written > max_bytes:  # replaced by a larger file since the head
+                    raise _too_large(uri, written, max_bytes)
+                out.write(chunk)
     except FileNotFoundError as exc:
         raise DataError(f"dataset {uri}: no such object") from exc
+    except DataError:
+        target.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # the store: a permission, a network failure (retryable)
+        raise storage._problem("read", uri, exc) from exc
     return target
 
 
@@ -213,48 +255,105 @@ def _fetch_hf(uri: str, cache: Path) -> Path:
     return target
 
 
-def read_records(path: Path, name: str) -> list[Record]:
-    raw = path.read_bytes()
+def read_records(path: Path, name: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> list[Record]:
+    """The records of a data file, read without holding the file's text beside them (JSON lines
+    and CSV are read line by line). Any malformed content is the user's error (DataError),
+    naming the file, the line and the fix."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(io.BytesIO(raw)).to_pylist()
+            rows = pq.read_table(path).to_pylist()
         except Exception as exc:
             raise DataError(f"{name}: not a readable parquet file: {exc}") from exc
         return [Record(r, f"{name} row {i + 1}") for i, r in enumerate(rows)]
-    text = _decode(raw, name)
     if suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(Record(json.loads(line), f"{name} line {number}"))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name} line {number}: invalid JSON ({exc.msg})") from exc
-        return records
+        return _jsonl(path, name)
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg})") from exc
-        if (
-            isinstance(data, dict)
-            and len(data) == 1
-            and isinstance(next(iter(data.values())), list)
-        ):
-            data = next(iter(data.values()))
-        if not isinstance(data, list):
-            raise DataError(f"{name}: expected a JSON array of records")
-        return [Record(r, f"{name} record {i + 1}") for i, r in enumerate(data)]
+        return _json(path, name)
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        return [Record(r, f"{name} line {reader.line_num}") for r in reader]
+        return _csv(path, name, max_bytes)
     raise DataError(
         f"{name}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
     )
+
+
+def _lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line, split on \\n only (as JSON Lines and CSV define lines: a
+    U+2028 or a form feed inside a string is no line break), each decoded as UTF-8."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{name} line {number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                    "save the file as UTF-8"
+                ) from exc
+
+
+def _jsonl(path: Path, name: str) -> list[Record]:
+    records = []
+    for number, line in _lines(path, name):
+        if not line.strip():
+            continue
+        try:
+            records.append(Record(json.loads(line.rstrip("\r\n")), f"{name} line {number}"))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{name} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); each "
+                "line must be one JSON object"
+            ) from exc
+        except RecursionError as exc:
+            raise DataError(
+                f"{name} line {number}: the JSON is nested too deeply to read; flatten the record"
+            ) from exc
+    return records
+
+
+def _json(path: Path, name: str) -> list[Record]:
+    raw = path.read_bytes()
+    text = _decode(raw, name)
+    del raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{name}: the JSON is nested too deeply to read") from exc
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError(f"{name}: expected a JSON array of records")
+    return [Record(r, f"{name} record {i + 1}") for i, r in enumerate(data)]
+
+
+def _csv(path: Path, name: str, max_bytes: int) -> list[Record]:
+    # A cell may be as large as the file may be (Python's default stops at 128 KiB). The limit
+    # is the process's; it is only ever raised.
+    csv.field_size_limit(max(csv.field_size_limit(), min(max_bytes, sys.maxsize)))
+    reader = csv.DictReader(line for _, line in _lines(path, name))
+    records = []
+    try:
+        for row in reader:
+            if None in row:  # more cells than the header names
+                raise DataError(
+                    f"{name} line {reader.line_num}: {len(row[None]) + len(row) - 1} cells "
+                    f"but the header names {len(row) - 1} columns; quote cells that hold commas"
+                )
+            records.append(Record(row, f"{name} line {reader.line_num}"))
+    except csv.Error as exc:
+        problem = str(exc)
+        if "new-line character" in problem:  # a bare \r: old Mac line ends, or in a cell
+            problem = "a carriage return inside a cell that is not quoted"
+        raise DataError(
+            f"{name} line {reader.line_num + 1}: not valid CSV ({problem}); quote cells that hold "
+            'commas, quotes or line breaks ("...", with "" for a quote) and save it as UTF-8'
+        ) from exc
+    return records
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -413,11 +512,16 @@ def _split(
 
 
 def load_examples(
-    uri: str, tokenizer: Any, cache: Path, fmt: str, prompts: Prompts | None = None
+    uri: str,
+    tokenizer: Any,
+    cache: Path,
+    fmt: str,
+    prompts: Prompts | None = None,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[list[Example], str, Counter, str]:
     """The examples of one file, its format, what was dropped, and the file's sha256."""
-    path = fetch(uri, cache)
-    records = read_records(path, _name(uri))
+    path = fetch(uri, cache, max_bytes)
+    records = read_records(path, _name(uri), max_bytes)
     if not records:
         raise DataError(f"{_name(uri)}: the file has no records")
     if fmt == "auto":
@@ -430,7 +534,10 @@ def load_examples(
 def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     """Reads, cleans and splits the data as the spec says."""
     prompts = Prompts.for_spec(spec, tokenizer)
-    examples, fmt, report, sha256 = load_examples(spec.uri, tokenizer, cache, spec.format, prompts)
+    limit = max_file_bytes(spec)
+    examples, fmt, report, sha256 = load_examples(
+        spec.uri, tokenizer, cache, spec.format, prompts, limit
+    )
     if fmt not in ("alpaca", "chat") and (spec.chat_template or spec.system_prompt is not None):
         raise SpecError(
             f"spec.dataset.chatTemplate: {_name(spec.uri)} is in the {fmt} format; chatTemplate "
@@ -448,11 +555,13 @@ def prepare(spec: DatasetSpec, tokenizer: Any, cache: Path) -> Splits:
     test: list[Example]
     validation: list[Example]
     if spec.test_uri:
-        test, _, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt, prompts)
+        test, _, _, _ = load_examples(spec.test_uri, tokenizer, cache, fmt, prompts, limit)
     else:
         examples, test = _split(examples, spec.test_split, total)
     if spec.validation_uri:
-        validation, _, _, _ = load_examples(spec.validation_uri, tokenizer, cache, fmt, prompts)
+        validation, _, _, _ = load_examples(
+            spec.validation_uri, tokenizer, cache, fmt, prompts, limit
+        )
     else:
         examples, validation = _split(examples, spec.validation_split, total)
     if not examples:
