@@ -568,3 +568,296 @@ def test_trainer_pull_secrets_and_required_profiles_reach_the_operator(
     defaults = _env(render())
     assert defaults["KUBETUNE_TRAINER_IMAGE_PULL_SECRETS"] == "[]"
     assert defaults["KUBETUNE_REQUIRE_PROFILE"] == "false"
+
+
+# --- Where trainers run: their NetworkPolicy. Where the operator reads Secrets. ---
+
+TEAMS = ("--set", "networkPolicy.enabled=true", "--set", "networkPolicy.trainerNamespaces={team-a,team-b}")  # fmt: skip
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def _trainer_pod(nodes: int = 2) -> tuple[dict[str, str], dict[str, int]]:
+    """A trainer pod's labels and its named ports, as the operator builds them."""
+    from kubetune.api import FineTuneJob
+    from kubetune.controller.build import build_job
+    from tests.conftest import valid_job
+
+    doc = valid_job()
+    doc["metadata"]["uid"] = "uid-1"
+    doc["spec"]["resources"] = {"nodes": nodes, "gpus": 1}
+    job = build_job(FineTuneJob.model_validate(doc), "0123abcd", OperatorSettings())
+    template = job["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    return template["metadata"]["labels"], ports
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the chart renders matchLabels only
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _admits(
+    policy: dict[str, Any],
+    ports: dict[str, int],
+    port: int,
+    peer: tuple[str, dict[str, str]],
+) -> bool:
+    """Whether this policy's ingress rules let a pod in namespace peer[0], labelled peer[1],
+    reach `port` of a pod the policy selects (the NetworkPolicy semantics, matchLabels only)."""
+    namespace, labels = peer
+    here = policy["metadata"]["namespace"]
+    for rule in policy["spec"].get("ingress", []):
+        numbers = [ports.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+        if numbers and port not in numbers:
+            continue
+        if "from" not in rule:
+            return True
+        for source in rule["from"]:
+            namespaces = source.get("namespaceSelector")
+            in_namespace = (
+                _selects(namespaces, {"kubernetes.io/metadata.name": namespace})
+                if namespaces is not None
+                else namespace == here
+            )
+            pods = source.get("podSelector")
+            if in_namespace and (pods is None or _selects(pods, labels)):
+                return True
+    return False
+
+
+def _policies(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The operator's NetworkPolicy and the trainers', by namespace."""
+    policies = by_kind(docs, "NetworkPolicy")
+    (operator,) = [p for p in policies if not p["metadata"]["name"].endswith("-trainers")]
+    trainers = {p["metadata"]["namespace"]: p for p in policies if p is not operator}
+    assert len(trainers) == len(policies) - 1, "one trainers' policy per namespace"
+    return operator, trainers
+
+
+@pytest.mark.parametrize(
+    ("args", "namespaces"),
+    [
+        pytest.param(TEAMS, ["team-a", "team-b"], id="cluster-wide-listed"),
+        pytest.param(NAMESPACED, ["ml", "research"], id="namespaced-watched"),
+        pytest.param(
+            (*NAMESPACED, "--set", "networkPolicy.trainerNamespaces={ml,extra}"),
+            ["extra", "ml", "research"],
+            id="namespaced-and-listed-once-each",
+        ),
+    ],
+)
+def test_trainer_pods_get_their_policy_in_every_namespace_they_run_in(
+    args: tuple[str, ...], namespaces: list[str]
+) -> None:
+    """The trainers' policy is rendered where trainers run, never (only) in the operator's own
+    namespace, and it selects the pods the operator builds."""
+    operator, trainers = _policies(render(*args))
+    assert operator["metadata"]["namespace"] == "kubetune-system"
+    assert sorted(trainers) == namespaces
+    labels, _ = _trainer_pod()
+    for policy in trainers.values():
+        assert _selects(policy["spec"]["podSelector"], labels)
+
+
+def test_a_cluster_wide_network_policy_without_trainer_namespaces_fails_loudly() -> None:
+    """Before, it rendered the trainers' policy in the operator's namespace, where none runs,
+    and left every tenant's trainers open while the docs said they were covered."""
+    done = _helm("template", "kt", str(CHART), "--set", "networkPolicy.enabled=true")
+    assert done.returncode != 0
+    assert "networkPolicy.trainerNamespaces" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("metrics_from", "peer", "target", "port", "admitted"),
+    [
+        # peer: (namespace, labels); a label value "OPERATOR"/"TRAINER" means that pod's labels.
+        pytest.param(False, ("anywhere", {}), "trainer", "metrics", True, id="open-metrics"),
+        pytest.param(False, ("anywhere", {}), "trainer", "rendezvous", False, id="open-no-rdzv"),
+        pytest.param(True, ("kubetune-system", "OPERATOR"), "trainer", "metrics", True,
+                     id="operator-reads-progress"),
+        pytest.param(True, ("monitoring", {}), "trainer", "metrics", True, id="prometheus-trainer"),
+        pytest.param(True, ("monitoring", {}), "operator", "metrics", True, id="prometheus-op"),
+        pytest.param(True, ("team-b", {}), "trainer", "metrics", False, id="tenant-no-scrape"),
+        pytest.param(True, ("kubetune-system", {}), "trainer", "metrics", False,
+                     id="not-any-pod-of-the-operator-ns"),
+        pytest.param(True, ("team-b", {}), "operator", "metrics", False, id="tenant-no-op-scrape"),
+        pytest.param(True, ("team-b", {}), "operator", "health", True, id="kubelet-probes"),
+        pytest.param(True, ("team-a", "TRAINER"), "trainer", "rendezvous", True,
+                     id="same-namespace-ranks-meet"),
+        pytest.param(True, ("team-a", "TRAINER"), "trainer", 45123, True, id="nccl-any-port"),
+        pytest.param(True, ("team-b", "TRAINER"), "trainer", "rendezvous", False,
+                     id="another-tenants-trainer"),
+        pytest.param(True, ("team-a", {}), "trainer", "rendezvous", False, id="other-pod-same-ns"),
+    ],
+)  # fmt: skip
+def test_network_policies_admit_what_each_peer_needs_and_nothing_more(
+    metrics_from: bool,
+    peer: tuple[str, Any],
+    target: str,
+    port: str | int,
+    admitted: bool,
+) -> None:
+    """metricsFrom narrows who scrapes the trainers as well as the operator; the operator can
+    always read its trainers' progress; only trainer pods of the namespace reach a trainer's
+    other ports (the ranks of a distributed run)."""
+    extra = ["--set-json", f"networkPolicy.metricsFrom=[{json.dumps(MONITORING)}]"]
+    docs = render(*TEAMS, *(extra if metrics_from else []))
+    operator, trainers = _policies(docs)
+    (deployment,) = by_kind(docs, "Deployment")
+    operator_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    trainer_labels, trainer_ports = _trainer_pod()
+    namespace, labels = peer
+    if isinstance(labels, str):
+        labels = {"OPERATOR": operator_labels, "TRAINER": trainer_labels}[labels]
+    if target == "trainer":
+        policy, ports = trainers["team-a"], trainer_ports
+        assert _selects(policy["spec"]["podSelector"], trainer_labels)
+    else:
+        policy, ports = operator, {"metrics": 8080, "health": 8081}
+        assert _selects(policy["spec"]["podSelector"], operator_labels)
+    number = ports[port] if isinstance(port, str) else port
+    assert _admits(policy, ports, number, (namespace, labels)) is admitted
+
+
+def test_trainer_egress_is_restricted_only_when_the_platform_lists_it() -> None:
+    _, trainers = _policies(render(*TEAMS))
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in trainers.values())
+    storage = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443}]}
+    _, trainers = _policies(
+        render(*TEAMS, "--set-json", f"networkPolicy.trainerEgress=[{json.dumps(storage)}]")
+    )
+    labels, _ = _trainer_pod()
+    for policy in trainers.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        dns, peers, *rest = policy["spec"]["egress"]
+        assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+        (ranks,) = peers["to"]  # the other ranks of a distributed run, on any port
+        assert "ports" not in peers and _selects(ranks["podSelector"], labels)
+        assert rest == [storage]  # nothing else: no API server, no metadata endpoint
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.34"])
+def test_policies_and_secret_roles_are_valid_kubernetes(version: str, tmp_path: Path) -> None:
+    storage = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443}]}
+    docs = render(
+        *TEAMS,
+        "--set-json", f"networkPolicy.metricsFrom=[{json.dumps(MONITORING)}]",
+        "--set-json", f"networkPolicy.trainerEgress=[{json.dumps(storage)}]",
+        "--set", "rbac.secretNamespaces={team-a}",
+    )  # fmt: skip
+    core = [d for d in docs if d["kind"] in ("NetworkPolicy", "Role", "RoleBinding", "ClusterRole")]
+    path = tmp_path / "chart.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    validate = shutil.which("kubernetes-validate", path=str(Path(ROOT / ".venv" / "bin")))
+    done = subprocess.run(
+        [validate or "kubernetes-validate", "--strict", "--quiet", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_trainer_policy_in_security_md_is_the_one_the_chart_renders() -> None:
+    """The manifest the docs give for a namespace added later is the chart's, for a release
+    named kubetune in kubetune-system (as install.md installs it), scraped from monitoring."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    (documented,) = [b for b in blocks if b and b.get("kind") == "NetworkPolicy"]
+    done = _helm(
+        "template", "kubetune", str(CHART), "--namespace", "kubetune-system",
+        "--set", "networkPolicy.enabled=true", "--set", "networkPolicy.trainerNamespaces={team-a}",
+        "--set-json", f"networkPolicy.metricsFrom=[{json.dumps(MONITORING)}]",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    _, trainers = _policies([d for d in yaml.safe_load_all(done.stdout) if d])
+    assert documented["metadata"]["name"] == trainers["team-a"]["metadata"]["name"]
+    assert documented["spec"] == trainers["team-a"]["spec"]
+
+
+def _secret_rights(docs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Where the operator may read Secrets: namespace (or '*' for the whole cluster) -> verbs,
+    from every role bound to its ServiceAccount."""
+    account = by_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+             for d in docs if d["kind"] in ("Role", "ClusterRole")}  # fmt: skip
+    out: dict[str, set[str]] = {}
+    for binding in by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding"):
+        if not any(s.get("name") == account for s in binding["subjects"]):
+            continue
+        where = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        role = roles[ref["kind"], where if ref["kind"] == "Role" else None, ref["name"]]
+        for rule in role["rules"]:
+            if "secrets" in rule["resources"]:
+                assert rule["apiGroups"] == [""] and "resourceNames" not in rule
+                out.setdefault(where or "*", set()).update(rule["verbs"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "rights"),
+    [
+        pytest.param((), {"*": {"get"}}, id="cluster-wide"),
+        pytest.param(("--set", "rbac.secretNamespaces={team-a}"), {"team-a": {"get"}},
+                     id="cluster-wide-listed"),
+        pytest.param(("--set", "readStorageSecrets=false"), {}, id="cluster-wide-off"),
+        pytest.param(("--set", "readStorageSecrets=false", "--set", "rbac.secretNamespaces={a}"),
+                     {}, id="off-wins-over-listed"),
+        pytest.param(NAMESPACED, {"ml": {"get"}, "research": {"get"}}, id="namespaced"),
+        pytest.param((*NAMESPACED, "--set", "rbac.secretNamespaces={ml}"), {"ml": {"get"}},
+                     id="namespaced-listed"),
+        pytest.param((*NAMESPACED, "--set", "readStorageSecrets=false"), {}, id="namespaced-off"),
+    ],
+)  # fmt: skip
+def test_the_operator_reads_secrets_only_where_the_chart_says(
+    args: tuple[str, ...], rights: dict[str, set[str]]
+) -> None:
+    """`get` only (never list or watch: a leaked token cannot enumerate Secrets), in every
+    namespace, in the listed ones, or nowhere; and everything else the operator uses is still
+    granted in a namespace whose Secret reads were moved to a Role of their own."""
+    docs = render(*args)
+    assert _secret_rights(docs) == rights
+    wanted = {(g, r, v) for g, r, verbs in PERMISSIONS for v in verbs if r != "secrets"}
+    for role in _roles(*args):
+        if not role["metadata"]["name"].endswith("-secrets"):
+            assert wanted <= _granted(role), wanted - _granted(role)
+
+
+def test_secret_namespaces_must_be_watched_ones() -> None:
+    done = _helm(
+        "template", "kt", str(CHART), *NAMESPACED, "--set", "rbac.secretNamespaces={ml,elsewhere}"
+    )
+    assert done.returncode != 0
+    assert "rbac.secretNamespaces names elsewhere" in done.stderr, done.stderr
+
+
+def test_the_webhook_policy_reaches_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """notify.* become the operator's destination policy; by default the private ranges are
+    denied (the cluster's services, pods and nodes) and nothing is opened."""
+    from ipaddress import ip_network
+
+    from kubetune.controller.settings import PRIVATE_CIDRS
+
+    defaults = _env(render())
+    assert json.loads(defaults["KUBETUNE_NOTIFY_DENIED_CIDRS"]) == list(PRIVATE_CIDRS)
+    assert defaults["KUBETUNE_NOTIFY_ALLOWED_CIDRS"] == "[]"
+    assert defaults["KUBETUNE_NOTIFY_ALLOWED_HOSTS"] == "[]"
+    env = _env(
+        render(
+            "--set", "notify.deniedCidrs={10.96.0.0/12,10.244.0.0/16}",
+            "--set", "notify.allowedCidrs={10.96.7.0/24}",
+            "--set", "notify.allowedHosts={deployer.ml-serving.svc.cluster.local,*.hooks.internal}",
+            "--set", "notify.timeoutSeconds=5",
+        )
+    )  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()
+    assert settings.notify_denied_cidrs == [ip_network("10.96.0.0/12"), ip_network("10.244.0.0/16")]
+    assert settings.notify_allowed_cidrs == [ip_network("10.96.7.0/24")]
+    assert settings.notify_allowed_hosts == [
+        "deployer.ml-serving.svc.cluster.local",
+        "*.hooks.internal",
+    ]
+    assert settings.notify_timeout_seconds == 5
