@@ -58,7 +58,9 @@ class FakeKube:
         if self.reject and obj["kind"] == "Job":
             raise self.reject
         self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
-        self.objects[obj["kind"], obj["metadata"]["name"]] = copy.deepcopy(obj)
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["uid"] = f"uid-{obj['kind']}-{obj['metadata']['name']}"  # the API's
+        self.objects[obj["kind"], obj["metadata"]["name"]] = stored
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.writes.append(("delete", kind, name))
@@ -105,7 +107,11 @@ def start_pod(kube: FakeKube) -> None:
     job["status"] = {"active": 1, "startTime": "2026-11-22T12:00:00Z"}
     labels = job["spec"]["template"]["metadata"]["labels"]
     kube.objects["Pod", name + "-1"] = {
-        "metadata": {"name": name + "-1", "labels": labels},
+        "metadata": {
+            "name": name + "-1",
+            "labels": labels,
+            "ownerReferences": [{"kind": "Job", "uid": job["metadata"]["uid"], "controller": True}],
+        },
         "spec": {
             "containers": [
                 {"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9555}]}

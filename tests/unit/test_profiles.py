@@ -357,8 +357,8 @@ def test_the_run_is_pinned_to_the_profile_it_started_with() -> None:
     configmap = build_configmap(resolved, "0123abcd", SETTINGS, template)
     config = yaml.safe_load(configmap["data"]["config.json"])
     assert config["modelCache"] == {"path": "/models/cache"}
-    exists, pinned = pinned_profile([configmap], "0123abcd")
-    assert exists and pinned is not None
+    pinned = pinned_profile(configmap)
+    assert pinned is not None
     assert (pinned.metadata.name, pinned.metadata.generation) == ("a100-pool", 3)
     original = FineTuneProfile.model_validate(yaml.load(EXAMPLE.read_text(), Loader=Loader))
     assert pinned.spec == original.spec
@@ -367,9 +367,8 @@ def test_the_run_is_pinned_to_the_profile_it_started_with() -> None:
     assert build_job(again.job, "0123abcd", SETTINGS, again.template) == build_job(
         resolved, "0123abcd", SETTINGS, template
     )
-    assert pinned_profile([configmap], "another") == (False, None)
     plain = build_configmap(job(), "0123abcd", SETTINGS, NO_PROFILE)
-    assert pinned_profile([plain], "0123abcd") == (True, None)
+    assert pinned_profile(plain) is None
 
 
 def _job_doc() -> dict[str, Any]:

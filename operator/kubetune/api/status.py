@@ -301,6 +301,15 @@ class FineTuneJobStatus(StatusModel):
     profile: ProfileRef | None = Field(
         default=None, description="profile is the FineTuneProfile the run was resolved against."
     )
+    config_hash: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description=(
+            "configHash is the sha256 of the run's ConfigMap (the trainer's config and the "
+            "pinned profile) as the operator wrote it. A ConfigMap with other contents is not "
+            "the run's: the operator replaces it (tenants can write ConfigMaps, not status)."
+        ),
+    )
     start_time: datetime | None = Field(
         default=None, description="startTime is when training started."
     )

@@ -12,6 +12,8 @@ environment (PET_*), as Kubeflow Trainer's torch runtime sets it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +41,13 @@ RUN_LABEL = "kubetune.dev/run-id"
 JOB_LABEL = "kubetune.dev/finetunejob"
 MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
-# The profile a run was resolved against: name@generation, and its spec then (on the ConfigMap,
-# which outlives the Job, so that the run keeps it whatever happens to the profile).
+# The profile a run was resolved against: name@generation (an annotation, for people) and the
+# profile then, name, generation and spec (a key of the ConfigMap's data, which outlives the Job,
+# so that the run keeps it whatever happens to the profile). The ConfigMap's data is trusted
+# only when its hash is the one the operator wrote in status.configHash (data_hash).
 PROFILE_LABEL = "kubetune.dev/profile"
 PROFILE_ANNOTATION = "kubetune.dev/profile"
-PROFILE_SPEC_ANNOTATION = "kubetune.dev/profile-spec"
+PROFILE_FILE = "profile.json"
 RUN_AS = 1000
 # The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -142,19 +146,32 @@ def build_configmap(
     """The resolved trainer config; it names the credentials Secret but never holds a credential.
     It records the profile the run was resolved against (name@generation and its spec)."""
     config = trainer_config(job, run_id, settings, template)
+    data = {CONFIG_FILE: config.model_dump_json(indent=2, exclude_none=True)}
     pinned = {}
     if template.profile is not None and template.profile_spec is not None:
-        pinned = {
-            PROFILE_ANNOTATION: f"{template.profile.name}@{template.profile.generation}",
-            PROFILE_SPEC_ANNOTATION: template.profile_spec,
-        }
+        pinned = {PROFILE_ANNOTATION: f"{template.profile.name}@{template.profile.generation}"}
+        data[PROFILE_FILE] = json.dumps(
+            {
+                "name": template.profile.name,
+                "generation": template.profile.generation,
+                "spec": json.loads(template.profile_spec),
+            },
+            sort_keys=True,
+        )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, run_id, template, extra_annotations=pinned),
-        "data": {CONFIG_FILE: config.model_dump_json(indent=2, exclude_none=True)},
+        "data": data,
         "immutable": True,
     }
+
+
+def data_hash(obj: dict[str, Any]) -> str:
+    """sha256 of a ConfigMap's contents (data and binaryData: every key becomes a file in the
+    trainer's config volume), the same for the object built and the object read back."""
+    contents = {"data": obj.get("data") or {}, "binaryData": obj.get("binaryData") or {}}
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
 
 
 def _resources(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:

@@ -27,7 +27,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from kubetune.controller.build import PROFILE_FILE, data_hash
+
 log = logging.getLogger("kubetune.operator")
+DATA_HASH = "dataHash"  # a trimmed ConfigMap's sha256 of its contents (build.data_hash)
 
 Key = tuple[str, str]  # (namespace, name)
 Change = Callable[[str, dict[str, Any] | None, dict[str, Any] | None], None]  # kind, old, new
@@ -81,7 +84,18 @@ def trim_job(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def trim_configmap(obj: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata": _meta(obj)}
+    """Its metadata, the hash of its contents (a tenant can write a ConfigMap that looks like a
+    run's: reconcile trusts one only when the hash is the one the operator wrote in the job's
+    status) and the pinned profile, the one key a reconcile reads."""
+    trimmed: dict[str, Any] = {"metadata": _meta(obj), DATA_HASH: data_hash(obj)}
+    pinned = (obj.get("data") or {}).get(PROFILE_FILE)
+    if pinned is not None:
+        trimmed["data"] = {PROFILE_FILE: pinned}
+    return trimmed
+
+
+def trim_service(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": _meta(obj)}  # the metadata is all a run needs of its Service
 
 
 def trim_pod(obj: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +122,7 @@ TRIM: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "namespaces": trim_namespace,
     "jobs": trim_job,
     "configmaps": trim_configmap,
-    "services": trim_configmap,  # the metadata is all a run needs of its Service
+    "services": trim_service,
     "pods": trim_pod,
 }
 

@@ -42,6 +42,7 @@ from kubetune.controller.build import (
     build_configmap,
     build_job,
     build_service,
+    data_hash,
 )
 from kubetune.controller.conditions import (
     State,
@@ -81,6 +82,7 @@ class Waiting:
 class Observed:
     job: ObservedJob | None = None  # the current run's Job
     configmap: bool = False  # the current run's ConfigMap exists
+    config_hash: str | None = None  # its contents' hash, when they are the operator's
     service: bool = False  # the current run's headless Service exists (runs of several pods)
     stale: tuple[tuple[str, str], ...] = ()  # (kind, name) of children of older runs
     pods_started: int = 0  # starts of the current run's trainer: pods, or rounds of a group
@@ -203,6 +205,7 @@ def _status(
     now: datetime,
     error: State | None,
     template: RunTemplate,
+    config_hash: str | None = None,
 ) -> FineTuneJobStatus:
     previous = job.status or FineTuneJobStatus()
     generation = job.metadata.generation
@@ -225,6 +228,7 @@ def _status(
         if current
         else (kept.job_name or child_name(job.metadata.name, run_id)),
         profile=template.profile or kept.profile,
+        config_hash=config_hash or observed.config_hash or kept.config_hash,
         # When training started: the trainer container, not the Job (a pod may wait for a GPU).
         start_time=kept.start_time
         or observed.trainer_started
@@ -303,6 +307,9 @@ def decide(
                 decision.create.append(build_service(job, run_id, template))
             decision.create.append(build_job(job, run_id, settings, template))
         elif current is not None and not ended and not current.deleting:
+            if not observed.configmap:
+                # Gone, or replaced by someone else's (reconcile.py): a restarted pod mounts it.
+                decision.create.append(build_configmap(job, run_id, settings, template))
             if spec.queue_name and spec.suspend:
                 # Kueue owns a queued Job's suspend flag (it unsuspends what it admitted), so a
                 # suspended run gives its Job back; the run, its ConfigMap and checkpoints stay.
@@ -313,7 +320,10 @@ def decide(
         new_attempt = observed.pods_started > previous.attempts
         if forbidden(previous.phase, phase_for(state), new_attempt):
             state = kept
-    decision.status = _status(job, observed, state, run_id, now, error, template)
+    written = [data_hash(obj) for obj in decision.create if obj["kind"] == "ConfigMap"]
+    decision.status = _status(
+        job, observed, state, run_id, now, error, template, written[0] if written else None
+    )
     changed = decision.status.phase != previous.phase or (kept and kept.reason) != state.reason
     if changed or not same_run:
         kind = "Warning" if state.failed or state.waiting else "Normal"

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import base64
 import collections
+import http.client
+import io
 import json
 import logging
 import os
+import socket
 import threading
-import urllib.error
-import urllib.request
+import time
+import types
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -38,7 +41,7 @@ from kubetune.api import (
     SCHEDULE_PLURAL,
     VERSION,
 )
-from kubetune.controller.build import MANAGED_BY
+from kubetune.controller.build import MANAGED_BY, data_hash
 from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 
@@ -292,15 +295,44 @@ class Kube:
         }
 
     @staticmethod
-    def metrics(ip: str, port: int, timeout: float = 3.0) -> str | None:
-        """A trainer's Prometheus metrics text, or None when it cannot be read right now."""
-        host = f"[{ip}]" if ":" in ip else ip
+    def metrics(ip: str, port: int, timeout: float = 3.0, max_bytes: int = 1 << 20) -> str | None:
+        """A trainer's Prometheus metrics text, or None when it cannot be read right now: no
+        answer, not a 200, not whole within `timeout` seconds (the whole request: connect, send
+        and every read, not each read), or over `max_bytes` (a trainer's are a few KiB). Any pod
+        can answer on a trainer's address, so a trickling or endless answer holds a scrape slot
+        for `timeout` at most and memory for `max_bytes`; no redirect or proxy is followed."""
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:
-                return r.read().decode("utf-8", "replace")
-        except (OSError, urllib.error.URLError) as exc:
+            raw = Kube._get(ip, port, "/metrics", time.monotonic() + timeout, max_bytes)
+            # http.client parses what came (status, headers, Content-Length, chunks) from memory.
+            response = http.client.HTTPResponse(
+                types.SimpleNamespace(makefile=lambda *_: io.BytesIO(raw))  # type: ignore[arg-type]
+            )
+            response.begin()
+            if response.status != 200:
+                raise http.client.HTTPException(f"{response.status} {response.reason}")
+            return response.read().decode("utf-8", "replace")
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             log.debug("metrics of %s:%d not readable: %s", ip, port, exc)
             return None
+
+    @staticmethod
+    def _get(ip: str, port: int, path: str, deadline: float, max_bytes: int) -> bytes:
+        """The raw answer to an HTTP/1.0 GET (the server closes the connection after it), read in
+        chunks, each read's timeout the time left before `deadline` (time.monotonic)."""
+        host = f"[{ip}]" if ":" in ip else ip
+        request = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: text/plain\r\n\r\n"
+        raw = bytearray()
+        with socket.create_connection((ip, port), timeout=deadline - time.monotonic()) as sock:
+            sock.sendall(request.encode())
+            while chunk := sock.recv(min(1 << 16, max_bytes + 1 - len(raw))):
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise ValueError(f"the answer is over {max_bytes} bytes")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the answer was not whole in time")
+                sock.settimeout(left)
+        return bytes(raw)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -347,6 +379,12 @@ class Kube:
             raise Retry(f"{what} belongs to another owner; waiting", 5.0)
         if (existing.get("metadata") or {}).get("deletionTimestamp"):
             raise Retry(f"{what} is still being deleted; waiting", 2.0)
+        if kind == "ConfigMap" and data_hash(existing) != data_hash(obj):
+            # An owner reference is no proof: whoever can create ConfigMaps in the namespace
+            # can write one. A run mounts only the config the operator wrote.
+            log.warning("%s has contents the operator did not write; replacing it", what)
+            self.delete(kind, namespace, name)
+            raise Retry(f"{what} was not the operator's; replaced", 1.0)
         log.info("adopted existing %s", what)
         return existing
 

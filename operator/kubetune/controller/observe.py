@@ -14,6 +14,7 @@ What the Job and its pods say, read as Kubernetes means it:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from kubetune.api import ExitCode, FineTuneJob, PodPhase, Progress, TrainerResult, make_run_id
+from kubetune.api.types import RUN_ID_LENGTH
 from kubetune.controller.build import (
     COMPLETION_INDEX,
     CONTAINER,
@@ -31,6 +33,7 @@ from kubetune.controller.build import (
 )
 from kubetune.controller.decide import Observed, ObservedJob, Waiting
 
+RUN_ID = re.compile(f"[0-9a-f]{{{RUN_ID_LENGTH}}}")  # what make_run_id makes
 # Container waiting reasons that are a normal part of starting, not a problem to report.
 STARTING = frozenset({"ContainerCreating", "PodInitializing"})
 # ErrImagePull and ImagePullBackOff alternate while a pull keeps failing: one reason for both.
@@ -129,6 +132,43 @@ def pod_waiting(pod: dict[str, Any]) -> Waiting | None:
     return Waiting(SAME_AS.get(reason, reason), waiting.get("message") or "")
 
 
+def _controller_uid(obj: dict[str, Any]) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def controlled(children: dict[str, list[dict[str, Any]]], uid: str) -> dict[str, list[Any]]:
+    """The children the FineTuneJob with this uid controls, as controller-runtime's
+    `metav1.IsControlledBy` decides: Jobs, ConfigMaps and Services whose controller reference
+    is the FineTuneJob, and the pods whose controller is one of those Jobs. A tenant writes
+    objects in its namespace with any labels; one that merely carries a run's labels is not the
+    run's (and is neither trusted nor deleted). A controller reference can be written by a
+    tenant too, so a ConfigMap's contents are checked as well (trusted_configmap)."""
+    if not uid:
+        return {kind: [] for kind in children}
+    mine = {
+        kind: [obj for obj in objs if _controller_uid(obj) == uid]
+        for kind, objs in children.items()
+        if kind != "pods"
+    }
+    jobs = {(j.get("metadata") or {}).get("uid") for j in mine.get("jobs", [])} - {None}
+    mine["pods"] = [p for p in children.get("pods", []) if _controller_uid(p) in jobs]
+    return mine
+
+
+def run_configmap(configmaps: Iterable[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
+    return next(
+        (
+            c
+            for c in configmaps
+            if ((c.get("metadata") or {}).get("labels") or {}).get(RUN_LABEL) == run_id
+        ),
+        None,
+    )
+
+
 def current_run_id(
     job: FineTuneJob, jobs: Iterable[dict[str, Any]], configmaps: Iterable[dict[str, Any]] = ()
 ) -> str:
@@ -138,8 +178,11 @@ def current_run_id(
     wanted = spec_hash(job)
     for raw in (*jobs, *configmaps):
         meta = raw.get("metadata") or {}
-        run_id = (meta.get("labels") or {}).get(RUN_LABEL)
-        if run_id and (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted:
+        run_id = (meta.get("labels") or {}).get(RUN_LABEL) or ""
+        if (
+            RUN_ID.fullmatch(run_id)
+            and (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted
+        ):
             return run_id
     return make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
 

@@ -1,11 +1,13 @@
 """A FineTuneJob resolved against its FineTuneProfile. Pure.
 
 Three steps, before anything is decided (decide.py never learns what a profile is):
-1. Which profile: the one the run was started with, pinned on the run's ConfigMap (a later
-   change of the profile never changes a run that exists); else the one `spec.profile` names,
-   offered to the job's namespace by the profile's namespaceSelector; else the default profile
-   offered to the namespace (the newest, when several are: what Kubernetes does with several
-   default StorageClasses); else none, unless the operator requires one.
+1. Which profile: the one the run was started with, pinned in the run's ConfigMap (a later
+   change of the profile never changes a run that exists) when its contents are the ones the
+   operator wrote (status.configHash: a tenant can write ConfigMaps, not status); else the one
+   `spec.profile` names, offered to the job's namespace by the profile's namespaceSelector;
+   else the default profile offered to the namespace (the newest, when several are: what
+   Kubernetes does with several default StorageClasses); else none, unless the operator
+   requires one.
 2. The profile's defaults fill what the job leaves unset; the job's own values must lie within
    the profile's limits. Each violation is one line naming the field, the value, the profile and
    the fix (a PolicyViolation).
@@ -24,13 +26,7 @@ from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, FineTuneProfile, ProfileRef, describe_errors
 from kubetune.api.types import parse_quantity
-from kubetune.controller.build import (
-    PROFILE_ANNOTATION,
-    PROFILE_SPEC_ANNOTATION,
-    RUN_LABEL,
-    RunTemplate,
-    spec_hash,
-)
+from kubetune.controller.build import PROFILE_FILE, RunTemplate, spec_hash
 from kubetune.controller.conditions import State
 from kubetune.controller.settings import OperatorSettings
 
@@ -46,29 +42,22 @@ class Resolution:
     problems: tuple[str, ...] = ()  # the violations, one 'field: problem and fix' each
 
 
-def pinned_profile(
-    configmaps: Iterable[dict[str, Any]], run_id: str
-) -> tuple[bool, FineTuneProfile | None]:
-    """Whether the run exists (its ConfigMap does), and the profile it was started with, as its
-    ConfigMap recorded it (None: it started under no profile)."""
-    for raw in configmaps:
-        meta = raw.get("metadata") or {}
-        if (meta.get("labels") or {}).get(RUN_LABEL) != run_id:
-            continue
-        annotations = meta.get("annotations") or {}
-        ref, spec = annotations.get(PROFILE_ANNOTATION), annotations.get(PROFILE_SPEC_ANNOTATION)
-        if not ref or not spec:
-            return True, None
-        name, _, generation = ref.rpartition("@")
-        return True, FineTuneProfile.model_validate(
-            {
-                "apiVersion": "kubetune.dev/v1alpha1",
-                "kind": "FineTuneProfile",
-                "metadata": {"name": name, "generation": int(generation or 0)},
-                "spec": json.loads(spec),
-            }
-        )
-    return False, None
+def pinned_profile(configmap: dict[str, Any]) -> FineTuneProfile | None:
+    """The profile a run was started with, as its ConfigMap recorded it (None: it started under
+    no profile). Only for a ConfigMap whose contents the operator vouches for (its hash is the
+    job's status.configHash)."""
+    pinned = (configmap.get("data") or {}).get(PROFILE_FILE)
+    if not pinned:
+        return None
+    record = json.loads(pinned)
+    return FineTuneProfile.model_validate(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneProfile",
+            "metadata": {"name": record["name"], "generation": int(record["generation"])},
+            "spec": record["spec"],
+        }
+    )
 
 
 def _offered(profile: FineTuneProfile, namespace_labels: dict[str, str]) -> bool:

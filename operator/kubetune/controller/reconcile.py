@@ -31,11 +31,19 @@ from kubetune.api import (
     make_run_id,
 )
 from kubetune.controller import results, webhook
-from kubetune.controller.build import RunTemplate, spec_hash
+from kubetune.controller.build import RunTemplate, build_configmap, data_hash, spec_hash
+from kubetune.controller.cache import DATA_HASH
 from kubetune.controller.conditions import State, make_condition
 from kubetune.controller.decide import Decision, Event, Observed, decide
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
-from kubetune.controller.observe import current_run_id, metrics_target, observe, running_pod
+from kubetune.controller.observe import (
+    controlled,
+    current_run_id,
+    metrics_target,
+    observe,
+    run_configmap,
+    running_pod,
+)
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.profiles import (
     Resolution,
@@ -156,26 +164,50 @@ def _stored_result(
 def _resolve(
     kube: KubeIO,
     job: FineTuneJob,
-    run_id: str,
-    configmaps: list[dict[str, Any]],
+    pinned: dict[str, Any] | None,
     settings: OperatorSettings,
 ) -> Resolution:
-    """The job resolved against its profile: the one its run started with, if the run exists;
-    else the one it selects now."""
-    exists, profile = pinned_profile(configmaps, run_id)
-    if not exists:
-        namespace = job.metadata.namespace or ""
-        profiles = kube.profiles()
-        labels: dict[str, str] | None = {}
-        if any(p.spec.namespace_selector is not None for p in profiles):
-            labels = kube.namespace_labels(namespace)
-            if labels is None:
-                # Every namespaced object's namespace exists: the cache has not seen it yet.
-                raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
-        profile, refusal = select_profile(job, profiles, labels, settings)
-        if refusal is not None:
-            return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
+    """The job resolved against its profile: the one its run started with, if the run's
+    ConfigMap is vouched for (pinned); else the one it selects now."""
+    if pinned is not None:
+        return apply_profile(job, pinned_profile(pinned))
+    namespace = job.metadata.namespace or ""
+    profiles = kube.profiles()
+    labels: dict[str, str] | None = {}
+    if any(p.spec.namespace_selector is not None for p in profiles):
+        labels = kube.namespace_labels(namespace)
+        if labels is None:
+            # Every namespaced object's namespace exists: the cache has not seen it yet.
+            raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
+    profile, refusal = select_profile(job, profiles, labels, settings)
+    if refusal is not None:
+        return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
     return apply_profile(job, profile)
+
+
+def _own_configmap(
+    job: FineTuneJob,
+    run_id: str,
+    configmap: dict[str, Any] | None,
+    previous: FineTuneJobStatus,
+    settings: OperatorSettings,
+    kube: KubeIO,
+) -> tuple[Resolution, str | None]:
+    """The job resolved, and the hash of the run's ConfigMap when its contents are the
+    operator's: the hash status.configHash recorded for this run, or (status not written yet,
+    or by an older operator) the contents the operator would write now. A ConfigMap with any
+    other contents was written by someone else (a tenant can create one with the run's name,
+    labels and even its owner reference): it is neither believed nor mounted; None."""
+    # The cache keeps a ConfigMap's hash, not its data (cache.trim_configmap).
+    found = (configmap.get(DATA_HASH) or data_hash(configmap)) if configmap is not None else None
+    recorded = previous.config_hash if previous.run_id == run_id else None
+    if found is not None and found == recorded:
+        return _resolve(kube, job, configmap, settings), found
+    resolution = _resolve(kube, job, None, settings)
+    if found is None:
+        return resolution, None
+    wanted = data_hash(build_configmap(resolution.job, run_id, settings, resolution.template))
+    return resolution, (found if found == wanted else None)
 
 
 def reconcile(
@@ -196,7 +228,7 @@ def reconcile(
         return None  # deleted: the garbage collector removes the children via ownerReferences
     previous = _previous_status(raw)
     meta = ObjectMeta.model_validate(raw.get("metadata") or {})
-    children = kube.children(namespace, name)
+    children = controlled(kube.children(namespace, name), meta.uid or "")
     refusal: State | None = None
     template = RunTemplate()
     try:
@@ -219,7 +251,18 @@ def reconcile(
     else:
         job = job.model_copy(update={"status": previous, "metadata": meta})
         run_id = current_run_id(job, children["jobs"], children["configmaps"])
-        resolution = _resolve(kube, job, run_id, children["configmaps"], settings)
+        configmap = run_configmap(children["configmaps"], run_id)
+        resolution, config_hash = _own_configmap(job, run_id, configmap, previous, settings, kube)
+        foreign: tuple[tuple[str, str], ...] = ()
+        if configmap is not None and config_hash is None:
+            # Deleted (the decision recreates it from the spec): never mounted by a trainer.
+            log.warning(
+                "ConfigMap %s/%s has contents the operator did not write; replacing it",
+                namespace,
+                configmap["metadata"]["name"],
+            )
+            children["configmaps"] = [c for c in children["configmaps"] if c is not configmap]
+            foreign = (("ConfigMap", configmap["metadata"]["name"]),)
         job, template = resolution.job, resolution.template
         problems = policy_problems(job, settings, resolution.allowed_images)
         refusal = resolution.refusal
@@ -237,6 +280,7 @@ def reconcile(
             now,
             services=children.get("services", ()),
         )
+        observed = replace(observed, config_hash=config_hash, stale=(*observed.stale, *foreign))
         if _needs_stored_result(job, observed, run_id):
             stored = _stored_result(kube, job, run_id, read_result)
             observed = replace(observed, result=stored)
