@@ -189,7 +189,7 @@ MAX_BYTES_FIELD = "spec.dataset.maxFileBytes"
 
 def max_file_bytes(spec: DatasetSpec) -> int:
     """The bound on each data file's size: the spec's maxFileBytes, or the default."""
-    return getattr(spec, "max_file_bytes", None) or DEFAULT_MAX_FILE_BYTES
+    return spec.max_file_bytes or DEFAULT_MAX_FILE_BYTES
 
 
 def _too_large(uri: str, size: int, limit: int) -> DataError:

@@ -305,10 +305,14 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     the prompts): everything but the weights."""
     spec = config.spec
     reporter.stage("model", spec.model.uri)
+    # The cache lock's holder names this run and node: a retry of the same run (a new pod)
+    # takes over the lock its killed predecessor left.
+    rank = distributed.current()
+    holder = f"{config.run_id}/node-{rank.node}"
+    shared = ModelCache(config.model_cache, cache, holder=holder) if config.model_cache else None
     # The ranks of a pod share its cache: the first fills it (a download, a GGUF conversion),
     # the others then find it there.
-    local_first = distributed.current().local_rank == 0
-    shared = ModelCache(config.model_cache, cache) if config.model_cache else None
+    local_first = rank.local_rank == 0
     if not local_first:
         distributed.barrier()
     with hub.refusals(spec.model):
@@ -377,7 +381,12 @@ def _regression_set(
     the task's data), its prompts rendered as the training data's are."""
     spec = config.spec
     examples, fmt, _, _ = data.load_examples(
-        uri, tokenizer, workdir / "data", "auto", splits.prompts
+        uri,
+        tokenizer,
+        workdir / "data",
+        "auto",
+        splits.prompts,
+        data.max_file_bytes(spec.dataset),
     )
     examples = examples[: spec.evaluation.max_samples]
     wanted = set(spec.evaluation.metrics) & set(GENERATION_METRICS)

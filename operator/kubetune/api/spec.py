@@ -218,6 +218,15 @@ class DatasetSpec(ApiModel):
             "output.credentialsSecret); default: the output's Secret, else the pod's identity."
         ),
     )
+    max_file_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "maxFileBytes is the largest size in bytes of each data file (uri, validationUri, "
+            "testUri, evaluation.regressionUri), checked before it is downloaded; default "
+            "4 GiB."
+        ),
+    )
     format: DatasetFormat = Field(
         default="auto",
         description=(
