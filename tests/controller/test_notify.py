@@ -1,6 +1,8 @@
 """The promotion notification: a CloudEvent POSTed to a real HTTP receiver on 127.0.0.1, checked
 with the CloudEvents SDK and the Standard Webhooks reference library; delivered exactly once,
-retried with backoff after a 500, given up after the last attempt, and shown on the status."""
+retried with backoff after a 500, given up after the last attempt, and shown on the status.
+The receiver is opened through notify.allowedCidrs (the default policy refuses loopback); the
+policy itself, the leaks and the answer's limits are in test_webhook_policy.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import http.server
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -37,6 +40,8 @@ from tests.controller.test_reconcile import SETTINGS, FakeKube, ftj
 NOW = datetime.now(UTC).replace(microsecond=0)
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 PROMOTED_AT = datetime(2026, 11, 22, 12, 59, 30, tzinfo=UTC)
+# The test receivers listen on 127.0.0.1, which the default policy refuses: opened here.
+OPEN = SETTINGS.model_copy(update={"notify_allowed_cidrs": [ip_network("127.0.0.1/32")]})
 
 
 class Receiver:
@@ -45,6 +50,8 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.answers: list[int] = []
+        self.reply = b"busy"  # the body of a non-2xx answer
+        self.location: str | None = None  # a redirect's Location
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -53,14 +60,17 @@ class Receiver:
                 receiver.requests.append((dict(self.headers.items()), body))
                 status = receiver.answers.pop(0) if receiver.answers else 200
                 self.send_response(status)
+                if receiver.location and 300 <= status < 400:
+                    self.send_header("Location", receiver.location)
                 self.end_headers()
-                self.wfile.write(b"busy" if status >= 300 else b"ok")
+                self.wfile.write(receiver.reply if status >= 300 else b"ok")
 
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/kubetune"
+        self.netloc = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{self.netloc}/hooks/kubetune"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def verified(self) -> list[dict[str, Any]]:
@@ -80,9 +90,9 @@ def receiver() -> Iterator[Receiver]:
     r.server.shutdown()
 
 
-def promoted_job(webhook_spec: dict[str, Any]) -> FakeKube:
+def promoted_job(webhook_spec: dict[str, Any], kube_type: type[FakeKube] = FakeKube) -> FakeKube:
     """A job whose run finished promoted, its Job complete, the signing key in a Secret."""
-    kube = FakeKube(
+    kube = kube_type(
         ftj(
             output={"uri": "s3://models/sql", "credentialsSecret": "s3"},
             notify={"webhook": webhook_spec},
@@ -120,7 +130,7 @@ def result_of(kube: FakeKube) -> TrainerResult:
     )
 
 
-def finish(kube: FakeKube, at: datetime, settings: OperatorSettings = SETTINGS) -> Retry | None:
+def finish(kube: FakeKube, at: datetime, settings: OperatorSettings = OPEN) -> Retry | None:
     """One reconcile at `at`, its pod gone (result.json read); the Retry it asks for, if any."""
     stored = result_of(kube)
     try:
@@ -180,7 +190,7 @@ def test_a_500_is_retried_after_the_backoff_then_delivered(receiver: Receiver) -
     assert retry is not None and retry.delay == SETTINGS.notify_backoff_seconds
     note = notification(kube)
     assert note["state"] == "Pending" and note["attempts"] == 1
-    assert note["message"] == "the receiver answered 500: busy"
+    assert note["message"] == f"the receiver at {receiver.netloc} answered 500"  # not its body
     assert note["nextAttemptTime"] == (NOW + timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
     # Too early: no POST, come back when it is due.
     retry = finish(kube, NOW + timedelta(seconds=4))
@@ -198,13 +208,15 @@ def test_a_500_is_retried_after_the_backoff_then_delivered(receiver: Receiver) -
 
 def test_delivery_gives_up_after_the_last_attempt(receiver: Receiver) -> None:
     receiver.answers = [503, 503, 503]
-    settings = SETTINGS.model_copy(update={"notify_max_attempts": 2})
+    settings = OPEN.model_copy(update={"notify_max_attempts": 2})
     kube = promoted_job({"url": receiver.url})
     assert finish(kube, NOW, settings) is not None
     assert finish(kube, NOW + timedelta(seconds=10), settings) is None
     note = notification(kube)
     assert note["state"] == "Failed" and note["attempts"] == 2
-    assert note["message"] == "the receiver answered 503: busy (gave up after 2 attempts)"
+    assert note["message"] == (
+        f"the receiver at {receiver.netloc} answered 503 (gave up after 2 attempts)"
+    )
     assert ("Warning", "NotificationFailed") in [w[1:] for w in kube.writes if w[0] == "event"]
     assert finish(kube, NOW + timedelta(hours=1), settings) is None
     assert len(receiver.requests) == 2
@@ -293,7 +305,7 @@ def test_a_secret_the_operator_may_not_read_is_a_failed_attempt(receiver: Receiv
 
     kube.secret_data = forbidden  # type: ignore[method-assign]
     with pytest.raises(Retry) as retry:
-        reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, read_result=lambda *_: stored)
+        reconcile(kube, OPEN, "ml", "sql-lora", now=NOW, read_result=lambda *_: stored)
     assert not isinstance(retry.value, Misconfigured) and receiver.requests == []
     note = notification(kube)
     assert note["state"] == "Pending" and note["attempts"] == 1

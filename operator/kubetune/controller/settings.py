@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 from importlib.metadata import version
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, IPvAnyNetwork, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The private ranges: every managed cluster's service, pod and node addresses are in them (the
+# chart's notify.deniedCidrs; a platform team may name its cluster's own ranges instead).
+PRIVATE_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+# A host name in notify.allowedHosts: a DNS name, or *.<name> for every name under it.
+AllowedHost = Annotated[
+    str,
+    Field(pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+]
 
 
 class OperatorSettings(BaseSettings):
@@ -88,7 +99,27 @@ class OperatorSettings(BaseSettings):
         default=2, ge=1, description="How often the Lease is renewed or tried."
     )
     notify_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="How long a promotion webhook may take to answer."
+        default=10.0,
+        gt=0,
+        description="How long one POST to a promotion webhook may take, all of it (connect, "
+        "TLS, the answer), before the attempt counts as failed.",
+    )
+    notify_denied_cidrs: list[IPvAnyNetwork] = Field(
+        default_factory=lambda: [ipaddress.ip_network(c) for c in PRIVATE_CIDRS],
+        description="Address ranges a promotion webhook may not reach (the cluster's service, "
+        "pod and node ranges); loopback, link-local (the metadata service), unspecified, "
+        "multicast and reserved addresses are refused whatever this says.",
+    )
+    notify_allowed_cidrs: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Address ranges a promotion webhook may reach even when they are denied "
+        "(loopback and link-local included: name them narrowly).",
+    )
+    notify_allowed_hosts: list[AllowedHost] = Field(
+        default_factory=list,
+        description="Host names (or *.<suffix>) a promotion webhook may reach even when they "
+        "resolve into notify_denied_cidrs (never to loopback, link-local, unspecified, multicast "
+        "or reserved addresses).",
     )
     notify_max_attempts: int = Field(
         default=12, ge=1, description="POSTs of a promotion notification before it is Failed."
@@ -108,3 +139,19 @@ class OperatorSettings(BaseSettings):
     bind_address: str = Field(
         default="0.0.0.0", description="Address the operator's HTTP endpoints listen on."
     )
+
+    @model_validator(mode="after")
+    def _leader_times(self) -> OperatorSettings:
+        # client-go's NewLeaderElector checks: the leader must give up before its Lease can
+        # expire, and must get more than one try within its renew deadline (leader.py).
+        retry, renew, lease = (
+            self.retry_period_seconds,
+            self.renew_deadline_seconds,
+            self.lease_duration_seconds,
+        )
+        if not retry < renew < lease:
+            raise ValueError(
+                "leader election needs retry_period_seconds < renew_deadline_seconds < "
+                f"lease_duration_seconds (now {retry}, {renew}, {lease})"
+            )
+        return self
