@@ -474,6 +474,9 @@ def test_every_value_is_documented_by_name_and_in_the_schema() -> None:
         "logLevel=loud",
         "watchNamespaces={Not_A_Namespace}",
         "metrics.port=0",
+        "notify.timeoutSeconds=0",
+        "notify.deniedCidrs={10.0.0.0}",
+        "notify.allowedHosts={http://deployer.ml-serving}",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:
