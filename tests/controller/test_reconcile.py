@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -338,3 +338,89 @@ def test_a_finished_run_whose_pod_is_gone_reads_result_json() -> None:
 )
 def test_merge_patch(old: dict[str, Any], new: dict[str, Any], patch: dict[str, Any]) -> None:
     assert merge_patch(old, new) == patch
+
+
+def _job_ended(kube: FakeKube, kind: str, reason: str) -> str:
+    ((_, name),) = [k for k in kube.objects if k[0] == "Job"]
+    kube.objects["Job", name]["status"] = {
+        "conditions": [
+            {
+                "type": kind,
+                "status": "True",
+                "reason": reason,
+                "message": "the Job controller's words",
+                "lastTransitionTime": "2026-11-22T12:00:00Z",
+            }
+        ]
+    }
+    return name
+
+
+def _pod_reports(kube: FakeKube, name: str, result: TrainerResult) -> None:
+    pod = kube.objects["Pod", name + "-1"]
+    pod["status"]["phase"] = "Failed" if result.exit_code else "Succeeded"
+    pod["status"]["containerStatuses"][0]["state"] = {
+        "terminated": {
+            "exitCode": int(result.exit_code),
+            "message": result.model_dump_json(by_alias=True, exclude_none=True),
+            "startedAt": "2026-11-22T12:01:00Z",
+            "finishedAt": "2026-11-22T12:00:00Z",
+        }
+    }
+
+
+GATES_FAILED = TrainerResult(
+    run_id="r",
+    outcome="GatesFailed",
+    exit_code=ExitCode.GATES_FAILED,
+    message="gate exactMatch >= 0.9 failed: 0.5",
+    metrics=MetricsStatus(tuned=EvalMetrics(exact_match=0.5)),
+)
+SUCCEEDED = TrainerResult(
+    run_id="r",
+    outcome="Succeeded",
+    exit_code=ExitCode.SUCCEEDED,
+    message="promoted",
+    metrics=MetricsStatus(tuned=EvalMetrics(exact_match=0.9)),
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "result", "phase", "why"),
+    [
+        pytest.param(
+            "FailureTarget", "PodFailurePolicy", GATES_FAILED, "Failed", "GatesFailed", id="gates"
+        ),
+        pytest.param("SuccessCriteriaMet", "", SUCCEEDED, "Succeeded", "Succeeded", id="success"),
+    ],
+)
+def test_no_verdict_from_the_job_while_the_pods_report_is_on_its_way(
+    kind: str, reason: str, result: TrainerResult, phase: str, why: str
+) -> None:
+    """Issue 25, 6b: the Job's watch said the run ended before the Pods' watch delivered the
+    termination message; the run waits for it instead of ending without gates or metrics."""
+    kube = FakeKube(ftj())
+    run(kube)
+    start_pod(kube)
+    run(kube)
+    name = _job_ended(kube, kind, reason)
+    with pytest.raises(Retry, match="waiting for its trainer's report") as wait:
+        reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW, read_result=lambda *_: None)
+    assert 0 < (wait.value.delay or 0) <= 30
+    assert kube.ftj["status"]["phase"] == "Running"
+    _pod_reports(kube, name, result)
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW)
+    status = kube.ftj["status"]
+    assert (status["phase"], status["conditions"][0]["reason"]) == (phase, why)
+    assert status["metrics"]["tuned"]["exactMatch"] == result.metrics.tuned.exact_match
+
+
+def test_the_wait_for_a_report_is_bounded() -> None:
+    kube = FakeKube(ftj())
+    run(kube)
+    start_pod(kube)
+    run(kube)
+    _job_ended(kube, "FailureTarget", "PodFailurePolicy")
+    later = NOW + timedelta(seconds=31)  # the pod's update never came
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=later, read_result=lambda *_: None)
+    assert kube.ftj["status"]["phase"] == "Failed"

@@ -147,6 +147,28 @@ def _needs_stored_result(job: FineTuneJob, observed: Observed, run_id: str) -> b
     return same_run and previous.phase is not None and previous.attempts > 0
 
 
+# How long a run whose Job ended waits for its pod's report (the termination message on the
+# pods' watch) before it is finished from result.json or the Job's own reason.
+RESULT_GRACE_SECONDS = 30.0
+
+
+def _report_on_its_way(observed: Observed, now: datetime) -> float | None:
+    """Seconds left to wait for the trainer's report, or None: not waiting. Kubernetes orders
+    no events across two watches: the Job's (Complete, or FailureTarget after the trainer's
+    exit 4) can arrive before the Pod's update that carries the termination message. While the
+    cached pod still runs its trainer, that update is on its way, so no final verdict is made
+    from the Job alone; bounded, in case the update never comes."""
+    current = observed.job
+    if current is None or observed.result is not None or not observed.trainer_running:
+        return None
+    if not (current.complete or current.failed_reason):
+        return None
+    if current.completion_time is None:
+        return RESULT_GRACE_SECONDS
+    left = RESULT_GRACE_SECONDS - (now - current.completion_time).total_seconds()
+    return left if left > 0 else None
+
+
 def _stored_result(
     kube: KubeIO, job: FineTuneJob, run_id: str, read_result: ResultReader
 ) -> TrainerResult | None:
@@ -231,6 +253,7 @@ def reconcile(
     children = controlled(kube.children(namespace, name), meta.uid or "")
     refusal: State | None = None
     template = RunTemplate()
+    waiting: float | None = None
     try:
         job = FineTuneJob.model_validate(
             {k: v for k, v in raw.items() if k != "status"}, by_name=False
@@ -284,6 +307,11 @@ def reconcile(
         if _needs_stored_result(job, observed, run_id):
             stored = _stored_result(kube, job, run_id, read_result)
             observed = replace(observed, result=stored)
+        waiting = _report_on_its_way(observed, now)
+        if waiting is not None and observed.job is not None:
+            # Decided as if the Job still ran; the pod's update (or the timer) decides it.
+            ended = replace(observed.job, complete=False, failed_reason=None, failed_message="")
+            observed = replace(observed, job=ended)
         if problems and observed.job is not None:
             log.info(
                 "run %s of %s/%s started under an earlier policy; it finishes under it: %s",
@@ -329,6 +357,8 @@ def reconcile(
         with suppress(Retry):
             attempt(decision)
         raise
+    if waiting is not None:
+        raise Retry(f"run {run_id}'s Job ended; waiting for its trainer's report", waiting)
     if job.spec is not None:
         hashed = template.spec_hash or spec_hash(job)
         _announce(kube, raw, job, outcome.after, hashed, settings, now)
@@ -358,12 +388,7 @@ def _announce(
         error: str | None = "spec.notify.webhook was removed before the notification was sent"
         note = note.model_copy(update={"state": "Failed", "message": error})
     else:
-        try:
-            url, message = webhook.request(kube, hook, job, status, run_spec_hash, note, now)
-        except webhook.NotReady as exc:
-            error = str(exc)
-        else:
-            error = webhook.post(url, message, settings.notify_timeout_seconds)
+        error = webhook.deliver(kube, hook, job, status, run_spec_hash, note, now, settings)
         note = webhook.after_attempt(note, error, now, settings)
     patch = {"promotion": {"notification": _finite(note.model_dump(by_alias=True, mode="json"))}}
     kube.patch_status(namespace, name, patch)
