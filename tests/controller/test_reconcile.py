@@ -32,6 +32,7 @@ class FakeKube:
         self.reject: Exception | None = None
         self.secrets: dict[str, dict[str, str]] = {}
         self.profile_objects: list[FineTuneProfile] = []
+        self.unreadable: dict[str, bool] = {}
         self.labels: dict[str, str] | None = {}
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -50,6 +51,9 @@ class FakeKube:
 
     def profiles(self) -> list[FineTuneProfile]:
         return list(self.profile_objects)
+
+    def unreadable_profiles(self) -> dict[str, bool]:
+        return dict(self.unreadable)
 
     def namespace_labels(self, namespace: str) -> dict[str, str] | None:
         return self.labels
@@ -424,3 +428,58 @@ def test_the_wait_for_a_report_is_bounded() -> None:
     later = NOW + timedelta(seconds=31)  # the pod's update never came
     reconcile(kube, SETTINGS, "ml", "sql-lora", now=later, read_result=lambda *_: None)
     assert kube.ftj["status"]["phase"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("named", "unreadable", "waits"),
+    [
+        pytest.param(None, {"pool": True}, True, id="an-unreadable-default"),
+        pytest.param("pool", {"pool": False}, True, id="the-named-one-unreadable"),
+        pytest.param(None, {"pool": False}, False, id="an-unreadable-non-default"),
+        pytest.param("other", {"pool": True}, False, id="another-one-named"),
+    ],
+)
+def test_a_profile_the_operator_cannot_read_fails_closed(
+    named: str | None, unreadable: dict[str, bool], waits: bool
+) -> None:
+    """Issue 25, finding 10: with requireProfile false, a default profile the operator cannot
+    parse (version skew) let its namespaces run with no profile and no limits."""
+    kube = FakeKube(ftj(**({"profile": named} if named else {})))
+    kube.unreadable = unreadable
+    if named == "other":
+        kube.profile_objects = [
+            FineTuneProfile.model_validate(
+                {
+                    "apiVersion": "kubetune.dev/v1alpha1",
+                    "kind": "FineTuneProfile",
+                    "metadata": {"name": "other", "generation": 1},
+                    "spec": {},
+                }
+            )
+        ]
+    writes = run(kube)
+    created = [w for w in writes if w[0] == "create"]
+    status = kube.ftj["status"]
+    if waits:
+        assert created == []
+        assert (status["phase"], status["conditions"][0]["reason"]) == (
+            "Pending",
+            "ProfileUnreadable",
+        )
+    else:
+        assert ("create", "Job") in [w[:2] for w in created]
+
+
+def test_a_secret_the_operator_may_not_read_ends_the_run_without_its_stored_result() -> None:
+    """readStorageSecrets: false (or a namespace outside rbac.secretNamespaces): the 403 on the
+    output's Secret ends the run on the Job's word instead of retrying it forever."""
+
+    class Forbidden(FakeKube):
+        def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+            raise Misconfigured("forbidden: secrets", "Forbidden")
+
+    kube = Forbidden(ftj(output={"uri": "s3://models/sql", "credentialsSecret": "s3"}))
+    run(kube)
+    _job_ended(kube, "Complete", "")
+    reconcile(kube, SETTINGS, "ml", "sql-lora", now=NOW)
+    assert kube.ftj["status"]["phase"] == "Succeeded"

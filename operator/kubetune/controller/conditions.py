@@ -27,10 +27,12 @@ FAILED_REASONS = frozenset(
     | {"InvalidSpec", "PolicyViolation", "AdmissionDenied"}
 )
 # Why a trainer pod waits, as the kubelet and the scheduler say it, or why the run cannot start
-# yet (the FineTuneProfile it names does not exist yet): shown with phase Pending, as a Warning.
+# yet (the FineTuneProfile it names does not exist yet, or one that may apply cannot be read by
+# this operator): shown with phase Pending, as a Warning.
 WAITING_REASONS = frozenset(
     {
         "ProfileNotFound",
+        "ProfileUnreadable",
         "Unschedulable",
         "ImagePullBackOff",
         "InvalidImageName",

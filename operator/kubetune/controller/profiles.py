@@ -60,6 +60,29 @@ def pinned_profile(configmap: dict[str, Any]) -> FineTuneProfile | None:
     )
 
 
+def unreadable_refusal(job: FineTuneJob, unreadable: dict[str, bool]) -> State | None:
+    """Fail closed on a FineTuneProfile this operator cannot parse (a CRD or an operator of
+    another version): a job naming it, or (naming none) any job while one marked `default` is
+    unreadable, waits instead of running without the profile's limits. unreadable: name ->
+    whether its raw spec says default."""
+    name = job.spec.profile
+    if name and name in unreadable:
+        return State(
+            "ProfileUnreadable",
+            f"spec.profile: FineTuneProfile {name!r} cannot be read by this operator (an "
+            "operator or CRD of another version); the run starts once it can be read",
+        )
+    defaults = sorted(n for n, default in unreadable.items() if default)
+    if not name and defaults:
+        return State(
+            "ProfileUnreadable",
+            f"spec.profile: the default FineTuneProfile {defaults[0]!r} cannot be read by this "
+            "operator (an operator or CRD of another version), so its limits cannot be applied; "
+            "the run starts once it can be read",
+        )
+    return None
+
+
 def _offered(profile: FineTuneProfile, namespace_labels: dict[str, str]) -> bool:
     selector = profile.spec.namespace_selector
     return selector is None or selector.matches(namespace_labels)

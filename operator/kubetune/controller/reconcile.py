@@ -50,6 +50,7 @@ from kubetune.controller.profiles import (
     apply_profile,
     pinned_profile,
     select_profile,
+    unreadable_refusal,
 )
 from kubetune.controller.schedules import decide_schedule
 from kubetune.controller.settings import OperatorSettings
@@ -65,6 +66,7 @@ class KubeIO(Protocol):
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]: ...
     def profiles(self) -> list[FineTuneProfile]: ...
+    def unreadable_profiles(self) -> dict[str, bool]: ...
     def namespace_labels(self, namespace: str) -> dict[str, str] | None: ...
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def create(self, obj: dict[str, Any]) -> None: ...
@@ -177,9 +179,16 @@ def _stored_result(
     if output.credentials_secret:
         # A transient failure (Retry) propagates: the reconcile is retried rather than the run
         # finished without its result (a final status is never revisited).
-        credentials = kube.secret_data(job.metadata.namespace or "", output.credentials_secret)
-        if credentials is None:
+        try:
+            found = kube.secret_data(job.metadata.namespace or "", output.credentials_secret)
+        except Misconfigured as exc:
+            # The operator may not read it (readStorageSecrets: false, a namespace outside
+            # rbac.secretNamespaces): the run ends without its stored result, not never.
+            log.warning("result.json of run %s not read: %s", run_id, exc)
             return None
+        if found is None:
+            return None
+        credentials = found
     return read_result(output.uri, run_id, credentials)
 
 
@@ -195,6 +204,9 @@ def _resolve(
         return apply_profile(job, pinned_profile(pinned))
     namespace = job.metadata.namespace or ""
     profiles = kube.profiles()
+    unreadable = unreadable_refusal(job, kube.unreadable_profiles())
+    if unreadable is not None:
+        return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), unreadable)
     labels: dict[str, str] | None = {}
     if any(p.spec.namespace_selector is not None for p in profiles):
         labels = kube.namespace_labels(namespace)

@@ -139,6 +139,22 @@ class CachedKube:
                     out.append(memo[1])
         return out
 
+    def unreadable_profiles(self) -> dict[str, bool]:
+        """The FineTuneProfiles profiles() left out, by name, with whether their raw spec may
+        say default (a default that is not plainly false counts: reconcile fails closed on
+        them, profiles.unreadable_refusal). Call after profiles(), which parses what is new."""
+        store = self.stores["finetuneprofiles"]
+        out: dict[str, bool] = {}
+        with self._profiles_lock:
+            for key in store.names():
+                memo = self._profiles.get(key[1])
+                if memo is None or memo[1] is not None:
+                    continue
+                spec = (store.get(*key) or {}).get("spec")
+                default = spec.get("default", False) if isinstance(spec, dict) else True
+                out[key[1]] = default is not False
+        return out
+
     def namespace_labels(self, namespace: str) -> dict[str, str] | None:
         raw = self.stores["namespaces"].get("", namespace)
         return None if raw is None else dict(raw["metadata"].get("labels") or {})
