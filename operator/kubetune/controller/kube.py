@@ -305,7 +305,7 @@ class Kube:
             raw = Kube._get(ip, port, "/metrics", time.monotonic() + timeout, max_bytes)
             # http.client parses what came (status, headers, Content-Length, chunks) from memory.
             response = http.client.HTTPResponse(
-                types.SimpleNamespace(makefile=lambda *_: io.BytesIO(raw))  # type: ignore[arg-type]
+                types.SimpleNamespace(makefile=lambda *_: io.BytesIO(raw))
             )
             response.begin()
             if response.status != 200:
@@ -324,14 +324,17 @@ class Kube:
         raw = bytearray()
         with socket.create_connection((ip, port), timeout=deadline - time.monotonic()) as sock:
             sock.sendall(request.encode())
-            while chunk := sock.recv(min(1 << 16, max_bytes + 1 - len(raw))):
-                raw += chunk
-                if len(raw) > max_bytes:
-                    raise ValueError(f"the answer is over {max_bytes} bytes")
+            while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("the answer was not whole in time")
                 sock.settimeout(left)
+                chunk = sock.recv(min(1 << 16, max_bytes + 1 - len(raw)))
+                if not chunk:
+                    break
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise ValueError(f"the answer is over {max_bytes} bytes")
         return bytes(raw)
 
     # -- writes -------------------------------------------------------------------------------
