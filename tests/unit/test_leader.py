@@ -446,3 +446,33 @@ def test_release_over_the_emulated_api_server(tmp_path: Any) -> None:
         finally:
             electors["b"].stop()
         assert not api.read_namespaced_lease(NAME, "default").spec.holder_identity
+
+
+CHILD = """
+import sys, threading, kubernetes
+from kubetune.controller.leader import elect
+from kubetune.controller.settings import OperatorSettings
+
+settings = OperatorSettings(leader_election_namespace="default", lease_duration_seconds=60,
+                            renew_deadline_seconds=10, retry_period_seconds=1)
+leading = threading.Event()
+elect(kubernetes.config.new_client_from_config(sys.argv[1]), settings, leading.set, sys.exit)
+print("leading" if leading.wait(60) else "not leading", flush=True)
+"""  # then the interpreter exits as after kopf's SIGTERM handling: atexit stops the elector
+
+
+def test_a_normal_exit_releases_the_lease(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.cluster import running_cluster
+
+    with running_cluster() as cluster:
+        kubeconfig = str(cluster.kubeconfig(tmp_path / "k"))
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, kubeconfig], capture_output=True, text=True, timeout=120
+        )
+        assert child.returncode == 0 and child.stdout == "leading\n", child.stderr
+        api = lease_api(kubernetes.config.new_client_from_config(kubeconfig))
+        spec = api.read_namespaced_lease(NAME, "default").spec
+        assert not spec.holder_identity and spec.lease_duration_seconds == 1

@@ -26,7 +26,9 @@ and this module with it:
   the Lease expire.
 - stop() releases the Lease as client-go's ReleaseOnCancel does: holder cleared,
   leaseDurationSeconds 1, so on a rolling update the standby takes over at its next try rather
-  than after a lease duration. Call it only once this replica has stopped reconciling.
+  than after a lease duration. Call it only once this replica has stopped reconciling; elect()
+  has it called at the process's normal exit, which comes after kopf's cleanup stopped the
+  controller.
 
 Why a Lease and not kopf's peering: kopf's peering pauses operators of a lower priority while one
 of a higher priority is alive, but replicas of one Deployment share a priority, and then kopf
@@ -37,6 +39,7 @@ use, and `kubectl get lease` shows who leads.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
@@ -298,8 +301,9 @@ def elect(
     on_lost: Callable[[], None],
 ) -> LeaderElector:
     """Start campaigning in a daemon thread: on_started once this replica leads, on_lost if it
-    then fails to renew (the caller exits). stop() the returned elector on shutdown, after the
-    reconciles stopped, to hand the Lease over at once."""
+    then fails to renew (the caller exits, with os._exit). A normal exit of the process (kopf's
+    SIGTERM handling returns after its cleanup handlers stopped the controller) stops the elector
+    and so releases the Lease; a caller may stop() it earlier, once its reconciles stopped."""
     elector = LeaderElector(
         lease_api(client),
         lease_namespace(settings),
@@ -312,4 +316,5 @@ def elect(
         on_lost=on_lost,
     )
     elector.start()
+    atexit.register(elector.stop)
     return elector
