@@ -244,6 +244,46 @@ def test_a_job_outside_the_profiles_limits_is_a_policy_violation(
     assert violation in resolution.refusal.message, resolution.refusal.message
 
 
+# A shared bucket: each namespace writes under its own name; inputs from its own data prefix.
+SHARED = {
+    "allowedOutputPrefixes": ["s3://ml-models/{namespace}/"],
+    "allowedInputPrefixes": ["s3://datasets/{namespace}/", "s3://base-models/"],
+    "modelCache": {"uri": "s3://ml-models/cache/"},
+}
+DATA = {"uri": "s3://datasets/team-a/train.jsonl"}
+
+
+# fmt: off
+STORAGE = [
+    pytest.param({}, None, id="all-in-bounds"),
+    pytest.param({"output": {"uri": "s3://ml-models/team-b/run"}}, "spec.output.uri: s3://ml-models/team-b/run is outside what FineTuneProfile 'pool' allows (allowedOutputPrefixes: s3://ml-models/team-a/)", id="another-namespaces-output"),
+    pytest.param({"output": {"uri": "s3://ml-models/cache/team-a"}}, "spec.output.uri: s3://ml-models/cache/team-a lies in the model cache of FineTuneProfile 'pool' (s3://ml-models/cache/)", id="output-in-the-cache"),
+    pytest.param({"dataset": {"uri": "s3://datasets/team-b/train.jsonl"}}, "spec.dataset.uri: s3://datasets/team-b/train.jsonl is outside what FineTuneProfile 'pool' allows (allowedInputPrefixes: s3://datasets/team-a/, s3://base-models/)", id="another-namespaces-data"),
+    pytest.param({"dataset": {**DATA, "testUri": "s3://secret/test.jsonl"}}, "spec.dataset.testUri: s3://secret/test.jsonl is outside", id="test-set-elsewhere"),
+    pytest.param({"dataset": {**DATA, "validationUri": "file:///etc/shadow.csv"}}, "spec.dataset.validationUri: file:///etc/shadow.csv is outside", id="a-local-file"),
+    pytest.param({"evaluation": {**valid_job()["spec"]["evaluation"], "regressionUri": "s3://other/r.jsonl"}}, "spec.evaluation.regressionUri: s3://other/r.jsonl is outside", id="regression-set-elsewhere"),
+    pytest.param({"model": {"uri": "s3://team-b-models/llama"}}, "spec.model.uri: s3://team-b-models/llama is outside", id="a-model-elsewhere"),
+    pytest.param({"model": {"uri": "s3://base-models/llama"}}, None, id="a-shared-base-model"),
+    pytest.param({"dataset": {"uri": "s3://ml-models/team-a/data.jsonl"}}, None, id="reading-its-own-outputs"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("spec", "violation"), STORAGE)
+def test_a_profile_bounds_where_a_job_reads_and_writes_per_namespace(
+    spec: dict[str, Any], violation: str | None
+) -> None:
+    """Issue 25, finding 6: with one prefix for all, team A could overwrite team B's
+    latest.json with the profile's identity, and read any input."""
+    fields = {"output": {"uri": "s3://ml-models/team-a/run"}, "dataset": DATA, **spec}
+    resolution = apply_profile(job(**fields), profile(**SHARED))
+    if violation is None:
+        assert resolution.refusal is None, resolution.refusal
+    else:
+        assert resolution.refusal is not None and resolution.refusal.reason == "PolicyViolation"
+        assert violation in resolution.refusal.message, resolution.refusal.message
+
+
 def test_the_profiles_defaults_fill_what_the_job_leaves_unset() -> None:
     resolution = apply_profile(job(output=OUT), profile(**POOL))
     assert resolution.refusal is None

@@ -22,6 +22,7 @@ from typing import Any
 
 from kubetune.api import ADAPTER_METHODS, EvalMetrics, PromotionRecord, TrainerConfig
 from kubetune_trainer import data, storage
+from kubetune_trainer.errors import SpecError
 from kubetune_trainer.evaluation import evaluate
 from kubetune_trainer.promotion import read_champion
 
@@ -41,6 +42,20 @@ class Champion:
 
 def wanted(config: TrainerConfig) -> bool:
     return any(g.reference() == "promoted" for g in config.spec.gates)
+
+
+def _check_own_runs(output_uri: str, record: PromotionRecord) -> None:
+    """latest.json lies in the tenant's bucket, so it is input: the champion it names must be a
+    run of this same output (<output.uri>/runs/...). Otherwise a latest.json could make this
+    pod fetch another team's model with the profile's identity."""
+    runs = storage.join(output_uri, "runs") + "/"
+    for name, uri in (("adapterUri", record.adapter_uri), ("mergedUri", record.merged_uri)):
+        if uri and (not uri.startswith(runs) or "/../" in uri or uri.endswith("/..")):
+            raise SpecError(
+                f"{storage.join(output_uri, 'latest.json')}: its {name} {uri} is not a run "
+                f"under spec.output.uri ({runs}); restore the file kubetune wrote or delete it "
+                "to start without a champion"
+            )
 
 
 def _same_base(config: TrainerConfig, record: PromotionRecord) -> bool:
@@ -67,6 +82,7 @@ def evaluate_champion(
     if record is None:
         log.info("Champion none: nothing promoted yet under %s", config.spec.output.uri)
         return None
+    _check_own_runs(config.spec.output.uri, record)
     cached = storage.join(config.output_prefix, CACHED)
     if storage.exists(cached):
         kept = _kept(cached, record)

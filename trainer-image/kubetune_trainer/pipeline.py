@@ -125,6 +125,7 @@ def run(
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
     try:
+        _check_outside_cache(config)
         _check_world(config, rank)
         distributed.init(rank)
         result = _run(config, reporter, tracking, workdir, cache)
@@ -298,6 +299,19 @@ def _pin_inputs(config: TrainerConfig) -> TrainerConfig:
     )
     resolved = spec.model_copy(update={"dataset": dataset, "evaluation": evaluation})
     return config.model_copy(update={"spec": resolved})
+
+
+def _check_outside_cache(config: TrainerConfig) -> None:
+    """Artifacts are never written with the model cache's credentials: an output inside the
+    cache's prefix would be (storage routes a URI to its longest matching source). The operator
+    refuses such a job under its profile; this holds for `kubetune run` and older operators."""
+    cache = config.model_cache.uri if config.model_cache else None
+    output = config.spec.output.uri.rstrip("/")
+    if cache and (output == cache.rstrip("/") or output.startswith(cache.rstrip("/") + "/")):
+        raise SpecError(
+            f"spec.output.uri: {config.spec.output.uri} lies in the profile's model cache "
+            f"({cache}); write the run elsewhere"
+        )
 
 
 def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path) -> Prepared:

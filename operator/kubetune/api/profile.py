@@ -594,7 +594,20 @@ class FineTuneProfileSpec(ApiModel):
         max_length=32,
         description=(
             "allowedOutputPrefixes: a job's output.uri must lie under one of these (e.g. "
-            "s3://team-models/); empty allows any."
+            "s3://team-models/, or s3://ml-models/{namespace}/: {namespace} stands for the "
+            "job's namespace, so that namespaces sharing a bucket cannot write each other's "
+            "runs or latest.json); empty allows any. An output under modelCache.uri is never "
+            "allowed (it would be written with the cache's credentials)."
+        ),
+    )
+    allowed_input_prefixes: list[OutputUri] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "allowedInputPrefixes: a job's s3://, gs://, az:// and file:// inputs (model.uri, "
+            "dataset.uri, validationUri, testUri, evaluation.regressionUri) must lie under one "
+            "of these or of allowedOutputPrefixes ({namespace} as there); hf:// and https:// "
+            "inputs are not bounded here; empty allows any."
         ),
     )
     model_cache: ModelCacheSpec | None = Field(

@@ -146,6 +146,60 @@ def _under_prefix(uri: str, prefix: str) -> bool:
     return uri.rstrip("/") == base or uri.startswith(base + "/")
 
 
+NAMESPACE_PLACEHOLDER = "{namespace}"
+BOUNDED_INPUTS = ("s3://", "gs://", "az://", "file://")
+
+
+def _prefixes(prefixes: Iterable[str], namespace: str) -> list[str]:
+    """A profile's prefixes for one namespace: {namespace} replaced by its name."""
+    return [p.replace(NAMESPACE_PLACEHOLDER, namespace) for p in prefixes]
+
+
+def _inputs(job: FineTuneJob) -> list[tuple[str, str]]:
+    """(field, URI) of the job's inputs a profile's allowedInputPrefixes bounds."""
+    spec = job.spec
+    data = spec.dataset
+    named = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.dataset.uri", data.uri),
+        ("spec.dataset.validationUri", data.validation_uri),
+        ("spec.dataset.testUri", data.test_uri),
+        ("spec.evaluation.regressionUri", spec.evaluation.regression_uri),
+    ]
+    return [(f, uri) for f, uri in named if uri and uri.startswith(BOUNDED_INPUTS)]
+
+
+def _storage_problems(job: FineTuneJob, profile: FineTuneProfile) -> list[str]:
+    """Where the job reads and writes, against the profile's prefixes and its model cache."""
+    name, ps = profile.metadata.name, profile.spec
+    namespace = job.metadata.namespace or ""
+    of = f"FineTuneProfile {name!r} allows"
+    output = job.spec.output.uri
+    problems = []
+    writes = _prefixes(ps.allowed_output_prefixes, namespace)
+    if writes and not any(_under_prefix(output, p) for p in writes):
+        problems.append(
+            f"spec.output.uri: {output} is outside what {of} (allowedOutputPrefixes: "
+            f"{', '.join(writes)}); write under one of them"
+        )
+    cache = ps.model_cache.uri if ps.model_cache else None
+    if cache and _under_prefix(output, cache):
+        problems.append(
+            f"spec.output.uri: {output} lies in the model cache of FineTuneProfile {name!r} "
+            f"({cache}), which is written with the cache's credentials; write elsewhere"
+        )
+    reads = _prefixes(ps.allowed_input_prefixes, namespace)
+    if reads:
+        allowed = [*reads, *writes]
+        for field_name, uri in _inputs(job):
+            if not any(_under_prefix(uri, p) for p in allowed):
+                problems.append(
+                    f"{field_name}: {uri} is outside what {of} (allowedInputPrefixes: "
+                    f"{', '.join(reads)}); read from under one of them"
+                )
+    return problems
+
+
 def _problems(job: FineTuneJob, profile: FineTuneProfile | None) -> list[str]:
     """What the job's own values break of the profile's limits."""
     spec = job.spec
@@ -203,13 +257,7 @@ def _problems(job: FineTuneJob, profile: FineTuneProfile | None) -> list[str]:
             f"spec.serviceAccountName: {account!r} is not one {of} (allowedServiceAccounts: "
             f"{allowed})"
         )
-    prefixes = ps.allowed_output_prefixes
-    if prefixes and not any(_under_prefix(spec.output.uri, p) for p in prefixes):
-        problems.append(
-            f"spec.output.uri: {spec.output.uri} is outside what {of} (allowedOutputPrefixes: "
-            f"{', '.join(prefixes)}); write under one of them"
-        )
-    return problems
+    return problems + _storage_problems(job, profile)
 
 
 def _filled(job: FineTuneJob, profile: FineTuneProfile) -> dict[str, Any]:
