@@ -172,6 +172,7 @@ def _quantity_rule(field: str) -> Rule:
     library, in every API server the chart supports)."""
     return Rule(
         cel=(
+            f"!has(self.resources) || !has(self.limits) || "
             f"!has(self.resources.{field}) || !has(self.limits.{field}) || "
             f"quantity(string(self.resources.{field})).compareTo("
             f"quantity(string(self.limits.{field}))) <= 0"
@@ -190,6 +191,7 @@ def _quantity_rule(field: str) -> Rule:
 def _int_rule(field: str) -> Rule:
     return Rule(
         cel=(
+            f"!has(self.resources) || !has(self.limits) || "
             f"!has(self.resources.{field}) || !has(self.limits.{field}) || "
             f"self.resources.{field} <= self.limits.{field}"
         ),
@@ -411,7 +413,10 @@ class FineTuneProfileSpec(ApiModel):
         _quantity_rule("cpu"),
         _quantity_rule("memory"),
         Rule(
-            cel="self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
+            cel=(
+                "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+                "self.volumes.exists(v, v.name == m.name))"
+            ),
             check=_mounts_name_volumes,
             message="every volumeMount names one of volumes",
             field=".volumeMounts",
@@ -419,6 +424,7 @@ class FineTuneProfileSpec(ApiModel):
         Rule(
             cel=(
                 "!has(self.modelCache) || !has(self.modelCache.path) || "
+                "has(self.volumeMounts) && "
                 "self.volumeMounts.exists(m, !m.readOnly && (self.modelCache.path == "
                 "m.mountPath || self.modelCache.path.startsWith(m.mountPath + '/')))"
             ),
@@ -431,7 +437,7 @@ class FineTuneProfileSpec(ApiModel):
         ),
         Rule(
             cel=" && ".join(
-                f"self.{field}.all(k, {_CEL_NOT_RESERVED})"
+                f"(!has(self.{field}) || self.{field}.all(k, {_CEL_NOT_RESERVED}))"
                 for field in ("podLabels", "podAnnotations")
             ),
             check=lambda s: (
@@ -448,7 +454,8 @@ class FineTuneProfileSpec(ApiModel):
         ),
         Rule(
             cel=(
-                "!has(self.serviceAccountName) || self.allowedServiceAccounts.size() == 0 || "
+                "!has(self.serviceAccountName) || !has(self.allowedServiceAccounts) || "
+                "self.allowedServiceAccounts.size() == 0 || "
                 "self.serviceAccountName in self.allowedServiceAccounts"
             ),
             check=lambda s: (
