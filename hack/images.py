@@ -223,6 +223,20 @@ def size_bytes(builder: str, ref: str) -> int:
     return int(json.loads(out)[0]["Size"])
 
 
+def local_wheel(requirement: str) -> bool:
+    """Whether pip's configured wheelhouses (find-links) hold the wheel `torch==X+cpu` names."""
+    name, _, wanted = requirement.partition("==")
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    places = [os.environ.get("PIP_FIND_LINKS", "")]
+    places += re.findall(r"find-links='([^']*)'", listed)
+    for place in " ".join(places).split():
+        if Path(place).is_dir() and any(Path(place).glob(f"{name}-{wanted}-*.whl")):
+            return True
+    return False
+
+
 def plan(args: argparse.Namespace, builder: str) -> list[Image]:
     tag = args.tag or version()
     operator_base = args.base_image
@@ -240,9 +254,19 @@ def plan(args: argparse.Namespace, builder: str) -> list[Image]:
         operator_base = trainer_base = local_base(builder)
     torch = torch_pin()
     if args.trainer_variant == "cpu":
-        torch += "+cpu"
         if trainer_base is None:
             trainer_base = "python:3.11.14-slim-bookworm"
+        cpu = torch + "+cpu"
+        if not wants_trainer or reachable(torch_index) or local_wheel(cpu):
+            torch = cpu
+        else:
+            # PyPI's Linux wheel of torch is the CUDA build: it runs on the CPU too, with the
+            # CUDA libraries (nvidia-*, triton: about 3.4 GB) beside it (docs/install.md).
+            print(
+                f"neither {torch_index} nor a local wheelhouse has {cpu}: the CPU trainer "
+                f"installs PyPI's {torch} (the CUDA build, which runs on the CPU too)",
+                flush=True,
+            )
     if wants_trainer and not reachable(torch_index):
         print(
             f"{torch_index} cannot be reached: {torch} must come from pip's own configuration",

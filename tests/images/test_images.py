@@ -191,7 +191,12 @@ def test_images_hold_what_pyproject_asks_for(built: Built) -> None:
         built.trainer,
         "python -c 'import torch, kubetune_trainer; print(torch.__version__)'",
     )
-    assert versions.stdout.strip() == "2.13.0+cpu", versions.stdout + versions.stderr
+    release, _, build = versions.stdout.strip().partition("+")
+    assert release == images.torch_pin().split("==")[1], versions.stdout + versions.stderr
+    # The CPU wheel where it can be had; else PyPI's CUDA build (hack/images.py, install.md).
+    listed = built.runtime.shell(built.trainer, "pip list --format json")
+    cuda = any(p["name"].lower().startswith("nvidia-") for p in json.loads(listed.stdout))
+    assert build.startswith("cu") if cuda else build == "cpu", versions.stdout
     # The operator image has no training stack: no torch, nothing from the trainer extra.
     listed = built.runtime.shell(built.operator, "pip list --format json")
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
@@ -212,7 +217,12 @@ def test_image_sizes_are_within_the_documented_budget(built: Built) -> None:
     operator_mb = built.row("operator")["bytes"] / 1e6
     trainer_mb = built.row("trainer")["bytes"] / 1e6
     assert operator_mb <= limits["operator/any base"], operator_mb
-    assert trainer_mb <= limits["trainer/cpu"], trainer_mb
+    # Where PyTorch's CPU wheel cannot be had, the CPU image carries PyPI's CUDA build of torch
+    # (hack/images.py says so when it builds): its own, larger budget.
+    listed = built.runtime.shell(built.trainer, "pip list --format json")
+    cuda = any(p["name"].lower().startswith("nvidia-") for p in json.loads(listed.stdout))
+    variant = "trainer/cpu, PyPI's torch" if cuda else "trainer/cpu"
+    assert trainer_mb <= limits[variant], (variant, trainer_mb)
 
 
 def test_a_code_change_rebuilds_only_the_code_layers(built: Built, tmp_path: Path) -> None:

@@ -49,6 +49,28 @@ def test_offline_cpu_builds_on_the_local_debian_base_with_pips_own_sources(
     assert trainer.build_args["TORCH_INDEX"] == ""  # the Dockerfile then adds no --index-url
 
 
+@pytest.mark.parametrize(
+    ("wheelhouse", "torch"),
+    [
+        pytest.param(True, "+cpu", id="a-local-cpu-wheel"),
+        pytest.param(False, "", id="none-pypis-build"),
+    ],
+)
+def test_offline_cpu_torch_is_the_cpu_wheel_only_where_one_can_be_had(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wheelhouse: bool, torch: str
+) -> None:
+    """PyTorch's CPU index unreachable: the +cpu wheel from a wheelhouse pip is configured
+    with, else PyPI's torch (the CUDA build, which runs on the CPU), not a +cpu pin pip cannot
+    find (which failed the image build)."""
+    if wheelhouse:
+        (
+            tmp_path / f"torch-{images.torch_pin().split('==')[1]}+cpu-cp311-cp311-linux_x86_64.whl"
+        ).touch()
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    _, trainer = _plan(monkeypatch, "--trainer-variant", "cpu", online=False)
+    assert trainer.build_args["TORCH"] == images.torch_pin() + torch
+
+
 def test_offline_cuda_says_what_to_do_instead(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit, match="make images TRAINER_VARIANT=cpu"):
         _plan(monkeypatch, online=False)
