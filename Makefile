@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv lint test demo crd docs clean sysdeps images
+.PHONY: venv lint test unit demo crd docs clean sysdeps images cluster-tools cluster
 
 # CPU torch 2.13.0 goes in first: a range that accepts it then installs nothing more, while a
 # plain `torch` would pull a multi-GB CUDA build (see docs/development.md).
@@ -56,9 +56,38 @@ images:
 	$(PYTHON) hack/images.py --trainer-variant $(TRAINER_VARIANT) --registry $(REGISTRY) \
 		$(if $(VERSION),--tag $(VERSION))
 
+# The real control plane the suite runs against (tests/support/control_plane.py): kube-apiserver,
+# kube-controller-manager and kube-scheduler from k8s.io/kubernetes, and etcd from its embed
+# package, built with Go (1.26; /usr/local/go here) from hack/cluster into .cache/tools. The Go
+# build cache makes a rebuild quick (docs/development.md has the times).
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+KUBE_VERSION := v1.37.2
+KUBE_TOOLS := .cache/tools/kube-$(KUBE_VERSION)
+KUBE_STAMP := $(KUBE_TOOLS)/.built
+# The version the binaries report (/version; helm checks a chart's kubeVersion against it), as
+# Kubernetes' own build stamps it.
+KUBE_VERSION_PKG := k8s.io/component-base/version
+KUBE_LDFLAGS := -X $(KUBE_VERSION_PKG).gitVersion=$(KUBE_VERSION) -X $(KUBE_VERSION_PKG).gitMajor=1 \
+	-X $(KUBE_VERSION_PKG).gitMinor=37 -X $(KUBE_VERSION_PKG).gitTreeState=clean
+$(KUBE_STAMP): hack/cluster/go.mod hack/cluster/go.sum hack/cluster/etcd/main.go
+	mkdir -p $(KUBE_TOOLS)
+	cd hack/cluster && $(GO) build -trimpath -ldflags="-s -w $(KUBE_LDFLAGS)" -o $(abspath $(KUBE_TOOLS))/ \
+		k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+		k8s.io/kubernetes/cmd/kube-scheduler ./etcd
+	touch $@
+cluster-tools: $(KUBE_STAMP)
+
+# A control plane to try things against by hand: prints its admin kubeconfig, stops on Ctrl-C.
+cluster: venv cluster-tools
+	$(BIN)/python -m tests.support.control_plane
+
+# The fast inner loop: the pure tests (no servers, no trainer runs, no cluster).
+unit: venv
+	$(BIN)/pytest -q tests/unit tests/controller -m 'not e2e'
+
 # KUBETUNE_IMAGES=required: the image suite (tests/images) fails instead of skipping when no
 # builder is here; sysdeps installed one.
-test: lint sysdeps
+test: lint sysdeps cluster-tools
 	KUBETUNE_IMAGES=required $(BIN)/pytest
 
 # Regenerate the checked-in CRD and API reference from the pydantic models.
