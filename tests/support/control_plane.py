@@ -13,7 +13,8 @@ What it sets up is what kubeadm would, reduced to one machine:
   (ValidatingAdmissionPolicy among them), the controller manager with the controllers a Job's
   life needs (job, garbage collector, TTL after finished, namespace, ServiceAccounts and their
   tokens, EndpointSlices, disruption), and the scheduler;
-- a Node object with CPU, memory and `nvidia.com/gpu` capacity for the scheduler to bind to.
+- a Node object with CPU, memory and `nvidia.com/gpu` capacity for the scheduler to bind to,
+  Ready and without the not-ready taint (the node lifecycle controller is not run).
   No kubelet runs here: a pod bound to the node stays Pending until a node agent runs it.
 
 `make cluster-tools` builds the binaries into .cache/tools/kube-<version>/ (the Go build cache
@@ -60,6 +61,7 @@ CONTROLLERS = (
     "endpointslice-controller",
     "disruption-controller",
     "cronjob-controller",
+    "clusterrole-aggregation-controller",  # the user-facing roles (edit) take the chart's rules
 )
 
 
@@ -440,6 +442,10 @@ class ControlPlane:
         }
         status = {"capacity": capacity, "allocatable": capacity, "conditions": [ready]}
         self.patch_status(f"/api/v1/nodes/{name}/status", {"status": status})
+        # The TaintNodesByCondition admission plugin gives a new Node the not-ready taint; the
+        # node lifecycle controller (not run: no kubelet posts heartbeats here) would lift it
+        # once the node is Ready.
+        self.patch_status(f"/api/v1/nodes/{name}", {"spec": {"taints": None}})
 
     def patch_status(self, path: str, body: dict[str, Any]) -> Any:
         data = json.dumps(body).encode()
