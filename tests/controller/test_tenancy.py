@@ -189,3 +189,24 @@ def test_pods_count_only_under_the_runs_own_job() -> None:
     run(kube)
     assert kube.ftj["status"]["phase"] == "Pending"
     assert kube.ftj["status"].get("attempts", 0) == 0
+
+
+def test_a_finished_runs_configmap_is_left_as_it_is() -> None:
+    """No pod mounts a finished run's ConfigMap again, and it names the run (after an upgrade,
+    one from before status.configHash has contents the operator no longer writes)."""
+    kube = _kube()
+    run(kube)
+    ((_, name),) = [k for k in kube.objects if k[0] == "Job"]
+    kube.objects["Job", name]["status"] = {
+        "conditions": [
+            {"type": "Complete", "status": "True", "lastTransitionTime": "2026-11-22T13:00:00Z"}
+        ]
+    }
+    run(kube)
+    assert kube.ftj["status"]["phase"] == "Succeeded"
+    del kube.ftj["status"]["configHash"]  # written by an older operator
+    old = kube.objects["ConfigMap", name]
+    old["data"] = {CONFIG_FILE: '{"an": "older shape"}'}
+    writes = run(kube)
+    assert ("delete", "ConfigMap", name) not in writes
+    assert kube.ftj["status"]["phase"] == "Succeeded"

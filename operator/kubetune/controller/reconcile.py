@@ -289,8 +289,11 @@ def reconcile(
         configmap = run_configmap(children["configmaps"], run_id)
         resolution, config_hash = _own_configmap(job, run_id, configmap, previous, settings, kube)
         foreign: tuple[tuple[str, str], ...] = ()
-        if configmap is not None and config_hash is None:
-            # Deleted (the decision recreates it from the spec): never mounted by a trainer.
+        finished = previous.run_id == run_id and previous.phase in FINAL_PHASES
+        if configmap is not None and config_hash is None and not finished:
+            # Deleted (the decision recreates it from the spec): never mounted by a trainer. A
+            # finished run's is left: no pod mounts it again, and it keeps the run's id (one
+            # written before status.configHash existed is not the operator's newest shape).
             log.warning(
                 "ConfigMap %s/%s has contents the operator did not write; replacing it",
                 namespace,
