@@ -6,6 +6,7 @@ recording HTTP server on 127.0.0.1 standing in for the attacker's endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from obstore.store import from_url
 
 from kubetune.api import CREDENTIAL_ENV
 from kubetune.api.storage_keys import ALLOWED_KEYS, storage_config
+from kubetune.controller.errors import Retry
 from kubetune.controller.results import read_result
 from kubetune_trainer import storage
 from kubetune_trainer.errors import SpecError
@@ -210,3 +212,128 @@ def test_other_families_keys_are_left_to_their_own_sources() -> None:
     keys = {"AWS_ACCESS_KEY_ID": "a", "GOOGLE_SERVICE_ACCOUNT": "/path"}
     assert storage_config("s3", keys).refused == ()
     assert storage_config("gs", keys).refused == ("GOOGLE_SERVICE_ACCOUNT",)
+
+
+def _endpoint_cases(url: str) -> dict[str, tuple[str, dict[str, str], str]]:
+    """(URI, Secret, the key refused): a tenant's endpoint or region with the pod's identity."""
+    return {
+        "endpoint-without-credentials": (
+            "s3://shared/team-a/data.jsonl",
+            {"AWS_ENDPOINT_URL": url},
+            "AWS_ENDPOINT_URL",
+        ),
+        "region-that-moves-sts": (
+            "s3://shared/team-a/data.jsonl",
+            {"AWS_REGION": "@attacker.example/"},
+            "AWS_REGION",
+        ),
+        "endpoint-with-a-path-to-another-prefix": (
+            "s3://shared/team-a/data.jsonl",
+            {
+                "AWS_ACCESS_KEY_ID": "k",
+                "AWS_SECRET_ACCESS_KEY": "s",
+                "AWS_ENDPOINT_URL": f"{url}/shared/team-b/private.jsonl#",
+            },
+            "AWS_ENDPOINT_URL",
+        ),
+        "gcs-base-url-without-credentials": (
+            "gs://shared/team-a/data.jsonl",
+            {"GOOGLE_BASE_URL": url},
+            "GOOGLE_BASE_URL",
+        ),
+        "azure-client-secret-alone": (
+            "az://acct/shared/team-a/data.jsonl",
+            {
+                "AZURE_STORAGE_ACCOUNT_NAME": "acct",
+                "AZURE_CLIENT_SECRET": "x",
+                "AZURE_ENDPOINT": url,
+            },
+            "AZURE_ENDPOINT",
+        ),
+    }
+
+
+ENDPOINTS = list(_endpoint_cases("http://x"))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c) for c in ENDPOINTS])
+def test_a_secrets_endpoint_or_region_never_carries_the_pods_identity(
+    case: str, attacker: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review after the allowlist: an endpoint (or a region, from which object_store builds
+    STS's host) with no credentials in the same Secret sent the pod's identity (IRSA, Workload
+    Identity, a managed identity) to the tenant's host; an endpoint with a path moved requests
+    to another prefix than the URI names, past allowedInputPrefixes."""
+    uri, secret, key = _endpoint_cases(attacker.url)[case]
+    for name, value in secret.items():
+        monkeypatch.setenv(CREDENTIAL_ENV["dataset"] + name, value)
+    storage.use_credentials([(uri, CREDENTIAL_ENV["dataset"])])
+    try:
+        with pytest.raises(SpecError, match=key) as err:
+            storage.read_bytes(uri)
+    finally:
+        storage.use_credentials([])
+    assert attacker.url not in str(err.value)
+    scheme = uri.split(":", 1)[0]
+    output = uri.rsplit("/", 1)[0]
+    assert read_result(output, "0123abcd", secret) is None  # the operator's side
+    assert attacker.requests == [], f"{scheme}: a request left for the tenant's endpoint"
+
+
+@pytest.fixture
+def liar() -> Iterator[tuple[str, list[int]]]:
+    """An S3 endpoint that says a small size for every HEAD and answers GET with 256 MiB,
+    Range or not; it counts the bytes it manages to send."""
+    sent = [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _head(self, size: int) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.send_header("ETag", '"e"')
+            self.send_header("Last-Modified", "Mon, 07 Dec 2026 00:00:00 GMT")
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._head(100)
+
+        def do_GET(self) -> None:
+            self._head(256 << 20)
+            chunk = b"x" * (1 << 20)
+            try:
+                for _ in range(256):
+                    self.wfile.write(chunk)
+                    sent[0] += len(chunk)
+            except OSError:
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", sent
+    server.shutdown()
+
+
+def test_a_result_json_is_read_to_a_bound(liar: tuple[str, list[int]]) -> None:
+    """A tenant's store (its own endpoint, or a huge result.json in its bucket) cannot make the
+    operator read more than the size it asked for: it read 400 MiB into memory before."""
+    url, sent = liar
+    secret = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_ENDPOINT_URL": url,
+        "AWS_REGION": "us-east-1",
+    }
+    with contextlib.suppress(Retry):  # a range answered with the whole object is an error
+        assert read_result("s3://models/x", "0123abcd", secret) is None
+    assert sent[0] < 64 << 20, sent[0]
+
+
+def test_a_padded_boolean_is_read_the_way_it_is_checked(attacker: Recorder) -> None:
+    """' true' was unsigned to kubetune's check and no boolean to obstore: a retry every 5 s."""
+    secret = {"AWS_SKIP_SIGNATURE": " true", "AWS_ENDPOINT_URL": attacker.url}
+    assert read_result("s3://models/x", "0123abcd", secret) is None

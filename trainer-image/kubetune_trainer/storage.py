@@ -28,7 +28,7 @@ import obstore
 from obstore.store import from_url
 
 from kubetune.api import CREDENTIAL_ENV
-from kubetune.api.storage_keys import storage_config
+from kubetune.api.storage_keys import ENDPOINT_KEYS, storage_config
 from kubetune_trainer.errors import SpecError, TrainerError
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,12 @@ def locate(uri: str) -> Location:
     root, prefix = _store_root(uri)
     config = credentials(uri)
     options: dict[str, Any] = {"config": config} if config else {}
-    endpoint = config.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL", "")
-    if (root.startswith("s3://") and endpoint.startswith("http://")) or root.startswith("http://"):
+    scheme = urlsplit(uri).scheme
+    named = [config[k] for k in ENDPOINT_KEYS.get(scheme, ()) if config.get(k)]
+    # The Secret's endpoint, else (s3) the pod's own AWS_ENDPOINT_URL, which obstore reads too.
+    ambient = os.environ.get("AWS_ENDPOINT_URL", "") if scheme == "s3" else ""
+    endpoint = named[0] if named else ambient
+    if endpoint.startswith("http://") or root.startswith("http://"):
         options["client_options"] = {"allow_http": True}
     try:
         return Location(from_url(root, **options), prefix)

@@ -20,6 +20,7 @@ reviewed and listed here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -94,8 +95,27 @@ def _static(scheme: str, config: Mapping[str, str]) -> bool:
     keys = ("ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY", "SAS_KEY", "SAS_TOKEN", "TOKEN")
     if any(config.get(f"AZURE_STORAGE_{key}") for key in keys):
         return True
-    secret = config.get("AZURE_STORAGE_CLIENT_SECRET") or config.get("AZURE_CLIENT_SECRET")
-    return bool(secret)
+    # The client-secret flow needs all three; with fewer, obstore falls back to the managed
+    # identity of whoever builds the client.
+    return all(
+        config.get(f"AZURE_STORAGE_{key}") or config.get(f"AZURE_{key}")
+        for key in ("CLIENT_ID", "CLIENT_SECRET", "TENANT_ID")
+    )
+
+
+# Keys that say where requests go. A tenant may name its own store's endpoint only together
+# with credentials of its own: with the pod's identity (IRSA, Workload Identity, a metadata
+# server) the requests, signed or carrying a bearer token, would go to the tenant's host. An
+# endpoint is an origin (scheme://host[:port]): a path, query or fragment would be glued to
+# the object's key and move requests to another bucket or prefix than the URI names.
+ENDPOINT_KEYS = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT"),
+    "gs": ("GOOGLE_BASE_URL",),
+    "az": ("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT"),
+}
+REGION_KEYS = ("AWS_REGION", "AWS_DEFAULT_REGION")  # object_store builds STS's host from it
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?")
+_REGION = re.compile(r"[a-z0-9-]{1,32}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,7 @@ class StorageConfig:
     scheme: str
     config: dict[str, str]  # the allowed keys of the scheme's family, by their variable names
     refused: tuple[str, ...]  # keys of the family that are not allowed, sorted (names only)
+    reasons: tuple[str, ...] = ()  # why, one line per refused key (names only)
 
     @property
     def signs_itself(self) -> bool:
@@ -116,13 +137,19 @@ class StorageConfig:
         """The config as obstore takes it (lower-case keys)."""
         return {key.lower(): value for key, value in self.config.items()}
 
+    @property
+    def allow_http(self) -> bool:
+        """Whether its endpoint is plain http (an S3-compatible store on a private network)."""
+        return any(
+            self.config.get(key, "").startswith("http://") for key in ENDPOINT_KEYS[self.scheme]
+        )
+
     def refusal(self, whose: str) -> str:
         """A message for refused keys: names only, and the fix."""
         allowed = ", ".join(sorted(ALLOWED_KEYS[self.scheme]))
         return (
-            f"{whose} has key(s) {', '.join(self.refused)} that kubetune does not pass to the "
-            f"{self.scheme}:// client (they name a file, a command or a credential endpoint, "
-            f"or are unknown); remove them. Allowed: {allowed}"
+            f"{whose} has key(s) kubetune does not pass to the {self.scheme}:// client: "
+            f"{'; '.join(self.reasons)}. Fix or remove them (allowed keys: {allowed})"
         )
 
 
@@ -135,5 +162,26 @@ def storage_config(scheme: str, keys: Mapping[str, str]) -> StorageConfig:
         return StorageConfig(scheme, {}, ())
     allowed = ALLOWED_KEYS[scheme]
     mine = {key: value for key, value in keys.items() if key.startswith(family)}
-    refused = tuple(sorted(key for key in mine if key not in allowed))
-    return StorageConfig(scheme, {k: v for k, v in mine.items() if k in allowed}, refused)
+    why = {
+        key: f"{key} (names a file, a command or a credential endpoint, or is unknown)"
+        for key in mine
+        if key not in allowed
+    }
+    config = {k: v for k, v in mine.items() if k in allowed}
+    own = _static(scheme, config)
+    for key in ENDPOINT_KEYS[scheme]:
+        if key not in config:
+            continue
+        if not _ORIGIN.fullmatch(config[key].strip()):
+            why[key] = f"{key} (an endpoint is scheme://host[:port], no path, query or user)"
+        elif not own:
+            why[key] = (
+                f"{key} (an endpoint needs credentials in the same Secret: the pod's own "
+                "identity is never sent to a Secret's endpoint)"
+            )
+    for key in REGION_KEYS:
+        if scheme == "s3" and key in config and not _REGION.fullmatch(config[key].strip()):
+            why[key] = f"{key} (a region is lowercase letters, digits and dashes)"
+    refused = tuple(sorted(why))
+    kept = {k: v for k, v in config.items() if k not in why}
+    return StorageConfig(scheme, kept, refused, tuple(why[k] for k in refused))

@@ -28,51 +28,82 @@ from obstore.exceptions import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from obstore.store import S3Store, from_url
+from obstore.store import from_url
 from pydantic import ValidationError
 
 from kubetune.api import TrainerResult, run_prefix
-from kubetune.api.storage_keys import StorageConfig, storage_config
+from kubetune.api.storage_keys import FAMILIES, StorageConfig, storage_config
 from kubetune.controller.errors import Retry
 
 log = logging.getLogger("kubetune.operator")
 
-_S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+MAX_RESULT_BYTES = 1 << 20  # a result.json is a few KiB; a bigger one is not the trainer's
+_CREDENTIAL_KEYS = {
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
+    "gs": ("GOOGLE_BEARER_TOKEN",),
+    "az": tuple(
+        f"AZURE_STORAGE_{k}"
+        for k in ("ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY", "SAS_KEY", "SAS_TOKEN", "TOKEN")
+    ),
+}
 
 
-def _store(root: str, bucket: str, storage: StorageConfig) -> Any:
+def _provider(storage: StorageConfig) -> Any:
+    """The Secret's own credentials as an obstore credential provider, which replaces obstore's
+    chain (the environment, a token file, a metadata server): nothing of the operator's own is
+    added to a request for a tenant's store. None: the config itself carries what signs (a GCS
+    service account key) or nothing signs (skip_signature)."""
+    keys = storage.config
+
+    def get(*names: str) -> str | None:
+        return next((keys[n] for n in names if keys.get(n)), None)
+
+    if storage.scheme == "s3" and get("AWS_ACCESS_KEY_ID") and get("AWS_SECRET_ACCESS_KEY"):
+        found: dict[str, Any] = {
+            "access_key_id": keys["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": keys["AWS_SECRET_ACCESS_KEY"],
+            "token": get("AWS_SESSION_TOKEN"),
+        }
+    elif storage.scheme == "gs" and get("GOOGLE_BEARER_TOKEN"):
+        found = {"token": keys["GOOGLE_BEARER_TOKEN"]}
+    elif storage.scheme == "az" and (key := get(*[f"AZURE_STORAGE_{k}" for k in (
+        "ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY")])):  # fmt: skip
+        found = {"access_key": key}
+    elif storage.scheme == "az" and (
+        sas := get("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN")
+    ):
+        found = {"sas_token": sas}
+    elif storage.scheme == "az" and get("AZURE_STORAGE_TOKEN"):
+        found = {"token": keys["AZURE_STORAGE_TOKEN"]}
+    else:
+        return None
+    return lambda: {**found, "expires_at": None}
+
+
+def _store(root: str, storage: StorageConfig) -> Any:
+    """A client for the tenant's store, or None when the Secret holds nothing the operator may
+    sign with: its own credentials only (the Azure client-secret flow is left to the trainer:
+    obstore would pick among it and whatever identity the operator's environment offers)."""
     options: dict[str, Any] = {"timeout": "10s", "connect_timeout": "5s"}
-    endpoints = [v for k, v in storage.config.items() if "ENDPOINT" in k or k.endswith("_URL")]
-    if any(e.startswith("http://") for e in endpoints):
+    if storage.allow_http:
         options["allow_http"] = True
     # A reconcile waits for this read: retry briefly; the work queue retries the reconcile.
     retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
-    if storage.scheme != "s3":
-        return from_url(
-            root, config=storage.obstore_config(), client_options=options, retry_config=retry
-        )
-    config = {k.lower(): v for k, v in storage.config.items() if k not in _S3_CREDENTIALS}
-    keys = storage.config
-    if not (keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY")):  # unsigned
-        return S3Store(bucket, config=config, client_options=options, retry_config=retry)
-
-    def provider() -> dict[str, Any]:
-        # Replaces obstore's chain: no AWS_SESSION_TOKEN, web identity or instance profile of
-        # the operator's own is ever added to a request for a tenant's bucket.
-        return {
-            "access_key_id": keys["AWS_ACCESS_KEY_ID"],
-            "secret_access_key": keys["AWS_SECRET_ACCESS_KEY"],
-            "token": keys.get("AWS_SESSION_TOKEN") or None,
-            "expires_at": None,
-        }
-
-    return S3Store(
-        bucket,
-        config=config,
-        client_options=options,
-        retry_config=retry,
-        credential_provider=provider,
-    )
+    provider = _provider(storage)
+    unsigned = storage.signs_itself and storage.config.get(
+        f"{FAMILIES[storage.scheme]}SKIP_SIGNATURE", ""
+    ).strip().lower() in ("true", "1", "yes", "on")
+    keyed = storage.scheme == "gs" and bool(storage.config.get("GOOGLE_SERVICE_ACCOUNT_KEY"))
+    if provider is None and not unsigned and not keyed:
+        return None
+    config = {
+        k.lower(): v for k, v in storage.config.items() if k not in _CREDENTIAL_KEYS[storage.scheme]
+    }
+    for name in config:
+        if name.endswith("_skip_signature"):  # as checked above, in obstore's spelling
+            config[name] = "true" if unsigned else "false"
+    extra = {"credential_provider": provider} if provider is not None else {}
+    return from_url(root, config=config, client_options=options, retry_config=retry, **extra)
 
 
 def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult | None:
@@ -95,15 +126,34 @@ def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> Tr
         )
         return None
     try:
-        store = _store(root, parts.netloc, storage)
+        store = _store(root, storage)
+    except Exception as exc:  # obstore refused the configuration: the tenant's to fix
+        log.warning("result.json of run %s not read: the Secret's storage config: %s",
+                    run_id, type(exc).__name__)  # fmt: skip
+        return None
+    if store is None:
+        log.warning(
+            "result.json of run %s not read: spec.output.credentialsSecret holds no credentials "
+            "the operator signs with (keys, a SAS, a bearer token or a service account key)",
+            run_id,
+        )
+        return None
+    try:
         obstore.head(store, f"{prefix}/manifest.json")
-        raw = bytes(obstore.get(store, f"{prefix}/result.json").bytes())
-        return TrainerResult.model_validate_json(raw)
+        meta = obstore.head(store, f"{prefix}/result.json")
+        size = int(meta["size"])
+        if not 0 < size <= MAX_RESULT_BYTES:
+            log.warning("result.json of run %s not read: %d bytes", run_id, int(meta["size"]))
+            return None
+        # A range: a store that said one size in HEAD and sends more is refused, not read.
+        ranged = obstore.get_range(store, f"{prefix}/result.json", start=0, end=size)
+        return TrainerResult.model_validate_json(bytes(ranged))
     except (FileNotFoundError, NotFoundError):
         return None
     except (PermissionDeniedError, UnauthenticatedError, ValidationError, ValueError) as exc:
-        # Permanent: the run ends without its metrics rather than waiting forever.
-        log.warning("result.json of run %s not readable: %s", run_id, exc)
+        # Permanent: the run ends without its metrics rather than waiting forever. The error's
+        # class only: its text can quote what the tenant's store answered.
+        log.warning("result.json of run %s not readable: %s", run_id, type(exc).__name__)
         return None
     except (BaseError, OSError) as exc:
         # A timeout, a 5xx, a connection refused: read it again later, before the run's final
