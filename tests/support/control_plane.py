@@ -409,17 +409,14 @@ class ControlPlane:
         context.load_cert_chain(pki / "admin.crt", pki / "admin.key")
         return context
 
-    def request(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
-        """One API request as the admin (or as the bearer of token)."""
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        """One API request as the admin."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        else:
-            context = self._context()
+        headers = {"Content-Type": content_type}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        with urllib.request.urlopen(req, timeout=30, context=context) as response:
+        with urllib.request.urlopen(req, timeout=30, context=self._context()) as response:
             raw = response.read()
         try:
             return json.loads(raw or b"null")
@@ -441,22 +438,15 @@ class ControlPlane:
             "lastTransitionTime": now,
         }
         status = {"capacity": capacity, "allocatable": capacity, "conditions": [ready]}
-        self.patch_status(f"/api/v1/nodes/{name}/status", {"status": status})
+        self.merge_patch(f"/api/v1/nodes/{name}/status", {"status": status})
         # The TaintNodesByCondition admission plugin gives a new Node the not-ready taint; the
         # node lifecycle controller (not run: no kubelet posts heartbeats here) would lift it
         # once the node is Ready.
-        self.patch_status(f"/api/v1/nodes/{name}", {"spec": {"taints": None}})
+        self.merge_patch(f"/api/v1/nodes/{name}", {"spec": {"taints": None}})
 
-    def patch_status(self, path: str, body: dict[str, Any]) -> Any:
-        data = json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method="PATCH",
-            headers={"Content-Type": "application/merge-patch+json"},
-        )
-        with urllib.request.urlopen(req, timeout=30, context=self._context()) as response:
-            return json.loads(response.read() or b"null")
+    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
+        """A JSON merge patch as the admin."""
+        return self.request("PATCH", path, body, "application/merge-patch+json")
 
     def token(self, namespace: str, account: str, seconds: int = 3600) -> str:
         """A token for a ServiceAccount from the TokenRequest API, as a projected token is."""

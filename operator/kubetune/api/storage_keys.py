@@ -83,17 +83,28 @@ ALLOWED_KEYS: dict[str, frozenset[str]] = {
 # Keys that sign requests with credentials the Secret itself holds (or ask for none): what the
 # operator needs before it reads a tenant's store, since it lends no identity of its own.
 _TRUE = ("true", "1", "yes", "on")
+# An Azure Secret's own signing keys: the account's key, a shared access signature, a token.
+AZURE_ACCOUNT_KEYS = (
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+)
+AZURE_SAS_KEYS = ("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN")
+AZURE_SIGNING_KEYS = (*AZURE_ACCOUNT_KEYS, *AZURE_SAS_KEYS, "AZURE_STORAGE_TOKEN")
+
+
+def _unsigned(scheme: str, config: Mapping[str, str]) -> bool:
+    return config.get(f"{FAMILIES[scheme]}SKIP_SIGNATURE", "").strip().lower() in _TRUE
 
 
 def _static(scheme: str, config: Mapping[str, str]) -> bool:
-    if config.get(f"{FAMILIES[scheme]}SKIP_SIGNATURE", "").strip().lower() in _TRUE:
+    if _unsigned(scheme, config):
         return True
     if scheme == "s3":
         return bool(config.get("AWS_ACCESS_KEY_ID") and config.get("AWS_SECRET_ACCESS_KEY"))
     if scheme == "gs":
         return bool(config.get("GOOGLE_SERVICE_ACCOUNT_KEY") or config.get("GOOGLE_BEARER_TOKEN"))
-    keys = ("ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY", "SAS_KEY", "SAS_TOKEN", "TOKEN")
-    if any(config.get(f"AZURE_STORAGE_{key}") for key in keys):
+    if any(config.get(key) for key in AZURE_SIGNING_KEYS):
         return True
     # The client-secret flow needs all three; with fewer, obstore falls back to the managed
     # identity of whoever builds the client.
@@ -136,6 +147,11 @@ class StorageConfig:
     def obstore_config(self) -> dict[str, str]:
         """The config as obstore takes it (lower-case keys)."""
         return {key.lower(): value for key, value in self.config.items()}
+
+    @property
+    def unsigned(self) -> bool:
+        """Whether it asks for unsigned requests (a public bucket)."""
+        return _unsigned(self.scheme, self.config)
 
     @property
     def allow_http(self) -> bool:

@@ -32,7 +32,13 @@ from obstore.store import from_url
 from pydantic import ValidationError
 
 from kubetune.api import TrainerResult, run_prefix
-from kubetune.api.storage_keys import FAMILIES, StorageConfig, storage_config
+from kubetune.api.storage_keys import (
+    AZURE_ACCOUNT_KEYS,
+    AZURE_SAS_KEYS,
+    AZURE_SIGNING_KEYS,
+    StorageConfig,
+    storage_config,
+)
 from kubetune.controller.errors import Retry
 
 log = logging.getLogger("kubetune.operator")
@@ -41,10 +47,7 @@ MAX_RESULT_BYTES = 1 << 20  # a result.json is a few KiB; a bigger one is not th
 _CREDENTIAL_KEYS = {
     "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
     "gs": ("GOOGLE_BEARER_TOKEN",),
-    "az": tuple(
-        f"AZURE_STORAGE_{k}"
-        for k in ("ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY", "SAS_KEY", "SAS_TOKEN", "TOKEN")
-    ),
+    "az": AZURE_SIGNING_KEYS,
 }
 
 
@@ -66,12 +69,9 @@ def _provider(storage: StorageConfig) -> Any:
         }
     elif storage.scheme == "gs" and get("GOOGLE_BEARER_TOKEN"):
         found = {"token": keys["GOOGLE_BEARER_TOKEN"]}
-    elif storage.scheme == "az" and (key := get(*[f"AZURE_STORAGE_{k}" for k in (
-        "ACCOUNT_KEY", "ACCESS_KEY", "MASTER_KEY")])):  # fmt: skip
+    elif storage.scheme == "az" and (key := get(*AZURE_ACCOUNT_KEYS)):
         found = {"access_key": key}
-    elif storage.scheme == "az" and (
-        sas := get("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN")
-    ):
+    elif storage.scheme == "az" and (sas := get(*AZURE_SAS_KEYS)):
         found = {"sas_token": sas}
     elif storage.scheme == "az" and get("AZURE_STORAGE_TOKEN"):
         found = {"token": keys["AZURE_STORAGE_TOKEN"]}
@@ -90,9 +90,7 @@ def _store(root: str, storage: StorageConfig) -> Any:
     # A reconcile waits for this read: retry briefly; the work queue retries the reconcile.
     retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
     provider = _provider(storage)
-    unsigned = storage.signs_itself and storage.config.get(
-        f"{FAMILIES[storage.scheme]}SKIP_SIGNATURE", ""
-    ).strip().lower() in ("true", "1", "yes", "on")
+    unsigned = storage.unsigned
     keyed = storage.scheme == "gs" and bool(storage.config.get("GOOGLE_SERVICE_ACCOUNT_KEY"))
     if provider is None and not unsigned and not keyed:
         return None
