@@ -307,8 +307,11 @@ def decide(
                 decision.create.append(build_service(job, run_id, template))
             decision.create.append(build_job(job, run_id, settings, template))
         elif current is not None and not ended and not current.deleting:
-            if not observed.configmap:
-                # Gone, or replaced by someone else's (reconcile.py): a restarted pod mounts it.
+            own = ("ConfigMap", child_name(job.metadata.name, run_id))
+            if not observed.configmap and own in observed.stale:
+                # Someone else's under the run's name, deleted now (reconcile.py): the operator's
+                # goes back, for a restarted pod to mount. (One that merely vanished, as when
+                # the garbage collector removes a deleted job's children, is left gone.)
                 decision.create.append(build_configmap(job, run_id, settings, template))
             if spec.queue_name and spec.suspend:
                 # Kueue owns a queued Job's suspend flag (it unsuspends what it admitted), so a
