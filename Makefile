@@ -83,7 +83,7 @@ cluster: venv cluster-tools
 
 # The fast inner loop: the pure tests (no servers, no trainer runs, no cluster).
 unit: venv
-	$(BIN)/pytest -q tests/unit tests/controller -m 'not e2e'
+	$(BIN)/pytest -q tests/unit tests/controller
 
 # KUBETUNE_IMAGES=required: the image suite (tests/images) fails instead of skipping when no
 # builder is here; sysdeps installed one.

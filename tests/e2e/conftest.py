@@ -1,110 +1,186 @@
-"""Real-cluster suite (opt-in: `pytest -m e2e`): the current kubeconfig's cluster (kind, k3d)
-with the chart installed (the CRD and the operator), as .github/workflows/e2e.yaml does on a
-hosted runner with k3d. It cannot run on the development machines (no Docker engine there)."""
+"""The end-to-end suite on a real Kubernetes control plane (marker `e2e`; in `make test`):
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler built from their Go modules
+(tests/support/control_plane.py), a Node whose kubelet is the node agent (tests/support/node.py,
+with the node's own identity), the chart installed with `helm install` (CRDs included), and the
+operator as a process of this machine with the Deployment's settings as the API server stores
+them and the chart's ServiceAccount's identity (a token from the TokenRequest API), so the
+chart's RBAC is the real one. The trainer runs in each pod on the tiny model; S3 is SeaweedFS.
+Everything is started once per session on 127.0.0.1; each test has a namespace of its own."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune_trainer import storage
+from tests.support import control_plane, s3
+from tests.support.control_plane import ControlPlane
+from tests.support.node import NodeAgent
+from tests.support.platform import ALLOWED_IMAGE, MAX_GPUS, POLL_SECONDS, OperatorProcess, Platform
+from tests.support.tools import helm
+from tests.support.tools import kubectl as kubectl_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = sorted((ROOT / "crds").glob("*.yaml"))
+RELEASE, SYSTEM = "kubetune", "kubetune-system"
+# What a platform team would set for this suite (the chart's values): the operator polls
+# progress often, allows one extra image and two GPUs per job.
+VALUES = (
+    "--set-json", f"progressPollSeconds={POLL_SECONDS}",
+    "--set", f"trainer.maxGpusPerJob={MAX_GPUS}",
+    "--set-string", f"trainer.allowedImages[0]={ALLOWED_IMAGE}",
+)  # fmt: skip
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
-class Cluster:
-    def __init__(self) -> None:
-        import kubernetes
-
-        kubernetes.config.load_kube_config()
-        self.core = kubernetes.client.CoreV1Api()
-        self.batch = kubernetes.client.BatchV1Api()
-        self.custom = kubernetes.client.CustomObjectsApi()
-        self.ApiException = kubernetes.client.ApiException
-
-    def apply(self, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
-
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except self.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
-        )
-
-    def delete(self, namespace: str, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-    def jobs(self, namespace: str, name: str) -> list[Any]:
-        selector = f"kubetune.dev/finetunejob={name}"
-        return self.batch.list_namespaced_job(namespace, label_selector=selector).items
-
-    def configmaps(self, namespace: str, name: str) -> list[Any]:
-        selector = f"kubetune.dev/finetunejob={name}"
-        return self.core.list_namespaced_config_map(namespace, label_selector=selector).items
-
-    def services(self, namespace: str, name: str) -> list[Any]:
-        selector = f"kubetune.dev/finetunejob={name}"
-        return self.core.list_namespaced_service(namespace, label_selector=selector).items
-
-    def events(self, namespace: str, name: str) -> list[Any]:
-        return [
-            e
-            for e in self.core.list_namespaced_event(namespace).items
-            if e.involved_object.name == name and e.involved_object.kind == "FineTuneJob"
-        ]
-
-    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 180) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(1)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 180) -> dict:
-        def check() -> dict | None:
-            status = (self.get(namespace, name) or {}).get("status") or {}
-            return status if status.get("phase") in phases else None
-
-        return self.wait_for(f"{name} in {phases}", check, timeout)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
-    return Cluster()
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    started = control_plane.start(tmp_path_factory.mktemp("control-plane"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def kubectl(plane: ControlPlane) -> Kubectl:
+    """kubectl as the cluster's admin (or `user`'s kubeconfig); stdin_json: a document to pipe
+    in (`-f -`)."""
+    binary = str(kubectl_binary())
+
+    def run(*args: str, stdin_json: Any = None, check: bool = False, user: Path | None = None):
+        config = user or plane.admin
+        return subprocess.run(
+            [binary, f"--kubeconfig={config}", *args],
+            input=None if stdin_json is None else json.dumps(stdin_json),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def crds(plane: ControlPlane, kubectl: Kubectl) -> None:
+    """The chart installed as a platform team installs it (`helm install`, CRDs included)."""
+    done = subprocess.run(
+        [str(helm()), "install", RELEASE, str(ROOT / "helm" / "kubetune"),
+         f"--kubeconfig={plane.admin}", "--namespace", SYSTEM, "--create-namespace",
+         "--wait=hookOnly", *VALUES],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [f"crd/{p.name.removeprefix('kubetune.dev_').removesuffix('.yaml')}.kubetune.dev"
+             for p in CRDS]  # fmt: skip
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", *names, check=True)
+
+
+@pytest.fixture(scope="session")
+def namespace(kubectl: Kubectl, crds: None) -> str:
+    """The namespace of the validation table's manifests (valid_job's)."""
+    kubectl("create", "namespace", "ml")
+    return "ml"
+
+
+def _chart(kubectl: Kubectl) -> tuple[dict[str, str], str]:
+    """The operator container's env and the pod's ServiceAccount, as the API server stores
+    the chart's Deployment (no Deployment controller runs here: this suite starts the process)."""
+    deployment = json.loads(
+        kubectl("get", "deployment", RELEASE, "-n", SYSTEM, "-o", "json", check=True).stdout
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return env, pod["serviceAccountName"]
+
+
+@pytest.fixture(scope="session")
+def operator(
+    plane: ControlPlane, kubectl: Kubectl, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    env, account = _chart(kubectl)
+    workdir = tmp_path_factory.mktemp("operator")
+    config = plane.kubeconfig_for(workdir / "kubeconfig", SYSTEM, account)
+    process = OperatorProcess(
+        config, workdir / "operator.log", settings={**env, "POD_NAMESPACE": SYSTEM}
+    )
+    process.account = f"system:serviceaccount:{SYSTEM}:{account}"
+    yield process.start()
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def node(plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeAgent]:
+    agent = NodeAgent(
+        plane.node_client(),
+        tmp_path_factory.mktemp("node"),
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    ).start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="session")
+def platform(
+    plane: ControlPlane,
+    operator: OperatorProcess,
+    node: NodeAgent,
+    s3_server: s3.S3Server,
+    tiny_model: Path,
+    task_file: Path,
+) -> Iterator[Platform]:
+    saved = {k: os.environ.get(k) for k in s3_server.env()}
+    os.environ.update(s3_server.env())  # this process reads S3 too (dataset upload, asserts)
+    dataset = "s3://data/reviews.jsonl"
+    storage.write_bytes(dataset, task_file.read_bytes())
+    try:
+        yield Platform(
+            plane.client(),
+            node,
+            operator,
+            s3_server,
+            tiny_model,
+            dataset,
+            plane=plane,
+            operator_user=operator.account,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"kubetune-e2e-{uuid.uuid4().hex[:6]}"
-    cluster.core.create_namespace({"metadata": {"name": name}})
-    yield name
-    cluster.core.delete_namespace(name)
+def ns(request: pytest.FixtureRequest, platform: Platform) -> str:
+    """A namespace of the test's own, with the S3 Secret."""
+    name = request.node.name.removeprefix("test_").replace("_", "-").replace("[", "-")
+    name = "".join(c for c in name if c.isalnum() or c == "-")[:40].strip("-")
+    platform.ensure_namespace(name)
+    return name
 
 
-def job(name: str, **spec: Any) -> dict[str, Any]:
-    doc = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-            "dataset": {"uri": "s3://data/e2e/train.jsonl"},
-            "method": {"type": "lora"},
-            "hyperparameters": {"maxSteps": 10},
-            "output": {"uri": "s3://models/e2e"},
-            "backoffLimit": 0,
-        },
-    }
-    doc["spec"].update(spec)
-    return doc
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

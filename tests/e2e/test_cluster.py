@@ -1,19 +1,121 @@
-"""The operator against a real API server, scheduler, Job controller and garbage collector.
-
-Expects the operator to run with KUBETUNE_MAX_GPUS_PER_JOB=1 and the images `make images
-TRAINER_VARIANT=cpu` builds (.github/workflows/e2e.yaml). There is no object storage in the
-cluster, so a trainer pod that starts cannot read its dataset and the run fails: this suite
-checks what the emulator cannot (admission by the real CRD schema and CEL rules, the real Job
-API accepting our Job, real garbage collection); tests/images runs the trainer image training.
+"""The operator against the real API server, scheduler, Job controller and garbage collector,
+through the official Python client as the cluster's admin: admission by the real CRD schema and
+CEL rules, the real Job and Service APIs accepting what the operator builds (queued runs: their
+Jobs stay suspended, no pod starts), real garbage collection, and a trainer pod that cannot read
+its data failing its run. The operator runs as the chart installs it (conftest.py), with at most
+2 GPUs per job.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from tests.e2e.conftest import Cluster, job
+from kubetune.api import GROUP, PLURAL, VERSION
+from tests.support.control_plane import ControlPlane
+from tests.support.platform import Platform
 
-pytestmark = pytest.mark.e2e
+
+class Cluster:
+    def __init__(self, kubeconfig: Path) -> None:
+        import kubernetes
+
+        client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.ApiException = kubernetes.client.ApiException
+
+    def apply(self, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except self.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def delete(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def jobs(self, namespace: str, name: str) -> list[Any]:
+        selector = f"kubetune.dev/finetunejob={name}"
+        return self.batch.list_namespaced_job(namespace, label_selector=selector).items
+
+    def configmaps(self, namespace: str, name: str) -> list[Any]:
+        selector = f"kubetune.dev/finetunejob={name}"
+        return self.core.list_namespaced_config_map(namespace, label_selector=selector).items
+
+    def services(self, namespace: str, name: str) -> list[Any]:
+        selector = f"kubetune.dev/finetunejob={name}"
+        return self.core.list_namespaced_service(namespace, label_selector=selector).items
+
+    def events(self, namespace: str, name: str) -> list[Any]:
+        return [
+            e
+            for e in self.core.list_namespaced_event(namespace).items
+            if e.involved_object.name == name and e.involved_object.kind == "FineTuneJob"
+        ]
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 180) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(1)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 180) -> dict:
+        def check() -> dict | None:
+            status = (self.get(namespace, name) or {}).get("status") or {}
+            return status if status.get("phase") in phases else None
+
+        return self.wait_for(f"{name} in {phases}", check, timeout)
+
+
+@pytest.fixture
+def cluster(plane: ControlPlane, platform: Platform) -> Cluster:
+    """The admin's client, with the operator and the node running (platform)."""
+    return Cluster(plane.admin)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"kubetune-e2e-{uuid.uuid4().hex[:6]}"
+    cluster.core.create_namespace({"metadata": {"name": name}})
+    yield name
+    cluster.core.delete_namespace(name)
+
+
+def job(name: str, **spec: Any) -> dict[str, Any]:
+    doc = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "dataset": {"uri": "s3://data/e2e/train.jsonl"},
+            "method": {"type": "lora"},
+            "hyperparameters": {"maxSteps": 10},
+            "output": {"uri": "s3://models/e2e"},
+            "backoffLimit": 0,
+        },
+    }
+    doc["spec"].update(spec)
+    return doc
 
 
 def test_the_crd_rejects_an_invalid_spec_at_admission(cluster: Cluster, namespace: str) -> None:
@@ -65,7 +167,7 @@ def test_a_failing_trainer_pod_fails_the_run(cluster: Cluster, namespace: str) -
 
 
 def test_policy_violation_creates_nothing(cluster: Cluster, namespace: str) -> None:
-    cluster.apply(namespace, job("greedy", resources={"gpus": 2}))
+    cluster.apply(namespace, job("greedy", resources={"gpus": 4}))
     status = cluster.wait_phase(namespace, "greedy", "Failed")
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PolicyViolation" and "spec.resources.gpus" in failed["message"]

@@ -57,8 +57,6 @@ import datetime
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +72,7 @@ from kmock._internal.dsl import Reaction
 
 from kubetune.controller.reconcile import merge_patch
 from tests.support.apiserver import ApiServer, generate_name
+from tests.support.client import PATHS, STRICT, TEST_AGENT, Client  # noqa: F401 (re-exported)
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 CRD_PATH = CRDS / "kubetune.dev_finetunejobs.yaml"
@@ -124,7 +123,6 @@ WRITES = ("create", "patch", "update", "delete")
 WRITE_METHODS = {enums.method.POST, enums.method.PATCH, enums.method.PUT, enums.method.DELETE}
 HISTORY_LIMIT = 20_000  # changes kept per resource for watches that resume from a version
 BOOKMARK_SECONDS = 5.0  # the API server sends one about every minute; tests are shorter
-TEST_AGENT = "kubetune-tests"
 
 
 _kmock_parse_path = parsing.parse_path
@@ -958,78 +956,3 @@ def running_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-PATHS = {
-    "finetunejobs": "/apis/kubetune.dev/v1alpha1",
-    "finetuneprofiles": "/apis/kubetune.dev/v1alpha1",
-    "finetuneschedules": "/apis/kubetune.dev/v1alpha1",
-    "namespaces": "/api/v1",
-    "jobs": "/apis/batch/v1",
-    "pods": "/api/v1",
-    "configmaps": "/api/v1",
-    "services": "/api/v1",
-    "secrets": "/api/v1",
-    "events": "/api/v1",
-}
-
-
-STRICT = "?fieldValidation=Strict"
-
-
-class Client:
-    """A minimal JSON client for tests and the test kubelet (what kubectl would do)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def path(self, plural: str, namespace: str | None = None, name: str | None = None) -> str:
-        out = PATHS[plural]
-        if namespace:
-            out += f"/namespaces/{namespace}"
-        out += f"/{plural}"
-        if name:
-            out += f"/{name}"
-        return out
-
-    def request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
-    ) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": content_type, "User-Agent": TEST_AGENT},
-        )
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-
-    def list(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        return self.request("GET", self.path(plural, namespace))["items"]
-
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.request("GET", self.path(plural, namespace, name))
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-
-    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        # As kubectl does: unknown fields are errors (fieldValidation=Strict).
-        return self.request("POST", self.path(plural, namespace) + STRICT, body)
-
-    def patch(
-        self, plural: str, namespace: str, name: str, body: dict[str, Any], status: bool = False
-    ) -> dict[str, Any]:
-        path = self.path(plural, namespace, name) + ("/status" if status else STRICT)
-        return self.request("PATCH", path, body, "application/merge-patch+json")
-
-    def delete(self, plural: str, namespace: str, name: str, policy: str = "Background") -> None:
-        path = self.path(plural, namespace, name) + f"?propagationPolicy={policy}"
-        try:
-            self.request("DELETE", path)
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise

@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.support.client import Client
+
 ROOT = Path(__file__).resolve().parents[2]
 KUBE_VERSION = "v1.37.2"
 TOOLS = ROOT / ".cache" / "tools" / f"kube-{KUBE_VERSION}"
@@ -62,6 +64,7 @@ CONTROLLERS = (
     "disruption-controller",
     "cronjob-controller",
     "clusterrole-aggregation-controller",  # the user-facing roles (edit) take the chart's rules
+    "root-ca-certificate-publisher-controller",  # kube-root-ca.crt, in every projected token volume
 )
 
 
@@ -291,6 +294,11 @@ class ControlPlane:
                 # One replica on one machine: no need to wait for peers or aggregated APIs.
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",
+                # Every request's metadata, for the tests that count the operator's writes.
+                f"--audit-policy-file={self._audit_policy()}",
+                f"--audit-log-path={self.workdir / 'audit.log'}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
             ],
         )
         admin_cert = self._write(
@@ -362,6 +370,29 @@ class ControlPlane:
 
     # -- helpers
 
+    def _audit_policy(self) -> Path:
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                # The bodies of FineTuneJob writes (the phases the operator wrote, in order).
+                {
+                    "level": "Request",
+                    "resources": [
+                        {
+                            "group": "kubetune.dev",
+                            "resources": ["finetunejobs", "finetunejobs/status"],
+                        }
+                    ],
+                },
+                {"level": "Metadata"},
+            ],
+        }
+        path = self.workdir / "audit-policy.json"
+        path.write_text(json.dumps(policy))
+        return path
+
     def _write(self, pki: Path, name: str, pair: tuple[bytes, bytes]) -> tuple[Path, Path]:
         cert, key = pki / f"{name}.crt", pki / f"{name}.key"
         cert.write_bytes(pair[0])
@@ -403,25 +434,39 @@ class ControlPlane:
             return False
         return True
 
-    def _context(self) -> ssl.SSLContext:
+    def _context(self, who: str = "admin") -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         pki = self.workdir / "pki"
-        context.load_cert_chain(pki / "admin.crt", pki / "admin.key")
+        context.load_cert_chain(pki / f"{who}.crt", pki / f"{who}.key")
         return context
+
+    def client(self) -> Client:
+        """The tests' JSON client, as the admin."""
+        return Client(self.url, self._context())
+
+    def node_client(self, name: str = NODE) -> Client:
+        """A client with the node's identity, as a kubelet's (system:node:NAME in the group
+        system:nodes): the Node authorizer lets it read only the Secrets and ConfigMaps of the
+        pods bound to its node and write only their status."""
+        pki = self.workdir / "pki"
+        if not (pki / f"node-{name}.crt").exists():
+            issued = self._ca.issue(f"system:node:{name}", groups=("system:nodes",))
+            self._write(pki, f"node-{name}", issued)
+        return Client(self.url, self._context(f"node-{name}"))
+
+    def audit(self) -> list[dict[str, Any]]:
+        """The API server's audit events so far (one per request, at ResponseComplete)."""
+        path = self.workdir / "audit.log"
+        if not path.exists():
+            return []
+        lines = path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
 
     def request(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
         """One API request as the admin."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": content_type}
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        with urllib.request.urlopen(req, timeout=30, context=self._context()) as response:
-            raw = response.read()
-        try:
-            return json.loads(raw or b"null")
-        except json.JSONDecodeError:
-            return raw.decode()
+        return self.client().request(method, path, body, content_type)
 
     def add_node(self, name: str = NODE, gpus: int = 8) -> None:
         """A Node the scheduler can bind to: Ready, with CPU, memory, pods and GPUs."""

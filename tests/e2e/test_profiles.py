@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune_trainer import storage
-from tests.integration.conftest import FINAL, Platform
+from tests.support.platform import FINAL, Platform
 
 
 def _ready(status: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,9 @@ import pytest
 
 from kubetune.api import FineTuneJob, make_run_id, spec_hash
 from kubetune.controller.build import CONFIG_FILE, JOB_LABEL, PROFILE_FILE, RUN_LABEL, data_hash
-from tests.cluster.conftest import Kubectl, Operator, wait_for
+from tests.e2e.conftest import Kubectl, wait_for
 from tests.support.control_plane import NODE, ControlPlane
+from tests.support.platform import OperatorProcess
 
 TENANT_NS = "team-a"
 
@@ -61,7 +62,7 @@ def _children(kubectl: Kubectl, kind: str, job: str) -> list[dict[str, Any]]:
 
 
 def test_the_operator_starts_a_run_under_the_charts_rbac(
-    kubectl: Kubectl, tenant: Path, operator: Operator
+    kubectl: Kubectl, tenant: Path, operator: OperatorProcess
 ) -> None:
     """The tenant applies a FineTuneJob; the operator (the chart's identity) creates the
     ConfigMap and the Job; the real Job controller creates the pod, the real scheduler binds it
@@ -90,7 +91,9 @@ def test_the_operator_starts_a_run_under_the_charts_rbac(
     assert written["phase"] == "Pending" and written["runId"]
     (configmap,) = _children(kubectl, "configmaps", "first-run")
     assert written["configHash"] == data_hash(configmap)
-    assert "forbidden" not in operator.text().lower(), operator.text()[-3000:]
+    assert "forbidden" not in operator.log.read_text(errors="replace").lower(), (
+        operator.log.read_text(errors="replace")[-3000:]
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,7 +122,7 @@ def test_the_operator_starts_a_run_under_the_charts_rbac(
     ],
 )
 def test_a_tenant_cannot_write_what_the_operator_trusts(
-    kubectl: Kubectl, tenant: Path, operator: Operator, args: tuple[str, ...], body: Any
+    kubectl: Kubectl, tenant: Path, operator: OperatorProcess, args: tuple[str, ...], body: Any
 ) -> None:
     if isinstance(body, str):
         done = kubectl(*args, body, user=tenant)
@@ -130,7 +133,7 @@ def test_a_tenant_cannot_write_what_the_operator_trusts(
 
 
 def test_a_forged_configmap_is_replaced_before_any_pod_mounts_it(
-    kubectl: Kubectl, tenant: Path, operator: Operator
+    kubectl: Kubectl, tenant: Path, operator: OperatorProcess
 ) -> None:
     """The tenant queues a job (suspended in a queue: nothing is created yet), writes a
     ConfigMap with the run's name, labels, spec hash, a controller reference to the job (the
@@ -190,7 +193,7 @@ def test_a_forged_configmap_is_replaced_before_any_pod_mounts_it(
 
     ours = wait_for("the operator's own ConfigMap, and no other", replaced)
     assert PROFILE_FILE not in ours["data"]  # no profile applies here
-    assert "did not write; replacing it" in operator.text()
+    assert "did not write; replacing it" in operator.log.read_text(errors="replace")
     status = wait_for(
         "the status", lambda: (_get(kubectl, "finetunejob", name) or {}).get("status") or {}
     )

@@ -11,7 +11,7 @@ import pytest
 
 from kubetune.api import ExitCode, TrainerResult
 from kubetune_trainer import storage
-from tests.integration.conftest import FINAL, Platform
+from tests.support.platform import FINAL, Platform
 from tests.trainer.conftest import run_job
 
 # The 2-pod run's loss at each step against one process's at the same global batch (the same

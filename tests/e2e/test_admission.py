@@ -14,8 +14,8 @@ import yaml
 
 from kubetune.api import FineTuneJob, FineTuneProfile, FineTuneSchedule
 from kubetune.manifests import Loader
-from tests.cluster.conftest import Kubectl
 from tests.conftest import ROOT, valid_job
+from tests.e2e.conftest import Kubectl
 from tests.unit import test_profiles as profiles_table
 from tests.unit import test_validation_table as jobs_table
 from tests.unit.test_profiles import profile_doc, profile_problems

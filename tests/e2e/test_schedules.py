@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from croniter import croniter
 
-from tests.integration.conftest import FINAL, Platform
+from tests.support.platform import FINAL, Platform
 
 WEEKLY = "0 3 * * 1"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.conftest import FINAL, Platform
+from tests.support.platform import FINAL, Platform
 from tests.support.prometheus import Prometheus
 
 
