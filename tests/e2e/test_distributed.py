@@ -1,4 +1,4 @@
-"""A distributed run end to end on the emulated platform: an Indexed Job of two pods and its
+"""A distributed run end to end on the real control plane: an Indexed Job of two pods and its
 headless Service, the real trainer's launcher in each pod (gloo over the loopback, the pods'
 rendezvous at rank 0's DNS name), artifacts in the real S3 server."""
 

@@ -1,4 +1,4 @@
-"""FineTuneProfiles end to end on the emulated platform: a job waits for the profile it names,
+"""FineTuneProfiles end to end on the real control plane: a job waits for the profile it names,
 runs with the profile's defaults, stays pinned to the profile's generation when the profile
 changes under it, and is refused (naming the field and the profile) outside its limits or
 outside the namespaces it is offered to. Profiles are cluster-scoped and the platform is shared

@@ -1,5 +1,5 @@
 """A real Prometheus (Debian's package) scrapes the operator and a running trainer during an
-integration run; PromQL over its HTTP API finds the series with the expected values."""
+run on the real control plane (the trainer listens on its pod's IP); PromQL over its HTTP API finds the series with the expected values."""
 
 from __future__ import annotations
 
@@ -29,9 +29,15 @@ def test_prometheus_scrapes_operator_and_trainer(
         )
         platform.apply(doc)
         platform.wait_phase(ns, "watched", ("Running", *FINAL))
-        (pod,) = platform.wait_for("the pod", lambda: platform.children(ns, "pods", "watched"))
-        # What a PodMonitor would do: scrape the pod's `metrics` port, label it with the pod.
-        target = f"127.0.0.1:{_metrics_port(pod)}"
+        (pod,) = platform.wait_for(
+            "the pod's IP",
+            lambda: [
+                p for p in platform.children(ns, "pods", "watched") if p["status"].get("podIP")
+            ],
+        )
+        # What a PodMonitor would do: scrape the pod's IP at its `metrics` port, label it with
+        # the pod.
+        target = f"{pod['status']['podIP']}:{_metrics_port(pod)}"
         prometheus.set_targets({target: {"namespace": ns, "pod": pod["metadata"]["name"]}})
 
         step = f'kubetune_trainer_step{{namespace="{ns}"}}'

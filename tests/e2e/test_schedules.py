@@ -1,4 +1,4 @@
-"""A FineTuneSchedule against the emulated API server, the real operator and the real trainer:
+"""A FineTuneSchedule against the real control plane, the real operator and the real trainer:
 it reports its next time, stamps a FineTuneJob when a time is due (once, whatever repeats), the
 stamped run trains, is judged against the champion and promoted, the schedule's status lists it
 and names the promoted run, history limits delete finished runs (the promoted one stays named),

@@ -66,7 +66,8 @@ def test_the_operator_starts_a_run_under_the_charts_rbac(
 ) -> None:
     """The tenant applies a FineTuneJob; the operator (the chart's identity) creates the
     ConfigMap and the Job; the real Job controller creates the pod, the real scheduler binds it
-    to the Node. No kubelet runs here, so the pod stays Pending and so does the run."""
+    to the Node, whose agent starts it (the model cannot be fetched offline: the run fails
+    later, which this test does not wait for)."""
     done = kubectl("apply", "-f", "-", stdin_json=_job("first-run"), user=tenant)
     assert done.returncode == 0, done.stderr
     ftj = _get(kubectl, "finetunejob", "first-run")
@@ -88,7 +89,7 @@ def test_the_operator_starts_a_run_under_the_charts_rbac(
         return found if found.get("configHash") else None
 
     written = wait_for("the run's status", status)
-    assert written["phase"] == "Pending" and written["runId"]
+    assert written["phase"] in ("Pending", "Running", "Failed") and written["runId"]
     (configmap,) = _children(kubectl, "configmaps", "first-run")
     assert written["configHash"] == data_hash(configmap)
     assert "forbidden" not in operator.log.read_text(errors="replace").lower(), (

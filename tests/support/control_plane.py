@@ -228,6 +228,7 @@ class ControlPlane:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
     _ca: Authority = field(default_factory=Authority)
+    _apiserver_args: list[str] = field(default_factory=list)
 
     # -- start and stop
 
@@ -273,34 +274,32 @@ class ControlPlane:
             ],
         )
         self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), 60)
-        self._spawn(
-            "kube-apiserver",
-            [
-                str(bin_dir / "kube-apiserver"),
-                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={api_port}",
-                f"--tls-cert-file={serving[0]}",
-                f"--tls-private-key-file={serving[1]}",
-                f"--client-ca-file={self.ca_file}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                f"--service-cluster-ip-range={SERVICE_RANGE}",
-                "--authorization-mode=Node,RBAC",
-                "--allow-privileged=false",
-                "--profiling=false",
-                # One replica on one machine: no need to wait for peers or aggregated APIs.
-                "--endpoint-reconciler-type=none",
-                "--enable-priority-and-fairness=false",
-                # Every request's metadata, for the tests that count the operator's writes.
-                f"--audit-policy-file={self._audit_policy()}",
-                f"--audit-log-path={self.workdir / 'audit.log'}",
-                "--audit-log-format=json",
-                "--audit-log-mode=blocking",
-            ],
-        )
+        self._apiserver_args = [
+            str(bin_dir / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={serving[0]}",
+            f"--tls-private-key-file={serving[1]}",
+            f"--client-ca-file={self.ca_file}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_RANGE}",
+            "--authorization-mode=Node,RBAC",
+            "--allow-privileged=false",
+            "--profiling=false",
+            # One replica on one machine: no need to wait for peers or aggregated APIs.
+            "--endpoint-reconciler-type=none",
+            "--enable-priority-and-fairness=false",
+            # Every request's metadata, for the tests that count the operator's writes.
+            f"--audit-policy-file={self._audit_policy()}",
+            f"--audit-log-path={self.workdir / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+        ]
+        self._spawn("kube-apiserver", self._apiserver_args)
         admin_cert = self._write(
             pki, "admin", self._ca.issue("kubetune-admin", groups=("system:masters",))
         )
@@ -362,11 +361,39 @@ class ControlPlane:
             if process.poll() is None:
                 process.terminate()
         for process in self.processes.values():
-            try:
-                process.wait(timeout=20)
+            try:  # the API server drains its watches slowly; nothing here outlives the plane
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def stop_apiserver(self) -> None:
+        """Stop the API server as when its machine goes down (SIGKILL): its clients'
+        connections and watches end."""
+        process = self.processes["kube-apiserver"]
+        process.kill()
+        process.wait()
+
+    def start_apiserver(self) -> None:
+        """Start it again, on the same port and etcd: its watch cache starts at etcd's current
+        revision, so a watch from an older resourceVersion gets 410 Gone."""
+        self._spawn("kube-apiserver", self._apiserver_args, append=True)
+        self._wait("kube-apiserver", self._ready, 180)
+
+    def second_apiserver(self) -> str:
+        """A second API server on the same etcd (a highly available control plane has
+        several behind a load balancer): its URL. It stops with the plane."""
+        port = free_port()
+        args = [
+            a
+            for a in self._apiserver_args
+            if not a.startswith(("--secure-port", "--audit-log-path"))
+        ]
+        args += [f"--secure-port={port}", f"--audit-log-path={self.workdir / 'audit-2.log'}"]
+        self._spawn("kube-apiserver-2", args)
+        url = f"https://127.0.0.1:{port}"
+        self._wait("kube-apiserver-2", lambda: _ready(self.client(url)), 180)
+        return url
 
     # -- helpers
 
@@ -400,10 +427,10 @@ class ControlPlane:
         key.chmod(0o600)
         return cert, key
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], append: bool = False) -> None:
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
-        with log.open("wb") as out:
+        with log.open("ab" if append else "wb") as out:
             self.processes[name] = subprocess.Popen(
                 argv,
                 stdout=out,
@@ -428,11 +455,7 @@ class ControlPlane:
         return "\n".join(text.splitlines()[-lines:])
 
     def _ready(self) -> bool:
-        try:
-            self.request("GET", "/readyz")
-        except (OSError, urllib.error.URLError):
-            return False
-        return True
+        return _ready(self.client())
 
     def _context(self, who: str = "admin") -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca_file))
@@ -440,9 +463,9 @@ class ControlPlane:
         context.load_cert_chain(pki / f"{who}.crt", pki / f"{who}.key")
         return context
 
-    def client(self) -> Client:
-        """The tests' JSON client, as the admin."""
-        return Client(self.url, self._context())
+    def client(self, url: str = "") -> Client:
+        """The tests' JSON client, as the admin (of `url`: another API server of the plane)."""
+        return Client(url or self.url, self._context())
 
     def node_client(self, name: str = NODE) -> Client:
         """A client with the node's identity, as a kubelet's (system:node:NAME in the group
@@ -507,6 +530,14 @@ class ControlPlane:
         return kubeconfig(
             path, self.url, self.ca_file, token=self.token(namespace, account), namespace=namespace
         )
+
+
+def _ready(client: Client) -> bool:
+    try:
+        client.request("GET", "/readyz")
+    except (OSError, urllib.error.URLError):
+        return False
+    return True
 
 
 def _http_ok(url: str) -> bool:

@@ -8,6 +8,7 @@ namespace."""
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import signal
@@ -151,7 +152,8 @@ class Platform:
         return doc
 
     def namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
-        """The Namespace object (a real cluster has one for every namespace in use)."""
+        """The Namespace object (a real cluster has one for every namespace in use), with
+        `labels` added when it exists already."""
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         if labels:
             body["metadata"]["labels"] = labels
@@ -160,6 +162,8 @@ class Platform:
         except urllib.error.HTTPError as exc:
             if exc.code != 409:
                 raise
+            if labels:
+                self.api.patch("namespaces", "", name, {"metadata": {"labels": labels}})
 
     def profile(self, name: str, **spec: Any) -> dict[str, Any]:
         """A FineTuneProfile (cluster-scoped); `a__b=v` sets spec.a.b."""
@@ -254,11 +258,25 @@ class Platform:
         user = self.operator_user
         return [e for e in self.plane.audit() if (e.get("user") or {}).get("username") == user]
 
+    def operator_counts(self) -> collections.Counter[tuple[str, str]]:
+        """How many requests the operator made, by (verb, resource): get, list, watch, create,
+        patch, delete... From the emulator's counters or the real API server's audit log."""
+        if self.cluster is not None:
+            assert self.cluster.emulator is not None
+            return collections.Counter(self.cluster.emulator.operator_counts)
+        return collections.Counter(
+            (verb, resource.split("/")[0]) for verb, resource, _, _ in self.operator_requests()
+        )
+
     def operator_requests(self) -> list[tuple[str, str, str, str]]:
         """(verb, resource[/subresource], namespace, name) of each request the operator made,
-        in order, from the real API server's audit log."""
+        in order, from the real API server's audit log: a request at its ResponseComplete
+        stage, a watch when it started (ResponseStarted)."""
         out = []
         for event in self._operator_audit():
+            stage = "ResponseStarted" if event["verb"] == "watch" else "ResponseComplete"
+            if event.get("stage") != stage:
+                continue
             ref = event.get("objectRef") or {}
             resource = ref.get("resource", "") + (
                 f"/{ref['subresource']}" if ref.get("subresource") else ""
