@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.error import HTTPError
+
+import pytest
 
 from kubetune.api import TrainerResult
 from kubetune_trainer import storage
+from tests.e2e.conftest import Kubectl
 from tests.support.platform import ALLOWED_IMAGE, FINAL, Platform
 
 
@@ -170,6 +174,57 @@ def _assert_quiet(platform: Platform, ns: str, name: str) -> None:
     assert platform.children(ns, "configmaps", name) == []
     assert platform.children(ns, "jobs", name) == []
     platform.assert_no_more_writes(ns, name)
+
+
+# The enum of spec.method.type in the CRD's schema (its one version).
+METHOD_ENUM = (
+    "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/method/properties/type/enum"
+)
+
+
+def test_invalid_spec(platform: Platform, kubectl: Kubectl, ns: str) -> None:
+    doc = platform.job(ns, "typo", method__type="lorra")
+    # The API server refuses it against the CRD's schema, naming the field...
+    with pytest.raises(HTTPError) as refused:
+        platform.apply(doc)
+    assert refused.value.code == 422 and "spec.method.type" in refused.value.read().decode()
+    # ...so only a cluster whose CRD is older than the operator lets it through to the operator:
+    # here, a CRD whose method types were not an enum yet.
+    crd = json.loads(kubectl("get", "crd", "finetunejobs.kubetune.dev", "-o", "json").stdout)
+    enum = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    enum = enum["properties"]["method"]["properties"]["type"]["enum"]
+    patch = [{"op": "remove", "path": METHOD_ENUM}]
+    kubectl("patch", "crd", "finetunejobs.kubetune.dev", "--type=json", "-p", json.dumps(patch),
+            check=True)  # fmt: skip
+
+    def admitted() -> bool:
+        try:
+            platform.apply(doc)
+        except HTTPError as exc:  # the API server serves the new schema a moment later
+            if exc.code != 422:
+                raise
+            return False
+        return True
+
+    try:
+        platform.wait_for("the old schema to admit it", admitted, 30, interval=0.5)
+    finally:
+        patch = [{"op": "add", "path": METHOD_ENUM, "value": enum}]
+        kubectl("patch", "crd", "finetunejobs.kubetune.dev", "--type=json", "-p",
+                json.dumps(patch), check=True)  # fmt: skip
+    status = platform.wait_phase(ns, "typo", "Failed", timeout=30)
+    failed = _condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.method.type" in failed["message"]
+    ready = _condition(status, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    warning = platform.wait_for(
+        "the Warning Event",
+        lambda: [e for e in platform.events(ns, "typo") if e["type"] == "Warning"],
+        10,
+    )
+    assert len(warning) == 1 and "spec.method.type" in warning[0]["message"]
+    _assert_quiet(platform, ns, "typo")
 
 
 def _patch_spec(platform: Platform, ns: str, name: str, spec: dict) -> None:

@@ -186,7 +186,7 @@ class Authority:
 def kubeconfig(
     path: Path,
     url: str,
-    ca_file: Path,
+    ca_file: Path | None,
     *,
     cert: Path | None = None,
     key: Path | None = None,
@@ -198,15 +198,14 @@ def kubeconfig(
         user = {"client-certificate": str(cert), "client-key": str(key)}
     if token is not None:
         user = {"token": token}
+    ca = {"certificate-authority": str(ca_file)} if ca_file else {}
     context: dict[str, Any] = {"cluster": "test", "user": "user"}
     if namespace:
         context["namespace"] = namespace
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "test", "cluster": {"server": url, "certificate-authority": str(ca_file)}}
-        ],
+        "clusters": [{"name": "test", "cluster": {"server": url, **ca}}],
         "users": [{"name": "user", "user": user}],
         "contexts": [{"name": "test", "context": context}],
         "current-context": "test",

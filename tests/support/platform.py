@@ -1,9 +1,8 @@
-"""The platform the end-to-end tests drive: the real operator (`kubetune operator`, a
-process of this machine, restartable), a node that runs each trainer pod's command as a local
-process on the tiny model, a real S3 server (SeaweedFS) with the dataset and the artifacts, on
-an API server: the real control plane (tests/e2e, with tests/support/node.py as its kubelet) or
-the emulated one (tests/integration, with tests/support/kubelet.py). Each test uses its own
-namespace."""
+"""The platform the end-to-end tests drive (tests/e2e/conftest.py starts it): the real
+operator (`kubetune operator`, a process of this machine, restartable), the node agent that runs
+each trainer pod's command as a local process on the tiny model (tests/support/node.py), a real
+S3 server (SeaweedFS) with the dataset and the artifacts, on the real control plane. Each test
+uses its own namespace."""
 
 from __future__ import annotations
 
@@ -27,9 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune_trainer import storage
 from tests.support import s3
 from tests.support.client import Client
-from tests.support.cluster import Cluster
 from tests.support.control_plane import ControlPlane
-from tests.support.kubelet import Kubelet
 from tests.support.node import NodeAgent
 from tests.support.prometheus import free_port
 from tests.support.specs import override
@@ -39,7 +36,8 @@ ALLOWED_IMAGE = "registry.example.com/ml/trainer:custom"
 MAX_GPUS = 2
 POLL_SECONDS = 0.5
 FINAL = ("Succeeded", "Failed")
-# The operator's settings on the emulated platform (the chart's, on the real control plane).
+# The operator's settings where no chart is installed (the emulator's tests, the images' test);
+# on the real control plane they are the chart's.
 SETTINGS = {
     "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
     "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
@@ -69,8 +67,8 @@ class OperatorProcess:
         self.account = ""  # the user the API server knows it as (tests/e2e)
 
     def settings(self) -> dict[str, str]:
-        """What the chart sets (`settings`: by default the emulated platform's), with this
-        machine's kubeconfig and ports."""
+        """What the chart sets (`settings`: by default SETTINGS), with this machine's
+        kubeconfig and ports."""
         return {
             **self.base,
             "KUBECONFIG": str(self.kubeconfig),
@@ -117,19 +115,18 @@ class OperatorProcess:
 
 @dataclass
 class Platform:
-    """The operator, a node running trainer pods, S3 and the tiny model, on an API server:
-    the emulated one (`cluster`) or the real control plane (`plane`, with the operator's
-    ServiceAccount user, whose requests the API server's audit log counts)."""
+    """The operator, the node running trainer pods, S3 and the tiny model, on the real control
+    plane (`operator_user`: the operator's ServiceAccount, whose requests the API server's audit
+    log counts)."""
 
     api: Client
-    kubelet: Kubelet | NodeAgent
+    kubelet: NodeAgent
     operator: OperatorProcess
     s3: s3.S3Server
     model: Path
     dataset: str
-    cluster: Cluster | None = None
-    plane: ControlPlane | None = None
-    operator_user: str = ""
+    plane: ControlPlane
+    operator_user: str
     namespaces: set[str] = field(default_factory=set)
 
     def job(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -246,24 +243,22 @@ class Platform:
 
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The object's Events in the order they were posted. Lists come sorted by name, as
-        etcd's keys are; Events are never changed after they are posted here, so their
-        resourceVersion (the emulator's revision, an integer) is their posting order."""
+        etcd's keys are: they are sorted by firstTimestamp (which a repeat, counted on the same
+        Event, keeps), then by resourceVersion (etcd's revision, an integer) within a second."""
         events = [
             e for e in self.api.list("events", namespace) if e["involvedObject"]["name"] == name
         ]
-        return sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))
+        return sorted(
+            events, key=lambda e: (e["firstTimestamp"], int(e["metadata"]["resourceVersion"]))
+        )
 
     def _operator_audit(self) -> list[dict[str, Any]]:
-        assert self.plane is not None
         user = self.operator_user
         return [e for e in self.plane.audit() if (e.get("user") or {}).get("username") == user]
 
     def operator_counts(self) -> collections.Counter[tuple[str, str]]:
         """How many requests the operator made, by (verb, resource): get, list, watch, create,
-        patch, delete... From the emulator's counters or the real API server's audit log."""
-        if self.cluster is not None:
-            assert self.cluster.emulator is not None
-            return collections.Counter(self.cluster.emulator.operator_counts)
+        patch, delete... From the API server's audit log."""
         return collections.Counter(
             (verb, resource.split("/")[0]) for verb, resource, _, _ in self.operator_requests()
         )
@@ -285,33 +280,20 @@ class Platform:
         return out
 
     def phases_written(self, namespace: str, name: str) -> list[str]:
-        """Every phase the operator wrote to this FineTuneJob, in order: from the emulator's
-        write log, or the patches' bodies in the audit log (tests/support/control_plane.py)."""
-        if self.cluster is not None:
-            assert self.cluster.emulator is not None
-            bodies = [
-                body
-                for verb, plural, obj, body in list(self.cluster.emulator.write_log)
-                if (verb, plural, obj) == ("patch", "finetunejobs", name)
-                and isinstance(body, dict)
-                and (body.get("metadata") or {}).get("namespace", namespace) == namespace
-            ]
-        else:
-            bodies = [
-                event.get("requestObject") or {}
-                for event in self._operator_audit()
-                if event["verb"] == "patch"
-                and (event.get("objectRef") or {}).get("resource") == "finetunejobs"
-                and (event["objectRef"].get("namespace"), event["objectRef"].get("name"))
-                == (namespace, name)
-            ]
+        """Every phase the operator wrote to this FineTuneJob, in order: the status patches'
+        bodies in the API server's audit log (tests/support/control_plane.py)."""
+        bodies = [
+            event.get("requestObject") or {}
+            for event in self._operator_audit()
+            if event["verb"] == "patch"
+            and (event.get("objectRef") or {}).get("resource") == "finetunejobs"
+            and (event["objectRef"].get("namespace"), event["objectRef"].get("name"))
+            == (namespace, name)
+        ]
         return [b["status"]["phase"] for b in bodies if "phase" in (b.get("status") or {})]
 
     def writes(self, namespace: str, name: str) -> int:
         """The operator's writes about one FineTuneJob: to it, its children and its Events."""
-        if self.cluster is not None:
-            assert self.cluster.emulator is not None
-            return self.cluster.emulator.writes_by_owner[f"{namespace}/{name}"]
         return sum(
             1
             for verb, resource, ns, obj in self.operator_requests()
@@ -340,15 +322,6 @@ class Platform:
 
     def job_creates(self, namespace: str, name: str) -> int:
         """How many times the operator created a batch Job for this FineTuneJob."""
-        if self.cluster is not None:
-            assert self.cluster.emulator is not None
-            return sum(
-                1
-                for verb, plural, _, body in self.cluster.emulator.write_log
-                if (verb, plural) == ("create", "jobs")
-                and body["metadata"]["namespace"] == namespace
-                and body["metadata"]["labels"]["kubetune.dev/finetunejob"] == name
-            )
         return sum(
             1
             for verb, resource, ns, obj in self.operator_requests()
