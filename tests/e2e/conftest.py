@@ -33,6 +33,9 @@ RELEASE, SYSTEM = "kubetune", "kubetune-system"
 # What a platform team would set for this suite (the chart's values): the operator polls
 # progress often, allows one extra image and two GPUs per job.
 VALUES = (
+    # The operator's own checks are what most tests here exercise; test_admission_policy.py
+    # turns the chart's admission policies on (helm upgrade) and off again.
+    "--set", "admissionPolicy.enabled=false",
     "--set-json", f"progressPollSeconds={POLL_SECONDS}",
     "--set", f"trainer.maxGpusPerJob={MAX_GPUS}",
     "--set-string", f"trainer.allowedImages[0]={ALLOWED_IMAGE}",
