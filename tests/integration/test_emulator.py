@@ -518,51 +518,6 @@ def test_a_failed_index_is_replaced_and_counted_until_the_backoff_limit(
     assert pod["status"]["phase"] == "Failed"
 
 
-def test_pods_meet_through_a_headless_service_on_the_node(
-    node: tuple[Cluster, Client, Kubelet],
-) -> None:
-    """The Service's pod DNS names resolve to the node, a named port maps to one node port for
-    the whole Job, and the downward API gives each pod its index."""
-    _, api, kubelet = node
-    ns = "emu-meet"
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "meet", "namespace": ns},
-        "spec": {"clusterIP": "None", "selector": {"job-name": "talk"}},
-    }
-    api.create("services", ns, service)
-    script = "import os; print(os.environ['ADDR'], os.environ['RDZV_PORT'], os.environ['RANK'])"
-    container = {
-        "name": "trainer",
-        "image": "t",
-        "command": ["python", "-c", script],
-        "ports": [{"name": "rendezvous", "containerPort": 29500}],
-        "env": [
-            {"name": "ADDR", "value": f"talk-0.meet.{ns}.svc"},
-            {"name": "RDZV_PORT", "value": "29500"},
-            {
-                "name": "RANK",
-                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX}']"}},
-            },
-        ],
-    }
-    saved, kubelet.fake_seconds = kubelet.fake_seconds, None
-    try:
-        api.create("jobs", ns, _indexed(ns, "talk", pod={"containers": [container]}))
-        wait_until("Complete", lambda: "Complete" in _conditions(api.get("jobs", ns, "talk")))
-    finally:
-        kubelet.fake_seconds = saved
-    lines = sorted(
-        (kubelet.workdir / ns / p["metadata"]["name"] / "container.log").read_text().split()
-        for p in _pods(api, ns, "talk")
-    )
-    (address, port, _), (address1, port1, _) = lines
-    assert address == address1 == "127.0.0.1"
-    assert port == port1 != "29500"
-    assert [rank for *_, rank in lines] == ["0", "1"]
-
-
 def test_a_second_create_of_a_name_is_already_exists(node: tuple[Cluster, Client, Kubelet]) -> None:
     """apimachinery's errors.NewAlreadyExists: 409, reason AlreadyExists, `<resource> "<name>"
     already exists` (the resource qualified by its group)."""

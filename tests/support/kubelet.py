@@ -29,47 +29,29 @@ and a kubelet, for the emulated API server. Each behaviour is the real one's, ci
 - Kubelet: a scheduled pod is Pending (container waiting: ContainerCreating) until its
   container starts; an image under an unpullable prefix waits in ErrImagePull/ImagePullBackOff
   (they alternate, as the kubelet's back-off does); a Secret named by envFrom that does not exist
-  waits in CreateContainerConfigError `secret "NAME" not found` and starts once it exists. When
-  the process ends it writes the termination message (terminationMessagePath, or with
-  FallbackToLogsOnError the log tail) and the pod's terminated state.
+  waits in CreateContainerConfigError `secret "NAME" not found` and starts once it exists.
 
-How a container becomes a process:
-- volumes: configMap volumes are written to a per-pod directory, emptyDirs are directories;
-  paths under a mountPath in the command, env and config file are mapped to those directories;
-- env: the container's env plus envFrom secretRef, read from the Secret through the API, each
-  key with the envFrom's `prefix` before it;
-- env: `valueFrom.fieldRef` of metadata.name, metadata.namespace and annotations/labels (the
-  downward API), as the kubelet resolves them; `valueFrom.secretKeyRef` from the Secret (a
-  missing Secret or key waits in CreateContainerConfigError with the kubelet's message);
-- network: all pods share 127.0.0.1, so the node gives each pod a free port for its `metrics`
-  container port (as a hostPort mapping would) and records it in the pod's spec, where the
-  operator looks for it; the trainer listens on 127.0.0.1 (KUBETUNE_METRICS_ADDR). Any other
-  named container port (a distributed run's `rendezvous`) maps to one free port per Job, shared
-  by its pods, and an env var `*_PORT` whose value is that container port gets the mapped one;
-- DNS: a name `<host>.<service>.<namespace>.svc[.cluster.local]` in an env value resolves, as
-  cluster DNS would for the pods of a headless Service, when that Service exists: to
-  127.0.0.1, where every pod of this node listens.
-With `fake_seconds` set it runs no process at all: each pod "trains" for that long and ends with
-a valid TrainerResult (the scale benchmark's fast fake trainer).
+It runs no process: each pod "trains" for `fake_seconds` and ends with a valid TrainerResult as
+its termination message (the scale benchmark's fast fake trainer). Each pod's `metrics` port is
+a free port (or one of `fake_metrics_ports`, servers the caller runs), written into the pod's
+spec, where the operator looks for it. The real trainer runs in pods on the real control plane,
+whose kubelet is the node agent (tests/support/node.py).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, suppress
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,10 +102,7 @@ class PodRun:
     namespace: str
     job_uid: str
     directory: Path
-    process: subprocess.Popen[bytes] | None = None
     started: float = field(default_factory=time.monotonic)
-    termination_path: Path | None = None
-    log: Path | None = None
     disrupted: bool = False
     killed: bool = False
     fake_result: dict[str, Any] | None = None
@@ -133,7 +112,6 @@ class PodRun:
     started_at: str = ""
     index: int | None = None  # the completion index of an Indexed Job's pod
     metadata: dict[str, Any] = field(default_factory=dict)  # the pod's, for the downward API
-    ports: dict[int, int] = field(default_factory=dict)  # its Job's containerPort -> node port
 
 
 @dataclass
@@ -143,7 +121,6 @@ class JobState:
     active: PodRun | None = None
     indexed: dict[int, PodRun] = field(default_factory=dict)  # an Indexed Job's active pods
     succeeded: set[int] = field(default_factory=set)  # an Indexed Job's completed indexes
-    ports: dict[int, int] = field(default_factory=dict)  # containerPort -> node port, per Job
     started_at: float | None = None
     last_failure: float | None = None  # when the newest counted failure happened
     done: bool = False
@@ -161,7 +138,7 @@ class Kubelet:
         url: str,
         workdir: Path,
         env: dict[str, str] | None = None,
-        fake_seconds: float | None = None,
+        fake_seconds: float = 0.5,
         interval: float = 0.1,
         terminal_delay: float = 1.0,
         start_delay: float = 0.2,
@@ -255,24 +232,14 @@ class Kubelet:
             return [run for s in self.jobs.values() for run in s.runs() if run.running]
 
     def kill(self, pod_name: str, disruption: bool = False) -> None:
-        """SIGKILL a pod's process, as an OOM kill (or, with disruption, a preemption) would."""
+        """End a pod as an OOM kill (exit 137, OOMKilled) or, with disruption, a preemption
+        (DisruptionTarget) would."""
         with self._lock:
             for state in self.jobs.values():
                 for run in state.runs():
                     if run.name == pod_name:
                         run.disrupted = disruption
                         self._kill(run)
-                        return
-        raise KeyError(pod_name)
-
-    def freeze(self, pod_name: str, frozen: bool = True) -> None:
-        """SIGSTOP (or SIGCONT) a pod's process: alive, but answering nothing, as a trainer
-        stuck in a long step or a node under memory pressure; its metrics scrapes time out."""
-        with self._lock:
-            for state in self.jobs.values():
-                for run in state.runs():
-                    if run.name == pod_name and run.process is not None:
-                        os.killpg(run.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
                         return
         raise KeyError(pod_name)
 
@@ -585,11 +552,6 @@ class Kubelet:
         self.api.create("pods", ns, pod)
         run = PodRun(pod_name, ns, meta["uid"], self.workdir / ns / pod_name, spec=spec)
         run.index, run.metadata = index, pod["metadata"]
-        for container in spec["containers"]:  # the Job's node ports (see the module's doc)
-            for port in container.get("ports") or []:
-                if port.get("name") != "metrics":
-                    state.ports.setdefault(int(port["containerPort"]), _free_port())
-        run.ports = state.ports
         run.directory.mkdir(parents=True, exist_ok=True)
         if index is None:
             state.active = run
@@ -687,22 +649,15 @@ class Kubelet:
         if time.monotonic() - run.started < self.start_delay:
             return
         container = spec["containers"][0]
-        port = next(
-            (p["containerPort"] for p in container.get("ports") or [] if p["name"] == "metrics"),
-            _free_port(),
-        )
         run.started = time.monotonic()
-        if self.fake_seconds is None:
-            self._run_container(run, container, spec, port)
-        else:
-            labels = (job["spec"]["template"].get("metadata") or {}).get("labels", {})
-            run.fake_result = {
-                "runId": labels.get("kubetune.dev/run-id"),
-                "outcome": "Succeeded",
-                "exitCode": 0,
-                "message": "fake trainer: done",
-                "steps": 10,
-            }
+        labels = (job["spec"]["template"].get("metadata") or {}).get("labels", {})
+        run.fake_result = {
+            "runId": labels.get("kubetune.dev/run-id"),
+            "outcome": "Succeeded",
+            "exitCode": 0,
+            "message": "fake trainer: done",
+            "steps": 10,
+        }
         run.running, run.started_at = True, _now()
         self._pod_status(
             run,
@@ -735,78 +690,6 @@ class Kubelet:
             if exc.code != 404:
                 raise
 
-    def _volumes(
-        self, run: PodRun, spec: dict[str, Any], container: dict[str, Any]
-    ) -> dict[str, Path]:
-        """mountPath -> local directory."""
-        local: dict[str, Path] = {}
-        volumes = {v["name"]: v for v in spec.get("volumes") or []}
-        for mount in container.get("volumeMounts") or []:
-            volume = volumes[mount["name"]]
-            target = run.directory / "volumes" / mount["name"]
-            target.mkdir(parents=True, exist_ok=True)
-            if "configMap" in volume:
-                cm = self.api.get("configmaps", run.namespace, volume["configMap"]["name"])
-                if cm is None:
-                    raise RuntimeError(
-                        f"pod {run.name}: configMap {volume['configMap']['name']} not found"
-                    )
-                for key, value in (cm.get("data") or {}).items():
-                    (target / key).write_text(value)
-            local[mount["mountPath"]] = target
-        return local
-
-    def _run_container(
-        self, run: PodRun, container: dict[str, Any], spec: dict[str, Any], port: int
-    ) -> None:
-        mounts = self._volumes(run, spec, container)
-
-        def local(value: str) -> str:
-            for mount_path, directory in sorted(mounts.items(), key=lambda m: -len(m[0])):
-                if value == mount_path or value.startswith(mount_path + "/"):
-                    return str(directory) + value[len(mount_path) :]
-            return value
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
-        env.update(self.env)
-        for source in container.get("envFrom") or []:
-            ref = source.get("secretRef")
-            if ref:
-                secret = self.api.get("secrets", run.namespace, ref["name"])
-                if secret is None:
-                    raise RuntimeError(f"pod {run.name}: secret {ref['name']} not found")
-                prefix = source.get("prefix") or ""  # prepended to every key (envFrom)
-                for key, value in (secret.get("data") or {}).items():
-                    env[prefix + key] = base64.b64decode(value).decode()
-        for item in container.get("env") or []:
-            if "secretKeyRef" in (item.get("valueFrom") or {}):
-                value, problem = self._secret_key(run.namespace, item["valueFrom"]["secretKeyRef"])
-                if problem:
-                    raise RuntimeError(f"pod {run.name}: {problem}")
-            elif "valueFrom" in item:
-                value = self._field_ref(run, item["valueFrom"])
-            else:
-                value = self._network(run, item["name"], local(item.get("value", "")))
-            env[item["name"]] = value
-        env["KUBETUNE_METRICS_ADDR"] = "127.0.0.1"
-        run.termination_path = run.directory / "termination-log"
-        command = [local(part) for part in container["command"]]
-        if command[0] == "python":
-            command[0] = sys.executable
-        # The config file names container paths too: map them as the mounts would.
-        for part in command:
-            path = Path(part)
-            if path.suffix == ".json" and path.is_file():
-                config = json.loads(path.read_text())
-                config["terminationMessagePath"] = str(run.termination_path)
-                config["metricsPort"] = port
-                path.write_text(json.dumps(config))
-        run.log = run.directory / "container.log"
-        with run.log.open("ab") as out:
-            run.process = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
     def _secret_key(self, namespace: str, ref: dict[str, Any]) -> tuple[str, str | None]:
         """A Secret's key for `valueFrom.secretKeyRef`, or the kubelet's error for it
         (kubelet_pods.go makeEnvironmentVariables): `secret "NAME" not found`, or `couldn't
@@ -819,60 +702,18 @@ class Kubelet:
             return "", f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}"
         return base64.b64decode(data[ref["key"]]).decode(), None
 
-    def _field_ref(self, run: PodRun, source: dict[str, Any]) -> str:
-        """The downward API: metadata.name, metadata.namespace, metadata.annotations['k'],
-        metadata.labels['k']."""
-        path = (source.get("fieldRef") or {}).get("fieldPath", "")
-        meta = run.metadata
-        if path in ("metadata.name", "metadata.namespace"):
-            return str(meta.get(path.split(".")[1], ""))
-        for kind in ("annotations", "labels"):
-            prefix = f"metadata.{kind}['"
-            if path.startswith(prefix) and path.endswith("']"):
-                return str((meta.get(kind) or {}).get(path[len(prefix) : -2], ""))
-        raise RuntimeError(f"pod {run.name}: unsupported env source {source}")
-
-    def _network(self, run: PodRun, name: str, value: str) -> str:
-        """Cluster DNS names of a headless Service's pods, and the Job's mapped ports (see the
-        module's doc)."""
-        parts = value.split(".")
-        if (
-            len(parts) >= 4
-            and parts[3] == "svc"
-            and parts[2] == run.namespace
-            and self.api.get("services", run.namespace, parts[1]) is not None
-        ):
-            return "127.0.0.1"
-        if name.endswith("_PORT") and value.isdigit() and int(value) in run.ports:
-            return str(run.ports[int(value)])
-        return value
-
     def _exit_code(self, run: PodRun) -> int | None:
-        if run.process is not None:
-            return run.process.poll()
         if run.killed:
             return -9
-        if time.monotonic() - run.started >= (self.fake_seconds or 0):
+        if time.monotonic() - run.started >= self.fake_seconds:
             return 0
         return None
 
     def _kill(self, run: PodRun) -> None:
         run.killed = True
-        if run.process is not None and run.process.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(run.process.pid, signal.SIGKILL)
-            run.process.wait()
 
     def _finish_pod(self, run: PodRun, exit_code: int, reason: str) -> None:
-        message = ""
-        if run.termination_path is not None and run.termination_path.exists():
-            message = run.termination_path.read_text()[:TERMINATION_LIMIT]
-        elif run.fake_result is not None and not run.killed:
-            message = json.dumps(run.fake_result)
-        elif exit_code != 0 and run.log is not None and run.log.exists():
-            message = "\n".join(run.log.read_text(errors="replace").splitlines()[-80:])[
-                -TERMINATION_LIMIT:
-            ]
+        message = json.dumps(run.fake_result) if run.fake_result and not run.killed else ""
         conditions = (
             [_condition("DisruptionTarget", "PreemptionByScheduler")] if run.disrupted else []
         )
