@@ -135,7 +135,10 @@ def test_the_charts_gpu_limit_holds_for_every_job(kubectl: Kubectl, policies: No
     del doc["spec"]["profile"]
     done = _verdict(kubectl, doc)
     assert done.returncode != 0
-    assert f"4 GPUs in all is more than this cluster allows per job ({MAX_GPUS})" in done.stderr
+    assert (
+        f"spec.resources: 4 GPUs in all is more than this cluster allows per job ({MAX_GPUS})"
+        in done.stderr
+    )
     doc["spec"]["resources"] = {"gpus": 2}
     assert _verdict(kubectl, doc).returncode == 0, "at the limit"
 
@@ -143,9 +146,10 @@ def test_the_charts_gpu_limit_holds_for_every_job(kubectl: Kubectl, policies: No
 def test_a_job_admitted_before_its_profile_tightened_is_left_alone(
     kubectl: Kubectl, platform: Platform, policies: None
 ) -> None:
-    """Only a spec change is checked: a label on the job and the operator's status writes are
-    admitted after the profile tightened, and the started run goes on under the profile it
-    pinned; a change of the spec is checked against the profile as it is now."""
+    """Only a change of a field the policies check is checked: a label, a suspension and the
+    operator's status writes are admitted after the profile tightened, and the started run goes
+    on under the profile it pinned; a change of its resources is checked against the profile as
+    it is now."""
     doc = platform.job(NS, "pinned", profile=PROFILE, resources={"gpus": 1})
     platform.apply(doc)
     try:
@@ -159,8 +163,12 @@ def test_a_job_admitted_before_its_profile_tightened_is_left_alone(
         assert labelled.returncode == 0, labelled.stderr
         status = platform.wait_phase(NS, "pinned", ("Running", "Evaluating", "Succeeded"), 120)
         assert status["profile"]["generation"] == 1
+        for suspend in ("true", "false"):
+            paused = kubectl("patch", "finetunejob", "pinned", "-n", NS, "--type=merge", "-p",
+                             f'{{"spec": {{"suspend": {suspend}}}}}')  # fmt: skip
+            assert paused.returncode == 0, paused.stderr
         changed = kubectl("patch", "finetunejob", "pinned", "-n", NS, "--type=merge", "-p",
-                          '{"spec": {"hyperparameters": {"maxSteps": 5}}}')  # fmt: skip
+                          '{"spec": {"resources": {"gpus": 1, "memory": "2Gi"}}}')  # fmt: skip
         assert changed.returncode != 0 and "limits.gpus: 0" in changed.stderr, changed.stderr
     finally:
         platform.api.patch("finetuneprofiles", "", PROFILE, {"spec": {"limits": {"gpus": 1}}})

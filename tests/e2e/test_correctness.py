@@ -206,7 +206,7 @@ def test_suspending_a_queued_run_really_suspends_it(platform: Platform, ns: str)
     """Defect 8: with Kueue, suspend gives the Job back (Kueue would unsuspend an admitted Job);
     the run and its checkpoints stay, and it resumes through the queue."""
     doc = platform.job(
-        ns, "polite", queueName="team-a", hyperparameters__maxSteps=400,
+        ns, "polite", queueName="team-a", hyperparameters__maxSteps=200,
         hyperparameters__checkpointEverySteps=25,
     )  # fmt: skip
     platform.apply(doc)

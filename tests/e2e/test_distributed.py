@@ -100,7 +100,7 @@ def test_a_lost_pod_restarts_the_group_from_its_checkpoint(
         ns,
         name,
         resources={"nodes": 2, "gpus": 0},
-        hyperparameters__maxSteps=200,
+        hyperparameters__maxSteps=120,
         hyperparameters__checkpointEverySteps=20,
     )
     platform.apply(doc)
@@ -124,5 +124,5 @@ def test_a_lost_pod_restarts_the_group_from_its_checkpoint(
     final = [_result(p) for p in pods if p["status"]["phase"] == "Succeeded"]
     assert len(final) == 2 and final[0] == final[1]
     assert final[0].resumed_from_step and final[0].resumed_from_step > 0
-    assert final[0].steps == 200
+    assert final[0].steps == 120
     assert len(platform.children(ns, "jobs", name)) == 1

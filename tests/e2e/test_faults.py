@@ -57,7 +57,7 @@ def test_api_errors_on_create_are_retried(platform: Platform, proxied: FaultProx
     faults = [
         proxied.inject("create", "configmaps", 409),
         proxied.inject("create", "jobs", 500, times=2),
-        proxied.inject("patch", "finetunejobs", 503),
+        proxied.inject("patch", "finetunejobs/status", 503),
     ]
     creates = proxied.counts[("create", "jobs")]
     platform.apply(platform.job(ns, "flaky"))

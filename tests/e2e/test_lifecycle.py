@@ -135,7 +135,7 @@ def test_gates_failing(platform: Platform, ns: str) -> None:
 
 def test_killed_pod_is_retried_and_resumes(platform: Platform, ns: str) -> None:
     doc = platform.job(
-        ns, "preempted", hyperparameters__maxSteps=400, hyperparameters__checkpointEverySteps=25
+        ns, "preempted", hyperparameters__maxSteps=150, hyperparameters__checkpointEverySteps=25
     )
     platform.apply(doc)
     status = platform.wait_phase(ns, "preempted", ("Running", *FINAL))
@@ -152,7 +152,7 @@ def test_killed_pod_is_retried_and_resumes(platform: Platform, ns: str) -> None:
     assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
     result = _trainer_result(pods[1])
     assert result.resumed_from_step and result.resumed_from_step > 0
-    assert result.steps == 400
+    assert result.steps == 150
     assert len(platform.children(ns, "jobs", "preempted")) == 1
 
 
@@ -262,7 +262,7 @@ def test_spec_change_starts_a_new_run(platform: Platform, ns: str) -> None:
 
 def test_suspend_and_resume(platform: Platform, ns: str) -> None:
     doc = platform.job(
-        ns, "pausable", hyperparameters__maxSteps=500, hyperparameters__checkpointEverySteps=25
+        ns, "pausable", hyperparameters__maxSteps=200, hyperparameters__checkpointEverySteps=25
     )
     platform.apply(doc)
     run_id = platform.wait_phase(ns, "pausable", "Running")["runId"]

@@ -359,9 +359,10 @@ class ControlPlane:
             process = self.processes[name]
             if process.poll() is None:
                 process.terminate()
+        deadline = time.monotonic() + 5  # the API server drains its watches slowly
         for process in self.processes.values():
-            try:  # the API server drains its watches slowly; nothing here outlives the plane
-                process.wait(timeout=5)
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

@@ -31,7 +31,8 @@ REASONS = {
     400: "BadRequest",
     403: "Forbidden",
     404: "NotFound",
-    409: "AlreadyExists",
+    410: "Expired",
+    409: "Conflict",  # AlreadyExists for a create (_status)
     422: "Invalid",
     429: "TooManyRequests",
     500: "InternalError",
@@ -55,12 +56,17 @@ def verb_and_resource(method: str, path: str, query: dict[str, str]) -> tuple[st
     resolver reads them (staging/src/k8s.io/apiserver/pkg/endpoints/request/requestinfo.go)."""
     parts = path.strip("/").split("/")
     rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # after /api/v1 or /apis/g/v
+    watch = query.get("watch") in ("true", "1")
+    if rest[:1] == ["watch"]:  # the old /watch/ path prefix
+        rest, watch = rest[1:], True
     if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]  # a namespaced resource
+        rest = rest[2:]  # a namespaced resource (a Namespace's own subresource stays below)
     plural = rest[0] if rest else ""
     named = len(rest) >= 2
+    if len(rest) >= 3:
+        plural = f"{plural}/{rest[2]}"  # a subresource: finetunejobs/status, pods/eviction
     if method == "GET":
-        verb = "watch" if query.get("watch") in ("true", "1") else ("get" if named else "list")
+        verb = "watch" if watch else ("get" if named else "list")
     else:
         verb = {
             "POST": "create",
@@ -97,6 +103,12 @@ class FaultProxy:
         async def shutdown() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+            # What is still streaming (watches): cancelled, so nothing is left pending.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await self._session.close()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -121,12 +133,12 @@ class FaultProxy:
         self._loop.run_until_complete(self._setup())
         self._started.set()
         self._loop.run_forever()
-        self._loop.run_until_complete(self._session.close())
+        self._loop.close()
 
     async def _setup(self) -> None:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
@@ -145,7 +157,9 @@ class FaultProxy:
         verb, plural = verb_and_resource(request.method, request.path, dict(request.query))
         fault = self._take(verb, plural)
         if fault is not None:
-            return web.json_response(status=fault.status, data=_status(fault))
+            # As the API server: Retry-After on 429 and 503 (the operator waits that long).
+            retry = {"Retry-After": "1"} if fault.status in (429, 503) else {}
+            return web.json_response(status=fault.status, data=_status(fault), headers=retry)
         body = await request.read()
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in {"host", *HOP_BY_HOP}
@@ -174,8 +188,10 @@ class FaultProxy:
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
-            except (aiohttp.ClientError, ConnectionError):
-                return response  # the API server went away mid-stream: so does this answer
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                # The API server went away mid-stream: the client's connection is cut, not
+                # ended (a list is not a whole 200, a watch not a timeout).
+                raise ConnectionResetError("the API server went away") from exc
             await response.write_eof()
             return response
 
@@ -187,6 +203,8 @@ def _status(fault: Fault) -> dict[str, Any]:
         "metadata": {},
         "status": "Failure",
         "message": fault.message,
-        "reason": REASONS.get(fault.status, "Unknown"),
+        "reason": "AlreadyExists"
+        if (fault.status, fault.verb) == (409, "create")
+        else REASONS.get(fault.status, "Unknown"),
         "code": fault.status,
     }

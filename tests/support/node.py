@@ -274,7 +274,11 @@ def container_env(
     for item in container.get("env") or []:
         source = item.get("valueFrom") or {}
         if "secretKeyRef" in source:
-            env[item["name"]] = secret_key(api, namespace, source["secretKeyRef"])
+            try:
+                env[item["name"]] = secret_key(api, namespace, source["secretKeyRef"])
+            except NotYet:
+                if not source["secretKeyRef"].get("optional"):
+                    raise  # an optional one that is missing leaves the variable unset
         elif "fieldRef" in source:
             env[item["name"]] = field_ref(pod, source)
         elif source:
@@ -289,14 +293,13 @@ def termination_message(
 ) -> str:
     """What the kubelet puts in the terminated state's message."""
     if message_file is not None and message_file.exists():
-        with message_file.open("rb") as f:
-            text = f.read(TERMINATION_LIMIT).decode(errors="replace")
-        if text:
+        text = message_file.read_bytes()[-TERMINATION_LIMIT:].decode(errors="replace")
+        if text:  # the kubelet reads at most the file's last 4096 bytes
             return text
     policy = container.get("terminationMessagePolicy") or "File"
     if policy == "FallbackToLogsOnError" and exit_code != 0 and log is not None and log.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_FALLBACK_LINES:])
-        return tail.encode()[-LOG_FALLBACK_BYTES:].decode(errors="replace")
+        lines = log.read_bytes().rstrip(b"\n").split(b"\n")[-LOG_FALLBACK_LINES:]
+        return b"\n".join(lines)[-LOG_FALLBACK_BYTES:].decode(errors="replace")
     return ""
 
 
@@ -332,7 +335,8 @@ class PodRun:
     killed_reason: str = ""  # "OOMKilled" after kill()
     terminating_since: float | None = None
     finished: bool = False  # the terminal status is posted
-    deleted: bool = False  # the final delete is sent
+    deleted: bool = False  # the final delete is done
+    unposted: dict[str, Any] | None = None  # a status to write again
 
     @property
     def running(self) -> bool:
@@ -474,7 +478,11 @@ class NodeAgent:
                     self._sync_pod(run)
                 except urllib.error.HTTPError as exc:
                     if exc.code not in (404, 409):  # gone or changed meanwhile: next pass
-                        raise
+                        self.errors.append(f"pod {run.namespace}/{run.name}: {exc}")
+                except (OSError, urllib.error.URLError):
+                    pass  # the API server is away: the next pass tries again
+                except Exception:  # one bad pod does not stall the others
+                    self.errors.append(traceback.format_exc())
 
     def _admit(self, pod: dict[str, Any]) -> PodRun:
         meta = pod["metadata"]
@@ -487,6 +495,8 @@ class NodeAgent:
 
     def _sync_pod(self, run: PodRun) -> None:
         pod = run.pod
+        if run.unposted is not None:  # a status write that did not reach the API server
+            self._post(run, run.unposted)
         if run.finished:
             if pod["metadata"].get("deletionTimestamp"):
                 self._delete(run)
@@ -568,14 +578,15 @@ class NodeAgent:
             code = self._exit_code(run)
             self._finish(run, 137 if code is None else code)
         else:  # it never ran
-            self._finish(run, 137, "ContainerStatusUnknown")
+            message = "The container could not be located when the pod was terminated"
+            self._finish(run, 137, "ContainerStatusUnknown", message)
         self._delete(run)
 
-    def _finish(self, run: PodRun, code: int, reason: str = "") -> None:
+    def _finish(self, run: PodRun, code: int, reason: str = "", message: str = "") -> None:
         (container,) = run.pod["spec"]["containers"]
         if self.fake_seconds is not None and code == 0:
             message = json.dumps(self._fake_result(run))
-        else:
+        elif not message:
             message = termination_message(container, run.message_file, run.log, code)
         reason = reason or ("Completed" if code == 0 else (run.killed_reason or "Error"))
         terminated: dict[str, Any] = {
@@ -594,7 +605,6 @@ class NodeAgent:
     def _delete(self, run: PodRun) -> None:
         if run.deleted:
             return
-        run.deleted = True
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": run.uid}}
         path = self.api.path("pods", run.namespace, run.name)
         try:
@@ -602,6 +612,7 @@ class NodeAgent:
         except urllib.error.HTTPError as exc:
             if exc.code not in (404, 409):
                 raise
+        run.deleted = True
 
     # -- status
 
@@ -658,14 +669,22 @@ class NodeAgent:
                 startTime=run.started_at,
             )
         path = self.api.path("pods", run.namespace, run.name) + "/status"
+        run.unposted = status  # until the API server has it (the status manager retries)
         self.api.request("PATCH", path, {"status": status}, STRATEGIC)
+        run.unposted = None
 
     # -- what a process of this machine stands in for
 
     def _signal(self, run: PodRun, sig: int) -> None:
+        """SIGTERM to the container's first process only, as a container runtime sends it to
+        PID 1 (which must pass it on); SIGKILL, SIGSTOP and SIGCONT to all its processes, as
+        the runtime's cgroup kill and freezer reach them."""
         if run.process is not None and run.process.poll() is None:
             with suppress(ProcessLookupError):
-                os.killpg(run.process.pid, sig)
+                if sig == signal.SIGTERM:
+                    os.kill(run.process.pid, sig)
+                else:
+                    os.killpg(run.process.pid, sig)
             if sig == signal.SIGKILL:
                 run.process.wait()
 

@@ -234,6 +234,25 @@ VIOLATIONS = [
 # fmt: on
 
 
+def test_a_cpu_only_profile_refuses_a_job_that_leaves_its_gpus_unset() -> None:
+    """Neither the job nor the profile sets resources.gpus: the pod gets one GPU, which a
+    profile with limits.gpus 0 does not allow (a CPU pool lent no GPU by omission)."""
+    resolution = apply_profile(job(output=OUT), profile(limits={"gpus": 0}))
+    assert resolution.refusal is not None and resolution.refusal.reason == "PolicyViolation"
+    assert "spec.resources.gpus: 1 is more than FineTuneProfile 'pool' allows (limits.gpus: 0)" in (
+        resolution.refusal.message
+    )
+
+
+def test_a_profile_default_of_no_gpus_counts_as_none() -> None:
+    """A profile whose default is 0 GPUs: a job that leaves gpus unset asks for 0 GPUs in all,
+    which limits.totalGpus 0 allows (not 1 for the default 0)."""
+    resolution = apply_profile(
+        job(output=OUT), profile(resources={"gpus": 0}, limits={"gpus": 0, "totalGpus": 0})
+    )
+    assert resolution.refusal is None, resolution.refusal
+
+
 @pytest.mark.parametrize(("spec", "violation"), VIOLATIONS)
 def test_a_job_outside_the_profiles_limits_is_a_policy_violation(
     spec: dict[str, Any], violation: str

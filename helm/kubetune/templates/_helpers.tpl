@@ -87,3 +87,14 @@ else repository:tag, the tag defaulting to the chart's appVersion. Called with (
 {{- printf "%s:%s" $image.repository ($image.tag | default (index . 1)) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The admission policies' namespaces: those the operator watches, when it watches a list. */}}
+{{- define "kubetune.admissionNamespaces" -}}
+{{- if .Values.watchNamespaces }}
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: In
+      values: {{ toJson .Values.watchNamespaces }}
+{{- end }}
+{{- end }}

@@ -218,12 +218,15 @@ def _problems(job: FineTuneJob, profile: FineTuneProfile | None) -> list[str]:
     problems = []
     for key in ("gpus", "nodes", "cpu", "memory"):
         value = getattr(res, key) if getattr(res, key) is not None else getattr(ps.resources, key)
+        if key == "gpus" and value is None:
+            value = res.gpus_per_pod()  # neither sets it: the pod gets one GPU
         if _over(value, getattr(limits, key)):
             problems.append(
                 f"spec.resources.{key}: {value} is more than {of} (limits.{key}: "
                 f"{getattr(limits, key)}); ask for less or use another profile"
             )
-    gpus = (res.gpus if res.gpus is not None else ps.resources.gpus or 1) * (
+    per_pod = res.gpus if res.gpus is not None else ps.resources.gpus
+    gpus = (res.gpus_per_pod() if per_pod is None else per_pod) * (
         res.nodes or ps.resources.nodes or 1
     )
     if _over(gpus, limits.total_gpus):
