@@ -8,7 +8,6 @@ its data failing its run. The operator runs as the chart installs it (conftest.p
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import GROUP, PLURAL, VERSION
+from tests.e2e.conftest import wait_for
 from tests.support.control_plane import ControlPlane
 from tests.support.platform import Platform
 
@@ -70,13 +70,7 @@ class Cluster:
         ]
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 180) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(1)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(what, check, timeout)
 
     def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 180) -> dict:
         def check() -> dict | None:

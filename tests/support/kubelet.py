@@ -44,33 +44,22 @@ import base64
 import json
 import secrets
 import signal
-import socket
 import threading
 import time
 import traceback
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import TEST_AGENT, Client
+from tests.support.node import free_port as _free_port
+from tests.support.node import now as _now
 
 TERMINATION_LIMIT = 4096
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _index_ranges(indexes: set[int]) -> str:
