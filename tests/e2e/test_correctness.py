@@ -126,7 +126,11 @@ def test_a_diverging_run_is_reported_as_diverged(
     assert (status["phase"], failed["reason"]) == ("Failed", "Diverged"), status
     assert "training diverged" in failed["message"] and "learningRate" in failed["message"]
     assert status["attempts"] == 1  # a permanent verdict: no retries
-    assert platform.children(ns, "jobs", "diverging")[0]["status"]["failed"] == 1
+    platform.wait_for(  # the operator reads the pod's verdict; the Job controller counts it
+        "the Job to count one failed pod",
+        lambda: platform.children(ns, "jobs", "diverging")[0]["status"].get("failed") == 1,
+        30,
+    )
 
 
 def test_a_missing_secret_shows_pending_with_its_name_and_fix(platform: Platform, ns: str) -> None:
