@@ -228,6 +228,8 @@ class ControlPlane:
     logs: dict[str, Path] = field(default_factory=dict)
     _ca: Authority = field(default_factory=Authority)
     _apiserver_args: list[str] = field(default_factory=list)
+    _audit: list[dict[str, Any]] = field(default_factory=list)
+    _audit_read: int = 0  # bytes of audit.log parsed into _audit
 
     # -- start and stop
 
@@ -478,12 +480,17 @@ class ControlPlane:
         return Client(self.url, self._context(f"node-{name}"))
 
     def audit(self) -> list[dict[str, Any]]:
-        """The API server's audit events so far (one per request, at ResponseComplete)."""
+        """The API server's audit events so far, in order: only what was appended since the
+        last call is read (the log grows all session; tests poll it)."""
         path = self.workdir / "audit.log"
-        if not path.exists():
-            return []
-        lines = path.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}")]
+        if path.exists():
+            with path.open("rb") as log:
+                log.seek(self._audit_read)
+                whole = log.read().rpartition(b"\n")[0]  # a line still being written waits
+            if whole:
+                self._audit_read += len(whole) + 1
+                self._audit.extend(json.loads(line) for line in whole.split(b"\n") if line)
+        return self._audit
 
     def request(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"

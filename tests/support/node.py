@@ -149,28 +149,20 @@ def mount_volumes(
         volume = volumes[mount["name"]]
         target = directory / "volumes" / mount["name"]
         target.mkdir(parents=True, exist_ok=True)
-        if "configMap" in volume:
-            name = volume["configMap"]["name"]
-            cm = api.get("configmaps", namespace, name)
-            if cm is None:
+        source = volume.get("configMap") or volume.get("secret")
+        if source is not None:
+            plural = "configmaps" if "configMap" in volume else "secrets"
+            name = source.get("name") or source["secretName"]
+            obj = api.get(plural, namespace, name)
+            if obj is None:
                 raise NotYet(
                     "ContainerCreating",
                     f'MountVolume.SetUp failed for volume "{mount["name"]}" : '
-                    f'configmap "{name}" not found',
+                    f'{plural[:-1]} "{name}" not found',
                 )
-            for key, value in (cm.get("data") or {}).items():
-                (target / key).write_text(value)
-        elif "secret" in volume:
-            name = volume["secret"]["secretName"]
-            secret = api.get("secrets", namespace, name)
-            if secret is None:
-                raise NotYet(
-                    "ContainerCreating",
-                    f'MountVolume.SetUp failed for volume "{mount["name"]}" : '
-                    f'secret "{name}" not found',
-                )
-            for key, value in (secret.get("data") or {}).items():
-                (target / key).write_bytes(base64.b64decode(value))
+            for key, value in (obj.get("data") or {}).items():  # a Secret's are base64
+                data = value.encode() if plural == "configmaps" else base64.b64decode(value)
+                (target / key).write_bytes(data)
         elif "projected" in volume:
             _project(api, pod, volume["projected"], target)
         elif "emptyDir" not in volume:
