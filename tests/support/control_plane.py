@@ -23,6 +23,7 @@ makes a rebuild quick); `tools()` builds them when they are missing.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -193,12 +194,17 @@ def kubeconfig(
     token: str | None = None,
     namespace: str | None = None,
 ) -> Path:
+    # The certificates inline (*-data), so the file alone is the whole identity: it works
+    # where it is mounted alone (the operator image's test runs the operator in a container).
+    def data(file: Path) -> str:
+        return base64.b64encode(file.read_bytes()).decode()
+
     user: dict[str, Any] = {}
     if cert is not None and key is not None:
-        user = {"client-certificate": str(cert), "client-key": str(key)}
+        user = {"client-certificate-data": data(cert), "client-key-data": data(key)}
     if token is not None:
         user = {"token": token}
-    ca = {"certificate-authority": str(ca_file)} if ca_file else {}
+    ca = {"certificate-authority-data": data(ca_file)} if ca_file else {}
     context: dict[str, Any] = {"cluster": "test", "user": "user"}
     if namespace:
         context["namespace"] = namespace
@@ -230,6 +236,10 @@ class ControlPlane:
     _apiserver_args: list[str] = field(default_factory=list)
     _audit: list[dict[str, Any]] = field(default_factory=list)
     _audit_read: int = 0  # bytes of audit.log parsed into _audit
+    # The controller manager's and scheduler's client rate (--kube-api-qps; burst twice that);
+    # 0 keeps their defaults (20 and 50 a second), enough for the suite. Clusters that run
+    # thousands of pods raise it; the scale benchmark does.
+    api_qps: int = 0
 
     # -- start and stop
 
@@ -299,6 +309,9 @@ class ControlPlane:
             f"--audit-log-path={self.workdir / 'audit.log'}",
             "--audit-log-format=json",
             "--audit-log-mode=blocking",
+            # One file, never rotated (the default rotates at 100 MB, which a session or the
+            # scale benchmark passes, and audit() reads one file by offset).
+            "--audit-log-maxsize=0",
         ]
         self._spawn("kube-apiserver", self._apiserver_args)
         admin_cert = self._write(
@@ -331,6 +344,7 @@ class ControlPlane:
                 f"--root-ca-file={self.ca_file}",
                 "--leader-elect=false",
                 "--concurrent-job-syncs=5",
+                *self._qps(),
             ],
         )
         sched = self._write(pki, "scheduler", self._ca.issue("system:kube-scheduler"))
@@ -351,6 +365,7 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--leader-elect=false",
+                *self._qps(),
             ],
         )
         self.add_node()
@@ -421,6 +436,11 @@ class ControlPlane:
         path = self.workdir / "audit-policy.json"
         path.write_text(json.dumps(policy))
         return path
+
+    def _qps(self) -> list[str]:
+        if not self.api_qps:
+            return []
+        return [f"--kube-api-qps={self.api_qps}", f"--kube-api-burst={2 * self.api_qps}"]
 
     def _write(self, pki: Path, name: str, pair: tuple[bytes, bytes]) -> tuple[Path, Path]:
         cert, key = pki / f"{name}.crt", pki / f"{name}.key"
@@ -498,11 +518,23 @@ class ControlPlane:
         """One API request as the admin."""
         return self.client().request(method, path, body, content_type)
 
-    def add_node(self, name: str = NODE, gpus: int = 8) -> None:
-        """A Node the scheduler can bind to: Ready, with CPU, memory, pods and GPUs."""
-        capacity = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    def add_node(
+        self, name: str = NODE, gpus: int = 8, pods: int = 110, cpu: int = 32, memory_gi: int = 128
+    ) -> None:
+        """A Node the scheduler can bind to: Ready, with CPU, memory, pods and GPUs (or, if it
+        exists, its capacity set to these)."""
+        capacity = {
+            "cpu": str(cpu),
+            "memory": f"{memory_gi}Gi",
+            "pods": str(pods),
+            "nvidia.com/gpu": str(gpus),
+        }
         labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}
-        self.request("POST", "/api/v1/nodes", {"metadata": {"name": name, "labels": labels}})
+        try:
+            self.request("POST", "/api/v1/nodes", {"metadata": {"name": name, "labels": labels}})
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         ready = {
             "type": "Ready",
@@ -555,9 +587,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def start(workdir: Path | None = None) -> ControlPlane:
+def start(workdir: Path | None = None, api_qps: int = 0) -> ControlPlane:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
-    plane = ControlPlane(workdir)
+    plane = ControlPlane(workdir, api_qps=api_qps)
     try:
         return plane.start()
     except BaseException:
