@@ -1,23 +1,25 @@
-"""Operator scale benchmark: N FineTuneJobs created at once against the emulated API server.
+"""Operator scale benchmark: N FineTuneJobs created at once on the real control plane.
 
-Three processes, as on a cluster: the emulated API server (kmock with tests/support/cluster.py,
-in this process, which also counts every request and watches the phases in memory); the test
-node (tests/support/kubelet.py as its own process: the Job controller and a kubelet whose fake
-trainer "trains" for --train-seconds and ends with a valid TrainerResult); and the real operator
-(`kubetune operator`). Half of the fake trainers serve Prometheus metrics (a step that grows
-every second, from a few shared metrics servers here), the other half refuse connections, as a
-trainer still loading its model does.
+The parts, as on a cluster (tests/support/control_plane.py): etcd, kube-apiserver,
+kube-controller-manager (the real Job controller creates the pods) and kube-scheduler (binds
+them) built from their Go modules; the chart installed with `helm install` (CRDs, RBAC, the
+admission policies, as by default); the real operator (`kubetune operator`) with the chart's
+settings and its ServiceAccount's token, so the chart's RBAC holds; one Node with room for every
+pod and the node agent as its kubelet (tests/support/node.py) in fake mode: no process, each
+container "trains" for --train-seconds and ends with a valid TrainerResult. Half of the fake
+trainers serve Prometheus metrics on their pod IP (a step that grows every second), the other
+half refuse connections, as a trainer still loading its model does.
 
-Measured:
-- time from each FineTuneJob's creation to its batch Job's (p50, p95, max), and until every
-  status is final;
+Measured, from the API server's audit log (every request, with its user and its timestamps):
+- time from each FineTuneJob's create to its batch Job's create by the operator (p50, p95,
+  max), and until every status is final;
 - lost or duplicated Jobs (each FineTuneJob must have exactly one Job, created once);
 - the operator's requests over the whole run, reads (get, list) and writes separately, per
-  FineTuneJob lifecycle, and its watch requests; told apart from the node's and this script's
-  requests by User-Agent at the emulator;
+  FineTuneJob lifecycle, and its watch requests;
 - the steady state: with every trainer running, the operator's requests per second over
   --steady-seconds, all verbs (the target: under 50 per second at 10,000 running jobs);
-- the operator's peak memory (VmHWM; target: under 600 MB at 10,000 jobs).
+- the operator's peak memory (VmHWM; target: under 600 MB at 10,000 jobs), and the control
+  plane's processes' peak memory beside it.
 
     .venv/bin/python benchmarks/operator_scale.py --jobs 10000 --namespaces 50
 """
@@ -25,30 +27,34 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import json
-import os
-import socket
-import statistics
-import subprocess
+import shutil
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import Client, Cluster  # noqa: E402
+from tests.support.client import Client  # noqa: E402
+from tests.support.control_plane import ControlPlane  # noqa: E402
+from tests.support.node import NodeAgent, PodRun  # noqa: E402
+from tests.support.platform import chart_operator, installed  # noqa: E402
 
 READS = ("get", "list")
-KINDS = ("finetunejobs", "jobs", "pods", "configmaps")
 WRITES = ("create", "patch", "update", "delete")
+KINDS = ("finetunejobs", "jobs", "pods", "configmaps")  # what the operator watches
+FINAL = ("Succeeded", "Failed")
+LEASES = "leases"
 
 
 def manifest(index: int, namespace: str) -> dict[str, Any]:
@@ -74,10 +80,30 @@ def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
-class _Metrics(BaseHTTPRequestHandler):
+def cpu_seconds(pid: int) -> float:
+    ticks = 100  # os.sysconf("SC_CLK_TCK") on Linux
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _Metrics(asyncio.Protocol):
+    """One scrape: an HTTP/1.1 answer with the fake trainer's step, then close."""
+
     started = time.monotonic()
 
-    def do_GET(self) -> None:
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
         step = int(time.monotonic() - self.started)
         body = (
             "# TYPE kubetune_trainer_step gauge\n"
@@ -85,51 +111,95 @@ class _Metrics(BaseHTTPRequestHandler):
             "# TYPE kubetune_trainer_total_steps gauge\n"
             "kubetune_trainer_total_steps 100000\n"
         ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        self.transport.write(head + body)
+        self.transport.close()
 
 
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
+class MetricsFarm:
+    """The fake trainers' metrics endpoints: for the FineTuneJobs of even index, a listening
+    socket on the pod's IP and metrics port while its fake container runs (one event loop for
+    all of them); the others' pods refuse connections."""
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a scrape the operator gave up on (its 3 s timeout) is not news
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.servers: dict[str, asyncio.AbstractServer] = {}
+        threading.Thread(target=self.loop.run_forever, name="metrics", daemon=True).start()
 
+    def started(self, run: PodRun) -> None:
+        owner = (run.pod["metadata"].get("labels") or {}).get("kubetune.dev/finetunejob", "")
+        if not owner.startswith("job-") or int(owner[4:]) % 2:
+            return
+        ports = run.pod["spec"]["containers"][0].get("ports") or []
+        port = next(int(p["containerPort"]) for p in ports if p.get("name") == "metrics")
+        serve = self.loop.create_server(_Metrics, run.ip, port)
+        self.servers[run.uid] = asyncio.run_coroutine_threadsafe(serve, self.loop).result(10)
 
-def metrics_ports(serving: int) -> tuple[list[int], list[ThreadingHTTPServer]]:
-    """`serving` metrics servers and as many ports where nothing listens, interleaved."""
-    servers, ports = [], []
-    for _ in range(serving):
-        server = _Quiet(("127.0.0.1", 0), _Metrics)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        with closing(socket.socket()) as closed:
-            closed.bind(("127.0.0.1", 0))
-            refused = closed.getsockname()[1]
-        ports += [server.server_address[1], refused]
-    return ports, servers
+    def finished(self, run: PodRun) -> None:
+        server = self.servers.pop(run.uid, None)
+        if server is not None:
+            self.loop.call_soon_threadsafe(server.close)
 
-
-def phases(cluster: Cluster) -> collections.Counter[str | None]:
-    def count(emulator: Any) -> collections.Counter[str | None]:
-        out: collections.Counter[str | None] = collections.Counter()
-        for (resource, _, _), obj in emulator.objects.items():
-            if resource.plural == "finetunejobs" and not obj.deleted:
-                out[((obj.raw.get("status")) or {}).get("phase")] += 1
-        return out
-
-    return cluster.call(count)
+    def close(self) -> None:
+        for server in list(self.servers.values()):
+            self.loop.call_soon_threadsafe(server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+class Phases:
+    """Every FineTuneJob's phase, from a watch of all of them as the admin (a list, then a
+    watch from its resourceVersion, listed again after 410 Gone)."""
+
+    def __init__(self, api: Client) -> None:
+        self.api = api
+        self.phase: dict[tuple[str, str], str | None] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="phases", daemon=True).start()
+
+    def counts(self) -> collections.Counter[str | None]:
+        with self._lock:
+            return collections.Counter(self.phase.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _note(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        with self._lock:
+            if deleted:
+                self.phase.pop(key, None)
+            else:
+                self.phase[key] = (obj.get("status") or {}).get("phase")
+
+    def _run(self) -> None:
+        path = self.api.path("finetunejobs")
+        while not self._stop.is_set():
+            try:
+                listing = self.api.request("GET", path)
+                with self._lock:
+                    self.phase = {}
+                for item in listing["items"]:
+                    self._note(item)
+                url = f"{self.api.url}{path}?watch=true&allowWatchBookmarks=true"
+                url += f"&resourceVersion={listing['metadata']['resourceVersion']}"
+                request = urllib.request.Request(url)
+                with urllib.request.urlopen(request, timeout=600, context=self.api.context) as w:
+                    for line in w:
+                        event = json.loads(line) if line.strip() else {}
+                        if self._stop.is_set() or event.get("type") == "ERROR":
+                            break
+                        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                            self._note(event["object"], event["type"] == "DELETED")
+            except Exception:
+                self._stop.wait(1)
+
+
+def stamp(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["stageTimestamp"]).timestamp()
 
 
 def main() -> int:
@@ -141,11 +211,13 @@ def main() -> int:
                         "every trainer to run at once, plus the steady-state window)")  # fmt: skip
     parser.add_argument("--poll-seconds", type=float, default=15.0)
     parser.add_argument("--steady-seconds", type=float, default=60.0)
-    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--api-qps", type=int, default=200,
+                        help="the controller manager's and scheduler's client rate")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=5400.0)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results = run(args.jobs, args.namespaces, args.train_seconds, args.poll_seconds,
-                  args.steady_seconds, args.timeout)  # fmt: skip
+                  args.steady_seconds, args.timeout, args.api_qps)  # fmt: skip
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
@@ -169,68 +241,92 @@ def run(
     train_seconds: float | None = None,
     poll_seconds: float = 15.0,
     steady_seconds: float = 60.0,
-    timeout: float = 3600.0,
+    timeout: float = 5400.0,
+    api_qps: int = 200,
 ) -> dict[str, Any]:
     """One benchmark run; the results as main prints them (tests call this at a small N)."""
-    train_seconds = train_seconds or max(60.0, jobs / 40) + steady_seconds + 60
-
+    train_seconds = train_seconds or max(60.0, jobs / 15) + steady_seconds + 60
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
-    cluster = Cluster().start()
-    emulator = cluster.emulator
-    assert emulator is not None
-    kubeconfig = cluster.kubeconfig(workdir / "kubeconfig.json")
-    ports, servers = metrics_ports(4)
-    node_stats = workdir / "node.json"
-    node = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.kubelet", cluster.url, str(workdir / "node"),
-         "--fake-seconds", str(train_seconds), "--interval", "1", "--parallel", "8",
-         "--metrics-ports", ",".join(map(str, ports)), "--stats", str(node_stats)],
-        cwd=ROOT, stdout=(workdir / "node.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
-    env.update(
-        KUBECONFIG=str(kubeconfig),
-        KUBETUNE_HEALTH_PORT="0",
-        KUBETUNE_METRICS_PORT="0",
-        KUBETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
-    )
-    log = workdir / "operator.log"
-    operator = subprocess.Popen(
-        [str(Path(sys.executable).parent / "kubetune"), "operator"],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    api = Client(cluster.url)
-    deadline = time.monotonic() + 120
-    while not all(emulator.operator_counts[("watch", p)] for p in KINDS):
-        if time.monotonic() > deadline or operator.poll() is not None:
-            raise SystemExit(f"the operator did not start watching: {log.read_text()[-3000:]}")
-        time.sleep(0.2)  # until the operator has listed everything and watches
     teams = [f"team-{i:03d}" for i in range(namespaces)]
-    docs = [manifest(i, teams[i % len(teams)]) for i in range(jobs)]
-    before = collections.Counter(emulator.operator_counts)
+    values = ["--set-json", f"progressPollSeconds={poll_seconds}"]
+    farm = MetricsFarm()
+    try:
+        with installed(workdir, values, teams, api_qps) as plane, ExitStack() as stack:
+            return _run(plane, stack, farm, workdir, jobs, teams, train_seconds, poll_seconds,
+                        steady_seconds, timeout)  # fmt: skip
+    finally:
+        farm.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    plane: ControlPlane,
+    stack: ExitStack,
+    farm: MetricsFarm,
+    workdir: Path,
+    jobs: int,
+    teams: list[str],
+    train_seconds: float,
+    poll_seconds: float,
+    steady_seconds: float,
+    timeout: float,
+) -> dict[str, Any]:
+    # Room on the one Node for every pod (one GPU each, no CPU or memory requests by default).
+    plane.add_node(gpus=jobs, pods=jobs + 110)
+    api = plane.client()
+    operator = chart_operator(plane, workdir).start()
+    stack.callback(operator.stop)
+    user = operator.account
+    assert operator.process is not None
+    pid = operator.process.pid
+    node = NodeAgent(
+        plane.node_client(),
+        workdir / "node",
+        fake_seconds=train_seconds,
+        interval=1.0,
+        parallel=8,
+        fake_hooks=(farm.started, farm.finished),
+    ).start()
+    stack.callback(node.stop)
+
+    def mine() -> list[dict[str, Any]]:
+        return [e for e in plane.audit() if e["user"]["username"] == user]
 
     def alive() -> None:
-        if operator.poll() is not None:
-            raise SystemExit(f"the operator exited: {log.read_text()[-3000:]}")
-        if node.poll() is not None:
-            raise SystemExit(f"the node exited: {(workdir / 'node.log').read_text()[-3000:]}")
+        if not operator.alive():
+            raise SystemExit(f"the operator exited: {operator.log.read_text()[-3000:]}")
+
+    deadline = time.monotonic() + 120
+    watching: set[str] = set()
+    while not watching >= set(KINDS):  # until the operator has listed everything and watches
+        alive()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the operator is not watching: {operator.log.read_text()[-3000:]}")
+        watching = {e["objectRef"]["resource"] for e in mine() if e["verb"] == "watch"}
+        time.sleep(0.5)
+    before = len(plane.audit())
+    phases = Phases(api)
+    stack.callback(phases.stop)
+    docs = [manifest(i, teams[i % len(teams)]) for i in range(jobs)]
 
     start = time.monotonic()
+    clients = threading.local()
+
+    def create(doc: dict[str, Any]) -> None:
+        if not hasattr(clients, "api"):
+            clients.api = plane.client()
+        clients.api.create("finetunejobs", doc["metadata"]["namespace"], doc)
+
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda d: api.create("finetunejobs", d["metadata"]["namespace"], d), docs))
+        list(pool.map(create, docs))
     created = time.monotonic() - start
 
     # Wait until every trainer runs, then measure the steady state.
-    all_jobs_at = running_at = None
+    running_at = None
     steady: dict[str, Any] = {}
     while time.monotonic() - start < timeout:
         alive()
-        jobs_made = emulator.operator_counts[("create", "jobs")] - before[("create", "jobs")]
-        if all_jobs_at is None and jobs_made >= jobs:
-            all_jobs_at = time.monotonic() - start
-        counted = phases(cluster)
+        counted = phases.counts()
         if counted.get("Running", 0) == jobs:
             running_at = time.monotonic() - start
             break
@@ -239,85 +335,75 @@ def run(
         time.sleep(2)
     if running_at is not None:
         time.sleep(2 * poll_seconds)  # the first scrapes of the last trainers
-        window_start = collections.Counter(emulator.operator_counts)
-        rss_start = peak_rss_mb(operator.pid, "VmRSS")
+        window_from = time.time()
+        rss_start = peak_rss_mb(pid, "VmRSS")
         time.sleep(steady_seconds)
-        window = collections.Counter(emulator.operator_counts) - window_start
-        total = sum(window.values())
+        window_to = time.time()
+        window = collections.Counter(
+            (e["verb"], resource(e)) for e in mine() if window_from <= stamp(e) < window_to
+        )
         steady = {
             "runningJobs": jobs,
             "windowSeconds": steady_seconds,
-            "requestsPerSecond": round(total / steady_seconds, 2),
-            "readsPerSecond": round(
-                sum(n for (v, k), n in window.items() if v in READS and k) / steady_seconds,
-                2,
+            "requestsPerSecond": round(sum(window.values()) / steady_seconds, 2),
+            "readsPerSecond": round(count(window, READS) / steady_seconds, 2),
+            "writesPerSecond": round(count(window, WRITES) / steady_seconds, 2),
+            "leaderElectionPerSecond": round(
+                count(window, READS + WRITES, LEASES) / steady_seconds, 2
             ),
-            "writesPerSecond": round(
-                sum(n for (v, _), n in window.items() if v in WRITES) / steady_seconds, 2
-            ),
-            "byKind": {
-                f"{v} {p or '(discovery)'}": n for (v, p), n in sorted(window.items(), key=str)
-            },
-            "operatorRssMB": round(max(rss_start, peak_rss_mb(operator.pid, "VmRSS")), 1),
+            "byKind": {f"{v} {r}": n for (v, r), n in sorted(window.items())},
+            "operatorRssMB": round(max(rss_start, peak_rss_mb(pid, "VmRSS")), 1),
         }
 
     final_at = None
     counted = collections.Counter()
     while time.monotonic() - start < timeout:
         alive()
-        counted = phases(cluster)
-        if counted.get("Succeeded", 0) + counted.get("Failed", 0) == jobs:
+        counted = phases.counts()
+        if sum(counted.get(p, 0) for p in FINAL) == jobs:
             final_at = time.monotonic() - start
             break
         time.sleep(2)
     time.sleep(5)  # anything still writing?
-    rss = peak_rss_mb(operator.pid)
-    ticks = os.sysconf("SC_CLK_TCK")
-    utime, stime = Path(f"/proc/{operator.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
-    operator_cpu = (int(utime) + int(stime)) / ticks
-    operator.terminate()
-    operator.wait(30)
-    node.terminate()
-    node.wait(60)
-    for server in servers:
-        server.shutdown()
+    operator_rss, operator_cpu = peak_rss_mb(pid), cpu_seconds(pid)
+    plane_rss = {name: round(peak_rss_mb(p.pid), 1) for name, p in plane.processes.items()}
+    plane_cpu = {name: round(cpu_seconds(p.pid), 1) for name, p in plane.processes.items()}
+    phases.stop()
+    operator.stop()
+    node.stop()
 
-    def children(emulator: Any) -> tuple[collections.Counter[tuple[str, str]], dict[str, float]]:
-        per_owner: collections.Counter[tuple[str, str]] = collections.Counter()
-        for (resource, namespace, _), obj in emulator.objects.items():
-            if resource.plural == "jobs":
-                labels = ((obj.last.raw.get("metadata")) or {}).get("labels") or {}
-                per_owner[(namespace, labels.get("kubetune.dev/finetunejob"))] += 1
-        return per_owner, dict(emulator.created_at)
-
-    per_owner, created_at = cluster.call(children)  # Jobs ever created (deleted ones too)
-    creates = collections.Counter(
-        (body["metadata"]["namespace"], body["metadata"]["labels"]["kubetune.dev/finetunejob"])
-        for verb, plural, _, body in emulator.write_log
-        if (verb, plural) == ("create", "jobs")
+    audit = plane.audit()
+    created_at = {
+        (e["objectRef"]["namespace"], e["objectRef"]["name"]): stamp(e)
+        for e in audit
+        if e["verb"] == "create"
+        and resource(e) == "finetunejobs"
+        and e["responseStatus"]["code"] == 201
+    }
+    job_creates: collections.defaultdict[tuple[str, str], list[float]] = collections.defaultdict(
+        list
     )
-    first_job: dict[tuple[str | None, str], float] = {}
-    for (plural, namespace, name), at in created_at.items():
-        if plural == "jobs":
-            owner = (namespace, name.rsplit("-", 1)[0])
-            first_job[owner] = min(at, first_job.get(owner, at))
-    to_job = [
-        first_job[(ns, name)] - created_at[("finetunejobs", ns, name)]
-        for ns, name in ((d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs)
-        if (ns, name) in first_job and ("finetunejobs", ns, name) in created_at
-    ]
-    requests = collections.Counter(emulator.operator_counts) - before
-    # Object reads; API discovery (kopf's one GET of /apis at start-up) is listed in byKind.
-    reads = sum(n for (v, k), n in requests.items() if v in READS and k)
-    writes = sum(n for (v, _), n in requests.items() if v in WRITES)
-    node_passes = json.loads(node_stats.read_text())["passes"] if node_stats.exists() else []
-    results = {
+    for e in audit:
+        if (e["verb"], resource(e), e["user"]["username"]) == ("create", "jobs", user) and e[
+            "responseStatus"
+        ]["code"] == 201:
+            ref = e["objectRef"]
+            job_creates[(ref["namespace"], ref["name"].rsplit("-", 1)[0])].append(stamp(e))
+    to_job = [min(job_creates[key]) - at for key, at in created_at.items() if key in job_creates]
+    requests = collections.Counter((e["verb"], resource(e)) for e in audit[before:] if
+                                   e["user"]["username"] == user)  # fmt: skip
+    keys = [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs]
+    return {
         "jobs": jobs,
-        "namespaces": namespaces,
+        "namespaces": len(teams),
         "trainSeconds": train_seconds,
         "pollSeconds": poll_seconds,
         "createSeconds": round(created, 1),
-        "allJobsExistSeconds": None if all_jobs_at is None else round(all_jobs_at, 1),
+        "allJobsExistSeconds": round(
+            max(max(v) for v in job_creates.values()) - min(created_at.values()), 1
+        )
+        if job_creates and created_at
+        else None,
         "allRunningSeconds": None if running_at is None else round(running_at, 1),
         "allFinalSeconds": None if final_at is None else round(final_at, 1),
         "createToJobSeconds": {
@@ -328,30 +414,38 @@ def run(
         if to_job
         else None,
         "phases": {str(k): v for k, v in counted.items()},
-        "lostJobs": sum(
-            1 for d in docs if per_owner[d["metadata"]["namespace"], d["metadata"]["name"]] == 0
-        ),
-        "duplicateJobs": sum(1 for n in creates.values() if n > 1),
+        "lostJobs": sum(1 for key in keys if not job_creates.get(key)),
+        "duplicateJobs": sum(1 for key in keys if len(job_creates.get(key, [])) > 1),
         "operatorPerLifecycle": {
-            "reads": round(reads / jobs, 3),
-            "writes": round(writes / jobs, 2),
-            "watchRequests": sum(
-                n for (v, _), n in emulator.operator_counts.items() if v == "watch"
-            ),
-            "byKind": {
-                f"{v} {p or '(discovery)'}": n for (v, p), n in sorted(requests.items(), key=str)
-            },
+            "reads": round(count(requests, READS) / jobs, 3),
+            "writes": round(count(requests, WRITES) / jobs, 2),
+            "watchRequests": count(requests, ("watch",)),
+            "leaderElection": count(requests, READS + WRITES, LEASES),
+            "byKind": {f"{v} {r}": n for (v, r), n in sorted(requests.items())},
         },
         "steadyState": steady or None,
-        "operatorPeakRssMB": round(rss, 1),
+        "operatorPeakRssMB": round(operator_rss, 1),
         "operatorCpuSeconds": round(operator_cpu, 1),
-        "nodePassSeconds": {
-            "mean": round(statistics.mean(node_passes), 2) if node_passes else None,
-            "max": round(max(node_passes), 2) if node_passes else None,
-        },
+        "controlPlanePeakRssMB": plane_rss,
+        "controlPlaneCpuSeconds": plane_cpu,
+        "nodeErrors": len(node.errors),
     }
-    cluster.stop()
-    return results
+
+
+def resource(event: dict[str, Any]) -> str:
+    ref = event.get("objectRef") or {}
+    name = ref.get("resource") or "(non-resource)"
+    return f"{name}/{ref['subresource']}" if ref.get("subresource") else name
+
+
+def count(
+    counts: collections.Counter[tuple[str, str]], verbs: tuple[str, ...], only: str = ""
+) -> int:
+    """Requests with these verbs: of the resource `only`, or (by default) of every resource but
+    the leader election's Lease (the chart runs two replicas; the leader renews every 2 s)."""
+    return sum(
+        n for (v, r), n in counts.items() if v in verbs and ((r == only) if only else r != LEASES)
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,19 @@ from kubetune_trainer import storage
 from tests.support import control_plane, s3
 from tests.support.control_plane import ControlPlane
 from tests.support.node import NodeAgent
-from tests.support.platform import ALLOWED_IMAGE, MAX_GPUS, POLL_SECONDS, OperatorProcess, Platform
-from tests.support.tools import helm
+from tests.support.platform import (
+    ALLOWED_IMAGE,
+    MAX_GPUS,
+    POLL_SECONDS,
+    OperatorProcess,
+    Platform,
+    chart_operator,
+    install_chart,
+)
 from tests.support.tools import kubectl as kubectl_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "crds").glob("*.yaml"))
-RELEASE, SYSTEM = "kubetune", "kubetune-system"
 # What a platform team would set for this suite (the chart's values): the operator polls
 # progress often, allows one extra image and two GPUs per job.
 VALUES = (
@@ -79,18 +85,8 @@ def kubectl(plane: ControlPlane) -> Kubectl:
 
 
 @pytest.fixture(scope="session")
-def crds(plane: ControlPlane, kubectl: Kubectl) -> None:
-    """The chart installed as a platform team installs it (`helm install`, CRDs included)."""
-    done = subprocess.run(
-        [str(helm()), "install", RELEASE, str(ROOT / "helm" / "kubetune"),
-         f"--kubeconfig={plane.admin}", "--namespace", SYSTEM, "--create-namespace",
-         "--wait=hookOnly", *VALUES],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    names = [f"crd/{p.name.removeprefix('kubetune.dev_').removesuffix('.yaml')}.kubetune.dev"
-             for p in CRDS]  # fmt: skip
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", *names, check=True)
+def crds(plane: ControlPlane) -> None:
+    install_chart(plane, VALUES)
 
 
 @pytest.fixture(scope="session")
@@ -100,29 +96,11 @@ def namespace(kubectl: Kubectl, crds: None) -> str:
     return "ml"
 
 
-def _chart(kubectl: Kubectl) -> tuple[dict[str, str], str]:
-    """The operator container's env and the pod's ServiceAccount, as the API server stores
-    the chart's Deployment (no Deployment controller runs here: this suite starts the process)."""
-    deployment = json.loads(
-        kubectl("get", "deployment", RELEASE, "-n", SYSTEM, "-o", "json", check=True).stdout
-    )
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    return env, pod["serviceAccountName"]
-
-
 @pytest.fixture(scope="session")
 def operator(
-    plane: ControlPlane, kubectl: Kubectl, crds: None, tmp_path_factory: pytest.TempPathFactory
+    plane: ControlPlane, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    env, account = _chart(kubectl)
-    workdir = tmp_path_factory.mktemp("operator")
-    config = plane.kubeconfig_for(workdir / "kubeconfig", SYSTEM, account)
-    process = OperatorProcess(
-        config, workdir / "operator.log", settings={**env, "POD_NAMESPACE": SYSTEM}
-    )
-    process.account = f"system:serviceaccount:{SYSTEM}:{account}"
+    process = chart_operator(plane, tmp_path_factory.mktemp("operator"))
     yield process.start()
     process.stop()
 

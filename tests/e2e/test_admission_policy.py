@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import RELEASE, ROOT, SYSTEM, Kubectl
+from tests.e2e.conftest import ROOT, Kubectl
 from tests.support.control_plane import ControlPlane
-from tests.support.platform import ALLOWED_IMAGE, MAX_GPUS, Platform
+from tests.support.platform import ALLOWED_IMAGE, MAX_GPUS, RELEASE, SYSTEM, Platform
 from tests.support.tools import helm
 
 PROFILE = "vap-pool"

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import SYSTEM, Kubectl
+from tests.e2e.conftest import Kubectl
 from tests.support.control_plane import ControlPlane
 from tests.support.faults import FaultProxy
-from tests.support.platform import FINAL, OperatorProcess, Platform
+from tests.support.platform import FINAL, SYSTEM, OperatorProcess, Platform
 
 
 def _condition(status: dict, kind: str) -> dict:

@@ -55,6 +55,8 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -87,7 +89,7 @@ class NotYet(Exception):
         self.reason, self.message = reason, message
 
 
-# -- a container as a process: shared with the emulated node (tests/support/kubelet.py) -------
+# -- a container as a process ------------------------------------------------------------------
 
 
 def secret_key(api: Client, namespace: str, ref: dict[str, Any]) -> str:
@@ -346,6 +348,8 @@ class NodeAgent:
         interval: float = 0.2,
         fake_seconds: float | None = None,
         ip_prefix: tuple[int, int] = (127, 1),
+        parallel: int = 1,
+        fake_hooks: tuple[Callable[[PodRun], None], Callable[[PodRun], None]] | None = None,
     ) -> None:
         self.api = api
         self.workdir = workdir
@@ -355,6 +359,12 @@ class NodeAgent:
         self.interval = interval
         self.fake_seconds = fake_seconds
         self.ip_prefix = ip_prefix
+        # parallel > 1: each pass syncs the pods in that many threads (without the node's lock:
+        # for fake containers, which kill() and freeze() do not reach); fake_hooks: called
+        # when a fake container starts and when it ends (the scale benchmark's metrics servers).
+        self.parallel = parallel
+        self.fake_hooks = fake_hooks
+        self._pool = ThreadPoolExecutor(parallel) if parallel > 1 else None
         self.pods: dict[str, PodRun] = {}
         self.ports: dict[tuple[str, str, int], int] = {}  # (ns, job, containerPort) -> port
         self.errors: list[str] = []
@@ -379,6 +389,8 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
         self._threads[1].join(10)  # the watch ends with its connection (a daemon thread)
+        if self._pool is not None:
+            self._pool.shutdown()
         with self._lock:
             for run in self.pods.values():
                 self._signal(run, signal.SIGKILL)
@@ -459,6 +471,7 @@ class NodeAgent:
                 if uid not in seen:  # deleted on the server: its containers go too
                     self._signal(run, signal.SIGKILL)
                     del self.pods[uid]
+            todo = []
             for uid, pod in seen.items():
                 run = self.pods.get(uid)
                 if run is None:
@@ -466,15 +479,24 @@ class NodeAgent:
                         continue  # finished before this agent started
                     run = self.pods[uid] = self._admit(pod)
                 run.pod = pod
-                try:
-                    self._sync_pod(run)
-                except urllib.error.HTTPError as exc:
-                    if exc.code not in (404, 409):  # gone or changed meanwhile: next pass
-                        self.errors.append(f"pod {run.namespace}/{run.name}: {exc}")
-                except (OSError, urllib.error.URLError):
-                    pass  # the API server is away: the next pass tries again
-                except Exception:  # one bad pod does not stall the others
-                    self.errors.append(traceback.format_exc())
+                todo.append(run)
+            if self._pool is None:
+                for run in todo:
+                    self._sync_one(run)
+                return
+        chunks = [todo[i :: self.parallel] for i in range(self.parallel)]
+        list(self._pool.map(lambda chunk: [self._sync_one(run) for run in chunk], chunks))
+
+    def _sync_one(self, run: PodRun) -> None:
+        try:
+            self._sync_pod(run)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (404, 409):  # gone or changed meanwhile: next pass
+                self.errors.append(f"pod {run.namespace}/{run.name}: {exc}")
+        except (OSError, urllib.error.URLError):
+            pass  # the API server is away: the next pass tries again
+        except Exception:  # one bad pod does not stall the others
+            self.errors.append(traceback.format_exc())
 
     def _admit(self, pod: dict[str, Any]) -> PodRun:
         meta = pod["metadata"]
@@ -528,6 +550,8 @@ class NodeAgent:
                 self._post(run, self._waiting_status(container, waiting))
             return
         run.started, run.started_at = time.monotonic(), now()
+        if self.fake_hooks is not None and self.fake_seconds is not None:
+            self.fake_hooks[0](run)
         if self.fake_seconds is None:
             paths.rewrite_json_files()
             base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
@@ -591,6 +615,8 @@ class NodeAgent:
             terminated["message"] = message
         phase = "Succeeded" if code == 0 else "Failed"
         status = self._status(container, phase, {"terminated": terminated}, ready=False)
+        if self.fake_hooks is not None and self.fake_seconds is not None:
+            self.fake_hooks[1](run)
         self._post(run, status)
         run.finished = True
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import collections
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,51 +24,45 @@ from urllib.request import urlopen
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer import storage
-from tests.support import s3
+from tests.support import control_plane, s3
 from tests.support.client import Client
 from tests.support.control_plane import ControlPlane
 from tests.support.node import NodeAgent
 from tests.support.prometheus import free_port
 from tests.support.specs import override
+from tests.support.tools import helm
 
 SECRET = "s3-credentials"
 ALLOWED_IMAGE = "registry.example.com/ml/trainer:custom"
 MAX_GPUS = 2
 POLL_SECONDS = 0.5
 FINAL = ("Succeeded", "Failed")
-# The operator's settings where no chart is installed (the emulator's tests, the images' test);
-# on the real control plane they are the chart's.
-SETTINGS = {
-    "KUBETUNE_PROGRESS_POLL_SECONDS": str(POLL_SECONDS),
-    "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:test",
-    "KUBETUNE_ALLOWED_IMAGES": json.dumps([ALLOWED_IMAGE]),
-    "KUBETUNE_MAX_GPUS_PER_JOB": str(MAX_GPUS),
-}
 
 
 class OperatorProcess:
-    """`kubetune operator` as a process of this machine, or, given `container`, a function from
-    the operator's environment to a command line, inside its image (tests/images)."""
+    """`kubetune operator` as a process of this machine, with `settings` (the chart's env: see
+    chart_operator), or, given `container`, a function from the operator's environment to a
+    command line, inside its image (tests/images)."""
 
     def __init__(
         self,
         kubeconfig: Path,
         log: Path,
         container: Callable[[dict[str, str]], list[str]] | None = None,
-        settings: dict[str, str] | None = None,
+        *,
+        settings: dict[str, str],
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
         self.container = container
-        self.base = dict(SETTINGS if settings is None else settings)
+        self.base = dict(settings)
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_env: dict[str, str] = {}
         self.metrics_port = free_port()
         self.account = ""  # the user the API server knows it as (tests/e2e)
 
     def settings(self) -> dict[str, str]:
-        """What the chart sets (`settings`: by default SETTINGS), with this machine's
-        kubeconfig and ports."""
+        """What the chart sets, with this machine's kubeconfig and ports."""
         return {
             **self.base,
             "KUBECONFIG": str(self.kubeconfig),
@@ -80,7 +74,7 @@ class OperatorProcess:
 
     def replica(self, log: Path) -> OperatorProcess:
         """Another process with the same settings and identity (a second replica)."""
-        other = OperatorProcess(self.kubeconfig, log, self.container, self.base)
+        other = OperatorProcess(self.kubeconfig, log, self.container, settings=self.base)
         other.account = self.account
         return other
 
@@ -111,6 +105,68 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+RELEASE, SYSTEM = "kubetune", "kubetune-system"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "kubetune"
+
+
+def install_chart(plane: ControlPlane, values: Sequence[str] = ()) -> None:
+    """The chart installed as a platform team installs it (`helm install`, CRDs included), and
+    its CRDs Established."""
+    done = subprocess.run(
+        [str(helm()), "install", RELEASE, str(CHART), f"--kubeconfig={plane.admin}",
+         "--namespace", SYSTEM, "--create-namespace", "--wait=hookOnly", *values],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [f"{p.name.removeprefix('kubetune.dev_').removesuffix('.yaml')}.kubetune.dev"
+             for p in sorted((CHART.parents[1] / "crds").glob("*.yaml"))]  # fmt: skip
+    deadline = time.monotonic() + 60
+    for name in names:
+        while True:
+            crd = plane.request(
+                "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+            )
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                break
+            assert time.monotonic() < deadline, f"CRD {name} not Established"
+            time.sleep(0.2)
+
+
+@contextmanager
+def installed(
+    workdir: Path, values: Sequence[str] = (), namespaces: Sequence[str] = (), api_qps: int = 0
+) -> Iterator[ControlPlane]:
+    """A control plane of its own, with these namespaces and the chart installed with these
+    values (for an operator set up unlike the session's: watching some namespaces only, from its
+    image, at scale); stopped and removed at the end."""
+    plane = control_plane.start(workdir / "plane", api_qps=api_qps)
+    try:
+        for namespace in namespaces:
+            plane.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+        install_chart(plane, values)
+        yield plane
+    finally:
+        control_plane.remove(plane)
+
+
+def chart_operator(plane: ControlPlane, workdir: Path) -> OperatorProcess:
+    """The operator as the chart's Deployment would run it: its container's env as the API
+    server stores the Deployment (no Deployment controller runs here: the caller starts the
+    process) and the pod's ServiceAccount identity (a token from the TokenRequest API)."""
+    deployment = plane.request("GET", f"/apis/apps/v1/namespaces/{SYSTEM}/deployments/{RELEASE}")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    account = pod["serviceAccountName"]
+    config = plane.kubeconfig_for(workdir / "kubeconfig", SYSTEM, account)
+    process = OperatorProcess(
+        config, workdir / "operator.log", settings={**env, "POD_NAMESPACE": SYSTEM}
+    )
+    process.account = f"system:serviceaccount:{SYSTEM}:{account}"
+    return process
 
 
 @dataclass
