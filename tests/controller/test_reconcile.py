@@ -1,5 +1,5 @@
 """One reconcile against an in-memory KubeIO: what it writes, and that a second pass writes
-nothing. (The same code against the emulated API server is in tests/integration.)"""
+nothing. (The same code against the real API server is in tests/e2e.)"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 from kubetune.api import FINAL_PHASES
 from kubetune.controller.conditions import forbidden
 from kubetune_trainer import storage
-from tests.support.cluster import wait_until
+from tests.e2e.conftest import wait_for as wait_until
 from tests.support.platform import ALLOWED_IMAGE, FINAL, Platform
 
 

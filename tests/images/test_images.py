@@ -1,6 +1,6 @@
 """Both images built, then run as Kubernetes would run them: the trainer as the operator's own
 pod spec says (uid 1000, read-only root, only its volumes writable, no network), the operator
-as the chart's Deployment says, against the emulated API server."""
+as the chart's Deployment says, on the real control plane with the chart installed."""
 
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ from kubetune.api import FineTuneJob, TrainerResult
 from kubetune.controller import build
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import ROOT
-from tests.helm.test_chart import by_kind, render
 from tests.images.conftest import Built
 from tests.images.conftest import build as build_images
-from tests.integration.conftest import OperatorProcess
-from tests.support.cluster import Client, running_cluster
 from tests.support.images import Runtime, layers, node_dir
-from tests.support.kubelet import Kubelet
+from tests.support.node import NodeAgent
+from tests.support.platform import RELEASE, SYSTEM, chart_operator, installed
 from tests.support.specs import minimal_job
 
 pytestmark = pytest.mark.images
@@ -127,30 +125,37 @@ def _no_tmpfs(runtime: Runtime) -> list[str]:
 def test_operator_image_runs_the_operator_as_the_chart_deploys_it(
     built: Built, tmp_path: Path
 ) -> None:
-    (deployment,) = by_kind(render(), "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert "command" not in container  # the image's ENTRYPOINT runs, with the chart's args
-    volumes = {v["name"]: node_dir(tmp_path / v["name"], 1000) for v in pod["volumes"]}
-    with running_cluster() as cluster:
-        api = Client(cluster.url)
-        kubelet = Kubelet(cluster.url, tmp_path / "node", fake_seconds=3).start()
-        kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig.json")
+    """The chart installed on a control plane of its own; the operator's image run with the
+    Deployment's container and pod spec as the API server stores them, and the chart's
+    ServiceAccount identity."""
+    with installed(tmp_path, namespaces=["team-a"]) as plane:
+        api = plane.client()
+        deployment = plane.request(
+            "GET", f"/apis/apps/v1/namespaces/{SYSTEM}/deployments/{RELEASE}"
+        )
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert "command" not in container  # the image's ENTRYPOINT runs, with the chart's args
+        volumes = {v["name"]: node_dir(tmp_path / v["name"], 1000) for v in pod["volumes"]}
+        node = NodeAgent(plane.node_client(), tmp_path / "node", fake_seconds=3).start()
+        operator = chart_operator(plane, tmp_path)
+        readable = tmp_path / "kubeconfig-for-uid-1000"  # the container runs as uid 1000
+        readable.write_bytes(operator.kubeconfig.read_bytes())
+        readable.chmod(0o644)
 
         def in_image(settings: dict[str, str]) -> list[str]:
-            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-            env.update(settings, KUBECONFIG="/etc/kubetune-test/kubeconfig.json")
+            env = {**settings, "KUBECONFIG": "/etc/kubetune-test/kubeconfig"}
             spec = {**container, "env": [{"name": k, "value": v} for k, v in env.items()]}
             return built.runtime.container_argv(
                 built.operator,
                 spec,
                 pod,
                 volumes,
-                network="host",  # the emulated API server listens on this machine's 127.0.0.1
-                extra_mounts={"/etc/kubetune-test/kubeconfig.json": (kubeconfig, True)},
+                network="host",  # the API server listens on this machine's 127.0.0.1
+                extra_mounts={"/etc/kubetune-test/kubeconfig": (readable, True)},
             )
 
-        operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", container=in_image)
+        operator.container = in_image
         operator.start()
         try:
             api.create("finetunejobs", "team-a", minimal_job("sql"))
@@ -173,8 +178,8 @@ def test_operator_image_runs_the_operator_as_the_chart_deploys_it(
             )
         finally:
             operator.stop()
-            kubelet.stop()
-    assert not kubelet.errors, kubelet.errors
+            node.stop()
+    assert not node.errors, node.errors
 
 
 def _get(url: str) -> str:

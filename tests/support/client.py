@@ -1,6 +1,6 @@
-"""A minimal JSON client of a Kubernetes API server for tests, the test nodes and their
-tools: what kubectl would do, through urllib. Over TLS with a client certificate for the real
-API server (tests/support/control_plane.py), plain HTTP for the emulator."""
+"""A minimal JSON client of the real API server (tests/support/control_plane.py) for tests, the
+node agent and the benchmarks: what kubectl would do, through urllib, over TLS with a client
+certificate."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ STRICT = "?fieldValidation=Strict"
 
 
 class Client:
-    """A minimal JSON client for tests and the test kubelet (what kubectl would do)."""
+    """A minimal JSON client for tests and the node agent (what kubectl would do)."""
 
     def __init__(self, url: str, context: ssl.SSLContext | None = None) -> None:
         self.url = url

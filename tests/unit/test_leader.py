@@ -4,8 +4,9 @@ deadline, before its Lease can expire; every request is cut at the time left; a 
 releases the Lease so a standby takes over at its next try; two electors never lead at once.
 
 Most tests drive `step()` on a fake clock against an in-memory Lease store with resourceVersion
-preconditions (as the API server's registry); two go over real HTTP on 127.0.0.1: a socket that
-accepts and never answers (a black-holed API server), and the emulated API server.
+preconditions (as the API server's registry); one goes over real HTTP on 127.0.0.1: a socket that
+accepts and never answers (a black-holed API server). The Lease on the real API server:
+tests/e2e/test_clients.py.
 """
 
 from __future__ import annotations
@@ -408,71 +409,3 @@ def test_a_black_holed_api_server_cuts_each_request_and_the_leader_gives_up(
     # Each attempt's one request hung until its timeout and the client did not retry it inside
     # (urllib3 would by default: three more connections, each with a fresh timeout).
     assert 1 <= len(accepted) <= len(attempts)
-
-
-def test_release_over_the_emulated_api_server(tmp_path: Any) -> None:
-    from tests.support.cluster import running_cluster
-
-    with running_cluster() as cluster:
-        client = kubernetes.config.new_client_from_config(str(cluster.kubeconfig(tmp_path / "k")))
-        api = lease_api(client)
-        leading: dict[str, threading.Event] = {me: threading.Event() for me in ("a", "b")}
-        electors = {
-            me: LeaderElector(
-                api,
-                "default",
-                NAME,
-                me,
-                lease_duration=60.0,
-                renew_deadline=10.0,
-                retry_period=0.1,
-                on_started=leading[me].set,
-                on_lost=lambda: None,
-            )
-            for me in ("a", "b")
-        }
-        electors["a"].start()
-        assert leading["a"].wait(30)
-        electors["b"].start()
-        try:
-            lease = api.read_namespaced_lease(NAME, "default")
-            assert lease.spec.holder_identity == "a" and lease.spec.lease_duration_seconds == 60
-            assert not leading["b"].wait(0.5)  # a standby, while "a" renews
-            electors["a"].stop()
-            # The Lease lasts a minute; "b" leads long before it would have expired.
-            assert leading["b"].wait(30)
-            lease = api.read_namespaced_lease(NAME, "default")
-            assert lease.spec.holder_identity == "b" and lease.spec.lease_transitions == 1
-        finally:
-            electors["b"].stop()
-        assert not api.read_namespaced_lease(NAME, "default").spec.holder_identity
-
-
-CHILD = """
-import sys, threading, kubernetes
-from kubetune.controller.leader import elect
-from kubetune.controller.settings import OperatorSettings
-
-settings = OperatorSettings(leader_election_namespace="default", lease_duration_seconds=60,
-                            renew_deadline_seconds=10, retry_period_seconds=1)
-leading = threading.Event()
-elect(kubernetes.config.new_client_from_config(sys.argv[1]), settings, leading.set, sys.exit)
-print("leading" if leading.wait(60) else "not leading", flush=True)
-"""  # then the interpreter exits as after kopf's SIGTERM handling: atexit stops the elector
-
-
-def test_a_normal_exit_releases_the_lease(tmp_path: Any) -> None:
-    import subprocess
-    import sys
-
-    from tests.support.cluster import running_cluster
-
-    with running_cluster() as cluster:
-        kubeconfig = str(cluster.kubeconfig(tmp_path / "k"))
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, kubeconfig], capture_output=True, text=True, timeout=120
-        )
-        assert child.returncode == 0 and child.stdout == "leading\n", child.stderr
-        api = lease_api(kubernetes.config.new_client_from_config(kubeconfig))
-        spec = api.read_namespaced_lease(NAME, "default").spec
-        assert not spec.holder_identity and spec.lease_duration_seconds == 1

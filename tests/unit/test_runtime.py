@@ -1,7 +1,7 @@
 """The operator's runtime pieces on their own: the work queue, the caches and their informers
 (against a scripted list/watch API), the write-through that keeps a Job from being created twice,
-and the scraper's budget. The operator as a whole runs against the emulated cluster in
-tests/integration."""
+and the scraper's budget. The operator as a whole runs on the real control plane in
+tests/e2e."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import copy
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -283,36 +282,3 @@ def test_the_scraper_keeps_to_its_budget_and_reports_only_changed_steps() -> Non
     assert len(reads) <= 50 * elapsed + 5, (len(reads), elapsed)
     # Each trainer's first reading is a change; the same step again is not reported.
     assert sorted(changed) == sorted({("ns", f"j{i}") for i in range(40)})
-
-
-def test_the_same_event_again_is_counted_not_posted_anew(tmp_path: Any) -> None:
-    """client-go's EventCorrelator: a repeat within ten minutes patches count and lastTimestamp."""
-    import kubernetes
-
-    from kubetune.controller.kube import Kube
-    from tests.support.cluster import Client, running_cluster
-
-    with running_cluster() as cluster:
-        client = kubernetes.config.new_client_from_config(str(cluster.kubeconfig(tmp_path / "k")))
-        kube = Kube(client)
-        owner = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"}}
-        start = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-        for minutes in (0, 1, 2):
-            kube.event(
-                owner, "Warning", "TrainerWarning", "slow disk", start + timedelta(minutes=minutes)
-            )
-        kube.event(owner, "Normal", "Running", "training", start)
-        kube.event(owner, "Warning", "TrainerWarning", "slow disk", start + timedelta(minutes=20))
-        events = Client(cluster.url).list("events", "ns")
-
-    def at(stamp: str) -> str:  # the client may send +00:00; the API server stores Z
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).strftime("%H:%M")
-
-    summary = sorted(
-        (e["reason"], e["count"], at(e["firstTimestamp"]), at(e["lastTimestamp"])) for e in events
-    )
-    assert summary == [
-        ("Running", 1, "12:00", "12:00"),
-        ("TrainerWarning", 1, "12:20", "12:20"),  # more than ten minutes later: a new Event
-        ("TrainerWarning", 3, "12:00", "12:02"),
-    ]

@@ -1,6 +1,7 @@
 """The security model (docs/security.md) as tests: each fails when the protection it names is
 lost. The end-to-end checks (no credential in ConfigMaps, statuses, Events or logs; policy
-violations refused) run against the emulated cluster in tests/integration/test_operator.py."""
+violations refused) run on the real control plane in tests/e2e (test_lifecycle.py,
+test_correctness.py, test_tenancy.py, test_admission_policy.py)."""
 
 from __future__ import annotations
 
