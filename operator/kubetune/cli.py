@@ -36,12 +36,19 @@ def cmd_api_docs(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     import json
 
-    from kubetune.manifests import check_against_profiles, load_manifests
+    from kubetune.manifests import check_against_cluster, load_manifests, settings_from_values
 
+    settings = None
+    if args.settings:
+        settings, problems = settings_from_values(args.settings)
+        if settings is None:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            return int(ExitCode.INVALID_SPEC)
     failed = False
     report = []
     docs = [doc for path in args.files for doc in load_manifests(path)]
-    check_against_profiles(docs)  # jobs naming a profile given beside them
+    check_against_cluster(docs, settings, args.settings or "")
     for doc in docs:
         failed = failed or bool(doc.problems)
         report.append(doc.to_json())
@@ -49,9 +56,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         for problem in doc.problems:
             print(problem, file=sys.stderr)
+        for warning in doc.warnings:
+            print(str(warning).replace(": ", ": warning: ", 1), file=sys.stderr)
         if doc.valid:
             under = f" under FineTuneProfile {doc.under_profile}" if doc.under_profile else ""
-            print(f"{doc.source}:{doc.line}: {doc.kind} {doc.display_name} is valid{under}")
+            warned = f" ({len(doc.warnings)} warning{'s' * (len(doc.warnings) > 1)})"
+            print(
+                f"{doc.source}:{doc.line}: {doc.kind} {doc.display_name} is valid{under}"
+                + (warned if doc.warnings else "")
+            )
         elif doc.skipped_kind and args.verbose:
             print(f"{doc.source}:{doc.line}: skipped {doc.skipped_kind} (not a kubetune kind)")
     if args.output == "json":
@@ -117,13 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Checks FineTuneJob, FineTuneProfile and FineTuneSchedule manifests as the API "
             "server would admit them (kubectl's strict field validation), a schedule's cron "
-            "expression and time zone, and a job (or a schedule's template) against a profile "
-            "given beside it: one `file:line: field: problem` line per problem. Exit codes: 0 "
-            "all valid, 2 a problem (or no kubetune object at all)."
+            "expression and time zone, a job (or a schedule's template) against a profile "
+            "given beside it and against the operator's policy (the chart's defaults, or "
+            "--settings): one `file:line: field: problem` line per problem; what only the "
+            "cluster can decide (a profile not given) is a warning. Exit codes: 0 all valid "
+            "(warnings too), 2 a problem (or no kubetune object at all)."
         ),
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML files; - reads standard input")
     p.add_argument("-v", "--verbose", action="store_true", help="also list skipped documents")
+    p.add_argument(
+        "--settings",
+        metavar="VALUES.yaml",
+        help="the chart's values your cluster was installed with (helm get values RELEASE): "
+        "its trainer.image, allowedImages, maxGpusPerJob, allowFileOutput and requireProfile "
+        "are checked; by default the chart's defaults",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -139,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a FineTuneJob on this machine with the real trainer",
         description=(
             "Runs a FineTuneJob locally: validation, data, training with a progress bar, "
-            "evaluation against the base model, gates, artifacts. Exit codes: 0 succeeded, "
-            "1 runtime failure, 2 invalid spec, 3 data error, 4 gates failed."
+            "evaluation against the base model, gates, artifacts. Exit codes: 0 succeeded "
+            "(promoted), 1 runtime failure, 2 invalid spec, 3 data error, 4 gates failed, "
+            "5 training diverged, 6 another process of a distributed run lost."
         ),
     )
     p.add_argument("file", metavar="JOB.yaml")

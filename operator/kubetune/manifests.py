@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from kubetune.api import (
     FineTuneSchedule,
     describe_errors,
 )
+from kubetune.controller.settings import OperatorSettings
 
 
 class Loader(yaml.SafeLoader):
@@ -98,8 +100,10 @@ class Document:
     generate_name: str | None = None
     node: yaml.Node | None = None
     under_profile: str | None = None  # the profile (given beside it) it was checked against
+    name: str | None = None  # metadata.name as written, valid or not
+    warnings: list[Problem] = field(default_factory=list)  # what the cluster may still refuse
 
-    kind: str = KIND
+    kind: str | None = KIND  # None: not one object (a file that cannot be read, or holds none)
 
     @property
     def display_name(self) -> str:
@@ -120,22 +124,26 @@ class Document:
     def problem(self, message: str, line: int | None = None, field: str | None = None) -> None:
         self.problems.append(Problem(self.source, line or self.line or None, field, message))
 
+    def warn(self, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.warnings.append(Problem(self.source, line or self.line or None, field, message))
+
     def to_json(self) -> dict[str, Any]:
         """What `kubetune validate -o json` prints for this document."""
+
+        def listed(problems: list[Problem]) -> list[dict[str, Any]]:
+            return [{"line": p.line, "field": p.field, "message": p.message} for p in problems]
+
         return {
             "file": self.source,
             "document": self.index,
-            "line": self.line,
-            "kind": self.skipped_kind or (self.kind if self.parsed or self.problems else None),
-            "name": self.display_name
-            if self.parsed is not None and not self.generate_name
-            else None,
+            "line": self.line or None,
+            "kind": self.skipped_kind or self.kind,
+            "name": self.name,
             "generateName": self.generate_name,
             "valid": self.valid,
             "skipped": self.skipped_kind is not None,
-            "problems": [
-                {"line": p.line, "field": p.field, "message": p.message} for p in self.problems
-            ],
+            "problems": listed(self.problems),
+            "warnings": listed(self.warnings),
         }
 
 
@@ -176,13 +184,16 @@ def _problem_line(problem: str, node: yaml.Node | None) -> int | None:
 def validate_document(data: Any, node: yaml.Node | None, doc: Document) -> Document:
     doc.node = node
     if not isinstance(data, dict):
+        doc.kind = None
         doc.problem("expected a mapping (a Kubernetes object)")
         return doc
     api_version, kind = data.get("apiVersion"), data.get("kind")
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):
+        doc.name = metadata["name"] or None
     if kind != KIND and not str(api_version or "").startswith(f"{GROUP}/"):
         doc.skipped_kind = f"{api_version}/{kind}"
         return doc
-    metadata = data.get("metadata")
     if isinstance(metadata, dict) and not metadata.get("name"):
         doc.generate_name = metadata.get("generateName") or None
     model: type[FineTuneJob] | type[FineTuneProfile] | type[FineTuneSchedule] = FineTuneJob
@@ -230,7 +241,7 @@ def _yaml_problem(source: str, exc: yaml.YAMLError) -> Document:
         message += f", {context}"
         if context_mark is not None and (mark is None or context_mark.line != mark.line):
             message += f" at line {context_mark.line + 1}"
-    doc = Document(source, 0, mark.line + 1 if mark is not None else 0)
+    doc = Document(source, 0, mark.line + 1 if mark is not None else 0, kind=None)
     doc.problem(message)
     return doc
 
@@ -246,11 +257,11 @@ def read_documents(path: str | Path) -> list[RawDocument] | Document:
     try:
         text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        doc = Document(source, 0, 0)
+        doc = Document(source, 0, 0, kind=None)
         doc.problem("no such file")
         return doc
     except (OSError, UnicodeDecodeError) as exc:
-        doc = Document(source, 0, 0)
+        doc = Document(source, 0, 0, kind=None)
         doc.problem(f"cannot read: {exc}")
         return doc
     try:
@@ -274,33 +285,125 @@ def load_manifests(path: str | Path) -> list[Document]:
     docs = [validate_document(r.data, r.node, r.doc) for r in raw]
     if all(d.skipped_kind for d in docs):
         found = ", ".join(sorted({str(d.skipped_kind) for d in docs})) or "nothing"
-        empty = Document(_source(path), 0, 0)
+        empty = Document(_source(path), 0, 0, kind=None)
         empty.problem(f"no {KIND}, {PROFILE_KIND} or {SCHEDULE_KIND} in this file (found: {found})")
         docs.append(empty)
     return docs
 
 
-def check_against_profiles(docs: list[Document]) -> None:
-    """Each valid FineTuneJob that names a FineTuneProfile given beside it (in any of the files)
-    is resolved against it as the operator would: the profile's defaults filled in, its limits
-    checked; each violation is a problem at the job's field. (The profile's namespaceSelector
-    needs the namespace's labels, which only the cluster knows: it is not checked here.)"""
-    from kubetune.controller.profiles import apply_profile
+def check_against_cluster(
+    docs: list[Document],
+    settings: OperatorSettings | None = None,
+    settings_source: str = "",
+) -> None:
+    """Each valid FineTuneJob (and each schedule's template, as the job it stamps) checked as
+    the operator checks a run before it starts it, as far as the files given can tell:
 
+    - under a FineTuneProfile given beside it (in any of the files): the profile's defaults
+      filled in, its limits checked; each violation is a problem at the job's field (the
+      profile's namespaceSelector needs the namespace's labels, which only the cluster knows);
+    - a profile named but not given: a warning naming the files read (without it on the
+      cluster, the run waits in Pending/ProfileNotFound);
+    - no profile named: a serviceAccountName, or an operator that requires a profile, is a
+      warning (a default profile on the cluster may allow it);
+    - the operator's policy: trainer images, GPUs per job, file:// outputs, with `settings`
+      (the chart's values: settings_from_values) or the chart's defaults.
+    """
+    settings = settings or OperatorSettings.model_validate({})  # not this shell's KUBETUNE_*
+    origin = f"the values in {settings_source}" if settings_source else "the chart's defaults"
     profiles = {d.profile.metadata.name: d.profile for d in docs if d.profile and not d.problems}
+    read = ", ".join(dict.fromkeys(d.source for d in docs))
     for doc in docs:
         job, prefix = doc.job, "spec."
         if doc.schedule is not None:  # the FineTuneJob its template stamps
             job, prefix = stamped_job(doc.schedule), "spec.jobTemplate.spec."
-        if job is None or doc.problems or job.spec.profile not in profiles:
-            continue
-        resolution = apply_profile(job, profiles[job.spec.profile])
+        if job is not None and not doc.problems:
+            _check_job(doc, job, prefix, profiles, settings, origin, read)
+
+
+def _check_job(
+    doc: Document,
+    job: FineTuneJob,
+    prefix: str,
+    profiles: dict[str, FineTuneProfile],
+    settings: OperatorSettings,
+    origin: str,
+    read: str,
+) -> None:
+    from kubetune.controller.policy import policy_problems
+    from kubetune.controller.profiles import apply_profile
+
+    def at(line: str, to: Callable[[str, int | None, str | None], None]) -> None:
+        line = prefix + line.removeprefix("spec.")
+        path, _, message = line.partition(": ")
+        to(message, _problem_line(line, doc.node), path)
+
+    name = job.spec.profile
+    images: tuple[str, ...] = ()
+    if name and name not in profiles:
+        at(
+            f"spec.profile: FineTuneProfile {name!r} is not among the files read ({read}); "
+            "on a cluster without it the run waits in Pending (ProfileNotFound). Give its "
+            f"file too to check the job against it (kubectl get finetuneprofiles {name} -o "
+            "yaml > profile.yaml)",
+            doc.warn,
+        )
+    elif name:
+        resolution = apply_profile(job, profiles[name])
         for line in resolution.problems:
-            line = prefix + line.removeprefix("spec.")
-            path, _, message = line.partition(": ")
-            doc.problem(message, _problem_line(line, doc.node), path)
-        if not resolution.problems:
-            doc.under_profile = job.spec.profile
+            at(line, doc.problem)
+        if resolution.problems:
+            return
+        doc.under_profile, job, images = name, resolution.job, resolution.allowed_images
+    else:
+        for line in apply_profile(job, None).problems:
+            at(f"{line}; a default FineTuneProfile of the cluster may allow it", doc.warn)
+        if settings.require_profile:
+            at(
+                "spec.profile: the operator runs FineTuneJobs only under a FineTuneProfile "
+                f"({origin}: trainer.requireProfile); name one, unless the cluster has a "
+                "default profile offered to this namespace",
+                doc.warn,
+            )
+    for line in policy_problems(job, settings, images):
+        at(f"{line} (the operator's policy: {origin}; --settings VALUES.yaml checks against "
+           "your cluster's)", doc.problem)  # fmt: skip
+
+
+def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, list[str]]:
+    """The operator settings `kubetune validate` checks against, from a Helm values file of the
+    chart (what `helm install -f` is given): trainer.image, trainer.allowedImages,
+    trainer.maxGpusPerJob, trainer.allowFileOutput, trainer.requireProfile; the chart's
+    defaults for what it leaves out. Or the problems with the file."""
+    raw = read_documents(path)
+    if isinstance(raw, Document):
+        return None, [str(p) for p in raw.problems]
+    values = raw[0].data if raw else {}
+    trainer = (values or {}).get("trainer") or {}
+    if not isinstance(trainer, dict):
+        return None, [f"{_source(path)}: trainer: must be a mapping (the chart's values)"]
+    fields: dict[str, Any] = {}
+    image = trainer.get("image") or {}
+    if isinstance(image, dict) and (image.get("repository") or image.get("tag")):
+        default = OperatorSettings.model_validate({}).trainer_image
+        repository, _, tag = default.rpartition(":")
+        repository, tag = image.get("repository") or repository, image.get("tag") or tag
+        fields["trainer_image"] = f"{repository}:{tag}"
+    keys = {
+        "allowed_images": "allowedImages",
+        "max_gpus_per_job": "maxGpusPerJob",
+        "allow_file_output": "allowFileOutput",
+        "require_profile": "requireProfile",
+    }
+    fields.update({k: trainer[key] for k, key in keys.items() if trainer.get(key) is not None})
+    try:
+        return OperatorSettings.model_validate(fields), []  # the file's values, not the env's
+    except ValidationError as exc:
+        problems = []
+        for line in describe_errors(exc):
+            name, _, message = line.partition(": ")
+            problems.append(f"{_source(path)}: trainer.{keys.get(name, name)}: {message}")
+        return None, problems
 
 
 def stamped_job(schedule: FineTuneSchedule) -> FineTuneJob:

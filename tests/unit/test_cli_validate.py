@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_examples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+def test_examples_are_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     examples = ROOT / "examples"
     files = [str(p) for p in sorted([*examples.glob("*.yaml"), *examples.glob("profiles/*.yaml")])]
-    assert main(["validate", *files]) == 0
+    # multi-node.yaml asks for 16 GPUs, over the chart's default cap, as its header says.
+    values = write(tmp_path, "values.yaml", "trainer:\n  maxGpusPerJob: 16\n")
+    assert main(["validate", "--settings", str(values), *files]) == 0
     out = capsys.readouterr().out
     assert out.count("is valid") == len(files)
     assert "FineTuneProfile a100-pool is valid" in out
@@ -134,8 +137,14 @@ def test_a_job_is_checked_against_a_profile_given_beside_it(
     err = capsys.readouterr().err
     line = next(i for i, t in enumerate(greedy.read_text().splitlines(), 1) if "gpus: 16" in t)
     assert f"greedy.yaml:{line}: spec.resources.gpus: 16 is more than FineTuneProfile " in err
-    # Alone, the job is valid: the profile is the cluster's to check.
-    assert main(["validate", str(greedy)]) == 0
+    # Alone, the profile is the cluster's to check (a warning), and 16 GPUs is over the
+    # operator's default cap.
+    assert main(["validate", str(greedy)]) == ExitCode.INVALID_SPEC
+    err = capsys.readouterr().err
+    assert f"greedy.yaml:{line}: spec.resources.gpus: 16 is more than this cluster allows" in err
+    assert "(the operator's policy: the chart's defaults;" in err
+    named = next(i for i, t in enumerate(greedy.read_text().splitlines(), 1) if "profile:" in t)
+    assert f"greedy.yaml:{named}: warning: spec.profile: FineTuneProfile 'a100-pool' is not " in err
 
 
 def test_a_schedule_is_validated_with_its_template(
@@ -167,3 +176,106 @@ def test_a_schedule_is_validated_with_its_template(
         "spec.jobTemplate.spec.resources.gpus: 16 is more than FineTuneProfile 'a100-pool' allows"
         in capsys.readouterr().err
     )
+
+
+def _job_file(tmp_path: Path, name: str, **spec: object) -> Path:
+    doc = valid_job()
+    doc["spec"].update(spec)
+    return write(tmp_path, name, yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_what_only_the_cluster_decides_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt profile is not silently valid: the files read are named, and so is what
+    happens on a cluster without it; a serviceAccountName without a profile is allowed only by
+    a profile (a default one on the cluster may). Warnings keep exit code 0."""
+    misspelt = _job_file(tmp_path, "job.yaml", profile="a100pool")
+    assert main(["validate", str(misspelt)]) == 0
+    captured = capsys.readouterr()
+    line = misspelt.read_text().splitlines().index("  profile: a100pool") + 1
+    assert captured.err == (
+        f"{misspelt}:{line}: warning: spec.profile: FineTuneProfile 'a100pool' is not among the "
+        f"files read ({misspelt}); on a cluster without it the run waits in Pending "
+        "(ProfileNotFound). Give its file too to check the job against it (kubectl get "
+        "finetuneprofiles a100pool -o yaml > profile.yaml)\n"
+    )
+    assert captured.out.endswith("FineTuneJob sql-lora is valid (1 warning)\n")
+
+    account = _job_file(tmp_path, "account.yaml", serviceAccountName="trainer-irsa")
+    assert main(["validate", str(account)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: spec.serviceAccountName: 'trainer-irsa' may be chosen only under a " in err
+    assert err.rstrip().endswith("a default FineTuneProfile of the cluster may allow it")
+
+
+def test_the_operators_policy_is_checked_with_the_charts_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPUs per job, file:// outputs and trainer images: against the chart's defaults, or the
+    values the cluster was installed with (--settings)."""
+    greedy = _job_file(tmp_path, "gpus.yaml", resources={"gpus": 12})
+    greedy.write_text(greedy.read_text().replace("batchSize: 8", "batchSize: 12"))
+    local = _job_file(tmp_path, "local.yaml", output={"uri": "file:///tmp/out"})
+    image = _job_file(tmp_path, "image.yaml", image="registry.example.com/ml/trainer:custom")
+    assert main(["validate", str(greedy), str(local), str(image)]) == ExitCode.INVALID_SPEC
+    err = capsys.readouterr().err
+    assert (
+        "gpus.yaml:" in err and "spec.resources.gpus: 12 is more than this cluster allows " in err
+    )
+    assert "per job (8) (the operator's policy: the chart's defaults; --settings" in err
+    assert "local.yaml:" in err and "spec.output.uri: file:// would write inside the trainer" in err
+    assert (
+        "image.yaml:" in err
+        and "spec.image: 'registry.example.com/ml/trainer:custom' is not" in err
+    )
+
+    values = write(
+        tmp_path,
+        "values.yaml",
+        "trainer:\n  maxGpusPerJob: 16\n  allowFileOutput: true\n"
+        "  allowedImages: [registry.example.com/ml/trainer:custom]\n",
+    )
+    files = [str(greedy), str(local), str(image)]
+    assert main(["validate", "--settings", str(values), *files]) == 0
+    tight = write(tmp_path, "tight.yaml", "trainer:\n  maxGpusPerJob: 1\n")
+    assert main(["validate", "--settings", str(tight), str(greedy)]) == ExitCode.INVALID_SPEC
+    assert f"allows per job (1) (the operator's policy: the values in {tight};" in (
+        capsys.readouterr().err
+    )
+    broken = write(tmp_path, "broken.yaml", "trainer:\n  maxGpusPerJob: many\n")
+    assert main(["validate", "--settings", str(broken), str(greedy)]) == ExitCode.INVALID_SPEC
+    assert f"{broken}: trainer.maxGpusPerJob: " in capsys.readouterr().err
+
+
+def test_the_policy_defaults_are_the_charts() -> None:
+    """What validate checks without --settings is what the chart installs by default."""
+    from importlib.metadata import version
+
+    from kubetune.controller.settings import OperatorSettings
+
+    values = yaml.safe_load((ROOT / "helm" / "kubetune" / "values.yaml").read_text())["trainer"]
+    chart = yaml.safe_load((ROOT / "helm" / "kubetune" / "Chart.yaml").read_text())
+    defaults = OperatorSettings.model_validate({})
+    assert defaults.max_gpus_per_job == values["maxGpusPerJob"]
+    assert defaults.allow_file_output == values["allowFileOutput"]
+    assert defaults.require_profile == values["requireProfile"]
+    assert defaults.allowed_images == values["allowedImages"]
+    image = f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
+    assert defaults.trainer_image == image
+    assert chart["appVersion"] == version("kubetune")
+
+
+def test_json_output_names_invalid_documents_and_files_without_objects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write(tmp_path, "bad.yaml", BAD)
+    other = write(tmp_path, "other.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n")
+    assert main(["validate", "-o", "json", str(bad), str(other)]) == ExitCode.INVALID_SPEC
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["file"], r["kind"], r["name"], r["line"], r["valid"]) for r in report] == [
+        (str(bad), "FineTuneJob", "bad", 1, False),
+        (str(other), "v1/ConfigMap", "x", 1, False),
+        (str(other), None, None, None, False),  # the file's problem: no kubetune object in it
+    ]
+    assert report[2]["problems"][0]["message"].startswith("no FineTuneJob, FineTuneProfile")

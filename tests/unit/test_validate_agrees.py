@@ -155,6 +155,7 @@ def test_validate_reads_stdin_and_writes_json(
         "valid": True,
         "skipped": False,
         "problems": [],
+        "warnings": [],
     }
     assert second["valid"] is False and second["line"] == 25
     assert second["problems"] == [
