@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.api import ExitCode, FineTuneJob, resolve_spec
-from kubetune_trainer.training import complete_checkpoints, make_collator, train
+from kubetune.api import ExitCode, FineTuneJob, FineTuneJobSpec, resolve_spec
+from kubetune_trainer.training import (
+    complete_checkpoints,
+    make_collator,
+    train,
+    training_arguments,
+)
+from tests.conftest import valid_job
 from tests.trainer.conftest import Recorder, job_manifest, run_job
 
 
@@ -113,3 +119,20 @@ def test_checkpoints_every_n_steps_and_at_each_epoch_end(
     # Only the two newest are kept; the last one exists only because epochs end with a save.
     assert complete_checkpoints(f"{out.as_uri()}/runs/0123abcd/checkpoints") == sorted(saved)[-2:]
     assert result.steps % 4
+
+
+@pytest.mark.parametrize(
+    ("micro", "world", "per_process", "accumulation"),
+    [(None, 1, 8, 1), (None, 2, 4, 1), (None, 4, 2, 1), (2, 2, 2, 2), (1, 4, 1, 2)],
+)
+def test_the_batch_stays_global_across_processes(
+    tmp_path: Path, micro: int | None, world: int, per_process: int, accumulation: int
+) -> None:
+    """batchSize is the examples of one optimizer step over every process: an unset
+    microBatchSize is each process's share, never the whole batch per process."""
+    doc = valid_job()["spec"]
+    doc["hyperparameters"] = {"batchSize": 8, **({"microBatchSize": micro} if micro else {})}
+    args = training_arguments(FineTuneJobSpec.model_validate(doc), tmp_path, False, world)
+    assert args.per_device_train_batch_size == per_process
+    assert args.gradient_accumulation_steps == accumulation
+    assert per_process * accumulation * world == 8

@@ -229,7 +229,7 @@ VIOLATIONS = [
     pytest.param({"serviceAccountName": "admin"}, "spec.serviceAccountName: 'admin' is not one FineTuneProfile 'pool' allows (allowedServiceAccounts: trainer)", id="account-not-allowed"),
     pytest.param({"output": {"uri": "s3://models/team-b/run"}}, "spec.output.uri: s3://models/team-b/run is outside what FineTuneProfile 'pool' allows (allowedOutputPrefixes: s3://models/team-a/)", id="output-elsewhere"),
     pytest.param({"output": {"uri": "s3://models/team-a-evil/run"}}, "spec.output.uri", id="output-prefix-is-a-path-not-a-string"),
-    pytest.param({"hyperparameters": {"batchSize": 3}}, "spec.hyperparameters.batchSize: batchSize is global: it must be a multiple of microBatchSize times the world size (resources.nodes times the processes per pod: resources.gpus, or distributed.nprocPerNode) (with the defaults of FineTuneProfile 'pool')", id="batch-the-default-gpus-cannot-share"),
+    pytest.param({"hyperparameters": {"batchSize": 3}}, "spec.hyperparameters.batchSize: batchSize is global: it must be a multiple of microBatchSize times the world size (resources.nodes times the processes per pod: resources.gpus, or distributed.nprocPerNode) (here: batchSize 3, microBatchSize unset (each process takes batchSize / world size), world size 2) (with the defaults of FineTuneProfile 'pool')", id="batch-the-default-gpus-cannot-share"),
 ]
 # fmt: on
 

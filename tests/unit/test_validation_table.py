@@ -125,8 +125,8 @@ INVALID = [
     pytest.param(at("spec.resources", {"gpus": 3}), "spec.hyperparameters.batchSize", "spec.hyperparameters.batchSize: Invalid value: batchSize is global", id="batch-not-shared-by-gpus"),
     pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 2}), at("spec.hyperparameters.microBatchSize", 4)), "spec.hyperparameters.batchSize", "spec.hyperparameters.batchSize: Invalid value: batchSize is global", id="batch-not-shared-by-micro-batches"),
     pytest.param(at("spec.resources", {"nodes": 65}), "spec.resources.nodes", "spec.resources.nodes: 65", id="too-many-nodes"),
-    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "9-lives")), "(document)", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-not-a-dns-label"),
-    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "x" * MAX_NAME_LENGTH)), "(document)", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-too-long"),
+    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "9-lives")), "metadata.name", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-not-a-dns-label"),
+    pytest.param(both(at("spec.resources", {"nodes": 2, "gpus": 0}), at("metadata.name", "x" * MAX_NAME_LENGTH)), "metadata.name", "<root>: Invalid value: metadata.name of a run with resources.nodes over 1", id="distributed-name-too-long"),
 ]
 # fmt: on
 

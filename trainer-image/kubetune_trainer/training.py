@@ -169,7 +169,9 @@ def training_arguments(
     from transformers import TrainingArguments
 
     hp = spec.hyperparameters
-    micro = hp.micro_batch_size or hp.batch_size
+    # Unset: each process's share of the global batch (validation made it whole), not the
+    # whole batch per process, which would multiply the batch by the world size.
+    micro = hp.micro_batch_size or max(1, hp.batch_size // world_size)
     accumulation = max(1, hp.batch_size // (micro * world_size))
     strategy = spec.strategy(world_size)
     cuda = torch.cuda.is_available()

@@ -27,12 +27,21 @@ class Rule:
     check: the same rule in Python, over the parsed model.
     message: what is wrong and how to fix it, shown by both the API server and `kubetune validate`.
     field: the JSON path, relative to the object, of the field to blame (e.g. `.maxSteps`).
+    detail: the values that broke the rule, appended in parentheses where Python checks it
+      (`kubetune validate`, the operator); the CRD's message stays the fixed one.
+    blame: the field Python blames where the CRD cannot name one (its fieldPath is resolved
+      against the schema, where metadata is opaque).
     """
 
     cel: str
     check: Callable[[Any], bool]
     message: str
     field: str | None = None
+    detail: Callable[[Any], str] | None = None
+    blame: str | None = None
+
+    def explain(self, obj: Any) -> str:
+        return f"{self.message} ({self.detail(obj)})" if self.detail else self.message
 
     def to_crd(self) -> dict[str, str]:
         out = {"rule": self.cel, "message": self.message}
@@ -70,8 +79,8 @@ class ApiModel(BaseModel):
                 RULE_ERROR_TYPE,
                 "{message}",
                 {
-                    "message": "; ".join(r.message for r in broken),
-                    "violations": [(r.field or "", r.message) for r in broken],
+                    "message": "; ".join(r.explain(self) for r in broken),
+                    "violations": [(r.field or r.blame or "", r.explain(self)) for r in broken],
                 },
             )
         return self

@@ -128,6 +128,7 @@ class FineTuneJob(ApiModel):
             check=lambda s: len(s.metadata.name) <= MAX_NAME_LENGTH,
             # No fieldPath: the API server resolves it against the schema, where metadata is opaque.
             message=f"metadata.name {NAME_TOO_LONG}",
+            blame=".metadata.name",
         ),
         Rule(
             cel=(
@@ -147,6 +148,7 @@ class FineTuneJob(ApiModel):
                 f"be at most {MAX_DISTRIBUTED_NAME_LENGTH} characters: its pods are named "
                 "<name>-<runId>-<index> and its Service <name>-<runId> (DNS labels)"
             ),
+            blame=".metadata.name",
         ),
     )
 

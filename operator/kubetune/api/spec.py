@@ -474,6 +474,18 @@ def _batch_fits_world(spec: FineTuneJobSpec) -> bool:
     return spec.hyperparameters.batch_size % (micro * spec.world_size()) == 0
 
 
+def _batch_detail(spec: FineTuneJobSpec) -> str:
+    hp = spec.hyperparameters
+    given = "batch_size" in hp.model_fields_set
+    batch = f"batchSize {hp.batch_size}" + ("" if given else " (the default)")
+    micro = (
+        f"microBatchSize {hp.micro_batch_size}"
+        if hp.micro_batch_size
+        else "microBatchSize unset (each process takes batchSize / world size)"
+    )
+    return f"here: {batch}, {micro}, world size {spec.world_size()}"
+
+
 def _gates_use_evaluated_metrics(spec: FineTuneJobSpec) -> bool:
     return all(g.metric in spec.evaluation.metrics for g in spec.gates)
 
@@ -598,6 +610,7 @@ class FineTuneJobSpec(ApiModel):
                 "distributed.nprocPerNode)"
             ),
             field=".hyperparameters.batchSize",
+            detail=_batch_detail,
         ),
     )
 

@@ -216,8 +216,9 @@ class HyperparametersSpec(ApiModel):
         ge=1,
         le=65536,
         description=(
-            "microBatchSize is the number of examples per forward pass; batchSize / "
-            "microBatchSize steps are accumulated. Default: batchSize."
+            "microBatchSize is the number of examples per forward pass of each process; "
+            "batchSize / (microBatchSize x world size) steps are accumulated. Default: each "
+            "process's share, batchSize / world size (no accumulation)."
         ),
     )
     warmup_ratio: float = Field(

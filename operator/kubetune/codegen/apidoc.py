@@ -44,8 +44,9 @@ the spec for the trainer (`kubetune.api.resolve_spec`); the API server leaves th
 - `status.progress.percent` and `status.gatesSummary` feed the `Progress` and `Gates` columns of
   `kubectl get ftj`.
 - `status.artifacts.resultUri` points at `result.json`.
-- `spec.lora`, `spec.quantization`, `spec.virtualTokens` and `spec.promptInit` are rejected for
-  methods that do not use them, so that a setting is never silently ignored.
+- `spec.method.lora`, `spec.method.quantization`, `spec.method.virtualTokens` and
+  `spec.method.promptInit` are rejected for methods that do not use them, so that a setting is
+  never silently ignored.
 """
 
 
@@ -134,7 +135,12 @@ def _walk(path: str, node: dict[str, Any], out: list[str], skip: tuple[str, ...]
             _walk(child_path, child, out, skip)
 
 
+# Objects documented once under another path: a schedule's template is a FineTuneJob's spec.
+SAME_AS = {"schedule.spec.jobTemplate.spec": "spec"}
+
+
 def _anchor(path: str) -> str:
+    path = SAME_AS.get(path, path)
     return path.replace(".", "").replace("[]", "").lower()
 
 
