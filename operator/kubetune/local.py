@@ -225,12 +225,23 @@ def summary(job: FineTuneJob, result: TrainerResult) -> str:
     lines = [f"Run {result.run_id} of {job.metadata.name}: {result.outcome} — {result.message}"]
     metrics = result.metrics
     if metrics and metrics.tuned:
-        tuned = metrics.tuned.model_dump(by_alias=True)
-        base = metrics.base.model_dump(by_alias=True) if metrics.base else {}
-        lines += ["", f"  {'metric':<12} {'base':>10} {'tuned':>10}"]
-        for name in job.spec.evaluation.metrics:
-            b, t = base.get(name), tuned.get(name)
-            lines.append(f"  {name:<12} {_num(b):>10} {_num(t):>10}")
+        # Columns: base, the champion when a gate compared with it, tuned; rows: the test set's
+        # metrics, then the regression set's when it was measured.
+        champion = f"promoted {metrics.promoted_run_id or ''}".strip()
+        columns = [("base", metrics.base), (champion, metrics.promoted), ("tuned", metrics.tuned)]
+        sets = [("", metrics.base, metrics.promoted, metrics.tuned)]
+        if metrics.regression and metrics.regression.tuned:
+            r = metrics.regression
+            sets.append((" (regression set)", r.base, r.promoted, r.tuned))
+        shown = [i for i, (_, m) in enumerate(columns) if m is not None or i != 1]
+        width = max(12, *(len(columns[i][0]) for i in shown))
+        head = "".join(f" {columns[i][0]:>{width}}" for i in shown)
+        lines += ["", f"  {'metric':<28}{head}"]
+        for suffix, *values in sets:
+            dumped = [v.model_dump(by_alias=True) if v else {} for v in values]
+            for name in job.spec.evaluation.metrics:
+                cells = "".join(f" {_num(dumped[i].get(name)):>{width}}" for i in shown)
+                lines.append(f"  {name + suffix:<28}{cells}")
     if result.gates:
         lines += ["", "  gates:"]
         lines += [f"    {'PASS' if g.passed else 'FAIL'}  {describe(g)}" for g in result.gates]

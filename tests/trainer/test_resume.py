@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerResult
+from kubetune_trainer.pipeline import finished_run
 from kubetune_trainer.training import complete_checkpoints
 from tests.trainer.conftest import (
     config_for,
     job_manifest,
     preempt_after_first_checkpoint,
+    run_job,
     start_trainer,
 )
 
@@ -48,3 +50,32 @@ def test_killed_trainer_resumes_from_its_checkpoint(
     assert f"Resuming step={result.resumed_from_step}" in log.read_text()
     assert len(complete_checkpoints(checkpoints)) <= 2
     assert (out / "latest.json").exists()
+
+
+def test_a_finished_run_is_never_reopened(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    """Running a finished run again (the same spec with `kubetune run`, a retried pod) returns
+    its stored result and writes nothing: resuming is for an interrupted run only."""
+    out = tmp_path / "out"
+    doc = job_manifest(tiny_model, task_file, out.as_uri(), "lora")
+    run_dir = out / "runs" / "f1f1f1f1"
+    run_dir.mkdir(parents=True)
+    stored = TrainerResult(
+        run_id="f1f1f1f1", outcome="Succeeded", exit_code=ExitCode.SUCCEEDED,
+        message="promoted", promoted=True, steps=30,
+    )  # fmt: skip
+    (run_dir / "result.json").write_text(stored.model_dump_json())
+    (run_dir / "manifest.json").write_text('{"runId": "f1f1f1f1", "files": []}')
+    (out / "latest.json").write_text('{"runId": "f1f1f1f1"}')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    result, recorder = run_job(doc, tmp_path / "work", run_id="f1f1f1f1")
+
+    assert (result.outcome, result.exit_code, result.steps) == ("Succeeded", 0, 30)
+    assert "had already finished (Succeeded); nothing was trained" in result.warnings[-1]
+    assert recorder.stages == ["done"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Interrupted (no manifest yet): the run goes on as before.
+    (run_dir / "manifest.json").unlink()
+    assert finished_run(config_for(doc, "f1f1f1f1")) is None

@@ -81,13 +81,17 @@ def test_describe_a_champion_gate() -> None:
         {"metric": "loss", "minImprovement": 0.0, "compareWith": "promoted"}
     )
     result = check_gate(gate, TUNED, References(BASE, CHAMPION, "c0ffee01"))
-    assert describe(result) == "loss improves by >= 0 vs promoted c0ffee01: -0.05 (failed by 0.05)"
+    assert (
+        describe(result)
+        == "loss improves by >= 0 vs promoted c0ffee01: regressed by 0.05 (failed by 0.05)"
+    )
     gate = GateSpec.model_validate(
         {"metric": "loss", "maxRegression": 0.01, "compareWith": "promoted"}
     )
     result = check_gate(gate, TUNED, References(BASE, CHAMPION, "c0ffee01"))
     assert (
-        describe(result) == "loss regresses by <= 0.01 vs promoted c0ffee01: -0.05 (failed by 0.04)"
+        describe(result)
+        == "loss regresses by <= 0.01 vs promoted c0ffee01: regressed by 0.05 (failed by 0.04)"
     )
 
 
@@ -123,7 +127,8 @@ def test_regression_gates_read_the_regression_set() -> None:
     )
     assert (champion.value, champion.passed) == (pytest.approx(-0.15), False)
     assert describe(champion) == (
-        "loss on the regression set regresses by <= 0 vs promoted c1: -0.15 (failed by 0.15)"
+        "loss on the regression set regresses by <= 0 vs promoted c1: regressed by 0.15 (failed "
+        "by 0.15)"
     )
     # No regression set measured: a regression gate is not measured and fails.
     assert [g.passed for g in check_gates(gates, TUNED, BASE)] == [True, False, False]

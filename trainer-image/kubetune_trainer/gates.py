@@ -116,7 +116,7 @@ def check_gates(
 
 def describe(result: GateResult) -> str:
     """'exactMatch >= 0.5: 0.42 (failed by 0.08)'; 'loss regresses by <= 0 vs promoted a1b2c3d4:
-    -0.03 (failed by 0.03)'."""
+    regressed by 0.03 (failed by 0.03)': a relative gate says which way the metric moved."""
     op = {
         "min": ">=",
         "max": "<=",
@@ -132,4 +132,7 @@ def describe(result: GateResult) -> str:
         return f"{head}: not measured (failed)"
     limit = -result.threshold if result.bound == "maxRegression" else result.threshold
     verdict = "passed" if result.passed else f"failed by {abs(result.value - limit):.4g}"
+    if result.bound in ("minImprovement", "maxRegression"):  # value: the improvement
+        moved = "improved" if result.value >= 0 else "regressed"
+        return f"{head}: {moved} by {abs(result.value):.4g} ({verdict})"
     return f"{head}: {result.value:.4g} ({verdict})"

@@ -119,11 +119,17 @@ def run(
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     log.addHandler(handler)
+    # Each storage source with a Secret of its own reads and writes with it.
+    storage.use_credentials(credential_routes(config.spec, config.model_cache))
+    done = finished_run(config)
+    if done is not None:  # never reopened: resuming is for a run that was interrupted
+        log.removeHandler(handler)
+        handler.close()
+        reporter.stage("done", done.warnings[-1])
+        return done
     # Trackers hear from rank 0 only: one run, one record.
     tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
     reporter = Reporters(reporter, tracking)
-    # Each storage source with a Secret of its own reads and writes with it.
-    storage.use_credentials(credential_routes(config.spec, config.model_cache))
     try:
         _check_outside_cache(config)
         _check_world(config, rank)
@@ -152,6 +158,28 @@ def run(
         handler.close()
     tracking.close(result, workdir / STAGING)
     return result
+
+
+def finished_run(config: TrainerConfig) -> TrainerResult | None:
+    """The stored result of this run if it has finished: its manifest.json is written last,
+    after result.json. A finished run (promoted or not) is never trained, judged or written
+    again, whatever runs it again (the same spec with `kubetune run`, a retried pod): reopening
+    it would resume past its last step and judge it against itself as the champion."""
+    run = config.output_prefix
+    try:
+        if not storage.exists(storage.join(run, "manifest.json")):
+            return None
+        raw = storage.read_bytes(storage.join(run, "result.json"))
+        stored = TrainerResult.model_validate_json(raw)
+    except Exception as exc:  # unreadable: the stages report the storage problem themselves
+        log.warning("Could not tell whether run %s already finished: %s", config.run_id, exc)
+        return None
+    note = (
+        f"run {config.run_id} had already finished ({stored.outcome}); nothing was trained, "
+        "judged or written again (a new run needs a changed spec, or kubetune run --fresh)"
+    )
+    log.warning("%s", note)
+    return stored.model_copy(update={"warnings": [*stored.warnings, note]})
 
 
 def _check_world(config: TrainerConfig, rank: distributed.Rank) -> None:
