@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,3 +41,81 @@ def test_no_work_tracking_jargon(path: Path) -> None:
     text = path.read_text()
     for pattern in (r"\bissue \d+\b", r"\boriginal contract\b", r"\bwill do this\b"):
         assert not re.search(pattern, text, re.IGNORECASE), (path.name, pattern)
+
+
+def _manifests() -> list[Any]:
+    """Every fenced YAML block of the docs that is a kubetune manifest, with its page and line."""
+    out = []
+    for path in DOCS:
+        text = path.read_text()
+        for block in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            if "apiVersion: kubetune.dev/" in block.group(1):
+                line = text[: block.start()].count("\n") + 2
+                out.append(pytest.param(block.group(1), id=f"{path.name}:{line}"))
+    return out
+
+
+@pytest.mark.parametrize("manifest", _manifests())
+def test_every_manifest_in_the_docs_is_valid_as_written(manifest: str, tmp_path: Path) -> None:
+    """What a reader copies from a page passes `kubetune validate` (and so the CRD: the
+    validation tables keep the two in agreement)."""
+    from kubetune.manifests import check_against_cluster, load_manifests
+
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(manifest)
+    docs = load_manifests(str(snippet))
+    check_against_cluster(docs)
+    assert docs and [p for d in docs for p in d.problems] == []
+
+
+def test_the_docs_show_manifests() -> None:
+    assert len(_manifests()) >= 5  # the extraction above still finds the pages' manifests
+
+
+# Where the operator names a reason: a run's state, an Event, a condition of a run or schedule.
+REASON_SITES = (
+    r'State\(\s*"([A-Z]\w+)"',
+    r'Event\(\s*"(?:Normal|Warning)",\s*"([A-Z]\w+)"',
+    r'\.event\(\s*\w+,\s*"(?:Normal|Warning)",\s*"([A-Z]\w+)"',
+    r'make_condition\(\s*"\w+",\s*[^,]+,\s*"([A-Z]\w+)"',
+    r'_ready\(\s*[^,]+,\s*"([A-Z]\w+)"',
+)
+
+
+def reasons_the_code_emits() -> set[str]:
+    from kubetune.controller.conditions import FAILED_REASONS, WAITING_REASONS
+
+    reasons = set(FAILED_REASONS | WAITING_REASONS)
+    for path in (ROOT / "operator" / "kubetune").rglob("*.py"):
+        text = path.read_text()
+        for site in REASON_SITES:
+            reasons |= set(re.findall(site, text))
+    return reasons
+
+
+def test_troubleshooting_explains_every_reason_the_operator_emits() -> None:
+    reasons = reasons_the_code_emits()
+    assert {"GatesFailed", "JobAlreadyActive", "NotificationFailed", "Scheduled"} <= reasons
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    assert sorted(r for r in reasons if f"`{r}`" not in page) == []
+
+
+def test_every_link_within_the_api_reference_has_its_section() -> None:
+    page = (ROOT / "docs" / "api.md").read_text()
+    anchors = {
+        re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", page, re.M)
+    }
+    links = set(re.findall(r"\]\(#([\w-]+)\)", page))
+    assert links and sorted(links - anchors) == []
+
+
+def test_run_help_names_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetune.api import ExitCode
+    from kubetune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ExitCode:
+        assert re.search(rf"\b{int(code)} \w", text.split("Exit codes:")[1]), code
