@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from kubetune.api import ExitCode, TrainerResult
+import pytest
+
+from kubetune.api import ExitCode, PromotionRecord, TrainerResult
+from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.pipeline import finished_run
 from kubetune_trainer.training import complete_checkpoints
 from tests.trainer.conftest import (
@@ -67,7 +71,7 @@ def test_a_finished_run_is_never_reopened(
     )  # fmt: skip
     (run_dir / "result.json").write_text(stored.model_dump_json())
     (run_dir / "manifest.json").write_text('{"runId": "f1f1f1f1", "files": []}')
-    (out / "latest.json").write_text('{"runId": "f1f1f1f1"}')
+    (out / "latest.json").write_text(_record("f1f1f1f1", "2026-12-01T10:00:00Z"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     result, recorder = run_job(doc, tmp_path / "work", run_id="f1f1f1f1")
@@ -79,3 +83,73 @@ def test_a_finished_run_is_never_reopened(
     # Interrupted (no manifest yet): the run goes on as before.
     (run_dir / "manifest.json").unlink()
     assert finished_run(config_for(doc, "f1f1f1f1")) is None
+
+
+def _record(run_id: str, at: str) -> str:
+    return PromotionRecord.model_validate_json(json.dumps(
+        {"runId": run_id, "job": "j", "namespace": "ns", "baseModel": {"uri": "hf://m"},
+         "method": "lora", "specHash": "h", "promotedAt": at}
+    )).model_dump_json(by_alias=True, exclude_none=True)  # fmt: skip
+
+
+def _finished(out: Path, run_id: str, **fields: object) -> Path:
+    run_dir = out / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    stored = TrainerResult.model_validate_json(json.dumps(
+        {"runId": run_id, "outcome": "Succeeded", "exitCode": 0, "message": "promoted",
+         "promoted": True, "promotedAt": "2026-12-01T10:00:00Z",
+         "artifacts": {"adapterUri": f"{out.as_uri()}/runs/{run_id}/adapter/"}, **fields}
+    ))  # fmt: skip
+    (run_dir / "result.json").write_text(stored.model_dump_json(by_alias=True))
+    (run_dir / "manifest.json").write_text(json.dumps({"runId": run_id, "files": []}))
+    return run_dir
+
+
+def test_a_run_stopped_before_its_promotion_is_promoted_when_run_again(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    """The pod died after manifest.json and before latest.json: the retried pod finishes the
+    promotion instead of reporting one that never happened."""
+    out = tmp_path / "out"
+    doc = job_manifest(tiny_model, task_file, out.as_uri(), "lora")
+    _finished(out, "f1f1f1f1")
+
+    result = finished_run(config_for(doc, "f1f1f1f1"))
+
+    assert result is not None and result.promoted
+    latest = PromotionRecord.model_validate_json((out / "latest.json").read_text())
+    assert (latest.run_id, latest.promoted_at.isoformat()) == (
+        "f1f1f1f1",
+        "2026-12-01T10:00:00+00:00",
+    )
+    # A run promoted after it stays the champion.
+    (out / "latest.json").write_text(_record("later000", "2026-12-02T10:00:00Z"))
+    assert finished_run(config_for(doc, "f1f1f1f1")) is not None
+    assert json.loads((out / "latest.json").read_text())["runId"] == "later000"
+
+
+def test_files_that_are_not_the_runs_own_do_not_finish_it(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    """A result.json naming another run, or artifacts outside the run's prefix (a tenant's
+    bucket is untrusted), does not make the run finished: it trains afresh."""
+    out = tmp_path / "out"
+    doc = job_manifest(tiny_model, task_file, out.as_uri(), "lora")
+    _finished(out, "f1f1f1f1", runId="other000")
+    assert finished_run(config_for(doc, "f1f1f1f1")) is None
+    _finished(out, "f2f2f2f2", artifacts={"adapterUri": "s3://elsewhere/adapter/"})
+    assert finished_run(config_for(doc, "f2f2f2f2")) is None
+    assert not (out / "latest.json").exists()
+
+
+def test_a_finished_run_whose_result_cannot_be_read_fails_retryably(
+    tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    doc = job_manifest(tiny_model, task_file, out.as_uri(), "lora")
+    (_finished(out, "f1f1f1f1") / "result.json").write_text("{not json")
+
+    with pytest.raises(TrainerError, match=r"has a manifest\.json but its result\.json cannot"):
+        finished_run(config_for(doc, "f1f1f1f1"))
+    result, _ = run_job(doc, tmp_path / "work", run_id="f1f1f1f1")
+    assert (result.outcome, result.exit_code) == ("Failed", ExitCode.RUNTIME_ERROR)

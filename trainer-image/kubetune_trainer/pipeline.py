@@ -121,20 +121,20 @@ def run(
     log.addHandler(handler)
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
-    done = finished_run(config)
-    if done is not None:  # never reopened: resuming is for a run that was interrupted
-        log.removeHandler(handler)
-        handler.close()
-        reporter.stage("done", done.warnings[-1])
-        return done
-    # Trackers hear from rank 0 only: one run, one record.
-    tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
-    reporter = Reporters(reporter, tracking)
+    # Trackers hear from rank 0 only, and only from a run that trains: one run, one record.
+    tracking = Tracking([])
     try:
         _check_outside_cache(config)
         _check_world(config, rank)
-        distributed.init(rank)
-        result = _run(config, reporter, tracking, workdir, cache)
+        done = finished_run(config, promote=rank.main)
+        if done is not None:  # never reopened: resuming is for a run that was interrupted
+            reporter.stage("done", done.warnings[-1] if done.warnings else done.message)
+            result = done
+        else:
+            tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
+            reporter = Reporters(reporter, tracking)
+            distributed.init(rank)
+            result = _run(config, reporter, tracking, workdir, cache)
     except distributed.RankZeroError as exc:  # rank 0's failure, told to this rank
         reporter.stage("failed", str(exc))
         result = TrainerResult(
@@ -160,26 +160,90 @@ def run(
     return result
 
 
-def finished_run(config: TrainerConfig) -> TrainerResult | None:
-    """The stored result of this run if it has finished: its manifest.json is written last,
-    after result.json. A finished run (promoted or not) is never trained, judged or written
-    again, whatever runs it again (the same spec with `kubetune run`, a retried pod): reopening
-    it would resume past its last step and judge it against itself as the champion."""
+def finished_run(config: TrainerConfig, promote: bool = True) -> TrainerResult | None:
+    """The stored result of this run if it has finished: its manifest.json is written after
+    result.json. A finished run (promoted or not) is never trained, judged or written again,
+    whatever runs it again (the same spec with `kubetune run`, a retried pod): reopening it
+    would resume past its last step and judge it against itself as the champion.
+
+    The stored result is the tenant's bucket speaking, so it counts only if it is this run's
+    (its runId, its artifacts under this run's prefix); otherwise the run is trained afresh.
+    A run stopped between its manifest and its promotion (latest.json) has its promotion
+    completed here (when promote: rank 0), under the same conditional write and the same
+    rule against a better run promoted meanwhile."""
     run = config.output_prefix
     try:
         if not storage.exists(storage.join(run, "manifest.json")):
             return None
-        raw = storage.read_bytes(storage.join(run, "result.json"))
-        stored = TrainerResult.model_validate_json(raw)
     except Exception as exc:  # unreadable: the stages report the storage problem themselves
         log.warning("Could not tell whether run %s already finished: %s", config.run_id, exc)
         return None
+    try:
+        stored = TrainerResult.model_validate_json(
+            storage.read_bytes(storage.join(run, "result.json"))
+        )
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainerError(
+            f"run {config.run_id} has a manifest.json but its result.json cannot be read "
+            f"({first}): {run}; if the storage is reachable the run's files were changed after "
+            "it finished: start a new run (a changed spec, or kubetune run --fresh)"
+        ) from exc
+    foreign = _foreign(config, stored)
+    if foreign:
+        log.warning(
+            "The files at %s are not this run's (%s): training run %s afresh",
+            run, foreign, config.run_id,
+        )  # fmt: skip
+        return None
+    if stored.promoted and promote:
+        stored = _complete_promotion(config, stored)
     note = (
         f"run {config.run_id} had already finished ({stored.outcome}); nothing was trained, "
-        "judged or written again (a new run needs a changed spec, or kubetune run --fresh)"
+        "judged or written again (to train on changed data, change the spec or run "
+        "kubetune run --fresh)"
     )
     log.warning("%s", note)
     return stored.model_copy(update={"warnings": [*stored.warnings, note]})
+
+
+def _foreign(config: TrainerConfig, stored: TrainerResult) -> str:
+    """Why a stored result is not this run's ('' when it is)."""
+    if stored.run_id != config.run_id:
+        return f"result.json names run {stored.run_id}"
+    prefix = config.output_prefix.rstrip("/") + "/"
+    artifacts = stored.artifacts.model_dump(exclude_none=True) if stored.artifacts else {}
+    outside = sorted(k for k, uri in artifacts.items() if not str(uri).startswith(prefix))
+    return f"its {', '.join(outside)} lie outside {prefix}" if outside else ""
+
+
+def _complete_promotion(config: TrainerConfig, stored: TrainerResult) -> TrainerResult:
+    """A promoted run's latest.json, written if the run stopped before writing it: when the
+    champion is this run, or one promoted after it, there is nothing to do."""
+    current = promotion.read_champion(config.spec.output.uri).record
+    if current is not None and (
+        current.run_id == config.run_id
+        or (
+            stored.promoted_at is not None
+            and current.promoted_at is not None
+            and current.promoted_at >= stored.promoted_at
+        )
+    ):
+        return stored
+    record = latest_record(config, stored)
+    if stored.promoted_at is not None:
+        record = record.model_copy(update={"promoted_at": stored.promoted_at})
+    tuned = record.metrics
+    decide = promotion.decider(config.run_id, config.spec.gates, tuned, stored.previous_run_id)
+    outcome = promotion.promote(config.spec.output.uri, record, decide)
+    if outcome.promoted:
+        log.warning("Run %s stopped before its promotion; promoted it now", config.run_id)
+        return stored
+    log.warning("Run %s stopped before its promotion and was not promoted: %s",
+                config.run_id, outcome.reason)  # fmt: skip
+    return stored.model_copy(
+        update={"promoted": False, "message": f"not promoted: {outcome.reason}"}
+    )
 
 
 def _check_world(config: TrainerConfig, rank: distributed.Rank) -> None:
