@@ -40,10 +40,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     settings = None
     if args.settings:
-        settings, problems = settings_from_values(args.settings)
-        if settings is None:
-            for problem in problems:
-                print(problem, file=sys.stderr)
+        settings, values = settings_from_values(args.settings)
+        if settings is None:  # nothing is checked against settings that cannot be read
+            if args.output == "json":
+                print(json.dumps([values.to_json()], indent=2))
+            else:
+                for problem in values.problems:
+                    print(problem, file=sys.stderr)
             return int(ExitCode.INVALID_SPEC)
     failed = False
     report = []

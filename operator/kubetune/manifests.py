@@ -310,7 +310,6 @@ def check_against_cluster(
       (the chart's values: settings_from_values) or the chart's defaults.
     """
     settings = settings or OperatorSettings.model_validate({})  # not this shell's KUBETUNE_*
-    origin = f"the values in {settings_source}" if settings_source else "the chart's defaults"
     profiles = {d.profile.metadata.name: d.profile for d in docs if d.profile and not d.problems}
     read = ", ".join(dict.fromkeys(d.source for d in docs))
     for doc in docs:
@@ -318,7 +317,7 @@ def check_against_cluster(
         if doc.schedule is not None:  # the FineTuneJob its template stamps
             job, prefix = stamped_job(doc.schedule), "spec.jobTemplate.spec."
         if job is not None and not doc.problems:
-            _check_job(doc, job, prefix, profiles, settings, origin, read)
+            _check_job(doc, job, prefix, profiles, settings, settings_source, read)
 
 
 def _check_job(
@@ -327,7 +326,7 @@ def _check_job(
     prefix: str,
     profiles: dict[str, FineTuneProfile],
     settings: OperatorSettings,
-    origin: str,
+    settings_source: str,
     read: str,
 ) -> None:
     from kubetune.controller.policy import policy_problems
@@ -338,6 +337,7 @@ def _check_job(
         path, _, message = line.partition(": ")
         to(message, _problem_line(line, doc.node), path)
 
+    origin = f"the values in {settings_source}" if settings_source else "the chart's defaults"
     name = job.spec.profile
     images: tuple[str, ...] = ()
     if name and name not in profiles:
@@ -365,30 +365,43 @@ def _check_job(
                 "default profile offered to this namespace",
                 doc.warn,
             )
+    hint = "" if settings_source else "; --settings VALUES.yaml checks against your cluster's"
     for line in policy_problems(job, settings, images):
-        at(f"{line} (the operator's policy: {origin}; --settings VALUES.yaml checks against "
-           "your cluster's)", doc.problem)  # fmt: skip
+        # A profile not among the files may allow more images: only a warning then.
+        unknown = name and not doc.under_profile and line.startswith("spec.image:")
+        report = doc.warn if unknown else doc.problem
+        at(f"{line} (the operator's policy: {origin}{hint})", report)
 
 
-def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, list[str]]:
+def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, Document]:
     """The operator settings `kubetune validate` checks against, from a Helm values file of the
-    chart (what `helm install -f` is given): trainer.image, trainer.allowedImages,
-    trainer.maxGpusPerJob, trainer.allowFileOutput, trainer.requireProfile; the chart's
-    defaults for what it leaves out. Or the problems with the file."""
+    chart (what `helm install -f` is given, or `helm get values RELEASE -o yaml`):
+    trainer.image (repository, tag or digest), trainer.allowedImages, trainer.maxGpusPerJob,
+    trainer.allowFileOutput, trainer.requireProfile; the chart's defaults for what it leaves out.
+    Or None and the file's problems (a Document of kind None)."""
     raw = read_documents(path)
     if isinstance(raw, Document):
-        return None, [str(p) for p in raw.problems]
+        return None, raw
+    doc = Document(_source(path), 0, raw[0].doc.line if raw else 0, kind=None)
     values = raw[0].data if raw else {}
-    trainer = (values or {}).get("trainer") or {}
-    if not isinstance(trainer, dict):
-        return None, [f"{_source(path)}: trainer: must be a mapping (the chart's values)"]
+    if not isinstance(values, dict):
+        doc.problem("must be a mapping: the chart's values, as `helm get values RELEASE -o yaml` "
+                    "prints them")  # fmt: skip
+        return None, doc
+    trainer = values.get("trainer") or {}
+    image = trainer.get("image") or {} if isinstance(trainer, dict) else {}
+    for name, value in (("trainer", trainer), ("trainer.image", image)):
+        if not isinstance(value, dict):
+            doc.problem("must be a mapping (as in the chart's values.yaml)", field=name)
+            return None, doc
     fields: dict[str, Any] = {}
-    image = trainer.get("image") or {}
-    if isinstance(image, dict) and (image.get("repository") or image.get("tag")):
+    if image.get("repository") or image.get("tag") or image.get("digest"):
         default = OperatorSettings.model_validate({}).trainer_image
         repository, _, tag = default.rpartition(":")
-        repository, tag = image.get("repository") or repository, image.get("tag") or tag
-        fields["trainer_image"] = f"{repository}:{tag}"
+        repository = image.get("repository") or repository
+        # The chart's helper: a digest, when set, is used instead of the tag.
+        digest, tag = image.get("digest"), image.get("tag") or tag
+        fields["trainer_image"] = f"{repository}@{digest}" if digest else f"{repository}:{tag}"
     keys = {
         "allowed_images": "allowedImages",
         "max_gpus_per_job": "maxGpusPerJob",
@@ -397,13 +410,14 @@ def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, lis
     }
     fields.update({k: trainer[key] for k, key in keys.items() if trainer.get(key) is not None})
     try:
-        return OperatorSettings.model_validate(fields), []  # the file's values, not the env's
+        return OperatorSettings.model_validate(fields), doc  # the file's values, not the env's
     except ValidationError as exc:
-        problems = []
         for line in describe_errors(exc):
             name, _, message = line.partition(": ")
-            problems.append(f"{_source(path)}: trainer.{keys.get(name, name)}: {message}")
-        return None, problems
+            key = keys.get(name, name)
+            at = _line_of(raw[0].node, ("trainer", key)) if raw else None
+            doc.problem(message, line=at, field=f"trainer.{key}")
+        return None, doc
 
 
 def stamped_job(schedule: FineTuneSchedule) -> FineTuneJob:

@@ -240,12 +240,50 @@ def test_the_operators_policy_is_checked_with_the_charts_values(
     assert main(["validate", "--settings", str(values), *files]) == 0
     tight = write(tmp_path, "tight.yaml", "trainer:\n  maxGpusPerJob: 1\n")
     assert main(["validate", "--settings", str(tight), str(greedy)]) == ExitCode.INVALID_SPEC
-    assert f"allows per job (1) (the operator's policy: the values in {tight};" in (
+    assert f"allows per job (1) (the operator's policy: the values in {tight})" in (
         capsys.readouterr().err
     )
     broken = write(tmp_path, "broken.yaml", "trainer:\n  maxGpusPerJob: many\n")
     assert main(["validate", "--settings", str(broken), str(greedy)]) == ExitCode.INVALID_SPEC
-    assert f"{broken}: trainer.maxGpusPerJob: " in capsys.readouterr().err
+    assert f"{broken}:2: trainer.maxGpusPerJob: " in capsys.readouterr().err
+
+
+def test_settings_files_are_read_as_the_chart_reads_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A digest pins the image as the chart's helper does; a values file that is not a mapping
+    is the file's problem (in JSON too); with --settings the hint to give them is not printed;
+    an image refused only because the named profile was not given is a warning."""
+    pinned = "registry.example.com/ml/trainer@sha256:" + "a" * 64
+    image = _job_file(tmp_path, "image.yaml", image=pinned)
+    digest = write(
+        tmp_path, "digest.yaml",
+        "trainer:\n  image:\n    repository: registry.example.com/ml/trainer\n"
+        f"    tag: '1.0'\n    digest: sha256:{'a' * 64}\n",
+    )  # fmt: skip
+    assert main(["validate", "--settings", str(digest), str(image)]) == 0
+    capsys.readouterr()
+    gpus = _job_file(tmp_path, "gpus.yaml", resources={"gpus": 2})
+    gpus.write_text(gpus.read_text().replace("batchSize: 8", "batchSize: 12"))
+    one = write(tmp_path, "one.yaml", "trainer:\n  maxGpusPerJob: 1\n")
+    assert main(["validate", "--settings", str(one), str(gpus)]) == ExitCode.INVALID_SPEC
+    err = capsys.readouterr().err
+    assert f"(the operator's policy: the values in {one})" in err and "--settings" not in err
+
+    for text, field in (("- a\n- b\n", ""), ("trainer: [1]\n", "trainer: "),
+                        ("trainer:\n  image: custom\n", "trainer.image: ")):  # fmt: skip
+        values = write(tmp_path, "values.yaml", text)
+        assert main(["validate", "--settings", str(values), str(gpus)]) == ExitCode.INVALID_SPEC
+        assert f"{values}:1: {field}must be a mapping" in capsys.readouterr().err
+        code = main(["validate", "-o", "json", "--settings", str(values), str(gpus)])
+        (entry,) = json.loads(capsys.readouterr().out)
+        assert code == ExitCode.INVALID_SPEC and entry["valid"] is False and entry["kind"] is None
+        assert "must be a mapping" in entry["problems"][0]["message"]
+
+    unknown = _job_file(tmp_path, "unknown.yaml", profile="gpu-team", image=pinned)
+    assert main(["validate", str(unknown)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: spec.image: 'registry.example.com/ml/trainer@sha256:" in err
 
 
 def test_the_policy_defaults_are_the_charts() -> None:
