@@ -48,6 +48,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         Background.start()
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The tests that ran on the real control plane (the e2e marker), by name and outcome:
+    make test's output says which of them met a real API server."""
+    rows = [
+        (report.outcome.upper(), report.nodeid, report.duration)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "keywords", {}).get("e2e")
+        and (report.when == "call" or (report.when == "setup" and report.outcome != "passed"))
+    ]
+    if rows:
+        terminalreporter.section(f"real control plane: {len(rows)} tests (-m e2e)")
+        for outcome, nodeid, duration in sorted(rows, key=lambda row: row[1]):
+            terminalreporter.write_line(f"{outcome:8} {nodeid} ({duration:.1f} s)")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests.images.conftest import Background
 

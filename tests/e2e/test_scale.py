@@ -28,6 +28,7 @@ def test_300_jobs_no_lost_or_duplicated_job_and_no_reads_in_steady_state() -> No
     assert results["nodeErrors"] == 0, results
     steady = results["steadyState"]
     assert steady is not None, results  # every trainer ran at once
+    assert steady["runningAtWindowEnd"] == 300, steady  # and still ran when it was measured
     assert steady["readsPerSecond"] == 0, steady
     # The scraper's budget (20 reads a second by default) bounds the progress writes; half of
     # the trainers serve metrics, so progress is written.

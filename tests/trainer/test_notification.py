@@ -13,6 +13,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_structured_event
 
 from kubetune.api import PROMOTED_EVENT_TYPE, PromotionRecord
 from kubetune.cli import main
+from tests.support.tiny import task_records, write_jsonl
 from tests.trainer.conftest import job_manifest
 
 
@@ -22,6 +23,8 @@ def test_the_printed_notification_says_what_latest_json_says(
     out = tmp_path / "out"
     doc = job_manifest(tiny_model, task_file, out.as_uri(), hyperparameters__maxSteps=20)
     doc["spec"]["notify"] = {"webhook": {"url": "https://deploy.example.com/hooks/kubetune"}}
+    held_out = write_jsonl(tmp_path / "test.jsonl", task_records(30, seed=9)).as_uri()
+    doc["spec"]["dataset"]["testUri"] = held_out
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
     flags = ["--workdir", str(tmp_path / "work"), "--run-id", "feedf00d", "--print-notification"]
@@ -47,6 +50,10 @@ def test_the_printed_notification_says_what_latest_json_says(
     assert {k: data[k] for k in latest} == latest, (data, latest)
     assert record.run_id == "feedf00d" and data["latestUri"] == f"{out.as_uri()}/latest.json"
     assert data["evaluation"]["base"]["loss"] > data["evaluation"]["tuned"]["loss"]
+    # The model card names the test set the scores came from.
+    card = yaml.safe_load((out / "runs" / "feedf00d" / "report.md").read_text().split("---")[1])
+    assert card["model-index"][0]["results"][0]["dataset"] == {"name": "test set", "type": held_out}
+    assert f"examples of the test set `{held_out}`" in (out / "runs/feedf00d/report.md").read_text()
 
 
 def test_a_run_that_is_not_promoted_prints_no_notification(

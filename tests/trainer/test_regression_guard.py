@@ -70,3 +70,6 @@ def test_a_run_that_forgets_is_not_promoted(
     assert measured.tuned.loss > measured.promoted.loss
     latest = json.loads((Path(urlsplit(out).path) / "latest.json").read_text())
     assert latest["runId"] == "f1f1f1f1"
+    report = (run_dir.parent / "f2f2f2f2" / "report.md").read_text()
+    guarded = report.partition("## Evaluation (regression set)")[2]
+    assert "| metric | base | promoted (f1f1f1f1) | tuned |" in guarded, report

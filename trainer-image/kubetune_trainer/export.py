@@ -248,19 +248,23 @@ def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
         for m in spec.evaluation.metrics
         if tuned.get(m) is not None
     ]
+    test = spec.dataset.test_uri or spec.dataset.uri  # where the scores' examples came from
     meta: dict[str, Any] = {
         "base_model": base_model_id(spec.model.uri),
         "library_name": "peft" if spec.method.type in ADAPTER_METHODS else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["kubetune", spec.method.type, "fine-tuned"],
-        "datasets": [spec.dataset.uri],
+        "datasets": list(dict.fromkeys(u for u in (spec.dataset.uri, test) if u)),
         "model-index": [
             {
                 "name": config.job_name,
                 "results": [
                     {
                         "task": {"type": "text-generation"},
-                        "dataset": {"name": "test split", "type": spec.dataset.uri},
+                        "dataset": {
+                            "name": "test set" if spec.dataset.test_uri else "test split",
+                            "type": test,
+                        },
                         "metrics": metrics,
                     }
                 ],
@@ -291,7 +295,10 @@ def _regression_lines(uri: str | None, metrics: list[str], evaluation: Evaluatio
     measured = evaluation.regression
     if uri is None or measured is None:
         return []
-    columns = [("base", measured.base), ("promoted", measured.promoted), ("tuned", measured.tuned)]
+    champion = (
+        f"promoted ({evaluation.promoted_run_id})" if evaluation.promoted_run_id else "promoted"
+    )
+    columns = [("base", measured.base), (champion, measured.promoted), ("tuned", measured.tuned)]
     shown = [(name, m.model_dump(by_alias=True)) for name, m in columns if m is not None]
     return [
         "## Evaluation (regression set)",
@@ -400,8 +407,14 @@ def model_card(
         "",
         "## Limitations",
         "",
-        f"- The scores come from {len(evaluation.examples)} held-out examples of the same "
-        "dataset; they say little about other tasks or data.",
+        (
+            f"- The scores come from {len(evaluation.examples)} examples of the test set "
+            f"`{spec.dataset.test_uri}`"
+            if spec.dataset.test_uri
+            else f"- The scores come from {len(evaluation.examples)} held-out examples of the "
+            "same dataset"
+        )
+        + "; they say little about other tasks or data.",
         "- Fine-tuning inherits the base model's biases and limits; review outputs before use.",
         *([f"- {warning}"] if warning else []),
         "",
