@@ -38,5 +38,12 @@ def test_serving_examples_load_what_the_retraining_example_writes() -> None:
     args = pod["containers"][0]["args"]
     assert "--enable-lora" in args
     assert f"--model={job.spec.model.uri.removeprefix('hf://')}" in args
+    # The promotion receiver beside it: the same base, the job's runs, the volume vLLM reads.
+    receiver = pod["containers"][1]
+    env = {e["name"]: e.get("value") for e in receiver["env"]}
+    assert env["BASE_MODEL"] == job.spec.model.uri
+    assert env["ADAPTER_PREFIX"] == f"{job.spec.output.uri}/runs/"
+    assert "KUBETUNE_WEBHOOK_KEY" in env and receiver["volumeMounts"][0]["name"] == "adapters"
+    assert "/adapters" in [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
     kserve = yaml.safe_load((ROOT / "examples/serving/kserve-merged.yaml").read_text())
     assert kserve["spec"]["predictor"]["model"]["storageUri"] == f"{runs}/merged/"
