@@ -21,7 +21,8 @@ Needs `pip install standardwebhooks obstore`. Settings, from the environment:
 KUBETUNE_WEBHOOK_KEY (the signing Secret's value, whsec_...), BASE_MODEL (as the FineTuneJob
 names it, e.g. hf://HuggingFaceTB/SmolLM2-135M-Instruct), ADAPTER_PREFIX (e.g.
 s3://models/text-to-sql/), LORA_NAME (text-to-sql), ADAPTER_DIR (/adapters), VLLM_URL
-(http://127.0.0.1:8000), PORT (8080); storage credentials as obstore reads them (AWS_*,
+(http://127.0.0.1:8000), SERVED_RUN_ID (the run vLLM starts with, to restore it if the first
+swap fails), PORT (8080); storage credentials as obstore reads them (AWS_*,
 GOOGLE_*, AZURE_*).
 """
 
@@ -81,6 +82,7 @@ class Receiver:
             lora_name=env.get("LORA_NAME", "text-to-sql"),
             adapter_dir=Path(env.get("ADAPTER_DIR", "/adapters")),
             vllm_url=env.get("VLLM_URL", "http://127.0.0.1:8000"),
+            served=env.get("SERVED_RUN_ID") or None,  # what vLLM was started with
         )
 
     def handle(self, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
@@ -94,6 +96,9 @@ class Receiver:
         except Refused as exc:
             log.warning("refused: %s", exc)
             return exc.status, str(exc)
+        except Exception as exc:  # storage unreachable, a bug: the operator retries
+            log.exception("failed")
+            return 502, f"failed: {type(exc).__name__}"
 
     def _apply(self, event: dict[str, Any]) -> str:
         if event.get("type") != PROMOTED:
@@ -109,9 +114,13 @@ class Receiver:
             raise Refused(422, f"run {run_id} tunes {base}, this vLLM serves {self.base_model}")
         adapter, manifest = data.get("adapterUri") or "", data.get("manifestUri") or ""
         run = manifest.removesuffix("manifest.json")
-        if not manifest.endswith("/manifest.json") or adapter.rstrip("/") != f"{run}adapter":
+        if (
+            not run.endswith(f"/{run_id}/")
+            or adapter.rstrip("/") != f"{run}adapter"
+            or any(p in (".", "..") or "%" in p for p in run.split("://", 1)[-1].split("/"))
+        ):  # a store resolves '..' and %2e: s3://models/x/runs/../../other/ is not under x/
             raise Refused(422, f"run {run_id}: adapterUri {adapter!r} is not its run's adapter")
-        if not adapter.startswith(self.adapter_prefix):
+        if not adapter.startswith(self.adapter_prefix.rstrip("/") + "/"):
             raise Refused(403, f"run {run_id}: {adapter} is outside {self.adapter_prefix}")
         folder = self._fetch(run_id, run, manifest)
         self._swap(run_id, folder)
@@ -122,7 +131,10 @@ class Receiver:
         folder = self.adapter_dir / run_id
         if folder.exists():
             return folder  # fetched and checked before (a redelivery after a failed swap)
-        store = from_url(run)
+        options = {}
+        if os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+            options["client_options"] = {"allow_http": True}  # an in-cluster S3 server
+        store = from_url(run, **options)
         listed = json.loads(bytes(obstore.get(store, "manifest.json").bytes()))
         files = [
             f for f in listed.get("files", []) if str(f.get("path", "")).startswith("adapter/")
@@ -181,7 +193,7 @@ def server(receiver: Receiver, host: str = "0.0.0.0", port: int = 8080) -> Threa
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             size = int(self.headers.get("Content-Length") or 0)
-            if size > MAX_BODY:
+            if not 0 <= size <= MAX_BODY:
                 status, text = 413, "too large"
             else:
                 body = self.rfile.read(size)

@@ -122,10 +122,16 @@ def test_a_run_stopped_before_its_promotion_is_promoted_when_run_again(
         "f1f1f1f1",
         "2026-12-01T10:00:00+00:00",
     )
-    # A run promoted after it stays the champion.
+    assert finished_run(config_for(doc, "f1f1f1f1")).promoted  # latest.json names it: as is
+    # Another run holds latest.json, promoted after this one's time: it stays the champion and
+    # this run is not reported as promoted (that would announce it and send serving back).
     (out / "latest.json").write_text(_record("later000", "2026-12-02T10:00:00Z"))
-    assert finished_run(config_for(doc, "f1f1f1f1")) is not None
+    again = finished_run(config_for(doc, "f1f1f1f1"))
+    assert again is not None and not again.promoted and again.exit_code == ExitCode.GATES_FAILED
+    assert "not promoted: run later000 is the promoted run now" in again.message
     assert json.loads((out / "latest.json").read_text())["runId"] == "later000"
+    stored = TrainerResult.model_validate_json((out / "runs/f1f1f1f1/result.json").read_text())
+    assert not stored.promoted  # the next retried pod reads the same
 
 
 def test_files_that_are_not_the_runs_own_do_not_finish_it(
@@ -139,6 +145,9 @@ def test_files_that_are_not_the_runs_own_do_not_finish_it(
     assert finished_run(config_for(doc, "f1f1f1f1")) is None
     _finished(out, "f2f2f2f2", artifacts={"adapterUri": "s3://elsewhere/adapter/"})
     assert finished_run(config_for(doc, "f2f2f2f2")) is None
+    climbing = f"{out.as_uri()}/runs/f3f3f3f3/../../../elsewhere/adapter/"
+    _finished(out, "f3f3f3f3", artifacts={"adapterUri": climbing})
+    assert finished_run(config_for(doc, "f3f3f3f3")) is None
     assert not (out / "latest.json").exists()
 
 

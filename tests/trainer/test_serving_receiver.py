@@ -174,6 +174,16 @@ def test_the_receiver_serves_each_promoted_adapter_through_vllms_runtime_api(
         data = weights.read_bytes()
         weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
         assert send(_notification(doc, first)).endswith("answered 422")
+        # Outside the prefix it may fetch, or climbing out of it with '..': refused.
+        receiver.adapter_prefix = (tmp_path / "elsewhere").as_uri() + "/"
+        assert send(_notification(doc, first)).endswith("answered 403")
+        receiver.adapter_prefix = out.as_uri() + "/"
+        run = f"{out.as_uri()}/runs/x/../a1a1a1a1/"
+        climbing = first.artifacts.model_copy(
+            update={"adapter_uri": f"{run}adapter/", "manifest_uri": f"{run}manifest.json"}
+        )
+        climbing_run = first.model_copy(update={"artifacts": climbing})
+        assert send(_notification(doc, climbing_run)).endswith("answered 422")
         assert vllm.served == {"text-to-sql": str(receiver.adapter_dir / "b2b2b2b2")}
         assert not (receiver.adapter_dir / "a1a1a1a1").exists()
     finally:

@@ -12,6 +12,7 @@ others wait; every rank ends with rank 0's result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -213,37 +214,70 @@ def _foreign(config: TrainerConfig, stored: TrainerResult) -> str:
         return f"result.json names run {stored.run_id}"
     prefix = config.output_prefix.rstrip("/") + "/"
     artifacts = stored.artifacts.model_dump(exclude_none=True) if stored.artifacts else {}
-    outside = sorted(k for k, uri in artifacts.items() if not str(uri).startswith(prefix))
+    outside = sorted(
+        k
+        for k, uri in artifacts.items()
+        if not str(uri).startswith(prefix) or _dot_segments(str(uri)[len(prefix) :])
+    )
     return f"its {', '.join(outside)} lie outside {prefix}" if outside else ""
 
 
+def _dot_segments(path: str) -> bool:
+    """Whether a path has segments that a store would resolve ('.', '..', percent-encoded)."""
+    return any(part in (".", "..") or "%" in part for part in path.split("/"))
+
+
 def _complete_promotion(config: TrainerConfig, stored: TrainerResult) -> TrainerResult:
-    """A promoted run's latest.json, written if the run stopped before writing it: when the
-    champion is this run, or one promoted after it, there is nothing to do."""
+    """A promoted run counts as promoted only if latest.json names it: if the run stopped
+    before writing it, it is written now, under the same conditional write and the same rule
+    against a better run promoted meanwhile. When another run holds latest.json (promoted since,
+    or instead), the run is reported as not promoted, and its result.json says so: announcing
+    it again would send serving back to it."""
     current = promotion.read_champion(config.spec.output.uri).record
-    if current is not None and (
-        current.run_id == config.run_id
-        or (
-            stored.promoted_at is not None
-            and current.promoted_at is not None
-            and current.promoted_at >= stored.promoted_at
-        )
-    ):
+    if current is not None and current.run_id == config.run_id:
         return stored
-    record = latest_record(config, stored)
-    if stored.promoted_at is not None:
-        record = record.model_copy(update={"promoted_at": stored.promoted_at})
-    tuned = record.metrics
-    decide = promotion.decider(config.run_id, config.spec.gates, tuned, stored.previous_run_id)
-    outcome = promotion.promote(config.spec.output.uri, record, decide)
-    if outcome.promoted:
-        log.warning("Run %s stopped before its promotion; promoted it now", config.run_id)
-        return stored
-    log.warning("Run %s stopped before its promotion and was not promoted: %s",
-                config.run_id, outcome.reason)  # fmt: skip
-    return stored.model_copy(
-        update={"promoted": False, "message": f"not promoted: {outcome.reason}"}
+    reason = f"run {current.run_id} is the promoted run now" if current is not None else ""
+    if current is None or (
+        stored.promoted_at is not None
+        and current.promoted_at is not None
+        and current.promoted_at < stored.promoted_at
+    ):  # older than this run's promotion: it never happened
+        record = latest_record(config, stored)
+        if stored.promoted_at is not None:
+            record = record.model_copy(update={"promoted_at": stored.promoted_at})
+        decide = promotion.decider(
+            config.run_id, config.spec.gates, record.metrics or EvalMetrics(),
+            stored.previous_run_id,
+        )  # fmt: skip
+        outcome = promotion.promote(config.spec.output.uri, record, decide)
+        if outcome.promoted:
+            log.warning("Run %s stopped before its promotion; promoted it now", config.run_id)
+            return stored
+        reason = outcome.reason
+    log.warning("Run %s is not the promoted run: %s", config.run_id, reason)
+    lost = stored.model_copy(
+        update={
+            "promoted": False,
+            "promoted_at": None,
+            "outcome": "GatesFailed",
+            "exit_code": ExitCode.GATES_FAILED,
+            "message": f"gates passed but not promoted: {reason}",
+        }
     )
+    _rewrite_result(config, lost)
+    return lost
+
+
+def _rewrite_result(config: TrainerConfig, result: TrainerResult) -> None:
+    """result.json replaced, and its line in manifest.json with it (checksums stay true)."""
+    run = config.output_prefix
+    body = result.model_dump_json(indent=2, exclude_none=True).encode()
+    storage.write_bytes(storage.join(run, "result.json"), body)
+    manifest = json.loads(storage.read_bytes(storage.join(run, "manifest.json")))
+    for entry in manifest.get("files", []):
+        if entry.get("path") == "result.json":
+            entry.update(size=len(body), sha256=hashlib.sha256(body).hexdigest())
+    storage.write_bytes(storage.join(run, "manifest.json"), json.dumps(manifest, indent=2).encode())
 
 
 def _check_world(config: TrainerConfig, rank: distributed.Rank) -> None:
