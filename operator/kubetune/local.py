@@ -33,11 +33,8 @@ from kubetune.api import (
     SCHEDULE_KIND,
     ExitCode,
     FineTuneJob,
-    FineTuneJobStatus,
-    PromotionStatus,
     TrainerConfig,
     TrainerResult,
-    latest_uri,
     spec_hash,
 )
 from kubetune.manifests import (
@@ -350,21 +347,11 @@ def run(args: Any) -> int:
 def notification(job: FineTuneJob, result: TrainerResult, hashed: str) -> str:
     """What spec.notify.webhook would receive for this run's promotion (kubetune/notify.py),
     as the operator builds it from the run's status; unsigned (the key is a cluster Secret)."""
-    from kubetune.notify import promotion_event, record_of, signed
+    from kubetune.notify import promotion_event, record_of, result_status, signed
 
     if not result.promoted:
         return f"==> no notification: run {result.run_id} was not promoted"
-    status = FineTuneJobStatus(
-        run_id=result.run_id,
-        metrics=result.metrics,
-        gates=result.gates,
-        artifacts=result.artifacts,
-        promotion=PromotionStatus(
-            latest_uri=latest_uri(job.spec.output.uri),
-            promoted_at=result.promoted_at,
-            previous_run_id=result.previous_run_id,
-        ),
-    )
+    status = result_status(job, result)
     message = promotion_event(record_of(job, status, hashed), job.spec.output.uri, status)
     message = signed(message, None, result.run_id, datetime.now(UTC))
     hook = job.spec.notify.webhook if job.spec.notify else None

@@ -28,6 +28,8 @@ from kubetune.api import (
     FineTuneJobStatus,
     PromotedModel,
     PromotionRecord,
+    PromotionStatus,
+    TrainerResult,
     latest_uri,
 )
 from kubetune.api.notify import PROMOTED_EVENT_TYPE
@@ -68,6 +70,22 @@ def record_of(job: FineTuneJob, status: FineTuneJobStatus, spec_hash: str) -> Pr
         metrics=status.metrics.tuned if status.metrics else None,
         promoted_at=promotion.promoted_at if promotion else None,
         previous_run_id=promotion.previous_run_id if promotion else None,
+    )
+
+
+def result_status(job: FineTuneJob, result: TrainerResult) -> FineTuneJobStatus:
+    """The status a promoted run's result gives its FineTuneJob, as far as the notification
+    reads it (for `kubetune run --print-notification` and tests, which have no operator)."""
+    return FineTuneJobStatus(
+        run_id=result.run_id,
+        metrics=result.metrics,
+        gates=result.gates,
+        artifacts=result.artifacts,
+        promotion=PromotionStatus(
+            latest_uri=latest_uri(job.spec.output.uri),
+            promoted_at=result.promoted_at,
+            previous_run_id=result.previous_run_id,
+        ),
     )
 
 

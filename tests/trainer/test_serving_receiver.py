@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import FineTuneJob, FineTuneJobStatus, PromotionStatus, WebhookSpec, latest_uri
+from kubetune.api import FineTuneJob, WebhookSpec
 from kubetune.controller.settings import OperatorSettings
 from kubetune.controller.webhook import post, target_of
-from kubetune.notify import Message, promotion_event, record_of, signed, signing_key
+from kubetune.notify import Message, promotion_event, record_of, result_status, signed, signing_key
 from tests.trainer.conftest import config_for, job_manifest, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,17 +102,7 @@ def vllm(tiny_model: Path) -> Iterator[FakeVllm]:
 def _notification(doc: dict[str, Any], result: Any) -> Message:
     """What the operator sends for this run, built by its own code from the run's status."""
     job = FineTuneJob.model_validate(doc)
-    status = FineTuneJobStatus(
-        run_id=result.run_id,
-        metrics=result.metrics,
-        gates=result.gates,
-        artifacts=result.artifacts,
-        promotion=PromotionStatus(
-            latest_uri=latest_uri(job.spec.output.uri),
-            promoted_at=result.promoted_at,
-            previous_run_id=result.previous_run_id,
-        ),
-    )
+    status = result_status(job, result)
     spec_hash = config_for(doc, result.run_id).spec_hash or ""
     message = promotion_event(record_of(job, status, spec_hash), job.spec.output.uri, status)
     return signed(message, signing_key(KEY), result.run_id, datetime.now(UTC))
