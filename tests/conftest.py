@@ -55,7 +55,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         (report.outcome.upper(), report.nodeid, report.duration)
         for reports in terminalreporter.stats.values()
         for report in reports
-        if getattr(report, "keywords", {}).get("e2e")
+        if isinstance(report, pytest.TestReport)  # not the deselected items
+        and report.keywords.get("e2e")
         and (report.when == "call" or (report.when == "setup" and report.outcome != "passed"))
     ]
     if rows:

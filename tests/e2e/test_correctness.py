@@ -181,9 +181,13 @@ def test_an_unschedulable_pod_is_pending_not_running(platform: Platform, ns: str
 def test_evaluation_does_not_flap_nor_rewrite_progress(platform: Platform, ns: str) -> None:
     """Defects 7 and 11: a reconcile without a metrics reading (a trainer that does not answer)
     keeps Evaluating, and a poll that reads the same step writes nothing."""
-    platform.apply(
-        platform.job(ns, "judged", evaluation__maxNewTokens=48, evaluation__maxSamples=200)
-    )
+    # Half the data as the test set (about 165 examples, 48 tokens each): an evaluation long
+    # enough to be caught while it runs, even on a busy machine (33 were once over too soon).
+    doc = platform.job(
+        ns, "judged", dataset__testSplit=0.5,
+        evaluation__maxNewTokens=48, evaluation__maxSamples=200,
+    )  # fmt: skip
+    platform.apply(doc)
     platform.wait_phase(ns, "judged", ("Evaluating", *FINAL), timeout=120)
     pod = _pod_name(platform, ns, "judged")
     platform.kubelet.freeze(pod)  # alive, answering nothing: every scrape fails

@@ -53,7 +53,9 @@ def test_the_printed_notification_says_what_latest_json_says(
     # The model card names the test set the scores came from.
     card = yaml.safe_load((out / "runs" / "feedf00d" / "report.md").read_text().split("---")[1])
     assert card["model-index"][0]["results"][0]["dataset"] == {"name": "test set", "type": held_out}
-    assert f"examples of the test set `{held_out}`" in (out / "runs/feedf00d/report.md").read_text()
+    report = (out / "runs/feedf00d/report.md").read_text()
+    assert f"examples of the test set `{held_out}`" in report
+    assert "## Evaluation (test set)" in report
 
 
 def test_a_run_that_is_not_promoted_prints_no_notification(

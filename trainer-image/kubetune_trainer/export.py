@@ -254,7 +254,7 @@ def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
         "library_name": "peft" if spec.method.type in ADAPTER_METHODS else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["kubetune", spec.method.type, "fine-tuned"],
-        "datasets": list(dict.fromkeys(u for u in (spec.dataset.uri, test) if u)),
+        "datasets": list(dict.fromkeys((spec.dataset.uri, test))),
         "model-index": [
             {
                 "name": config.job_name,
@@ -290,14 +290,18 @@ def _gate_line(g: GateResult, evaluation: Evaluation) -> str:
     return line
 
 
+def _champion_column(evaluation: Evaluation) -> str:
+    """The heading of the promoted run's column: its run id, when known."""
+    run = evaluation.promoted_run_id
+    return f"promoted ({run})" if run else "promoted"
+
+
 def _regression_lines(uri: str | None, metrics: list[str], evaluation: Evaluation) -> list[str]:
     """The regression set's section of the model card: base, promoted and tuned side by side."""
     measured = evaluation.regression
     if uri is None or measured is None:
         return []
-    champion = (
-        f"promoted ({evaluation.promoted_run_id})" if evaluation.promoted_run_id else "promoted"
-    )
+    champion = _champion_column(evaluation)
     columns = [("base", measured.base), (champion, measured.promoted), ("tuned", measured.tuned)]
     shown = [(name, m.model_dump(by_alias=True)) for name, m in columns if m is not None]
     return [
@@ -381,14 +385,14 @@ def model_card(
         "",
         *leak_lines,
         "",
-        "## Evaluation (test split)",
+        f"## Evaluation (test {'set' if spec.dataset.test_uri else 'split'})",
         "",
         f"On {len(evaluation.examples)} test examples, greedy decoding of at most "
         f"{spec.evaluation.max_new_tokens} new tokens; per-example outputs in "
         "`eval_samples.jsonl`.",
         "",
         (
-            f"| metric | base | promoted ({evaluation.promoted_run_id}) | tuned |"
+            f"| metric | base | {_champion_column(evaluation)} | tuned |"
             if champion is not None
             else "| metric | base | tuned |"
         ),

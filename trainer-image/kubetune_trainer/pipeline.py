@@ -129,7 +129,7 @@ def run(
         _check_world(config, rank)
         done = finished_run(config, promote=rank.main)
         if done is not None:  # never reopened: resuming is for a run that was interrupted
-            reporter.stage("done", done.warnings[-1] if done.warnings else done.message)
+            reporter.stage("done", done.warnings[-1])  # the note that says so
             result = done
         else:
             tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
