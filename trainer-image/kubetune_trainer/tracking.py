@@ -319,9 +319,19 @@ class WandbTracker:
         self.run.log({"validation/loss": loss}, step=step)
 
     def finish(self, result: TrainerResult, staging: Path) -> None:
+        import wandb
+
         self.run.summary.update({**final_metrics(result), **outcome_tags(result)})
         self.run.finish(exit_code=0)
         self.run = None
+        # finish() only tells wandb-core the run is done (a message it does not wait on); the
+        # run's .wandb file is complete once the service has shut down, which teardown waits
+        # for. Copied earlier, the offline records could stop short of the run record (seen once
+        # on a busy machine).
+        try:
+            wandb.teardown()
+        except SystemExit as exc:  # teardown exits the process when wandb-core failed
+            raise RuntimeError(f"wandb-core exited with code {exc.code}") from None
         if self.spec.mode == "offline":
             # The offline records go with the run's files (and into its manifest).
             shutil.copytree(self.dir / "wandb", staging / "wandb", symlinks=True)
