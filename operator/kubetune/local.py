@@ -252,9 +252,10 @@ def summary(job: FineTuneJob, result: TrainerResult) -> str:
         resumed = (
             f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""
         )
+        tokens = f" ({result.tokens:,} tokens)" if result.tokens else ""
         lines += [
             "",
-            f"  trained {result.steps} steps in {result.train_seconds or 0:.0f} s{resumed}",
+            f"  trained {result.steps} steps{tokens} in {result.train_seconds or 0:.0f} s{resumed}",
         ]
     return "\n".join(lines)
 

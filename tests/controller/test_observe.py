@@ -50,10 +50,12 @@ def test_metrics_text_becomes_progress_and_stage() -> None:
             learning_rate=1e-4,
             tokens_per_second=1200.0,
             eta_seconds=90.4,
+            tokens=48_000,
         )
     )
     progress, stage = parse_metrics(generate_latest(metrics.registry).decode(), NOW)
     assert stage == "train"
+    assert progress.tokens == 48_000  # the trainer's gauge, read by name
     assert (progress.step, progress.total_steps, progress.percent, progress.epoch) == (
         40,
         160,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from urllib.error import HTTPError
 
 import pytest
@@ -154,6 +155,24 @@ def test_killed_pod_is_retried_and_resumes(platform: Platform, ns: str) -> None:
     assert result.resumed_from_step and result.resumed_from_step > 0
     assert result.steps == 150
     assert len(platform.children(ns, "jobs", "preempted")) == 1
+
+    # Usage counts both pods, each from its trainer's start to its end, as the pods say.
+    usage = status["usage"]
+    ran = [pod["status"]["containerStatuses"][0]["state"]["terminated"] for pod in pods]
+    seconds = [(_time(t["finishedAt"]) - _time(t["startedAt"])).total_seconds() for t in ran]
+    assert [p["name"] for p in usage["pods"]] == [p["metadata"]["name"] for p in pods]
+    assert all(p["gpus"] == 1 and p["finishedAt"] for p in usage["pods"]), usage
+    assert usage["gpuSeconds"] == pytest.approx(sum(seconds))
+    assert usage["tokens"] == result.tokens and result.tokens
+    # The operator's counter grew by what the status says (one run in this namespace); it may
+    # be ahead by the moments between a pod's end and the operator seeing it (usage.py).
+    counted = platform.operator_metric("kubetune_operator_usage_gpu_seconds_total")
+    (mine,) = [value for labels, value in counted.items() if ("namespace", ns) in labels]
+    assert usage["gpuSeconds"] <= mine <= usage["gpuSeconds"] + 3 * len(pods)
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def test_policy_violation(platform: Platform, ns: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import ExitCode
-from tests.trainer.conftest import job_manifest, run_job
+from tests.trainer.conftest import config_for, job_manifest, run_job
 
 METHODS = ["lora", "qlora", "dora", "ia3", "prefix", "prompt", "full"]
 
@@ -52,3 +52,17 @@ def test_method_trains_and_eval_loss_drops(
         "export",
         "done",
     ]
+    # Tokens: the trainer's running count grows every step and the result has the last; the
+    # report's Usage section says it and what the attempt took.
+    tokens = [s.tokens for s in recorder.steps]
+    assert all(t is not None and t > 0 for t in tokens) and tokens == sorted(set(tokens))
+    assert result.tokens == tokens[-1]
+    # Every step's 16 examples hold at least two real tokens each (a prompt's and the answer's
+    # end) and at most the longest sequence's worth.
+    max_len = config_for(doc).spec.dataset.max_seq_length
+    assert 16 * 2 * result.steps <= result.tokens <= 16 * max_len * result.steps
+    report = (run_dir / "report.md").read_text()
+    usage = report.split("## Usage", 1)[1].split("##", 1)[0]
+    assert f"tokens trained: {result.tokens:,}" in usage
+    assert "- time: training" in usage and "this attempt until this report" in usage
+    assert "no GPU: CPU time of this process" in usage  # this machine has no GPU

@@ -105,13 +105,20 @@ def test_stored_objects_are_trimmed_and_indexed_by_their_finetunejob() -> None:
             "spec": {
                 "volumes": [{"name": "v"}],
                 "containers": [{"name": "trainer", "image": "x", "env": [{"name": "A"}],
-                                "ports": [{"name": "metrics", "containerPort": 9090}]}],
+                                "ports": [{"name": "metrics", "containerPort": 9090}],
+                                "resources": {"limits": {"nvidia.com/gpu": "2"}}}],
             },
             "status": {"phase": "Running", "podIP": "10.0.0.1"},
         }
     )  # fmt: skip
-    assert pod["spec"] == {
-        "containers": [{"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9090}]}]
+    assert pod["spec"] == {  # ports: where the metrics are; resources: what status.usage counts
+        "containers": [
+            {
+                "name": "trainer",
+                "ports": [{"name": "metrics", "containerPort": 9090}],
+                "resources": {"limits": {"nvidia.com/gpu": "2"}},
+            }
+        ]
     }
 
 

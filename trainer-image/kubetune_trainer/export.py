@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,6 +238,65 @@ def _environment() -> tuple[list[str], str]:
     return versions, hardware
 
 
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _gpus_here() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def _usage_lines(config: TrainerConfig, outcome: TrainOutcome) -> list[str]:
+    """What this attempt used, from the trainer's side (the FineTuneJob's status.usage counts
+    every pod of every attempt, as the operator saw them)."""
+    spec = config.spec
+    lines = []
+    if outcome.tokens:
+        lines.append(f"- tokens trained: {outcome.tokens:,} (real tokens, every process's)")
+    elapsed = time.monotonic() - outcome.started if outcome.started is not None else None
+    times = f"- time: training {_duration(outcome.seconds)}"
+    if elapsed is not None:
+        times += (
+            f"; this attempt until this report (data, model, baseline, training, evaluation) "
+            f"{_duration(elapsed)}"
+        )
+    lines.append(times)
+    if outcome.resumed_from_step:
+        lines.append(
+            f"- resumed from step {outcome.resumed_from_step}: the earlier attempts' time is not "
+            "counted here (the FineTuneJob's status.usage counts every attempt)"
+        )
+    gpus = _gpus_here() * spec.nodes()
+    pricing = config.pricing
+    if gpus and elapsed is not None:
+        gpu_seconds = gpus * elapsed
+        line = f"- GPUs: {gpus}, {gpu_seconds / 3600:.3f} GPU-hours in this attempt"
+        if pricing is not None and pricing.gpu_hour is not None:
+            line += (
+                f"; estimated cost {pricing.cost(gpu_seconds, 0):.2f} {pricing.currency} at "
+                f"{pricing.gpu_hour} {pricing.currency} per GPU-hour (the profile's pricing)"
+            )
+        lines.append(line)
+    else:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        lines.append(
+            f"- no GPU: CPU time of this process {_duration(used.ru_utime + used.ru_stime)}"
+        )
+    return lines
+
+
 def _front_matter(config: TrainerConfig, evaluation: Evaluation) -> str:
     """Hugging Face model-card metadata (huggingface.co/docs/hub/model-cards)."""
     import yaml
@@ -366,7 +427,7 @@ def model_card(
         "## Hyperparameters",
         "",
         f"- steps: {outcome.steps}, epochs: {outcome.epochs:.2f}, "
-        f"wall time: {outcome.seconds:.0f} s"
+        f"training time: {_duration(outcome.seconds)}"
         + (f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""),
         f"- learning rate {hp.learning_rate:g} ({hp.lr_scheduler}, warmup ratio "
         f"{hp.warmup_ratio:g}), batch size {hp.batch_size} (micro-batch {hp.micro_batch_size}), "
@@ -408,6 +469,10 @@ def model_card(
         "",
         f"- {', '.join(versions)}",
         f"- hardware: {hardware}",
+        "",
+        "## Usage",
+        "",
+        *_usage_lines(config, outcome),
         "",
         "## Limitations",
         "",

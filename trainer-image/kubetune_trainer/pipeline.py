@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,7 @@ def _run(
 ) -> TrainerResult:
     import transformers
 
+    started = time.monotonic()
     tracking.check_installed()
     tracking.start()
     transformers.set_seed(config.spec.hyperparameters.seed)
@@ -362,6 +364,7 @@ def _run(
     assert references is not None
     baseline, champ = references
     model, outcome = _train(config, reporter, workdir, prepared, model)
+    outcome.started = started
 
     def judge_and_export() -> TrainerResult:
         reporter.stage("evaluate")
@@ -756,6 +759,7 @@ def _result(
         steps=outcome.steps,
         epochs=outcome.epochs,
         train_seconds=outcome.seconds,
+        tokens=outcome.tokens,
         resumed_from_step=outcome.resumed_from_step,
         metrics=MetricsStatus(
             tuned=evaluation.tuned,

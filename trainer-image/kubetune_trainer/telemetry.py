@@ -26,6 +26,7 @@ class StepInfo:
     loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None  # of the whole run, every rank's tokens
+    tokens: int | None = None  # real tokens trained so far, every rank's (from the checkpoint on)
     eta_seconds: float | None = None
     # Each rank's (peak resident memory, peak GPU memory or None), by rank.
     rank_memory: list[tuple[int, int | None]] | None = None
@@ -58,6 +59,12 @@ class TrainerMetrics:
         self.tokens_per_second = Gauge(
             "kubetune_trainer_tokens_per_second",
             "Training throughput in tokens per second.",
+            registry=r,
+        )
+        self.tokens = Gauge(
+            "kubetune_trainer_tokens",
+            "Real (not padding) tokens trained so far, every process's; a resumed run counts "
+            "from its checkpoint.",
             registry=r,
         )
         self.eta_seconds = Gauge(
@@ -100,6 +107,7 @@ class PrometheusReporter:
             (m.learning_rate, info.learning_rate),
             (m.tokens_per_second, info.tokens_per_second),
             (m.eta_seconds, info.eta_seconds),
+            (m.tokens, info.tokens),
         ):
             if value is not None:
                 gauge.set(value)

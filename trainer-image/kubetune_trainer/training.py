@@ -50,6 +50,8 @@ class TrainOutcome:
     epochs: float
     seconds: float
     resumed_from_step: int | None
+    tokens: int | None = None  # real tokens trained, every rank's, from the run's start
+    started: float | None = None  # time.monotonic() when this attempt's trainer started
     history: list[dict[str, float]] = field(default_factory=list)
     model: Any = None  # FSDP: the trained model gathered whole on rank 0 (None elsewhere)
 
@@ -123,6 +125,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                     loss=self.loss,
                     learning_rate=self.lr,
                     tokens_per_second=(state.num_input_tokens_seen - self.tokens0) / elapsed,
+                    tokens=int(state.num_input_tokens_seen),
                     eta_seconds=(state.max_steps - state.global_step) / rate if rate else None,
                     rank_memory=memory,
                 )
@@ -464,6 +467,7 @@ def train(
         epochs=float(state.epoch or 0.0),
         seconds=seconds,
         resumed_from_step=resume,
+        tokens=int(state.num_input_tokens_seen) or None,
         history=history,
         model=gathered,
     )

@@ -27,6 +27,7 @@ from kubetune.api.profile import (
     FineTuneProfile,
     FineTuneProfileSpec,
     ModelCacheSpec,
+    Pricing,
 )
 from kubetune.api.promotion import PromotedModel, PromotionRecord, latest_uri
 from kubetune.api.resource import (
@@ -76,16 +77,19 @@ from kubetune.api.status import (
     Artifacts,
     Condition,
     DistributedStatus,
+    EarlierUsage,
     EvalMetrics,
     FineTuneJobStatus,
     GateResult,
     MetricsStatus,
     NotificationStatus,
     PodPhase,
+    PodUsage,
     ProfileRef,
     Progress,
     PromotionStatus,
     RegressionMetrics,
+    Usage,
     gates_summary,
 )
 from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
@@ -127,6 +131,7 @@ __all__ = [
     "DatasetSpec",
     "DistributedSpec",
     "DistributedStatus",
+    "EarlierUsage",
     "EvalMetrics",
     "EvaluationSpec",
     "ExitCode",
@@ -153,6 +158,8 @@ __all__ = [
     "ObjectMeta",
     "OutputSpec",
     "PodPhase",
+    "PodUsage",
+    "Pricing",
     "ProfileRef",
     "Progress",
     "PromotedModel",
@@ -167,6 +174,7 @@ __all__ = [
     "TrackingSpec",
     "TrainerConfig",
     "TrainerResult",
+    "Usage",
     "WandbSpec",
     "WebhookSpec",
     "child_name",

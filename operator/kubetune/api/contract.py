@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from kubetune.api.base import ApiModel
-from kubetune.api.profile import ModelCacheSpec
+from kubetune.api.profile import ModelCacheSpec, Pricing
 from kubetune.api.resource import API_VERSION, FineTuneJob
 from kubetune.api.spec import (
     CLOUD_SCHEMES,
@@ -203,6 +203,13 @@ class TrainerConfig(ApiModel):
             "and loaded from there by later runs."
         ),
     )
+    pricing: Pricing | None = Field(
+        default=None,
+        description=(
+            "pricing is the profile's, for the estimated cost in report.md (this pod's; "
+            "status.usage has every attempt's)."
+        ),
+    )
 
     @classmethod
     def for_job(
@@ -237,6 +244,14 @@ class TrainerResult(ApiModel):
     )
     train_seconds: float | None = Field(
         default=None, ge=0, description="trainSeconds is training wall time."
+    )
+    tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "tokens is the real (not padding) tokens trained, every process's, counted from "
+            "the start of the run across resumes."
+        ),
     )
     resumed_from_step: int | None = Field(
         default=None,

@@ -404,6 +404,36 @@ def _cache_on_a_mount(s: FineTuneProfileSpec) -> bool:
     )
 
 
+PRICE = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,6})?$"
+
+
+class Pricing(ApiModel):
+    """What the profile's resources cost, for the estimated cost on a run's status.usage and in
+    its report. Prices are decimal strings (as Kubernetes keeps non-integers out of specs)."""
+
+    gpu_hour: str | None = Field(
+        default=None,
+        pattern=PRICE,
+        description='gpuHour is the price of one GPU for one hour, e.g. "2.50".',
+    )
+    cpu_hour: str | None = Field(
+        default=None,
+        pattern=PRICE,
+        description='cpuHour is the price of one requested CPU core for one hour, e.g. "0.04".',
+    )
+    currency: str = Field(
+        default="USD",
+        pattern=r"^[A-Z]{3}$",
+        description="currency is the ISO 4217 code the prices are in (default USD).",
+    )
+
+    def cost(self, gpu_seconds: float, cpu_seconds: float) -> float:
+        """The price of that much GPU and CPU time, rounded to the cent's hundredth."""
+        gpu = float(self.gpu_hour or 0) * gpu_seconds / 3600
+        cpu = float(self.cpu_hour or 0) * cpu_seconds / 3600
+        return round(gpu + cpu, 4)
+
+
 class FineTuneProfileSpec(ApiModel):
     """What the jobs of this profile run with, and what they may change."""
 
@@ -622,6 +652,14 @@ class FineTuneProfileSpec(ApiModel):
         description=(
             "modelCache is a shared cache of base models: each model is fetched once (with a "
             "lock, so two runs do not fetch it twice) and later runs load it from here."
+        ),
+    )
+    pricing: Pricing | None = Field(
+        default=None,
+        description=(
+            "pricing prices GPU and CPU time: runs under this profile show an estimated cost "
+            "beside their usage (status.usage, report.md). A change applies to runs that start "
+            "after it."
         ),
     )
 

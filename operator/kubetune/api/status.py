@@ -80,6 +80,14 @@ class Progress(StatusModel):
     eta_seconds: int | None = Field(
         default=None, ge=0, description="etaSeconds estimates the time left."
     )
+    tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "tokens is the real (not padding) tokens trained so far, every process's; a resumed "
+            "run counts from its checkpoint."
+        ),
+    )
     updated_at: datetime | None = Field(
         default=None, description="updatedAt is when this was read."
     )
@@ -264,6 +272,98 @@ class PromotionStatus(StatusModel):
     )
 
 
+MAX_USAGE_PODS = 64  # pods listed in status.usage.pods; older finished ones are summed up
+
+
+class PodUsage(StatusModel):
+    """One trainer pod of the run and what it held while its trainer container ran."""
+
+    name: str = Field(description="name of the pod.")
+    gpus: int = Field(default=0, ge=0, description="gpus is the GPUs the pod's trainer holds.")
+    cpu: float = Field(default=0, ge=0, description="cpu is the trainer's CPU request, in cores.")
+    started_at: datetime = Field(description="startedAt is when the trainer container started.")
+    finished_at: datetime | None = Field(
+        default=None,
+        description=(
+            "finishedAt is when it ended (its terminated state, or when the pod was seen "
+            "deleted); unset while it runs."
+        ),
+    )
+
+
+class EarlierUsage(StatusModel):
+    """The oldest finished pods, summed once usage.pods could not list them all."""
+
+    pods: int = Field(ge=0, description="pods is how many.")
+    gpu_seconds: float = Field(ge=0, description="gpuSeconds is their GPU-seconds.")
+    cpu_seconds: float = Field(ge=0, description="cpuSeconds is their CPU-seconds.")
+    last_started_at: datetime = Field(
+        description=(
+            "lastStartedAt and lastPod name the newest pod summed here: a pod that is not in "
+            "usage.pods and sorts at or before it (by start, then name) is already counted."
+        )
+    )
+    last_pod: str = Field(description="lastPod is that pod's name.")
+
+
+class Usage(StatusModel):
+    """What the run used, for chargeback: every pod of every attempt, preemptions and retries
+    included."""
+
+    gpu_seconds: float = Field(
+        default=0,
+        ge=0,
+        description=(
+            "gpuSeconds sums, over every trainer pod of the run, its GPUs times the time its "
+            "trainer container ran (scheduling and image pulls are not counted)."
+        ),
+    )
+    cpu_seconds: float = Field(
+        default=0,
+        ge=0,
+        description="cpuSeconds sums each trainer pod's CPU request (cores) times its run time.",
+    )
+    tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="tokens is the real (not padding) tokens trained, every process's.",
+    )
+    wall_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "wallSeconds is the time from the first trainer start to the run's end (or asOf)."
+        ),
+    )
+    estimated_cost: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "estimatedCost is gpuSeconds and cpuSeconds priced at the profile's pricing, when it "
+            "sets one (the price of the profile generation the run started with)."
+        ),
+    )
+    currency: str | None = Field(
+        default=None, description="currency of estimatedCost, as the profile's pricing names it."
+    )
+    as_of: datetime | None = Field(
+        default=None,
+        description=(
+            "asOf is when the running pods were last counted: at each status update (each "
+            "progress reading while training). Final once the run has ended and its pods with it."
+        ),
+    )
+    pods: list[PodUsage] = Field(
+        default_factory=list,
+        max_length=MAX_USAGE_PODS,
+        description="pods are the run's trainer pods that ran, oldest first.",
+    )
+    earlier: EarlierUsage | None = Field(
+        default=None,
+        description=f"earlier sums finished pods beyond the {MAX_USAGE_PODS} that pods lists.",
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """The observed state of the run, written by the operator."""
 
@@ -337,6 +437,13 @@ class FineTuneJobStatus(StatusModel):
     promotion: PromotionStatus | None = Field(
         default=None,
         description="promotion is set when the run was promoted: latest.json names it.",
+    )
+    usage: Usage | None = Field(
+        default=None,
+        description=(
+            "usage is what the run used: GPU- and CPU-seconds of every pod of every attempt, "
+            "tokens trained, wall time, and an estimated cost when the profile prices it."
+        ),
     )
     message: str | None = Field(default=None, description="message explains the current phase.")
 

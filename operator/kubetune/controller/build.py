@@ -24,6 +24,7 @@ from kubetune.api import (
     PERMANENT_EXIT_CODES,
     FineTuneJob,
     ModelCacheSpec,
+    Pricing,
     ProfileRef,
     TrainerConfig,
     child_name,
@@ -70,6 +71,7 @@ class RunTemplate:
     volumes: tuple[dict[str, Any], ...] = ()
     volume_mounts: tuple[dict[str, Any], ...] = ()
     model_cache: ModelCacheSpec | None = None
+    pricing: Pricing | None = None
     pod_labels: tuple[tuple[str, str], ...] = ()
     pod_annotations: tuple[tuple[str, str], ...] = ()
 
@@ -136,6 +138,7 @@ def trainer_config(
         metrics_port=settings.trainer_metrics_port,
         termination_message_path=TERMINATION_LOG,
         model_cache=template.model_cache,
+        pricing=template.pricing,
         spec_hash=template.spec_hash or spec_hash(job),
     )
 

@@ -10,8 +10,8 @@ off (1 s doubling to 30 s) and resume.
 
 Objects are trimmed before they are stored (`TRIM`): no managedFields, no last-applied
 annotation, a ConfigMap without its data, a Job without its pod template, a Pod with only its
-containers' names and ports and its status. That keeps 10,000 FineTuneJobs with their children
-in a few hundred MB. Stored objects are shared: readers must not modify them.
+containers' names, ports and resources and its status. That keeps 10,000 FineTuneJobs with their
+children in a few hundred MB. Stored objects are shared: readers must not modify them.
 
 The operator's own writes go into the store as soon as the API answers (`Store.assume`, what
 client-go's MutationCache does), so the next reconcile sees a Job it just created even before the
@@ -104,7 +104,12 @@ def trim_pod(obj: dict[str, Any]) -> dict[str, Any]:
         "metadata": _meta(obj),
         "spec": {
             "containers": [
-                {"name": c.get("name"), "ports": c.get("ports") or []} for c in containers
+                {
+                    "name": c.get("name"),
+                    "ports": c.get("ports") or [],
+                    "resources": c.get("resources") or {},  # for status.usage (usage.py)
+                }
+                for c in containers
             ]
         },
         "status": obj.get("status") or {},

@@ -31,6 +31,7 @@ from kubetune.api import (
     Progress,
     PromotionStatus,
     TrainerResult,
+    Usage,
     child_name,
     gates_summary,
     latest_uri,
@@ -53,6 +54,7 @@ from kubetune.controller.conditions import (
     state_of,
 )
 from kubetune.controller.settings import OperatorSettings
+from kubetune.controller.usage import PodRun, account
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Observed:
     trainer_running: bool = False  # a trainer container of the run runs now
     trainer_started: datetime | None = None  # when the run's first trainer container started
     waiting: Waiting | None = None  # why a pod of the run waits, if it does
+    pod_runs: tuple[PodRun, ...] = ()  # the trainer containers of the run's pods that started
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,14 @@ def _status(
     gates = list(result.gates) if result else (kept.gates if final else [])
     # Set once: SuccessCriteriaMet (or FailureTarget) comes first, Complete's time a moment later.
     completion = kept.completion_time or (current.completion_time if current else None)
-    return FineTuneJobStatus(
+    # When training started: the trainer container, not the Job (a pod may wait for a GPU).
+    start_time = (
+        kept.start_time
+        or observed.trainer_started
+        or (current.start_time if final and current else None)
+    )
+    progress = _progress(observed, kept.progress, state.running)
+    status = FineTuneJobStatus(
         phase=phase_of(conditions),
         conditions=conditions,
         observed_generation=generation,
@@ -229,12 +239,9 @@ def _status(
         else (kept.job_name or child_name(job.metadata.name, run_id)),
         profile=template.profile or kept.profile,
         config_hash=config_hash or observed.config_hash or kept.config_hash,
-        # When training started: the trainer container, not the Job (a pod may wait for a GPU).
-        start_time=kept.start_time
-        or observed.trainer_started
-        or (current.start_time if final and current else None),
+        start_time=start_time,
         completion_time=completion if final else None,
-        progress=_progress(observed, kept.progress, state.running),
+        progress=progress,
         distributed=_distributed(job, observed, kept.distributed),
         metrics=result.metrics if result else kept.metrics,
         gates=gates,
@@ -243,6 +250,35 @@ def _status(
         promotion=_promotion(job, result, kept) if state.succeeded else None,
         message=state.message or None,
     )
+
+    def usage(refresh: bool) -> Usage | None:
+        return account(
+            kept.usage,
+            observed.pod_runs,
+            now=now,
+            refresh=refresh,
+            tokens=result.tokens
+            if result and result.tokens is not None
+            else _tokens(progress if state.running else None),
+            started=start_time,
+            ended=completion if final else None,
+            pricing=template.pricing,
+        )
+
+    # The running pods are counted up to now whenever the status is written anyway, never as
+    # the only change (that would write every running job's status on every reconcile).
+    status.usage = usage(refresh=False)
+    if _dump(status) != _dump(previous):
+        status.usage = usage(refresh=True)
+    return status
+
+
+def _tokens(progress: Progress | None) -> int | None:
+    return progress.tokens if progress else None
+
+
+def _dump(status: FineTuneJobStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _promotion(

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubetune.api import FINAL_PHASES, PHASES, FineTuneJobStatus
+from kubetune.controller.usage import added
 
 WAITING = ("Pending", "Queued")
 # Fine-tuning runs last minutes to days.
@@ -109,6 +110,35 @@ class OperatorMetrics:
             registry=r,
         )
 
+        # Usage for chargeback: what each written status.usage adds to the one before it, so a
+        # restart of the operator neither loses nor counts twice what its runs used.
+        usage_labels = ["namespace", "profile"]
+        self.usage_gpu_seconds = Counter(
+            "kubetune_operator_usage_gpu_seconds",
+            "GPU-seconds used by trainer pods (GPUs times trainer run time), by namespace and "
+            "profile (empty: none).",
+            usage_labels,
+            registry=r,
+        )
+        self.usage_cpu_seconds = Counter(
+            "kubetune_operator_usage_cpu_seconds",
+            "CPU-seconds used by trainer pods (requested cores times trainer run time).",
+            usage_labels,
+            registry=r,
+        )
+        self.usage_tokens = Counter(
+            "kubetune_operator_usage_tokens",
+            "Real (not padding) tokens trained.",
+            usage_labels,
+            registry=r,
+        )
+        self.usage_cost = Counter(
+            "kubetune_operator_usage_estimated_cost",
+            "Estimated cost of the usage, at the prices of the runs' profiles.",
+            [*usage_labels, "currency"],
+            registry=r,
+        )
+
     def serve(self, port: int, address: str) -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
@@ -133,6 +163,8 @@ class OperatorMetrics:
             known = self._phases.get((namespace, name))
             if known is None or known[0] != phase:
                 self._phases[namespace, name] = (phase, time.monotonic())
+        if written:
+            self._usage(namespace, before, after)
         if not written or before.phase == after.phase:
             return
         self.transitions.labels(namespace, before.phase or "", phase).inc()
@@ -142,3 +174,16 @@ class OperatorMetrics:
         if phase in FINAL_PHASES:
             for gate in after.gates:
                 self.gate_results.labels(gate.metric, "passed" if gate.passed else "failed").inc()
+
+    def _usage(self, namespace: str, before: FineTuneJobStatus, after: FineTuneJobStatus) -> None:
+        kept = before.usage if before.run_id == after.run_id else None  # a new run: all of it
+        gpu, cpu, tokens, cost = added(kept, after.usage)
+        profile = after.profile.name if after.profile else ""
+        if gpu:
+            self.usage_gpu_seconds.labels(namespace, profile).inc(gpu)
+        if cpu:
+            self.usage_cpu_seconds.labels(namespace, profile).inc(cpu)
+        if tokens:
+            self.usage_tokens.labels(namespace, profile).inc(tokens)
+        if cost and after.usage and after.usage.currency:
+            self.usage_cost.labels(namespace, profile, after.usage.currency).inc(cost)

@@ -27,11 +27,13 @@ from kubetune.api.types import RUN_ID_LENGTH
 from kubetune.controller.build import (
     COMPLETION_INDEX,
     CONTAINER,
+    DEFAULT_GPU_RESOURCE,
     RUN_LABEL,
     SPEC_HASH_ANNOTATION,
     spec_hash,
 )
 from kubetune.controller.decide import Observed, ObservedJob, Waiting
+from kubetune.controller.usage import pod_run
 
 RUN_ID = re.compile(f"[0-9a-f]{{{RUN_ID_LENGTH}}}")  # what make_run_id makes
 # Container waiting reasons that are a normal part of starting, not a problem to report.
@@ -263,9 +265,11 @@ def observe(
     now: datetime | None = None,
     stored_result: TrainerResult | None = None,
     services: Iterable[dict[str, Any]] = (),
+    gpu_resource: str = DEFAULT_GPU_RESOURCE,
 ) -> Observed:
     """What exists for one FineTuneJob: its children (by run-id label) and its current pods.
-    stored_result: the run's result.json, read by the caller when no pod carries the result."""
+    stored_result: the run's result.json, read by the caller when no pod carries the result.
+    gpu_resource: the extended resource the run's GPUs are (for status.usage)."""
     jobs, configmaps, services = list(jobs), list(configmaps), list(services)
 
     def run_of(obj: dict[str, Any]) -> str | None:
@@ -296,6 +300,11 @@ def observe(
         trainer_running=any(map(_trainer_running, run_pods)),
         trainer_started=min(starts) if starts else None,
         waiting=waiting[0] if waiting else None,
+        pod_runs=tuple(
+            run
+            for pod in run_pods
+            if (run := pod_run(pod, CONTAINER, gpu_resource, _started_at(pod))) is not None
+        ),
     )
 
 
@@ -325,6 +334,7 @@ def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | No
             loss=values.get("kubetune_trainer_train_loss"),
             tokens_per_second=values.get("kubetune_trainer_tokens_per_second"),
             eta_seconds=int(eta) if eta is not None and eta >= 0 else None,
+            tokens=int(tokens) if (tokens := values.get("kubetune_trainer_tokens")) else None,
             updated_at=now,
         ),
         stage,

@@ -301,6 +301,7 @@ def _template(job: FineTuneJob, profile: FineTuneProfile) -> RunTemplate:
             m.model_dump(by_alias=True, exclude_none=True) for m in ps.volume_mounts
         ),
         model_cache=ps.model_cache,
+        pricing=ps.pricing,
         pod_labels=tuple(sorted(ps.pod_labels.items())),
         pod_annotations=tuple(sorted(ps.pod_annotations.items())),
     )

@@ -31,7 +31,13 @@ from kubetune.api import (
     make_run_id,
 )
 from kubetune.controller import results, webhook
-from kubetune.controller.build import RunTemplate, build_configmap, data_hash, spec_hash
+from kubetune.controller.build import (
+    DEFAULT_GPU_RESOURCE,
+    RunTemplate,
+    build_configmap,
+    data_hash,
+    spec_hash,
+)
 from kubetune.controller.cache import DATA_HASH
 from kubetune.controller.conditions import State, make_condition
 from kubetune.controller.decide import Decision, Event, Observed, decide
@@ -317,6 +323,7 @@ def reconcile(
             metrics_text,
             now,
             services=children.get("services", ()),
+            gpu_resource=job.spec.resources.gpu_resource_name or DEFAULT_GPU_RESOURCE,
         )
         observed = replace(observed, config_hash=config_hash, stale=(*observed.stale, *foreign))
         if _needs_stored_result(job, observed, run_id):
