@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.api import ExitCode
+from kubetune.api import ExitCode, TrainerResult
 from kubetune.cli import main
 from tests.support.tiny import task_records, write_jsonl
 from tests.trainer.conftest import job_manifest
@@ -119,3 +119,11 @@ def test_a_corrupt_latest_json_fails_at_once_naming_it(
     text = text.out + text.err
     assert f"spec.output.uri: {(out / 'latest.json').as_uri()} is not a promotion record" in text
     assert "Traceback" not in text and (out / "latest.json").read_bytes() == content
+    # What went wrong outlives the run: its result.json and trainer.log in the run's folder,
+    # without a manifest.json (the run is not finished: a retry trains).
+    (run_dir,) = (out / "runs").iterdir()
+    stored = TrainerResult.model_validate_json((run_dir / "result.json").read_text())
+    assert (stored.outcome, stored.exit_code) == ("Failed", ExitCode.INVALID_SPEC)
+    assert "is not a promotion record" in stored.message
+    assert "is not a promotion record" in (run_dir / "trainer.log").read_text()
+    assert not (run_dir / "manifest.json").exists()

@@ -125,6 +125,7 @@ def run(
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
     # Trackers hear from rank 0 only, and only from a run that trains: one run, one record.
     tracking = Tracking([])
+    opened = False  # the run is this process's to write (checked, and not finished before)
     try:
         _check_outside_cache(config)
         _check_world(config, rank)
@@ -133,6 +134,7 @@ def run(
             reporter.stage("done", done.warnings[-1])  # the note that says so
             result = done
         else:
+            opened = True
             tracking = Tracking.for_config(config, workdir) if rank.main else Tracking([])
             reporter = Reporters(reporter, tracking)
             distributed.init(rank)
@@ -143,6 +145,8 @@ def run(
             run_id=config.run_id, outcome="Failed", exit_code=exc.exit_code, message=str(exc)
         )
     except TrainerError as exc:
+        # In trainer.log (INFO: the console and the pod's log say it as the run's outcome).
+        log.info("Failed exit_code=%d %s", int(exc.exit_code), exc)
         reporter.stage("failed", str(exc))
         result = _failure(config, rank, exc.exit_code, str(exc))
     except Exception as exc:  # a bug or an environment failure: retryable
@@ -158,8 +162,31 @@ def run(
     finally:
         log.removeHandler(handler)
         handler.close()
+    if opened and rank.main and result.outcome == "Failed":
+        _keep_failure(config, result, workdir)
     tracking.close(result, workdir / STAGING)
     return result
+
+
+def _keep_failure(config: TrainerConfig, result: TrainerResult, workdir: Path) -> None:
+    """A failed attempt's result.json and trainer.log in the run's folder, so that what went
+    wrong outlives the pod. No manifest.json: the run is not finished (a retry trains, and its
+    publish replaces both); the operator reads a result.json only beside a manifest. Best
+    effort: a store that cannot be written (perhaps why the run failed) loses only this."""
+    try:
+        if storage.exists(storage.join(config.output_prefix, "manifest.json")):
+            return  # published before it failed (promoting, say): its files stay as checksummed
+        storage.write_bytes(
+            storage.join(config.output_prefix, "result.json"),
+            result.model_dump_json(indent=2, exclude_none=True).encode(),
+        )
+        if (workdir / LOG_FILE).exists():
+            storage.write_bytes(
+                storage.join(config.output_prefix, LOG_FILE), (workdir / LOG_FILE).read_bytes()
+            )
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        log.warning("The failed run's result.json and trainer.log were not stored: %s", first)
 
 
 def finished_run(config: TrainerConfig, promote: bool = True) -> TrainerResult | None:
