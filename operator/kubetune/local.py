@@ -37,6 +37,7 @@ from kubetune.api import (
     TrainerResult,
     spec_hash,
 )
+from kubetune.api.wire import CONFIG_FILE, Env, Stage
 from kubetune.manifests import (
     Document,
     Loader,
@@ -187,10 +188,10 @@ class ProgressBar:
         self.bar: Any = None
 
     def stage(self, name: str, detail: str = "") -> None:
-        if self.bar is not None and name != "train":
+        if self.bar is not None and name != Stage.TRAIN:
             self.bar.close()
             self.bar = None
-        if name in ("done", "failed"):
+        if name in (Stage.DONE, Stage.FAILED):
             return
         print(f"==> {name}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
 
@@ -379,15 +380,15 @@ def _run_processes(config: TrainerConfig, workdir: Path, cache: Path, nproc: int
     port = config.metrics_port or _free_port()
     config = config.model_copy(update={"metrics_port": port})
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.json"
+    path = workdir / CONFIG_FILE
     path.write_text(config.model_dump_json(exclude_none=True))
     os.environ.update(
         {
-            "PET_NPROC_PER_NODE": str(nproc),
-            "KUBETUNE_WORKDIR": str(workdir),
-            "KUBETUNE_CACHE": str(cache),
-            "KUBETUNE_METRICS_ADDR": "127.0.0.1",
-            "KUBETUNE_LOG_LEVEL": "WARNING",  # the whole log goes to trainer.log
+            Env.NPROC_PER_NODE.value: str(nproc),
+            Env.WORKDIR.value: str(workdir),
+            Env.CACHE.value: str(cache),
+            Env.METRICS_ADDR.value: "127.0.0.1",
+            Env.LOG_LEVEL.value: "WARNING",  # the whole log goes to trainer.log
         }
     )
     bar, done = ProgressBar(), threading.Event()
@@ -403,7 +404,7 @@ def _run_processes(config: TrainerConfig, workdir: Path, cache: Path, nproc: int
             if now and now != stage:
                 stage = now
                 bar.stage(now)
-            if progress is not None and progress.total_steps and now == "train":
+            if progress is not None and progress.total_steps and now == Stage.TRAIN:
                 bar.step(progress)
 
     print(f"==> {nproc} processes", file=sys.stderr)
@@ -414,5 +415,5 @@ def _run_processes(config: TrainerConfig, workdir: Path, cache: Path, nproc: int
     finally:
         done.set()
         thread.join(5)
-        bar.stage("done")
+        bar.stage(Stage.DONE)
     return result

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import EvalMetrics, ExitCode, FineTuneProfile, MetricsStatus, TrainerResult
-from kubetune.controller.build import JOB_LABEL, RUN_LABEL
+from kubetune.api.wire import JOB_LABEL, RUN_LABEL
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.kube import classify
 from kubetune.controller.reconcile import merge_patch, reconcile

@@ -15,15 +15,8 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJob, FineTuneProfile
-from kubetune.controller.build import (
-    CONFIG_FILE,
-    JOB_LABEL,
-    PROFILE_FILE,
-    RUN_LABEL,
-    SPEC_HASH_ANNOTATION,
-    data_hash,
-    spec_hash,
-)
+from kubetune.api.wire import CONFIG_FILE, JOB_LABEL, RUN_LABEL, SPEC_HASH_ANNOTATION
+from kubetune.controller.build import PROFILE_FILE, data_hash, spec_hash
 from tests.controller.test_reconcile import FakeKube, ftj, run
 
 EVIL = {

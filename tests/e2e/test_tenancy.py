@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJob, make_run_id, spec_hash
-from kubetune.controller.build import CONFIG_FILE, JOB_LABEL, PROFILE_FILE, RUN_LABEL, data_hash
+from kubetune.api.wire import CONFIG_FILE, JOB_LABEL, RUN_LABEL
+from kubetune.controller.build import PROFILE_FILE, data_hash
 from tests.e2e.conftest import Kubectl, wait_for
 from tests.support.control_plane import NODE, ControlPlane
 from tests.support.platform import OperatorProcess

@@ -439,7 +439,8 @@ def _job_doc() -> dict[str, Any]:
 def test_the_run_keeps_the_hash_of_the_jobs_own_spec() -> None:
     """The profile's defaults are not the job's spec: a profile change never makes a new run,
     and the run is found again by the hash of what the user wrote."""
-    from kubetune.controller.build import SPEC_HASH_ANNOTATION, spec_hash
+    from kubetune.api.wire import SPEC_HASH_ANNOTATION
+    from kubetune.controller.build import spec_hash
 
     resolved, template = _example_run()
     written = FineTuneJob.model_validate(_job_doc())

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.controller.build import JOB_LABEL
+from kubetune.api.wire import JOB_LABEL
 from kubetune.controller.cache import TRIM, Informer, Store, trim_pod
 from kubetune.controller.reconcile import reconcile
 from kubetune.controller.runtime import OWNED, CachedKube, Scraper

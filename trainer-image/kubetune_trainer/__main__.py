@@ -1,6 +1,6 @@
 """The trainer image's entry point: `python -m kubetune_trainer [CONFIG]`.
 
-Reads the TrainerConfig the operator mounted (default /etc/kubetune/config.json), serves
+Reads the TrainerConfig the operator mounted (default contract.CONFIG_PATH), serves
 Prometheus metrics on its port, runs the pipeline, writes the compact result to the termination
 message path and exits with the result's code. A distributed run starts through
 `python -m kubetune_trainer.launch`, whose processes each run `run_process`.
@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kubetune.api import ExitCode, TrainerConfig, TrainerResult, describe_errors
+from kubetune.api.wire import CONFIG_PATH, DEFAULT_WORK_DIR, Env
 from kubetune_trainer import distributed
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.telemetry import (
@@ -27,17 +28,16 @@ from kubetune_trainer.telemetry import (
     TrainerMetrics,
 )
 
-DEFAULT_CONFIG = "/etc/kubetune/config.json"
 log = logging.getLogger("kubetune_trainer")
 
 
 def config_path(argv: list[str]) -> Path:
-    return Path(argv[0] if argv else os.environ.get("KUBETUNE_CONFIG", DEFAULT_CONFIG))
+    return Path(argv[0] if argv else os.environ.get(Env.CONFIG, CONFIG_PATH))
 
 
 def setup_logging(rank: distributed.Rank) -> None:
     prefix = f"[rank {rank.rank}] " if rank.distributed else ""
-    level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO")
+    level = os.environ.get(Env.LOG_LEVEL, "INFO")
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s {prefix}%(message)s", force=True
     )
@@ -78,12 +78,10 @@ def run_process(config: TrainerConfig) -> TrainerResult:
         prometheus = PrometheusReporter(metrics)
         if config.metrics_port:
             # 0.0.0.0 in a pod (its own network namespace); tests listen on 127.0.0.1 only.
-            prometheus.serve(
-                config.metrics_port, os.environ.get("KUBETUNE_METRICS_ADDR", "0.0.0.0")
-            )
+            prometheus.serve(config.metrics_port, os.environ.get(Env.METRICS_ADDR, "0.0.0.0"))
         reporters += [prometheus, LogReporter()]
-    workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune"))
-    cache = os.environ.get("KUBETUNE_CACHE")
+    workdir = Path(os.environ.get(Env.WORKDIR, DEFAULT_WORK_DIR))
+    cache = os.environ.get(Env.CACHE)
     result = run(config, Reporters(*reporters), workdir, Path(cache) if cache else None)
     log.info(
         "Result outcome=%s exit_code=%d message=%s",

@@ -18,13 +18,14 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from kubetune.api import ExitCode
+from kubetune.api.wire import Env
 from kubetune_trainer.errors import TrainerError
 
 T = TypeVar("T")
 
 # How long a rank waits for the others at a collective: long enough for rank 0 to evaluate and
 # export a large model while the others wait, short enough that a hung peer ends the run.
-TIMEOUT = timedelta(seconds=int(os.environ.get("KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS", "3600")))
+TIMEOUT = timedelta(seconds=int(os.environ.get(Env.COLLECTIVE_TIMEOUT, "3600")))
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,19 @@ import uuid
 from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerConfig, TrainerResult
+from kubetune.api.wire import DEFAULT_WORK_DIR, RENDEZVOUS_PORT, Env
 from kubetune_trainer.__main__ import entry, load_config, run_process, setup_logging
 
 log = logging.getLogger("kubetune_trainer")
 
-DEFAULT_PORT = 29500
 # How long a pod waits for the others to join (a pod may wait for a node, an image pull).
-JOIN_TIMEOUT = int(os.environ.get("KUBETUNE_JOIN_TIMEOUT_SECONDS", "900"))
+JOIN_TIMEOUT = int(os.environ.get(Env.JOIN_TIMEOUT, "900"))
 RESULT_FILE = "result-rank-{rank}.json"
 PID_FILE = "rank-{rank}.pid"
 
 
-def _env(name: str, default: int) -> int:
-    value = os.environ.get(f"PET_{name}")
+def _env(name: Env, default: int) -> int:
+    value = os.environ.get(name)
     return int(value) if value else default
 
 
@@ -93,10 +93,10 @@ def _launch(config: TrainerConfig, path: Path) -> TrainerResult:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    nnodes = _env("NNODES", 1)
-    nproc = _env("NPROC_PER_NODE", 1)
-    node = _env("NODE_RANK", 0)
-    workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune"))
+    nnodes = _env(Env.NNODES, 1)
+    nproc = _env(Env.NPROC_PER_NODE, 1)
+    node = _env(Env.NODE_RANK, 0)
+    workdir = Path(os.environ.get(Env.WORKDIR, DEFAULT_WORK_DIR))
     workdir.mkdir(parents=True, exist_ok=True)
     for pattern in (RESULT_FILE, PID_FILE):
         for old in workdir.glob(pattern.format(rank="*")):
@@ -112,15 +112,15 @@ def _launch(config: TrainerConfig, path: Path) -> TrainerResult:
         return failed(
             ExitCode.INVALID_SPEC,
             f"launched as {nnodes} pod(s) x {nproc} process(es) but the run was configured for "
-            f"{expected} processes; the operator sets PET_NNODES and PET_NPROC_PER_NODE from "
+            f"{expected} processes; the operator sets {Env.NNODES} and {Env.NPROC_PER_NODE} from "
             "spec.resources",
         )
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         # As torchrun: processes that share the CPUs do not each start a thread per core.
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     if nnodes > 1:
-        address = os.environ.get("PET_MASTER_ADDR", "localhost")
-        endpoint = f"{address}:{_env('MASTER_PORT', DEFAULT_PORT)}"
+        address = os.environ.get(Env.MASTER_ADDR, "localhost")
+        endpoint = f"{address}:{_env(Env.MASTER_PORT, RENDEZVOUS_PORT)}"
         backend, configs = "static", {"rank": node, "timeout": JOIN_TIMEOUT}
     else:  # one pod: a rendezvous of its own on a free local port (torchrun --standalone)
         endpoint, backend, configs = "localhost:0", "c10d", {}

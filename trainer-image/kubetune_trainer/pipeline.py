@@ -33,6 +33,7 @@ from kubetune.api import (
     credential_routes,
 )
 from kubetune.api.types import DATA_EXTENSIONS
+from kubetune.api.wire import Stage
 from kubetune_trainer import champion, data, distributed, hub, modeling, promotion, storage
 from kubetune_trainer.errors import DataError, SpecError, TrainerError
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
@@ -131,7 +132,7 @@ def run(
         _check_world(config, rank)
         done = finished_run(config, promote=rank.main)
         if done is not None:  # never reopened: resuming is for a run that was interrupted
-            reporter.stage("done", done.warnings[-1])  # the note that says so
+            reporter.stage(Stage.DONE, done.warnings[-1])  # the note that says so
             result = done
         else:
             opened = True
@@ -140,14 +141,14 @@ def run(
             distributed.init(rank)
             result = _run(config, reporter, tracking, workdir, cache)
     except distributed.RankZeroError as exc:  # rank 0's failure, told to this rank
-        reporter.stage("failed", str(exc))
+        reporter.stage(Stage.FAILED, str(exc))
         result = TrainerResult(
             run_id=config.run_id, outcome="Failed", exit_code=exc.exit_code, message=str(exc)
         )
     except TrainerError as exc:
         # In trainer.log (INFO: the console and the pod's log say it as the run's outcome).
         log.info("Failed exit_code=%d %s", int(exc.exit_code), exc)
-        reporter.stage("failed", str(exc))
+        reporter.stage(Stage.FAILED, str(exc))
         result = _failure(config, rank, exc.exit_code, str(exc))
     except Exception as exc:  # a bug or an environment failure: retryable
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -157,7 +158,7 @@ def run(
         else:
             log.exception("Trainer failed")
             code, message = ExitCode.RUNTIME_ERROR, f"{type(exc).__name__}: {first}"
-        reporter.stage("failed", message)
+        reporter.stage(Stage.FAILED, message)
         result = _failure(config, rank, code, message)
     finally:
         log.removeHandler(handler)
@@ -369,7 +370,7 @@ def _run(
     prepared = _prepare(config, reporter, workdir, cache)
     tracking.params(_data_params(prepared))
     model = modeling.load_model(config.spec, prepared.source)
-    reporter.stage("baseline")
+    reporter.stage(Stage.BASELINE)
     # The base model's evaluation and the champion's (the promoted run, when a gate compares
     # with it): rank 0's, once for the run.
     references = distributed.on_main(
@@ -394,16 +395,16 @@ def _run(
     outcome.started = started
 
     def judge_and_export() -> TrainerResult:
-        reporter.stage("evaluate")
+        reporter.stage(Stage.EVALUATE)
         evaluation, gates = _evaluate(config, prepared, model, baseline, champ)
-        reporter.stage("export")
+        reporter.stage(Stage.EXPORT)
         return _export(
             config, workdir, prepared, model, outcome, evaluation, gates, tracking, champ
         )
 
     result = distributed.on_main(judge_and_export)
     assert result is not None
-    reporter.stage("done", result.message)
+    reporter.stage(Stage.DONE, result.message)
     return result
 
 
@@ -474,7 +475,7 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     """The model stage (locate, convert, tokenizer) and the data stage (the tokenizer renders
     the prompts): everything but the weights."""
     spec = config.spec
-    reporter.stage("model", spec.model.uri)
+    reporter.stage(Stage.MODEL, spec.model.uri)
     # The cache lock's holder names this run and node: a retry of the same run (a new pod)
     # takes over the lock its killed predecessor left.
     rank = distributed.current()
@@ -493,7 +494,7 @@ def _prepare(config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Pa
     with hub.refusals(spec.model):
         tokenizer = modeling.load_tokenizer(source, spec.model.trust_remote_code)
 
-    reporter.stage("data", spec.dataset.uri)
+    reporter.stage(Stage.DATA, spec.dataset.uri)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")
     if spec.dataset.chat_template is not None:
         # The exported tokenizer renders prompts the way training saw them.
@@ -598,7 +599,7 @@ def _train(
     transformers.set_seed(spec.hyperparameters.seed)
     model = modeling.apply_method(model, spec, prepared.source)
     trainable, total = modeling.count_parameters(model)
-    reporter.stage("train", f"{trainable:,} of {total:,} parameters trainable")
+    reporter.stage(Stage.TRAIN, f"{trainable:,} of {total:,} parameters trainable")
     outcome = train(
         model,
         prepared.tokenizer,

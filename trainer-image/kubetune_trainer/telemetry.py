@@ -13,9 +13,11 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Enum, Gauge, Info, start_http_server
 
+from kubetune.api.wire import Stage, TrainerMetric
+
 log = logging.getLogger("kubetune_trainer")
 
-STAGES = ["starting", "data", "model", "baseline", "train", "evaluate", "export", "done", "failed"]
+STAGES = [stage.value for stage in Stage]
 
 
 @dataclass
@@ -44,45 +46,45 @@ class TrainerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.info = Info("kubetune_trainer", "The run this trainer serves.", registry=r)
-        self.stage = Enum("kubetune_trainer_stage", "Pipeline stage.", states=STAGES, registry=r)
-        self.step = Gauge("kubetune_trainer_step", "Optimizer steps done.", registry=r)
+        self.info = Info(TrainerMetric.INFO, "The run this trainer serves.", registry=r)
+        self.stage = Enum(TrainerMetric.STAGE, "Pipeline stage.", states=STAGES, registry=r)
+        self.step = Gauge(TrainerMetric.STEP, "Optimizer steps done.", registry=r)
         self.total_steps = Gauge(
-            "kubetune_trainer_total_steps", "Optimizer steps the run will take.", registry=r
+            TrainerMetric.TOTAL_STEPS, "Optimizer steps the run will take.", registry=r
         )
-        self.epoch = Gauge("kubetune_trainer_epoch", "Fractional epoch reached.", registry=r)
-        self.train_loss = Gauge("kubetune_trainer_train_loss", "Latest training loss.", registry=r)
-        self.eval_loss = Gauge("kubetune_trainer_eval_loss", "Latest validation loss.", registry=r)
+        self.epoch = Gauge(TrainerMetric.EPOCH, "Fractional epoch reached.", registry=r)
+        self.train_loss = Gauge(TrainerMetric.TRAIN_LOSS, "Latest training loss.", registry=r)
+        self.eval_loss = Gauge(TrainerMetric.EVAL_LOSS, "Latest validation loss.", registry=r)
         self.learning_rate = Gauge(
-            "kubetune_trainer_learning_rate", "Current learning rate.", registry=r
+            TrainerMetric.LEARNING_RATE, "Current learning rate.", registry=r
         )
         self.tokens_per_second = Gauge(
-            "kubetune_trainer_tokens_per_second",
+            TrainerMetric.TOKENS_PER_SECOND,
             "Training throughput in tokens per second.",
             registry=r,
         )
         self.tokens = Gauge(
-            "kubetune_trainer_tokens",
+            TrainerMetric.TOKENS,
             "Real (not padding) tokens trained so far, every process's; a resumed run counts "
             "from its checkpoint.",
             registry=r,
         )
         self.eta_seconds = Gauge(
-            "kubetune_trainer_eta_seconds", "Estimated seconds left in training.", registry=r
+            TrainerMetric.ETA_SECONDS, "Estimated seconds left in training.", registry=r
         )
         self.gpu_memory_bytes = Gauge(
-            "kubetune_trainer_gpu_memory_bytes",
+            TrainerMetric.GPU_MEMORY_BYTES,
             "Peak GPU memory allocated by the trainer.",
             registry=r,
         )
         self.rank_memory_bytes = Gauge(
-            "kubetune_trainer_rank_memory_bytes",
+            TrainerMetric.RANK_MEMORY_BYTES,
             "Peak memory of each process of a distributed run (kind: rss or gpu).",
             ["rank", "kind"],
             registry=r,
         )
         self.world_size = Gauge(
-            "kubetune_trainer_world_size", "Trainer processes of the run.", registry=r
+            TrainerMetric.WORLD_SIZE, "Trainer processes of the run.", registry=r
         )
         self.world_size.set(1)
 

@@ -44,9 +44,7 @@ from kubetune.api.resource import (
 )
 from kubetune.api.schedule import (
     SCHEDULE_KIND,
-    SCHEDULE_LABEL,
     SCHEDULE_PLURAL,
-    SCHEDULED_TIME_ANNOTATION,
     FineTuneSchedule,
     FineTuneScheduleSpec,
     FineTuneScheduleStatus,
@@ -95,6 +93,7 @@ from kubetune.api.status import (
 from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
 from kubetune.api.training import MUTUALLY_EXCLUSIVE
 from kubetune.api.types import MAX_NAME_LENGTH, RUN_ID_LENGTH
+from kubetune.api.wire import SCHEDULE_LABEL, SCHEDULED_TIME_ANNOTATION
 
 __all__ = [
     "ADAPTER_METHODS",

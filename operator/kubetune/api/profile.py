@@ -32,6 +32,7 @@ from kubetune.api.types import (
     ResourceName,
     parse_quantity,
 )
+from kubetune.api.wire import CONFIG_DIR, POD_WORK_DIR
 
 PROFILE_KIND = "FineTuneProfile"
 PROFILE_PLURAL = "finetuneprofiles"
@@ -40,7 +41,7 @@ PROFILE_SHORT_NAMES = ("ftp",)
 
 # What the operator puts in every trainer pod: a profile may not replace it.
 RESERVED_VOLUMES = ("config", "work", "tmp", "shm", "credentials")
-RESERVED_MOUNT_PATHS = ("/etc/kubetune", "/work", "/tmp", "/dev/shm", "/var/run/secrets")
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, POD_WORK_DIR, "/tmp", "/dev/shm", "/var/run/secrets")
 RESERVED_ENV = ("HOME", "HF_HOME", "PYTHONUNBUFFERED")
 RESERVED_ENV_PREFIXES = ("KUBETUNE_", "PET_")
 # Label and annotation prefixes the operator, the Job controller and Kueue set on the pods.

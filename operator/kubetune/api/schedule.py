@@ -34,8 +34,6 @@ SCHEDULE_SHORT_NAMES = ("fts",)
 STAMP_DIGITS = 8
 MAX_SCHEDULE_NAME_LENGTH = MAX_NAME_LENGTH - 1 - STAMP_DIGITS
 MAX_DISTRIBUTED_SCHEDULE_NAME_LENGTH = MAX_DISTRIBUTED_NAME_LENGTH - 1 - STAMP_DIGITS
-SCHEDULE_LABEL = "kubetune.dev/schedule"
-SCHEDULED_TIME_ANNOTATION = "kubetune.dev/scheduled-time"
 
 MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 _TZ_IN_SCHEDULE = re.compile(r"^\s*(CRON_)?TZ=")

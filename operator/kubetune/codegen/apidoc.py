@@ -13,6 +13,7 @@ from kubetune.api.schedule import (
     SCHEDULE_SHORT_NAMES,
     FineTuneSchedule,
 )
+from kubetune.api.wire import SCHEDULE_LABEL, SCHEDULED_TIME_ANNOTATION
 from kubetune.codegen.crd import structural_schema
 
 INTRO = f"""\
@@ -70,7 +71,7 @@ namespaced. Stamps a FineTuneJob from `spec.jobTemplate` at each time of a cron 
 batch/v1 CronJob stamps Jobs (the same fields, the same meaning; concurrencyPolicy defaults to
 Forbid). Each stamped FineTuneJob is named `<schedule>-<minutes since the epoch of its scheduled
 time>` (so the name is at most {MAX_SCHEDULE_NAME_LENGTH} characters), labelled
-`kubetune.dev/schedule`, annotated with `kubetune.dev/scheduled-time`, and owned by the schedule.
+`{SCHEDULE_LABEL}`, annotated with `{SCHEDULED_TIME_ANNOTATION}`, and owned by the schedule.
 `jobTemplate.spec` is a [FineTuneJob spec](#spec). The cron expression and time zone are checked
 by pydantic (`kubetune validate`, and the operator, which sets `Ready=False` reason
 `InvalidSpec` on a schedule it cannot read): the API server's schema cannot parse cron.

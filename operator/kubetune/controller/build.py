@@ -30,29 +30,33 @@ from kubetune.api import (
     child_name,
     spec_hash,
 )
+from kubetune.api.wire import (
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CONFIG_PATH,
+    JOB_LABEL,
+    MANAGED_BY,
+    POD_WORK_DIR,
+    PROFILE_ANNOTATION,
+    PROFILE_LABEL,
+    RENDEZVOUS_PORT,
+    RUN_LABEL,
+    SPEC_HASH_ANNOTATION,
+    TERMINATION_LOG,
+    Env,
+)
 from kubetune.controller.settings import OperatorSettings
 
 CONTAINER = "trainer"
-CONFIG_DIR = "/etc/kubetune"
-CONFIG_FILE = "config.json"
-WORK_DIR = "/work"
-TERMINATION_LOG = "/dev/termination-log"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-RUN_LABEL = "kubetune.dev/run-id"
-JOB_LABEL = "kubetune.dev/finetunejob"
-MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child
-SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
-# The profile a run was resolved against: name@generation (an annotation, for people) and the
-# profile then, name, generation and spec (a key of the ConfigMap's data, which outlives the Job,
-# so that the run keeps it whatever happens to the profile). The ConfigMap's data is trusted
-# only when its hash is the one the operator wrote in status.configHash (data_hash).
-PROFILE_LABEL = "kubetune.dev/profile"
-PROFILE_ANNOTATION = "kubetune.dev/profile"
+# The profile a run was resolved against, name, generation and spec, as a key of the ConfigMap's
+# data (which outlives the Job, so that the run keeps it whatever happens to the profile). The
+# ConfigMap's data is trusted only when its hash is the one the operator wrote in
+# status.configHash (data_hash).
 PROFILE_FILE = "profile.json"
 RUN_AS = 1000
 # The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-RENDEZVOUS_PORT = 29500  # torchrun's default master port
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 HF_TOKEN = "HF_TOKEN"  # what huggingface_hub reads
 
@@ -210,17 +214,17 @@ def _launch_env(job: FineTuneJob, run_id: str) -> list[dict[str, Any]]:
     """torchrun's environment: pods, processes per pod, this pod's rank, rank 0's address."""
     spec = job.spec
     env: list[dict[str, Any]] = [
-        {"name": "PET_NNODES", "value": str(spec.nodes())},
-        {"name": "PET_NPROC_PER_NODE", "value": str(spec.procs_per_node())},
+        {"name": Env.NNODES.value, "value": str(spec.nodes())},
+        {"name": Env.NPROC_PER_NODE.value, "value": str(spec.procs_per_node())},
     ]
     if spec.nodes() > 1:
         name = child_name(job.metadata.name, run_id)
         host = f"{name}-0.{service_name(job, run_id)}.{job.metadata.namespace}.svc"
         index = f"metadata.annotations['{COMPLETION_INDEX}']"
         env += [
-            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
-            {"name": "PET_MASTER_ADDR", "value": host},
-            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": Env.NODE_RANK.value, "valueFrom": {"fieldRef": {"fieldPath": index}}},
+            {"name": Env.MASTER_ADDR.value, "value": host},
+            {"name": Env.MASTER_PORT.value, "value": str(RENDEZVOUS_PORT)},
         ]
     return env
 
@@ -247,11 +251,11 @@ def _container(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
-        "command": ["python", "-m", module, f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "command": ["python", "-m", module, CONFIG_PATH],
         "env": [
-            {"name": "KUBETUNE_WORKDIR", "value": WORK_DIR},
-            {"name": "HOME", "value": f"{WORK_DIR}/home"},
-            {"name": "HF_HOME", "value": f"{WORK_DIR}/huggingface"},
+            {"name": Env.WORKDIR.value, "value": POD_WORK_DIR},
+            {"name": "HOME", "value": f"{POD_WORK_DIR}/home"},
+            {"name": "HF_HOME", "value": f"{POD_WORK_DIR}/huggingface"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             *(_launch_env(job, run_id) if distributed(job) else []),
             *_extra_env(job, template),
@@ -266,7 +270,7 @@ def _container(
         },
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "work", "mountPath": POD_WORK_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "shm", "mountPath": "/dev/shm"},
             *template.volume_mounts,

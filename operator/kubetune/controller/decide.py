@@ -37,6 +37,7 @@ from kubetune.api import (
     latest_uri,
     make_run_id,
 )
+from kubetune.api.wire import EVALUATING_STAGES
 from kubetune.controller.build import (
     NO_PROFILE,
     RunTemplate,
@@ -170,7 +171,7 @@ def _state(job: FineTuneJob, observed: Observed) -> State:
         return State("Pending", "the Job is suspended")
     if observed.trainer_running:
         # The baseline evaluation comes before training and shows as Running.
-        return State("Evaluating" if observed.stage in ("evaluate", "export") else "Running")
+        return State("Evaluating" if observed.stage in EVALUATING_STAGES else "Running")
     if observed.waiting is not None:
         return _waiting_state(job, observed.waiting)
     return State("Pending", "waiting for the trainer pod to start")

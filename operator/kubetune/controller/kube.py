@@ -41,7 +41,8 @@ from kubetune.api import (
     SCHEDULE_PLURAL,
     VERSION,
 )
-from kubetune.controller.build import MANAGED_BY, data_hash
+from kubetune.api.wire import MANAGED_BY
+from kubetune.controller.build import data_hash
 from kubetune.controller.errors import Conflict, Misconfigured, NoCredentials, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics
 

@@ -24,14 +24,8 @@ from pydantic import ValidationError
 
 from kubetune.api import ExitCode, FineTuneJob, PodPhase, Progress, TrainerResult, make_run_id
 from kubetune.api.types import RUN_ID_LENGTH
-from kubetune.controller.build import (
-    COMPLETION_INDEX,
-    CONTAINER,
-    DEFAULT_GPU_RESOURCE,
-    RUN_LABEL,
-    SPEC_HASH_ANNOTATION,
-    spec_hash,
-)
+from kubetune.api.wire import RUN_LABEL, SPEC_HASH_ANNOTATION, TrainerMetric
+from kubetune.controller.build import COMPLETION_INDEX, CONTAINER, DEFAULT_GPU_RESOURCE, spec_hash
 from kubetune.controller.decide import Observed, ObservedJob, Waiting
 from kubetune.controller.usage import pod_run
 
@@ -315,26 +309,27 @@ def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | No
     stage = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "kubetune_trainer_stage":
+            if sample.name == TrainerMetric.STAGE:
                 if sample.value == 1:
-                    stage = sample.labels.get("kubetune_trainer_stage")
+                    stage = sample.labels.get(TrainerMetric.STAGE)
             elif not sample.labels and math.isfinite(sample.value):
                 values[sample.name] = sample.value
-    if "kubetune_trainer_step" not in values:
+    if TrainerMetric.STEP not in values:
         return None, stage
-    step = int(values["kubetune_trainer_step"])
-    total = int(values.get("kubetune_trainer_total_steps", 0)) or None
-    eta = values.get("kubetune_trainer_eta_seconds")
+    step = int(values[TrainerMetric.STEP])
+    total = int(values.get(TrainerMetric.TOTAL_STEPS, 0)) or None
+    eta = values.get(TrainerMetric.ETA_SECONDS)
+    tokens = values.get(TrainerMetric.TOKENS)
     return (
         Progress(
             step=step,
             total_steps=total,
             percent=min(100, int(100 * step / total)) if total else None,
-            epoch=values.get("kubetune_trainer_epoch"),
-            loss=values.get("kubetune_trainer_train_loss"),
-            tokens_per_second=values.get("kubetune_trainer_tokens_per_second"),
+            epoch=values.get(TrainerMetric.EPOCH),
+            loss=values.get(TrainerMetric.TRAIN_LOSS),
+            tokens_per_second=values.get(TrainerMetric.TOKENS_PER_SECOND),
             eta_seconds=int(eta) if eta is not None and eta >= 0 else None,
-            tokens=int(tokens) if (tokens := values.get("kubetune_trainer_tokens")) else None,
+            tokens=int(tokens) if tokens else None,
             updated_at=now,
         ),
         stage,

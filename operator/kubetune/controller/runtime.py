@@ -38,7 +38,7 @@ from kubetune.api import (
     SCHEDULE_PLURAL,
     FineTuneProfile,
 )
-from kubetune.controller.build import JOB_LABEL, MANAGED_BY
+from kubetune.api.wire import JOB_LABEL, MANAGED_BY
 from kubetune.controller.cache import TRIM, Informer, Key, Store
 from kubetune.controller.errors import Conflict, Misconfigured, Retry
 from kubetune.controller.metrics import OperatorMetrics
