@@ -1,10 +1,10 @@
-"""The promotion notification: a CloudEvent (structured JSON mode) carrying what latest.json
-says, and its Standard Webhooks signature. Pure: the operator (controller/webhook.py) sends it,
+"""The promotion notification: a CloudEvent (structured JSON mode) carrying what latest.json says,
+and its Standard Webhooks signature. Pure: the operator (controller/notifications.py) sends it,
 `kubetune run --print-notification` prints it; the time and the key are passed in.
 
 CloudEvents: https://github.com/cloudevents/spec (v1.0.2), built and serialised by the CNCF's
-`cloudevents` SDK. Standard Webhooks: https://www.standardwebhooks.com (webhook-id,
-webhook-timestamp, webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">).
+`cloudevents` SDK. Standard Webhooks: https://www.standardwebhooks.com (webhook-id, webhook-
+timestamp, webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from kubetune.api import (
     NotificationStatus,
     TrainerResult,
 )
-from kubetune.controller import webhook
+from kubetune.controller import notifications
 from kubetune.controller.build import spec_hash
 from kubetune.controller.errors import Misconfigured, Retry
 from kubetune.controller.reconcile import reconcile
@@ -267,9 +267,9 @@ def test_notify_is_not_part_of_the_run() -> None:
 
 def test_the_backoff_doubles_to_its_cap() -> None:
     settings = OperatorSettings(notify_backoff_seconds=10, notify_backoff_max_seconds=60)
-    assert [webhook.backoff(n, settings) for n in range(1, 6)] == [10, 20, 40, 60, 60]
+    assert [notifications.backoff(n, settings) for n in range(1, 6)] == [10, 20, 40, 60, 60]
     note = NotificationStatus(id="r", state="Pending")
-    after = webhook.after_attempt(note, "down", NOW, settings)
+    after = notifications.after_attempt(note, "down", NOW, settings)
     assert after.next_attempt_time == NOW + timedelta(seconds=10) and after.attempts == 1
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kubetune.api import WebhookSpec
-from kubetune.controller import webhook
+from kubetune.controller import notifications
 from kubetune.controller.errors import Retry
 from kubetune.controller.reconcile import reconcile
 from kubetune.controller.settings import OperatorSettings
@@ -46,7 +46,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def post(url: str, settings: OperatorSettings = OPEN) -> str | None:
-    return webhook.post(webhook.target_of(WebhookSpec(url=url), url), MESSAGE, settings)
+    return notifications.post(notifications.target_of(WebhookSpec(url=url), url), MESSAGE, settings)
 
 
 def fake_dns(monkeypatch: pytest.MonkeyPatch, names: dict[str, list[list[str]]]) -> list[str]:
@@ -164,7 +164,7 @@ def test_a_name_that_resolves_to_a_refused_address_is_refused(
 
 
 def test_allowed_hosts_and_cidrs_open_the_denied_ranges() -> None:
-    policy = webhook.Policy.of(
+    policy = notifications.Policy.of(
         SETTINGS.model_copy(
             update={
                 "notify_allowed_hosts": ["deployer.ml-serving.svc", "*.hooks.example.com"],
@@ -440,7 +440,7 @@ def test_the_policy_and_deadline_settings_parse_from_the_environment(
     monkeypatch.setenv("KUBETUNE_NOTIFY_ALLOWED_CIDRS", '["10.20.0.0/16", "fd12::/64"]')
     monkeypatch.setenv("KUBETUNE_NOTIFY_ALLOWED_HOSTS", '["deployer.ml-serving.svc", "*.hooks.io"]')
     monkeypatch.setenv("KUBETUNE_NOTIFY_DENIED_CIDRS", '["10.96.0.0/12"]')
-    policy = webhook.Policy.of(OperatorSettings())
+    policy = notifications.Policy.of(OperatorSettings())
     assert policy.denied == (ip_network("10.96.0.0/12"),)
     assert policy.allowed == (ip_network("10.20.0.0/16"), ip_network("fd12::/64"))
     assert policy.allowed_hosts == ("deployer.ml-serving.svc", "*.hooks.io")

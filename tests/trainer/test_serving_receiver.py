@@ -1,6 +1,6 @@
 """examples/serving/receiver.py against the real thing on both sides: a run of the real trainer
 is promoted, the operator's own code builds, signs and POSTs its notification (kubetune/notify.py,
-controller/webhook.py), and the receiver fetches the adapter by its manifest and hands it to a
+controller/notifications.py), and the receiver fetches the adapter by its manifest and hands it to a
 stand-in for vLLM's runtime LoRA API, which loads it with PEFT onto the tiny base model, as
 vLLM would load it onto its own.
 
@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from kubetune.api import FineTuneJob, WebhookSpec
+from kubetune.controller.notifications import post, target_of
 from kubetune.controller.settings import OperatorSettings
-from kubetune.controller.webhook import post, target_of
 from kubetune.notify import Message, promotion_event, record_of, result_status, signed, signing_key
 from tests.trainer.conftest import config_for, job_manifest, run_job
 

@@ -119,3 +119,16 @@ def test_run_help_names_every_exit_code(capsys: pytest.CaptureFixture[str]) -> N
     text = " ".join(capsys.readouterr().out.split())
     for code in ExitCode:
         assert re.search(rf"\b{int(code)} \w", text.split("Exit codes:")[1]), code
+
+
+def test_the_metrics_page_lists_every_reconcile_trigger() -> None:
+    """docs/metrics.md names the values of the reconcile duration's trigger label: exactly the
+    Trigger enum's (the label was once derived from kind names, and the page missed two)."""
+    from kubetune.controller.metrics import Trigger
+
+    page = (ROOT / "docs" / "metrics.md").read_text()
+    (row,) = [line for line in page.splitlines() if "`kubetune_operator_reconcile_duration" in line]
+    labels = row.split("|")[3]
+    words = re.findall(r"(?<![A-Za-z])[a-z][a-z-]*(?![A-Za-z])", labels.split("(", 1)[1])
+    listed = set(words) - {"for", "a"}
+    assert listed == {t.value for t in Trigger}

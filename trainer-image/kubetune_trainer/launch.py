@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerConfig, TrainerResult
 from kubetune.api.wire import DEFAULT_WORK_DIR, RENDEZVOUS_PORT, Env
-from kubetune_trainer.__main__ import entry, load_config, run_process, setup_logging
+from kubetune_trainer.process import entry, load_config, run_process, setup_logging
 
 log = logging.getLogger("kubetune_trainer")
 

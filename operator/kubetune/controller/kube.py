@@ -3,11 +3,12 @@ holds the Lease).
 
 Everything here is plain I/O on raw dicts through the official `kubernetes` client: list and
 watch for the informers (cache.py), read one FineTuneJob (after a 409), create and delete
-children, patch a Job's suspend flag and the FineTuneJob's status, post Events, read the storage
-Secret a FineTuneJob names (only to read its result.json when the pod that carried the result is
-gone), and read a trainer pod's metrics over HTTP. Errors come out as the kinds in errors.py:
-`Retry`, `Rejected` (the user's) and `Misconfigured` (the operator's or the cluster's).
-`PERMISSIONS` lists every API permission the operator uses; the chart's RBAC is tested against it.
+children, patch a Job's suspend flag and the FineTuneJob's status, post Events, read the Secrets
+a FineTuneJob names (its storage Secret, to read its result.json when the pod that carried the
+result is gone; its webhook's signing Secret, to sign a promotion's notification), and read a
+trainer pod's metrics over HTTP. Errors come out as the kinds in errors.py: `Retry`, `Rejected`
+(the user's) and `Misconfigured` (the operator's or the cluster's). `PERMISSIONS` lists every
+API permission the operator uses; the chart's RBAC is tested against it.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ _RAISE = object()
 # lists and watches FineTuneJobs and its children into caches (cache.py) and gets a FineTuneJob
 # only after a 409; kopf itself watches and writes nothing. Updating finetunejobs/finalizers is
 # what lets children set blockOwnerDeletion on clusters with the OwnerReferencesPermission-
-# Enforcement admission plugin (OpenShift). Secrets: `get` of the one a FineTuneJob names, to
-# read result.json when its pod is gone (optional; see results.py).
+# Enforcement admission plugin (OpenShift). Secrets: `get` of the ones a FineTuneJob names, to
+# read result.json when its pod is gone (optional; see results.py) and to sign a notification.
 PERMISSIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, PLURAL, ("get", "list", "watch", "create", "delete")),  # create, delete: schedules
     (GROUP, SCHEDULE_PLURAL, ("get", "list", "watch")),

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +19,26 @@ from kubetune.api import FINAL_PHASES, PHASES, FineTuneJobStatus
 from kubetune.controller.usage import added
 
 WAITING = ("Pending", "Queued")
+
+
+class Trigger(StrEnum):
+    """What queued a reconcile first (the `trigger` label of the reconcile duration)."""
+
+    ADDED = "added"  # a FineTuneJob seen for the first time (or the operator's own create)
+    FINETUNEJOB = "finetunejob"  # a FineTuneJob changed
+    CHILD = "child"  # one of its Jobs, pods, ConfigMaps or Services changed
+    POLL = "poll"  # its trainer's metrics say something new
+    RESYNC = "resync"  # the periodic look at every run that is not final
+    RESUME = "resume"  # the operator started (or became leader): every object once
+    RESUME_FINAL = "resume-final"  # the same, for a run that is final
+    RETRY = "retry"  # a reconcile asked to be retried (backoff, or a time it waits for)
+    PROFILE = "finetuneprofile"  # a FineTuneProfile changed: the runs that wait on it
+    NAMESPACE = "namespace"  # a namespace's labels changed: the runs that wait on them
+    SCHEDULE = "schedule"  # a FineTuneSchedule changed
+    STAMPED = "stamped"  # a FineTuneJob a schedule stamped came, went, finished or was promoted
+    TIMER = "timer"  # a schedule's next time came
+
+
 # Fine-tuning runs last minutes to days.
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 

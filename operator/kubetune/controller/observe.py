@@ -257,12 +257,10 @@ def observe(
     pods: Iterable[dict[str, Any]],
     metrics_text: str | None = None,
     now: datetime | None = None,
-    stored_result: TrainerResult | None = None,
     services: Iterable[dict[str, Any]] = (),
     gpu_resource: str = DEFAULT_GPU_RESOURCE,
 ) -> Observed:
     """What exists for one FineTuneJob: its children (by run-id label) and its current pods.
-    stored_result: the run's result.json, read by the caller when no pod carries the result.
     gpu_resource: the extended resource the run's GPUs are (for status.usage)."""
     jobs, configmaps, services = list(jobs), list(configmaps), list(services)
 
@@ -288,7 +286,7 @@ def observe(
         stale=stale,
         pods_started=group_starts,
         pods=phases,
-        result=termination_result(finished[-1]) if finished else stored_result,
+        result=termination_result(finished[-1]) if finished else None,
         progress=progress,
         stage=stage,
         trainer_running=any(map(_trainer_running, run_pods)),

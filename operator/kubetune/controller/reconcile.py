@@ -30,7 +30,7 @@ from kubetune.api import (
     describe_errors,
     make_run_id,
 )
-from kubetune.controller import results, webhook
+from kubetune.controller import notifications, results
 from kubetune.controller.build import (
     DEFAULT_GPU_RESOURCE,
     RunTemplate,
@@ -396,22 +396,22 @@ def _announce(
     settings: OperatorSettings,
     now: datetime,
 ) -> None:
-    """Deliver the run's promotion notification when one is due (webhook.py); raises Retry to
+    """Deliver the run's promotion notification when one is due (notifications.py); raises Retry to
     come back when the next attempt is."""
     promotion = status.promotion
     note = promotion.notification if promotion else None
     if note is None or note.state != "Pending":
         return
-    if webhook.due_in(note, now) > 0:
-        raise webhook.retry_later(note, now)
+    if notifications.due_in(note, now) > 0:
+        raise notifications.retry_later(note, now)
     namespace, name = job.metadata.namespace or "", job.metadata.name or ""
     hook = job.spec.notify.webhook if job.spec.notify else None
     if hook is None:
         error: str | None = "spec.notify.webhook was removed before the notification was sent"
         note = note.model_copy(update={"state": "Failed", "message": error})
     else:
-        error = webhook.deliver(kube, hook, job, status, run_spec_hash, note, now, settings)
-        note = webhook.after_attempt(note, error, now, settings)
+        error = notifications.deliver(kube, hook, job, status, run_spec_hash, note, now, settings)
+        note = notifications.after_attempt(note, error, now, settings)
     patch = {"promotion": {"notification": _finite(note.model_dump(by_alias=True, mode="json"))}}
     kube.patch_status(namespace, name, patch)
     if note.state == "Delivered":
@@ -423,7 +423,7 @@ def _announce(
         kube.event(raw, "Warning", "NotificationFailed", note.message or "", now)
     else:
         log.info("promotion of %s/%s not announced yet: %s", namespace, name, error)
-        raise webhook.retry_later(note, now)
+        raise notifications.retry_later(note, now)
 
 
 def _apply(

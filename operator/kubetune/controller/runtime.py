@@ -12,10 +12,12 @@ Triggers, all putting the FineTuneJob's key on one deduplicating queue:
   calls SyncPeriod), so nothing waits on an event that was never sent;
 - retries with backoff (workqueue.py).
 
-In steady state a reconcile reads nothing from the API: the FineTuneJob, its Jobs, ConfigMaps and
-Pods come from the caches. A Secret is read (rarely: only to fetch the result.json of a finished
-run whose pod is gone). A status write carries the cached object's resourceVersion; a 409 means
-the cache was stale, so the object is read afresh once and the key reconciled again.
+In steady state a reconcile reads nothing from the API: the FineTuneJob, its Jobs, ConfigMaps
+and Pods come from the caches. A Secret is read rarely: the storage Secret a FineTuneJob names,
+to fetch the result.json of a finished run whose pod is gone, and the signing Secret of its
+spec.notify.webhook, to sign a promotion's notification. A status write carries the cached
+object's resourceVersion; a 409 means the cache was stale, so the object is read afresh once and
+the key reconciled again.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from kubetune.api import (
 from kubetune.api.wire import JOB_LABEL, MANAGED_BY
 from kubetune.controller.cache import TRIM, Informer, Key, Store
 from kubetune.controller.errors import Conflict, Misconfigured, Retry
-from kubetune.controller.metrics import OperatorMetrics
+from kubetune.controller.metrics import OperatorMetrics, Trigger
 from kubetune.controller.observe import parse_metrics
 from kubetune.controller.reconcile import Outcome, reconcile, reconcile_schedule
 from kubetune.controller.settings import OperatorSettings
@@ -333,12 +335,12 @@ class Controller:
         self.settings = settings
         self.metrics = metrics
         self.stores = {kind: Store(kind, OWNED[kind]) for kind in TRIM}
-        self.cached = CachedKube(kube, self.stores, lambda key: self.enqueue(key, "added"))
+        self.cached = CachedKube(kube, self.stores, lambda key: self.enqueue(key, Trigger.ADDED))
         self.queue = WorkQueue(rate=settings.retry_rate, burst=settings.retry_burst)
         self.leading = threading.Event()
         self._stop = threading.Event()
         self._texts: dict[Key, str] = {}
-        self._triggers: dict[Key, str] = {}
+        self._triggers: dict[Key, Trigger] = {}
         self._active: set[Key] = set()
         self._lock = threading.Lock()
         self.reconciles = 0
@@ -392,7 +394,7 @@ class Controller:
 
     # -- triggers -------------------------------------------------------------------------------
 
-    def enqueue(self, key: Key, trigger: str) -> None:
+    def enqueue(self, key: Key, trigger: Trigger) -> None:
         with self._lock:
             self._triggers.setdefault(key, trigger)
         self.queue.add(key)
@@ -411,7 +413,7 @@ class Controller:
         if kind != "finetunejobs":
             owner = (meta.get("labels") or {}).get(JOB_LABEL)
             if owner:
-                self.enqueue((namespace, owner), "child")
+                self.enqueue((namespace, owner), Trigger.CHILD)
             return
         key = (namespace, meta.get("name") or "")
         self._stamped_changed(old, new)
@@ -425,7 +427,7 @@ class Controller:
             or before.get("deletionTimestamp") != meta.get("deletionTimestamp")
             or (old.get("status") or {}) != (new.get("status") or {})
         ):
-            self.enqueue(key, "finetunejob" if old is not None else "added")
+            self.enqueue(key, Trigger.FINETUNEJOB if old is not None else Trigger.ADDED)
 
     def _schedule_changed(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         """A schedule added, its spec changed, or its status changed by someone else."""
@@ -439,7 +441,7 @@ class Controller:
             or before.get("generation") != meta.get("generation")
             or (old.get("status") or {}) != (new.get("status") or {})
         ):
-            self.enqueue(key, "schedule")
+            self.enqueue(key, Trigger.SCHEDULE)
 
     def _stamped_changed(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         """A stamped FineTuneJob came, went, finished or was promoted: its schedule looks again
@@ -457,7 +459,7 @@ class Controller:
             return None if o is None else (status.get("phase"), status.get("promotion"))
 
         if old is None or new is None or seen(old) != seen(new):
-            self.enqueue(schedule_key(meta.get("namespace") or "", owner), "stamped")
+            self.enqueue(schedule_key(meta.get("namespace") or "", owner), Trigger.STAMPED)
 
     def _cluster_changed(
         self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None
@@ -479,12 +481,12 @@ class Controller:
             if (kind == "namespaces" and key[0] == name) or (
                 kind == "finetuneprofiles" and wanted in (None, name)
             ):
-                self.enqueue(key, kind[:-1])
+                self.enqueue(key, Trigger.NAMESPACE if kind == "namespaces" else Trigger.PROFILE)
 
     def _progress(self, key: Key, text: str) -> None:
         with self._lock:
             self._texts[key] = text
-        self.enqueue(key, "poll")
+        self.enqueue(key, Trigger.POLL)
 
     def _resync(self) -> None:
         while not self._stop.wait(self.settings.resync_seconds):
@@ -493,7 +495,7 @@ class Controller:
             with self._lock:
                 active = sorted(self._active)
             for key in active:
-                self.enqueue(key, "resync")
+                self.enqueue(key, Trigger.RESYNC)
 
     def forget(self, key: Key) -> None:
         """The FineTuneJob is gone: stop reading its trainer and drop it from the metrics."""
@@ -527,7 +529,7 @@ class Controller:
         """One FineTuneSchedule; it comes back on the queue when its next time is due."""
         _, namespace, name = key
         with self._lock:
-            trigger = self._triggers.pop(key, "retry")
+            trigger = self._triggers.pop(key, Trigger.RETRY)
         try:
             with self.metrics.reconcile_duration.labels(trigger).time():
                 due = reconcile_schedule(self.cached, namespace, name)
@@ -542,7 +544,7 @@ class Controller:
         self.queue.forget(key)
         if due is not None:
             with self._lock:
-                self._triggers.setdefault(key, "timer")
+                self._triggers.setdefault(key, Trigger.TIMER)
             self.queue.add_after(key, due)
         return due
 
@@ -560,7 +562,7 @@ class Controller:
         namespace, name = key
         with self._lock:
             text = self._texts.pop(key, None)
-            trigger = self._triggers.pop(key, "retry")
+            trigger = self._triggers.pop(key, Trigger.RETRY)
         try:
             with self.metrics.reconcile_duration.labels(trigger).time():
                 outcome = reconcile(self.cached, self.settings, namespace, name, metrics_text=text)
@@ -606,9 +608,9 @@ class Controller:
         for key in self.stores["finetunejobs"].names():
             obj = self.stores["finetunejobs"].get(*key)
             phase = ((obj or {}).get("status") or {}).get("phase")
-            self.enqueue(key, "resume" if phase not in FINAL_PHASES else "resume-final")
+            self.enqueue(key, Trigger.RESUME if phase not in FINAL_PHASES else Trigger.RESUME_FINAL)
         for namespace, name in self.stores["finetuneschedules"].names():
-            self.enqueue(schedule_key(namespace, name), "resume")
+            self.enqueue(schedule_key(namespace, name), Trigger.RESUME)
 
     def stats(self) -> dict[str, Any]:
         return {
