@@ -22,7 +22,15 @@ from kubetune.api import (
     child_name,
     make_run_id,
 )
-from kubetune.controller.conditions import FORBIDDEN, State, forbidden, phase_of
+from kubetune.controller.conditions import (
+    FAILED_REASONS,
+    FORBIDDEN,
+    WAITING_REASONS,
+    State,
+    conditions_for,
+    forbidden,
+    phase_of,
+)
 from kubetune.controller.decide import Observed, ObservedJob, Waiting, decide
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import valid_job
@@ -426,3 +434,19 @@ def test_the_terminal_window_writes_the_outcome_once() -> None:
     complete = replace(interim, job=ObservedJob(NAME, complete=True, completion_time=t2))
     second = decide(with_status(job(), first.status), complete, SETTINGS, t2)
     assert second.status == first.status and second.events == []
+
+
+@pytest.mark.parametrize(
+    "reason",
+    sorted(
+        FAILED_REASONS
+        | WAITING_REASONS
+        | {"Succeeded", "Running", "Evaluating", "Queued", "Suspended", "Pending"}
+    ),
+)
+def test_a_states_phase_is_what_its_conditions_read_back(reason: str) -> None:
+    """State.phase (no conditions built, no clock read) agrees with phase_of over the
+    conditions written for the state."""
+    state = State(reason, "m")
+    written = conditions_for(state, [], 1, datetime(2026, 1, 1, tzinfo=UTC))
+    assert state.phase == phase_of(written)

@@ -15,7 +15,7 @@ A condition's lastTransitionTime changes only when its status flips.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from kubetune.api import EXIT_CODES, PHASES, Condition, ExitCode
 
@@ -84,6 +84,20 @@ class State:
     def waiting(self) -> bool:
         return self.reason in WAITING_REASONS
 
+    @property
+    def phase(self) -> str:
+        """The phase a status written for this state shows (what phase_of reads back from the
+        conditions conditions_for writes)."""
+        if self.failed:
+            return "Failed"
+        if self.succeeded:
+            return "Succeeded"
+        if self.running:
+            return self.reason
+        if self.reason in ("Queued", "Suspended"):
+            return self.reason
+        return "Pending"
+
 
 def make_condition(
     kind: str,
@@ -139,11 +153,6 @@ def state_of(conditions: list[Condition]) -> State | None:
     """The state a status was written for (Ready's reason and message), if it has one."""
     ready = next((c for c in conditions if c.type == "Ready"), None)
     return State(ready.reason, ready.message) if ready is not None else None
-
-
-def phase_for(state: State) -> str:
-    """The phase a status written for `state` shows."""
-    return phase_of(conditions_for(state, [], None, datetime.now(UTC)))
 
 
 def phase_of(conditions: list[Condition]) -> str:

@@ -50,7 +50,6 @@ from kubetune.controller.conditions import (
     State,
     conditions_for,
     forbidden,
-    phase_for,
     phase_of,
     state_of,
 )
@@ -358,7 +357,7 @@ def decide(
                 decision.set_suspend = spec.suspend
     if kept is not None:
         new_attempt = observed.pods_started > previous.attempts
-        if forbidden(previous.phase, phase_for(state), new_attempt):
+        if forbidden(previous.phase, state.phase, new_attempt):
             state = kept
     written = [data_hash(obj) for obj in decision.create if obj["kind"] == "ConfigMap"]
     decision.status = _status(

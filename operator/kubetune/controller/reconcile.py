@@ -25,6 +25,7 @@ from kubetune.api import (
     FineTuneJob,
     FineTuneJobStatus,
     FineTuneProfile,
+    FineTuneScheduleStatus,
     ObjectMeta,
     TrainerResult,
     describe_errors,
@@ -109,9 +110,30 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _status_dict(status: FineTuneJobStatus) -> dict[str, Any]:
+def _status_dict(status: FineTuneJobStatus | FineTuneScheduleStatus) -> dict[str, Any]:
     dumped = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     return _finite(dumped)
+
+
+def write_status(
+    raw: dict[str, Any],
+    previous: dict[str, Any],
+    new: dict[str, Any],
+    patch_status: Callable[[str, str, dict[str, Any], str | None], Any],
+) -> bool:
+    """The one status writer of every kind: the merge patch from the status decided from
+    (`previous`, as the model reads it) to the one decided now, with the keys the model does not
+    know (left by an older operator, or garbage) dropped too; written only onto the version
+    decided from (a 409 means it changed meanwhile). True when a patch was written: what a
+    reconcile's Events wait for (an unchanged status announces nothing)."""
+    patch = merge_patch(previous, new)
+    for key in raw.get("status") or {}:
+        if key not in new and key not in patch:
+            patch[key] = None
+    if not patch:
+        return False
+    meta = raw["metadata"]
+    return bool(patch_status(meta["namespace"], meta["name"], patch, meta.get("resourceVersion")))
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -442,19 +464,11 @@ def _apply(
         kube.create(obj)
     if decision.set_suspend is not None and decision.status.job_name:
         kube.set_suspend(namespace, decision.status.job_name, decision.set_suspend)
-    new = _status_dict(decision.status)
-    patch = merge_patch(_status_dict(previous), new)
-    # Keys the model does not know (e.g. left by an older operator) are dropped too.
-    for key in raw.get("status") or {}:
-        if key not in new and key not in patch:
-            patch[key] = None
-    written = False
-    if patch:
-        # Only onto the version this was decided from: a 409 (Conflict) means it changed.
-        written = bool(kube.patch_status(namespace, name, patch, meta.get("resourceVersion")))
-        if written:
-            log.info("status of %s/%s: %s", namespace, name, decision.status.phase)
+    written = write_status(
+        raw, _status_dict(previous), _status_dict(decision.status), kube.patch_status
+    )
     if written:
+        log.info("status of %s/%s: %s", namespace, name, decision.status.phase)
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
     return Outcome(previous, decision.status, written, target)
@@ -507,13 +521,11 @@ def reconcile_schedule(
             decision.status.runs = [r for r in decision.status.runs if r.name != stamped]
             decision.status.active = [n for n in decision.status.active if n != stamped]
             break
-    new = _finite(decision.status.model_dump(by_alias=True, exclude_none=True, mode="json"))
-    patch = merge_patch(raw.get("status") or {}, new)
-    written = not patch
-    if patch:
-        version = raw["metadata"].get("resourceVersion")
-        written = bool(kube.patch_schedule_status(namespace, name, patch, version))
-    if written:
+    try:
+        previous = _status_dict(FineTuneScheduleStatus.model_validate(raw.get("status") or {}))
+    except ValidationError:
+        previous = {}  # garbage: every key of the new status is written, the rest dropped
+    if write_status(raw, previous, _status_dict(decision.status), kube.patch_schedule_status):
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
     return decision.requeue_after
