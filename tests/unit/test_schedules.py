@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.controller.schedules import decide_schedule, stamp_name
+from kubetune.controller.schedules import decide_schedule, refused, stamp_name
 
 TEMPLATE_SPEC = {
     "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -256,3 +256,26 @@ def test_an_invalid_schedule_says_why_and_stamps_nothing(
     assert c.events[0][0] == "InvalidSpec"
     c.tick("2026-11-10T00:01:00")
     assert len(c.events) == 1  # said once
+
+
+def test_a_stamped_job_the_api_server_refuses_stalls_the_schedule_until_the_next_time() -> None:
+    c = Cluster("2026-11-20T12:00:00Z", schedule="0 3 * * 1", timeZone="Europe/Berlin")
+    c.tick("2026-11-20T12:00:01")
+    now = at("2026-11-23T02:00:00")
+    decision = decide_schedule(c.schedule, [], now)
+    (job,) = decision.create
+    name = job["metadata"]["name"]
+    after = refused(
+        decision, c.schedule, name, f"the stamped FineTuneJob {name} was refused: x", now
+    )
+    assert after.create == []
+    assert [e.reason for e in after.events] == ["FailedCreate"]
+    ready, stalled = after.status.conditions
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "False", "FailedCreate")
+    assert (stalled.type, stalled.status, stalled.reason) == ("Stalled", "True", "FailedCreate")
+    assert after.status.active == [] and all(r.name != name for r in after.status.runs)
+    # The time stays used: the next look is at the next time, not a retry of the same refusal.
+    assert after.status.last_schedule_time == now
+    assert after.requeue_after == decision.requeue_after
+    # The decision it came from is unchanged (refused is pure).
+    assert decision.create == [job] and "SuccessfulCreate" in [e.reason for e in decision.events]

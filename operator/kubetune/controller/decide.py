@@ -309,17 +309,22 @@ def decide(
     refusal: State | None = None,
     run_id: str | None = None,
     error: State | None = None,
+    denied: State | None = None,
     template: RunTemplate = NO_PROFILE,
 ) -> Decision:
     """What to do for job given what exists.
 
-    refusal: why the run may not start (InvalidSpec, PolicyViolation, AdmissionDenied); it
-    applies only while the run has no Job. For a spec that cannot be parsed at all, `job` is
-    built with `FineTuneJob.model_construct` (metadata and status only) and refusal is set.
+    refusal: why the run may not start (InvalidSpec, PolicyViolation); it applies only while
+    the run has no Job. For a spec that cannot be parsed at all, `job` is built with
+    `FineTuneJob.model_construct` (metadata and status only) and refusal is set.
     run_id: the run the spec asks for (observe.current_run_id), by default this generation's.
-    error: the operator's own trouble (its RBAC, a missing API), shown as ReconcileError.
+    error: the operator's own trouble (its RBAC, a missing API), shown as ReconcileError; the
+    decision then changes nothing but the status (the caller retries with backoff).
+    denied: the API server refused a child built from the spec (AdmissionDenied): the refusal
+    of the run, and nothing is created again.
     template: what the run's pods get beyond the spec (its profile's, resolved by profiles.py).
     """
+    refusal = denied or refusal
     run_id = run_id or make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
     previous = job.status or FineTuneJobStatus()
     same_run = previous.run_id == run_id
@@ -359,6 +364,11 @@ def decide(
         new_attempt = observed.pods_started > previous.attempts
         if forbidden(previous.phase, state.phase, new_attempt):
             state = kept
+    if denied is not None or error is not None:
+        decision.create.clear()
+    if error is not None:
+        decision.delete.clear()
+        decision.set_suspend = None
     written = [data_hash(obj) for obj in decision.create if obj["kind"] == "ConfigMap"]
     decision.status = _status(
         job, observed, state, run_id, now, error, template, written[0] if written else None

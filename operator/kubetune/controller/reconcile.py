@@ -40,8 +40,8 @@ from kubetune.controller.build import (
     spec_hash,
 )
 from kubetune.controller.cache import DATA_HASH
-from kubetune.controller.conditions import State, make_condition
-from kubetune.controller.decide import Decision, Event, Observed, decide
+from kubetune.controller.conditions import State
+from kubetune.controller.decide import Decision, Observed, decide
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.observe import (
     controlled,
@@ -59,7 +59,7 @@ from kubetune.controller.profiles import (
     select_profile,
     unreadable_refusal,
 )
-from kubetune.controller.schedules import decide_schedule
+from kubetune.controller.schedules import decide_schedule, refused
 from kubetune.controller.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -377,29 +377,25 @@ def reconcile(
     except Rejected as exc:
         # The API server or an admission policy refused a child built from the spec.
         denied = State("AdmissionDenied", f"the API server refused the run: {exc}")
-        decision = decide(
-            job, observed, settings, now, refusal=denied, run_id=run_id, template=template
+        return attempt(
+            decide(job, observed, settings, now, denied=denied, run_id=run_id, template=template)
         )
-        decision.create.clear()
-        return attempt(decision)
     except Misconfigured as exc:
         # Not the user's doing: show it, keep the phase, and let the caller retry with backoff.
         error = State(exc.reason, str(exc))
-        decision = decide(
-            job,
-            observed,
-            settings,
-            now,
-            refusal=refusal,
-            run_id=run_id,
-            error=error,
-            template=template,
-        )
-        decision.create.clear()
-        decision.delete.clear()
-        decision.set_suspend = None
         with suppress(Retry):
-            attempt(decision)
+            attempt(
+                decide(
+                    job,
+                    observed,
+                    settings,
+                    now,
+                    refusal=refusal,
+                    run_id=run_id,
+                    error=error,
+                    template=template,
+                )
+            )
         raise
     if waiting is not None:
         raise Retry(f"run {run_id}'s Job ended; waiting for its trainer's report", waiting)
@@ -501,25 +497,13 @@ def reconcile_schedule(
     decision = decide_schedule(raw, kube.stamped(namespace, name), now)
     for job in decision.delete:
         kube.delete("FineTuneJob", namespace, job)
-    for obj in decision.create:
+    for obj in list(decision.create):
         try:
             kube.create(obj)
         except Rejected as exc:  # the API server refused the stamped FineTuneJob for good
-            problem = f"the stamped FineTuneJob {obj['metadata']['name']} was refused: {exc}"
-            decision.create.remove(obj)
-            decision.events = [e for e in decision.events if e.reason != "SuccessfulCreate"]
-            decision.events.append(Event("Warning", "FailedCreate", problem))
-            # The time stays used (lastScheduleTime): the next try is at the next time, by
-            # which the template may be fixed, not a retry loop against the same refusal.
-            generation = (raw.get("metadata") or {}).get("generation")
-            previous = decision.status.conditions
-            decision.status.conditions = [
-                make_condition("Ready", False, "FailedCreate", problem, previous, generation, now),
-                make_condition("Stalled", True, "FailedCreate", problem, previous, generation, now),
-            ]
             stamped = obj["metadata"]["name"]
-            decision.status.runs = [r for r in decision.status.runs if r.name != stamped]
-            decision.status.active = [n for n in decision.status.active if n != stamped]
+            problem = f"the stamped FineTuneJob {stamped} was refused: {exc}"
+            decision = refused(decision, raw, stamped, problem, now)
             break
     try:
         previous = _status_dict(FineTuneScheduleStatus.model_validate(raw.get("status") or {}))

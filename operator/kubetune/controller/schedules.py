@@ -24,7 +24,7 @@ controllers/cron-jobs/), reading the stamped FineTuneJobs' phases instead of Job
 from __future__ import annotations
 
 import zoneinfo
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -217,6 +217,38 @@ def _ready(
         make_condition("Ready", ok, reason, message, previous, generation, now),
         make_condition("Stalled", not ok, *stalled, previous, generation, now),
     ]
+
+
+def refused(
+    decision: ScheduleDecision, raw: dict[str, Any], stamped: str, problem: str, now: datetime
+) -> ScheduleDecision:
+    """The decision once the API server refused the FineTuneJob stamped as `stamped` for good:
+    no SuccessfulCreate but a FailedCreate Event, Ready=False and Stalled with the reason, and
+    the run out of the status. The time stays used (lastScheduleTime): the next try is at the
+    next time, by which the template may be fixed, not a retry loop against the same refusal."""
+    status = decision.status.model_copy(
+        update={
+            "conditions": _ready(
+                False,
+                "FailedCreate",
+                problem,
+                decision.status.conditions,
+                (raw.get("metadata") or {}).get("generation"),
+                now,
+            ),
+            "runs": [r for r in decision.status.runs if r.name != stamped],
+            "active": [n for n in decision.status.active if n != stamped],
+        }
+    )
+    return replace(
+        decision,
+        create=[o for o in decision.create if o["metadata"]["name"] != stamped],
+        events=[
+            *(e for e in decision.events if e.reason != "SuccessfulCreate"),
+            Event("Warning", "FailedCreate", problem),
+        ],
+        status=status,
+    )
 
 
 def decide_schedule(
