@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from prometheus_client import generate_latest
 
 from kubetune.api import ExitCode, TrainerResult, make_run_id
@@ -68,6 +69,35 @@ def test_metrics_text_becomes_progress_and_stage() -> None:
         progress.eta_seconds,
         progress.updated_at,
     ) == (0.75, 1200.0, 90, NOW)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("<html>not metrics</html>\n{", None, id="not-prometheus-text"),
+        pytest.param("kubetune_trainer_step -3\n", None, id="negative-step"),
+        pytest.param("kubetune_trainer_step 1e300\n", None, id="step-beyond-int64"),
+        pytest.param(
+            "kubetune_trainer_step 4\nkubetune_trainer_total_steps -1\n"
+            "kubetune_trainer_tokens -10\nkubetune_trainer_tokens_per_second -2\n"
+            "kubetune_trainer_epoch -1\nkubetune_trainer_eta_seconds 1e300\n",
+            {"step": 4},
+            id="impossible-values-left-out",
+        ),
+    ],
+)
+def test_what_a_pods_port_answers_never_fails_a_reconcile(
+    text: str, expected: dict[str, int] | None
+) -> None:
+    """Whatever answers on the trainer pod's port (an allowed custom image serves what it
+    likes) is read without raising, and nothing the API would refuse reaches the status."""
+    progress, _ = parse_metrics(text, NOW)
+    if expected is None:
+        assert progress is None
+    else:
+        assert progress is not None
+        dumped = progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+        assert dumped == {**expected, "updatedAt": "2026-11-22T12:00:00Z"}
 
 
 def test_metrics_before_training_show_step_zero_without_a_percentage() -> None:

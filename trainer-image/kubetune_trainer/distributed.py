@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from kubetune.api import ExitCode
 from kubetune.api.wire import Env
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.errors import TrainerError, first_line
 
 T = TypeVar("T")
 
@@ -123,7 +123,7 @@ def on_main(fn: Callable[[], T]) -> T | None:
             broadcast(("error", int(exc.exit_code), str(exc)))
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             broadcast(("error", int(ExitCode.RUNTIME_ERROR), f"{type(exc).__name__}: {first}"))
             raise
         broadcast(("ok", value, ""))

@@ -27,3 +27,8 @@ class DivergedError(TrainerError):
     """The training loss became NaN or infinite; the same settings would diverge again."""
 
     exit_code = ExitCode.DIVERGED
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line message; its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

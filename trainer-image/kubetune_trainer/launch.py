@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kubetune.api import ExitCode, TrainerConfig, TrainerResult
 from kubetune.api.wire import DEFAULT_WORK_DIR, RENDEZVOUS_PORT, Env
+from kubetune_trainer.errors import first_line
 from kubetune_trainer.process import entry, load_config, run_process, setup_logging
 
 log = logging.getLogger("kubetune_trainer")
@@ -179,7 +180,7 @@ def _launch(config: TrainerConfig, path: Path) -> TrainerResult:
         own = [r for r in results if r.exit_code != ExitCode.PEER_LOST and r.outcome == "Failed"]
         return (own or silent or results)[0]
     except Exception as exc:  # the rendezvous: the other pods never came, or rank 0 is gone
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return failed(
             ExitCode.PEER_LOST,
             f"pod {node} could not meet the run's other pods at {endpoint}: "

@@ -35,7 +35,7 @@ from kubetune.api import (
 from kubetune.api.types import DATA_EXTENSIONS
 from kubetune.api.wire import Stage
 from kubetune_trainer import champion, data, distributed, hub, modeling, promotion, storage
-from kubetune_trainer.errors import DataError, SpecError, TrainerError
+from kubetune_trainer.errors import DataError, SpecError, TrainerError, first_line
 from kubetune_trainer.evaluation import GENERATION_METRICS, EvalOutput, evaluate
 from kubetune_trainer.export import (
     Evaluation,
@@ -151,7 +151,7 @@ def run(
         reporter.stage(Stage.FAILED, str(exc))
         result = _failure(config, rank, exc.exit_code, str(exc))
     except Exception as exc:  # a bug or an environment failure: retryable
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         if rank.distributed and distributed.peer_lost(exc):
             log.error("Lost another process of the run: %s", first)
             code, message = ExitCode.PEER_LOST, f"lost another process of the run ({first})"
@@ -186,7 +186,7 @@ def _keep_failure(config: TrainerConfig, result: TrainerResult, workdir: Path) -
                 storage.join(config.output_prefix, LOG_FILE), (workdir / LOG_FILE).read_bytes()
             )
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)[:300]
         log.warning("The failed run's result.json and trainer.log were not stored: %s", first)
 
 
@@ -213,7 +213,7 @@ def finished_run(config: TrainerConfig, promote: bool = True) -> TrainerResult |
             storage.read_bytes(storage.join(run, "result.json"))
         )
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise TrainerError(
             f"run {config.run_id} has a manifest.json but its result.json cannot be read "
             f"({first}): {run}; if the storage is reachable the run's files were changed after "

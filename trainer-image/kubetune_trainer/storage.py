@@ -29,7 +29,7 @@ from obstore.store import from_url
 
 from kubetune.api import CREDENTIAL_ENV
 from kubetune.api.storage_keys import ENDPOINT_KEYS, storage_config
-from kubetune_trainer.errors import SpecError, TrainerError
+from kubetune_trainer.errors import SpecError, TrainerError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def locate(uri: str) -> Location:
     except (ValueError, obstore.exceptions.BaseError) as exc:
         keys = ", ".join(sorted(config)) or "none"
         raise TrainerError(
-            f"cannot use the credentials for {uri} (keys: {keys}): {_first_line(exc)}"
+            f"cannot use the credentials for {uri} (keys: {keys}): {first_line(exc)}"
         ) from exc
 
 
@@ -132,11 +132,11 @@ def whose(uri: str) -> str:
 
 
 def _problem(verb: str, uri: str, exc: BaseException) -> TrainerError:
-    text = f"cannot {verb} {uri}: {_first_line(exc)}"
+    text = f"cannot {verb} {uri}: {first_line(exc)}"
     if isinstance(
         exc, obstore.exceptions.PermissionDeniedError | obstore.exceptions.UnauthenticatedError
     ):
-        text = f"cannot {verb} {uri} with {whose(uri)}: {_first_line(exc)}"
+        text = f"cannot {verb} {uri} with {whose(uri)}: {first_line(exc)}"
     return TrainerError(text)
 
 
@@ -252,11 +252,6 @@ def upload_dir(local: Path, uri: str) -> list[Uploaded]:
         write_bytes(join(uri, rel), data)
         out.append(Uploaded(rel, len(data), hashlib.sha256(data).hexdigest()))
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ class Toleration(ApiModel):
 
 
 MAX_NODES = 64
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 Strategy = Literal["auto", "ddp", "fsdp"]
 
 
@@ -92,6 +93,10 @@ class ResourcesSpec(ApiModel):
     def gpus_per_pod(self) -> int:
         """GPUs of each pod: the field, or 1 when unset (after a profile's default)."""
         return 1 if self.gpus is None else self.gpus
+
+    def gpu_resource(self) -> str:
+        """The extended resource the pods' GPUs are: the field, else nvidia.com/gpu."""
+        return self.gpu_resource_name or DEFAULT_GPU_RESOURCE
 
 
 class DistributedSpec(ApiModel):

@@ -57,7 +57,6 @@ PROFILE_FILE = "profile.json"
 RUN_AS = 1000
 # The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 HF_TOKEN = "HF_TOKEN"  # what huggingface_hub reads
 
 
@@ -195,7 +194,7 @@ def _resources(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         out["requests"] = dict(amounts)
     limits = {k: v for k, v in amounts.items() if k == "memory"}  # CPU limits only throttle
     if gpus := res.gpus_per_pod():
-        limits[res.gpu_resource_name or DEFAULT_GPU_RESOURCE] = str(gpus)
+        limits[res.gpu_resource()] = str(gpus)
     if limits:
         out["limits"] = limits
     return out

@@ -259,7 +259,7 @@ def _status(
             refresh=refresh,
             tokens=result.tokens
             if result and result.tokens is not None
-            else _tokens(progress if state.running else None),
+            else (progress.tokens if progress and state.running else None),
             started=start_time,
             ended=completion if final else None,
             pricing=template.pricing,
@@ -271,10 +271,6 @@ def _status(
     if _dump(status) != _dump(previous):
         status.usage = usage(refresh=True)
     return status
-
-
-def _tokens(progress: Progress | None) -> int | None:
-    return progress.tokens if progress else None
 
 
 def _dump(status: FineTuneJobStatus) -> dict[str, Any]:

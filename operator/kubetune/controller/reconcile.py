@@ -33,7 +33,6 @@ from kubetune.api import (
 )
 from kubetune.controller import notifications, results
 from kubetune.controller.build import (
-    DEFAULT_GPU_RESOURCE,
     RunTemplate,
     build_configmap,
     data_hash,
@@ -345,7 +344,7 @@ def reconcile(
             metrics_text,
             now,
             services=children.get("services", ()),
-            gpu_resource=job.spec.resources.gpu_resource_name or DEFAULT_GPU_RESOURCE,
+            gpu_resource=job.spec.resources.gpu_resource(),
         )
         observed = replace(observed, config_hash=config_hash, stale=(*observed.stale, *foreign))
         if _needs_stored_result(job, observed, run_id):

@@ -37,10 +37,15 @@ class PodRun:
 
 
 def pod_run(
-    pod: dict[str, Any], container: str, gpu_resource: str, started: datetime | None
+    pod: dict[str, Any],
+    container: str,
+    gpu_resource: str,
+    started: datetime | None,
+    finished: datetime | None,
 ) -> PodRun | None:
-    """The trainer container's run in this pod, None before it started.
-    started: the container's startedAt (observe.py reads the container state)."""
+    """The trainer container's run in this pod, None before it started. started, finished: its
+    state's startedAt and finishedAt (observe.py reads the container state); the GPUs and CPU
+    are the container's resources."""
     if started is None:
         return None
     spec = next(
@@ -51,21 +56,12 @@ def pod_run(
     limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
     gpus = limits.get(gpu_resource) or requests.get(gpu_resource) or 0
     cpu = requests.get("cpu") or limits.get("cpu") or 0
-    state = next(
-        (
-            c.get("state") or {}
-            for c in (pod.get("status") or {}).get("containerStatuses") or []
-            if c.get("name") == container
-        ),
-        {},
-    )
-    finished = (state.get("terminated") or {}).get("finishedAt")
     return PodRun(
         name=pod["metadata"]["name"],
         gpus=int(parse_quantity(gpus)),
         cpu=float(parse_quantity(cpu)),
         started_at=started,
-        finished_at=datetime.fromisoformat(finished.replace("Z", "+00:00")) if finished else None,
+        finished_at=finished,
     )
 
 
@@ -142,10 +138,7 @@ def account(
         as_of = max((p.finished_at for p in pods if p.finished_at), default=as_of)
     earlier = kept.earlier
     if folded:
-        last = max(
-            (_order(pod) for pod in folded),
-            default=None,
-        )
+        last = max(_order(pod) for pod in folded)
         if earlier is not None:
             last = max(last, (earlier.last_started_at, earlier.last_pod))
         earlier = EarlierUsage(
