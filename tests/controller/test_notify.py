@@ -31,7 +31,7 @@ from kubetune.api import (
 from kubetune.controller import notifications
 from kubetune.controller.build import spec_hash
 from kubetune.controller.errors import Misconfigured, Retry
-from kubetune.controller.reconcile import reconcile
+from kubetune.controller.finetunejob_controller import reconcile
 from kubetune.controller.settings import OperatorSettings
 from kubetune.notify import signing_key
 from tests.controller.test_reconcile import SETTINGS, FakeKube, ftj

@@ -13,8 +13,9 @@ import pytest
 from kubetune.api import EvalMetrics, ExitCode, FineTuneProfile, MetricsStatus, TrainerResult
 from kubetune.api.wire import JOB_LABEL, RUN_LABEL
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
+from kubetune.controller.finetunejob_controller import reconcile
 from kubetune.controller.kube import classify
-from kubetune.controller.reconcile import merge_patch, reconcile
+from kubetune.controller.patch import merge_patch
 from kubetune.controller.settings import OperatorSettings
 from tests.conftest import valid_job
 

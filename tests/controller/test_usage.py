@@ -21,8 +21,8 @@ from kubetune.api import (
     Usage,
 )
 from kubetune.api.status import MAX_USAGE_PODS
+from kubetune.controller.finetunejob_controller import reconcile
 from kubetune.controller.metrics import OperatorMetrics
-from kubetune.controller.reconcile import reconcile
 from kubetune.controller.usage import PodRun, account, ledger
 from tests.controller.test_reconcile import SETTINGS, FakeKube, ftj
 

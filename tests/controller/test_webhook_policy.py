@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from kubetune.api import WebhookSpec
 from kubetune.controller import notifications
 from kubetune.controller.errors import Retry
-from kubetune.controller.reconcile import reconcile
+from kubetune.controller.finetunejob_controller import reconcile
 from kubetune.controller.settings import OperatorSettings
 from kubetune.notify import Message
 from tests.controller.test_notify import NOW, OPEN, Receiver, notification, promoted_job, result_of

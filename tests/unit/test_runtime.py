@@ -15,8 +15,9 @@ import pytest
 
 from kubetune.api.wire import JOB_LABEL
 from kubetune.controller.cache import TRIM, Informer, Store, trim_pod
-from kubetune.controller.reconcile import reconcile
-from kubetune.controller.runtime import OWNED, CachedKube, Scraper
+from kubetune.controller.cached import OWNED, CachedKube
+from kubetune.controller.finetunejob_controller import reconcile
+from kubetune.controller.scraper import Scraper
 from kubetune.controller.settings import OperatorSettings
 from kubetune.controller.workqueue import WorkQueue
 from tests.conftest import valid_job

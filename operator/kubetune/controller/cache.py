@@ -216,15 +216,15 @@ class Store:
             old = self._put(key, trimmed)
             return old, trimmed
 
-    def assume(self, obj: dict[str, Any]) -> bool:
-        """The answer to the operator's own write, unless the store already has a later state."""
+    def assume(self, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]] | None:
+        """The answer to the operator's own write, unless the store already has a later state;
+        returns (old, new) as stored before and after, or None: nothing changed."""
         trimmed = TRIM[self.kind](obj)
         key = _key(trimmed)
         with self._lock:
             if not newer(trimmed, self._objects.get(key)):
-                return False
-            self._put(key, trimmed)
-            return True
+                return None
+            return self._put(key, trimmed), trimmed
 
     def forget(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:

@@ -346,7 +346,7 @@ def decide(
         elif current is not None and not ended and not current.deleting:
             own = ("ConfigMap", child_name(job.metadata.name, run_id))
             if not observed.configmap and own in observed.stale:
-                # Someone else's under the run's name, deleted now (reconcile.py): the operator's
+                # Someone else's under the run's name, deleted now (finetunejob_controller.py): the operator's
                 # goes back, for a restarted pod to mount. (One that merely vanished, as when
                 # the garbage collector removes a deleted job's children, is left gone.)
                 decision.create.append(build_configmap(job, run_id, settings, template))

@@ -22,10 +22,12 @@ from typing import Any
 
 import kopf
 
+from kubetune.controller.finetunejob_controller import FineTuneJobController
 from kubetune.controller.kube import Kube, load_client
 from kubetune.controller.leader import elect
 from kubetune.controller.metrics import OperatorMetrics
-from kubetune.controller.runtime import Controller
+from kubetune.controller.runtime import Runtime
+from kubetune.controller.schedule_controller import ScheduleController
 from kubetune.controller.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -38,17 +40,17 @@ def build_registry(
     client: Any = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    controller = Controller(kube, operator_settings, metrics)
+    runtime = Runtime(kube, operator_settings, metrics, [FineTuneJobController, ScheduleController])
 
     @kopf.on.startup(registry=registry)
     def start(settings: kopf.OperatorSettings, **_: Any) -> None:  # kopf's own settings
         settings.posting.enabled = False
         settings.scanning.disabled = True  # kopf watches nothing: no CRD or namespace scans
-        controller.start()
+        runtime.start()
         if operator_settings.leader_election:
-            elect(client, operator_settings, lambda: _lead(controller), _lost)
+            elect(client, operator_settings, runtime.lead, _lost)
         else:
-            _lead(controller)
+            runtime.lead()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -56,18 +58,13 @@ def build_registry(
 
     @kopf.on.probe(id="runtime", registry=registry)
     def probe(**_: Any) -> dict[str, Any]:
-        return controller.stats()
+        return runtime.stats()
 
     @kopf.on.cleanup(registry=registry)
     def stop(**_: Any) -> None:
-        controller.stop()
+        runtime.stop()
 
     return registry
-
-
-def _lead(controller: Controller) -> None:
-    controller.requeue_all()
-    controller.leading.set()
 
 
 def _lost() -> None:

@@ -1,18 +1,29 @@
-"""One reconcile of one FineTuneJob: read → parse → policy → observe → decide → apply.
+"""The FineTuneJob controller: its reconcile, its I/O, and the events that wake it.
 
+One reconcile of one FineTuneJob: read → parse → profile and policy → observe → decide → apply.
 Level-based: it reads the FineTuneJob and its children (from the operator's watch-fed caches,
-runtime.CachedKube) every time, so every trigger (a FineTuneJob or child changed, start-up, a
-trainer's progress, a resync) runs the same code and running it twice is harmless. The I/O goes
-through a `KubeIO` and, for a finished run whose pod is gone, results.py; deciding is pure
-(policy.py, observe.py, decide.py). The trainer's metrics are read by the caller (the scraper)
-and passed in.
+cached.CachedKube) every time, so every trigger runs the same code and running it twice is
+harmless. The I/O goes through a `FineTuneJobIO` and, for a finished run whose pod is gone,
+results.py; deciding is pure (profiles.py, policy.py, observe.py, decide.py).
+
+What wakes it (`FineTuneJobController.wakes`; the trigger label in parentheses):
+- a FineTuneJob added (added), deleted, its spec changed (generation), its deletionTimestamp
+  set, or its status changed by someone else (finetunejob); the operator's own status writes
+  wake nothing, but a FineTuneJob the operator stamped from a schedule is reconciled (added);
+- any change, seen on the watch, of a Job, Pod, ConfigMap or Service labelled as its child
+  (child);
+- a FineTuneProfile changed (finetuneprofile) or a namespace's labels (namespace): the runs
+  that are not final and may wait on it (a run that started keeps its pinned profile);
+- its trainer's metrics, when the scraper (scraper.py) saw a new step or stage (poll); the
+  text read is handed to the reconcile, which reads no trainer itself;
+- the runtime's resync while it is not final, retries, start-up (runtime.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,12 +36,12 @@ from kubetune.api import (
     FineTuneJob,
     FineTuneJobStatus,
     FineTuneProfile,
-    FineTuneScheduleStatus,
     ObjectMeta,
     TrainerResult,
     describe_errors,
     make_run_id,
 )
+from kubetune.api.wire import JOB_LABEL
 from kubetune.controller import notifications, results
 from kubetune.controller.build import (
     RunTemplate,
@@ -39,9 +50,11 @@ from kubetune.controller.build import (
     spec_hash,
 )
 from kubetune.controller.cache import DATA_HASH
+from kubetune.controller.cached import CHILDREN, CachedKube
 from kubetune.controller.conditions import State
 from kubetune.controller.decide import Decision, Observed, decide
-from kubetune.controller.errors import Misconfigured, Rejected, Retry
+from kubetune.controller.errors import Conflict, Misconfigured, Rejected, Retry
+from kubetune.controller.metrics import OperatorMetrics, Trigger
 from kubetune.controller.observe import (
     controlled,
     current_run_id,
@@ -50,6 +63,7 @@ from kubetune.controller.observe import (
     run_configmap,
     running_pod,
 )
+from kubetune.controller.patch import finite, status_dict, write_status
 from kubetune.controller.policy import policy_problems
 from kubetune.controller.profiles import (
     Resolution,
@@ -58,7 +72,8 @@ from kubetune.controller.profiles import (
     select_profile,
     unreadable_refusal,
 )
-from kubetune.controller.schedules import decide_schedule, refused
+from kubetune.controller.runtime import Enqueue, Object, Request, Result
+from kubetune.controller.scraper import Scraper
 from kubetune.controller.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -66,8 +81,9 @@ log = logging.getLogger("kubetune.operator")
 ResultReader = Callable[[str, str, dict[str, str]], TrainerResult | None]
 
 
-class KubeIO(Protocol):
-    """What reconcile needs from the API layer (kube.Kube; a fake in unit tests)."""
+class FineTuneJobIO(Protocol):
+    """What a FineTuneJob's reconcile needs from the API layer (cached.CachedKube; a fake in
+    unit tests)."""
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, job_name: str) -> dict[str, list[dict[str, Any]]]: ...
@@ -98,54 +114,7 @@ class Outcome:
         return self.after.phase in FINAL_PHASES
 
 
-def _finite(value: Any) -> Any:
-    """JSON (and so the API server) has no NaN or infinity: such a number becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _status_dict(status: FineTuneJobStatus | FineTuneScheduleStatus) -> dict[str, Any]:
-    dumped = status.model_dump(by_alias=True, exclude_none=True, mode="json")
-    return _finite(dumped)
-
-
-def write_status(
-    raw: dict[str, Any],
-    previous: dict[str, Any],
-    new: dict[str, Any],
-    patch_status: Callable[[str, str, dict[str, Any], str | None], Any],
-) -> bool:
-    """The one status writer of every kind: the merge patch from the status decided from
-    (`previous`, as the model reads it) to the one decided now, with the keys the model does not
-    know (left by an older operator, or garbage) dropped too; written only onto the version
-    decided from (a 409 means it changed meanwhile). True when a patch was written: what a
-    reconcile's Events wait for (an unchanged status announces nothing)."""
-    patch = merge_patch(previous, new)
-    for key in raw.get("status") or {}:
-        if key not in new and key not in patch:
-            patch[key] = None
-    if not patch:
-        return False
-    meta = raw["metadata"]
-    return bool(patch_status(meta["namespace"], meta["name"], patch, meta.get("resourceVersion")))
-
-
-def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch (RFC 7386) that turns old into new."""
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(old.get(key), dict):
-            nested = merge_patch(old[key], value)
-            if nested:
-                patch[key] = nested
-        elif old.get(key) != value:
-            patch[key] = value
-    return patch
+KIND = "finetunejobs"
 
 
 def _previous_status(raw: dict[str, Any]) -> FineTuneJobStatus:
@@ -199,7 +168,7 @@ def _report_on_its_way(observed: Observed, now: datetime) -> float | None:
 
 
 def _stored_result(
-    kube: KubeIO, job: FineTuneJob, run_id: str, read_result: ResultReader
+    kube: FineTuneJobIO, job: FineTuneJob, run_id: str, read_result: ResultReader
 ) -> TrainerResult | None:
     output = job.spec.output
     credentials: dict[str, str] = {}
@@ -220,7 +189,7 @@ def _stored_result(
 
 
 def _resolve(
-    kube: KubeIO,
+    kube: FineTuneJobIO,
     job: FineTuneJob,
     pinned: dict[str, Any] | None,
     settings: OperatorSettings,
@@ -252,7 +221,7 @@ def _own_configmap(
     configmap: dict[str, Any] | None,
     previous: FineTuneJobStatus,
     settings: OperatorSettings,
-    kube: KubeIO,
+    kube: FineTuneJobIO,
 ) -> tuple[Resolution, str | None]:
     """The job resolved, and the hash of the run's ConfigMap when its contents are the
     operator's: the hash status.configHash recorded for this run, or (status not written yet,
@@ -272,7 +241,7 @@ def _own_configmap(
 
 
 def reconcile(
-    kube: KubeIO,
+    kube: FineTuneJobIO,
     settings: OperatorSettings,
     namespace: str,
     name: str,
@@ -405,7 +374,7 @@ def reconcile(
 
 
 def _announce(
-    kube: KubeIO,
+    kube: FineTuneJobIO,
     raw: dict[str, Any],
     job: FineTuneJob,
     status: FineTuneJobStatus,
@@ -429,7 +398,7 @@ def _announce(
     else:
         error = notifications.deliver(kube, hook, job, status, run_spec_hash, note, now, settings)
         note = notifications.after_attempt(note, error, now, settings)
-    patch = {"promotion": {"notification": _finite(note.model_dump(by_alias=True, mode="json"))}}
+    patch = {"promotion": {"notification": finite(note.model_dump(by_alias=True, mode="json"))}}
     kube.patch_status(namespace, name, patch)
     if note.state == "Delivered":
         log.info("promotion of %s/%s announced (%s)", namespace, name, note.id)
@@ -444,7 +413,7 @@ def _announce(
 
 
 def _apply(
-    kube: KubeIO,
+    kube: FineTuneJobIO,
     raw: dict[str, Any],
     previous: FineTuneJobStatus,
     decision: Decision,
@@ -460,7 +429,7 @@ def _apply(
     if decision.set_suspend is not None and decision.status.job_name:
         kube.set_suspend(namespace, decision.status.job_name, decision.set_suspend)
     written = write_status(
-        raw, _status_dict(previous), _status_dict(decision.status), kube.patch_status
+        raw, status_dict(previous), status_dict(decision.status), kube.patch_status
     )
     if written:
         log.info("status of %s/%s: %s", namespace, name, decision.status.phase)
@@ -469,46 +438,117 @@ def _apply(
     return Outcome(previous, decision.status, written, target)
 
 
-class ScheduleIO(Protocol):
-    """What a schedule's reconcile needs from the API layer (runtime.CachedKube)."""
+class FineTuneJobController:
+    """The FineTuneJob controller as the runtime runs it: the reconcile above, the events that
+    wake it, and the scraper that reads its running trainers."""
 
-    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None: ...
-    def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
-    def create(self, obj: dict[str, Any]) -> None: ...
-    def delete(self, kind: str, namespace: str, name: str) -> None: ...
-    def patch_schedule_status(
-        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
-    ) -> Any: ...
-    def event(
-        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
-    ) -> None: ...
+    kind = KIND
 
+    def __init__(
+        self,
+        cached: CachedKube,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics,
+        enqueue: Enqueue,
+    ) -> None:
+        self.cached = cached
+        self.settings = settings
+        self.metrics = metrics
+        self.enqueue = enqueue
+        self._texts: dict[tuple[str, str], str] = {}  # the newest metrics read, by FineTuneJob
+        self._lock = threading.Lock()
+        self.scraper = Scraper(
+            cached.kube.metrics,
+            self._progress,
+            interval=settings.progress_poll_seconds,
+            rate=settings.progress_scrapes_per_second,
+            concurrency=settings.progress_scrape_concurrency,
+        )
 
-def reconcile_schedule(
-    kube: ScheduleIO, namespace: str, name: str, now: datetime | None = None
-) -> float | None:
-    """One FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides, write its
-    status; returns the seconds until it is due again (None: only a change wakes it)."""
-    raw = kube.get_schedule(namespace, name)
-    if raw is None:
-        return None
-    now = now or datetime.now(UTC)
-    decision = decide_schedule(raw, kube.stamped(namespace, name), now)
-    for job in decision.delete:
-        kube.delete("FineTuneJob", namespace, job)
-    for obj in list(decision.create):
+    def start(self) -> None:
+        self.scraper.start()
+
+    def stop(self) -> None:
+        self.scraper.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"scraping": len(self.scraper)}
+
+    def resume(self, obj: Object) -> Trigger:
+        phase = (obj.get("status") or {}).get("phase")
+        return Trigger.RESUME_FINAL if phase in FINAL_PHASES else Trigger.RESUME
+
+    def wakes(
+        self, kind: str, old: Object | None, new: Object | None, own: bool
+    ) -> Iterator[tuple[Request, Trigger]]:
+        obj = new if new is not None else old
+        meta = (obj or {}).get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        if kind in CHILDREN:
+            owner = (meta.get("labels") or {}).get(JOB_LABEL)
+            if owner and not own:
+                yield Request(KIND, namespace, owner), Trigger.CHILD
+        elif kind == KIND:
+            if own:
+                if old is None and new is not None:  # stamped by a schedule
+                    yield Request(KIND, namespace, name), Trigger.ADDED
+                return
+            before = (old or {}).get("metadata") or {}
+            if (
+                old is None
+                or new is None
+                or before.get("generation") != meta.get("generation")
+                or before.get("deletionTimestamp") != meta.get("deletionTimestamp")
+                or (old.get("status") or {}) != (new.get("status") or {})
+            ):
+                trigger = Trigger.ADDED if old is None else Trigger.FINETUNEJOB
+                yield Request(KIND, namespace, name), trigger
+        elif kind == "namespaces":
+            before = ((old or {}).get("metadata") or {}).get("labels")
+            if old is not None and new is not None and before != meta.get("labels"):
+                yield from self._waiting(lambda key, _: key[0] == name, Trigger.NAMESPACE)
+        elif kind == "finetuneprofiles":
+            yield from self._waiting(lambda _, wanted: wanted in (None, name), Trigger.PROFILE)
+
+    def _waiting(
+        self, affected: Callable[[tuple[str, str], Any], bool], trigger: Trigger
+    ) -> Iterator[tuple[Request, Trigger]]:
+        """The runs that are not final and `affected` (by their key and spec.profile): a run
+        that exists keeps its pinned profile, but one that may not have started because of a
+        profile or a namespace's labels is looked at again."""
+        store = self.cached.stores[KIND]
+        for key in store.names():
+            obj = store.get(*key) or {}
+            if ((obj.get("status") or {}).get("phase")) in FINAL_PHASES:
+                continue
+            if affected(key, (obj.get("spec") or {}).get("profile")):
+                yield Request(KIND, *key), trigger
+
+    def _progress(self, key: tuple[str, str], text: str) -> None:
+        with self._lock:
+            self._texts[key] = text
+        self.enqueue(Request(KIND, *key), Trigger.POLL)
+
+    def refresh(self, namespace: str, name: str) -> None:
+        self.cached.refresh(namespace, name)
+
+    def reconcile(self, namespace: str, name: str) -> Result | None:
+        key = (namespace, name)
+        with self._lock:
+            text = self._texts.pop(key, None)
         try:
-            kube.create(obj)
-        except Rejected as exc:  # the API server refused the stamped FineTuneJob for good
-            stamped = obj["metadata"]["name"]
-            problem = f"the stamped FineTuneJob {stamped} was refused: {exc}"
-            decision = refused(decision, raw, stamped, problem, now)
-            break
-    try:
-        previous = _status_dict(FineTuneScheduleStatus.model_validate(raw.get("status") or {}))
-    except ValidationError:
-        previous = {}  # garbage: every key of the new status is written, the rest dropped
-    if write_status(raw, previous, _status_dict(decision.status), kube.patch_schedule_status):
-        for event in decision.events:
-            kube.event(raw, event.type, event.reason, event.message, now)
-    return decision.requeue_after
+            outcome = reconcile(self.cached, self.settings, namespace, name, metrics_text=text)
+        except Conflict:
+            if text is not None:  # read again with the next try, unless a newer one came
+                with self._lock:
+                    self._texts.setdefault(key, text)
+            raise
+        if outcome is None:  # gone: stop reading its trainer and drop it from the metrics
+            with self._lock:
+                self._texts.pop(key, None)
+            self.scraper.set(key, None)
+            self.metrics.forget(namespace, name)
+            return None
+        self.scraper.set(key, outcome.metrics_target)
+        self.metrics.observe(namespace, name, outcome.before, outcome.after, outcome.status_written)
+        return Result(resync=not outcome.final)

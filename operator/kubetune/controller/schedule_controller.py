@@ -1,0 +1,143 @@
+"""The FineTuneSchedule controller: its reconcile, its I/O, and the events that wake it.
+
+One reconcile of one FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides
+(pure), write the schedule's status, and come back when its next time is due.
+
+What wakes it (`ScheduleController.wakes`; the trigger label in parentheses):
+- the schedule added, its spec changed (generation), or its status changed by someone else
+  (schedule); its own status writes wake nothing, and a deleted schedule nothing either (the
+  garbage collector deletes what it stamped);
+- a FineTuneJob it stamped came, went, finished or was promoted (stamped): its phase or
+  promotion changed, whether the watch saw it or the operator wrote it (not at every progress
+  write), except its own stamping;
+- its next scheduled time (timer): the reconcile's Result.requeue_after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from kubetune.api import SCHEDULE_LABEL, FineTuneScheduleStatus
+from kubetune.controller.cached import CachedKube
+from kubetune.controller.errors import Rejected
+from kubetune.controller.metrics import OperatorMetrics, Trigger
+from kubetune.controller.patch import status_dict, write_status
+from kubetune.controller.runtime import Enqueue, Object, Request, Result
+from kubetune.controller.schedules import decide_schedule, refused
+from kubetune.controller.settings import OperatorSettings
+
+KIND = "finetuneschedules"
+
+
+class ScheduleIO(Protocol):
+    """What a schedule's reconcile needs from the API layer (cached.CachedKube; a fake in
+    unit tests)."""
+
+    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+    def create(self, obj: dict[str, Any]) -> None: ...
+    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+    def patch_schedule_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+    ) -> Any: ...
+    def event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
+    ) -> None: ...
+
+
+def reconcile(
+    kube: ScheduleIO, namespace: str, name: str, now: datetime | None = None
+) -> float | None:
+    """One FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides, write its
+    status; returns the seconds until it is due again (None: only a change wakes it)."""
+    raw = kube.get_schedule(namespace, name)
+    if raw is None:
+        return None
+    now = now or datetime.now(UTC)
+    decision = decide_schedule(raw, kube.stamped(namespace, name), now)
+    for job in decision.delete:
+        kube.delete("FineTuneJob", namespace, job)
+    for obj in list(decision.create):
+        try:
+            kube.create(obj)
+        except Rejected as exc:  # the API server refused the stamped FineTuneJob for good
+            stamped = obj["metadata"]["name"]
+            problem = f"the stamped FineTuneJob {stamped} was refused: {exc}"
+            decision = refused(decision, raw, stamped, problem, now)
+            break
+    try:
+        previous = status_dict(FineTuneScheduleStatus.model_validate(raw.get("status") or {}))
+    except ValidationError:
+        previous = {}  # garbage: every key of the new status is written, the rest dropped
+    if write_status(raw, previous, status_dict(decision.status), kube.patch_schedule_status):
+        for event in decision.events:
+            kube.event(raw, event.type, event.reason, event.message, now)
+    return decision.requeue_after
+
+
+class ScheduleController:
+    """The FineTuneSchedule controller as the runtime runs it."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        cached: CachedKube,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics,
+        enqueue: Enqueue,
+    ) -> None:
+        self.cached = cached
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def resume(self, obj: Object) -> Trigger:
+        return Trigger.RESUME
+
+    def wakes(
+        self, kind: str, old: Object | None, new: Object | None, own: bool
+    ) -> Iterator[tuple[Request, Trigger]]:
+        obj = new if new is not None else old
+        meta = (obj or {}).get("metadata") or {}
+        namespace = meta.get("namespace") or ""
+        if kind == KIND:
+            if own or new is None:
+                return
+            before = (old or {}).get("metadata") or {}
+            if (
+                old is None
+                or before.get("generation") != meta.get("generation")
+                or (old.get("status") or {}) != (new.get("status") or {})
+            ):
+                yield Request(KIND, namespace, meta.get("name") or ""), Trigger.SCHEDULE
+        elif kind == "finetunejobs":
+            owner = (meta.get("labels") or {}).get(SCHEDULE_LABEL)
+            if not owner or (own and old is None):  # not stamped, or just stamped by it
+                return
+            if old is None or new is None or _seen(old) != _seen(new):
+                yield Request(KIND, namespace, owner), Trigger.STAMPED
+
+    def refresh(self, namespace: str, name: str) -> None:
+        self.cached.refresh_schedule(namespace, name)
+
+    def reconcile(self, namespace: str, name: str) -> Result | None:
+        if self.cached.get_schedule(namespace, name) is None:
+            return None
+        return Result(requeue_after=reconcile(self.cached, namespace, name))
+
+
+def _seen(job: Object) -> tuple[Any, ...]:
+    """What a schedule looks at in a run it stamped."""
+    status = job.get("status") or {}
+    return status.get("phase"), status.get("promotion")
