@@ -9,11 +9,13 @@ import json
 import random
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kubetune.api import EvalMetrics, ExitCode, GateSpec, PromotionRecord
+from kubetune.api import EvalMetrics, ExitCode, GateSpec, PromotionRecord, TrainerResult
 from kubetune_trainer import promotion, storage
 from kubetune_trainer.errors import SpecError
 from tests.unit import fake_gcs
@@ -199,3 +201,91 @@ def test_a_corrupt_latest_json_is_a_spec_error_naming_the_uri(
     with pytest.raises(SpecError):
         promote(output, "aaaaaaaa", 0.1)  # never overwritten unread
     assert storage.read_bytes(uri) == content
+
+
+# -- settle: a run's whole way to latest.json, on file:// -------------------------------------
+
+
+def _result(run_id: str, promoted: bool = True) -> TrainerResult:
+    outcome = "Succeeded" if promoted else "GatesFailed"
+    code = ExitCode.SUCCEEDED if promoted else ExitCode.GATES_FAILED
+    return TrainerResult(
+        run_id=run_id, outcome=outcome, exit_code=code, message="", promoted=promoted
+    )
+
+
+class Published:
+    """The export stage's side, recorded: each write (result, why) and each publish."""
+
+    def __init__(self, output: str, run_id: str, loss: float, rival: tuple[str, float] | None):
+        self.output, self.rival = output, rival
+        self.decide = promotion.decider(run_id, GATES, EvalMetrics(loss=loss), None)
+        self.writes: list[tuple[TrainerResult, str]] = []
+        self.publishes: list[tuple[str | None, tuple[str, ...]]] = []
+
+    def publish(
+        self, rec: PromotionRecord | None, only: tuple[str, ...]
+    ) -> promotion.Outcome | None:
+        self.publishes.append((rec.run_id if rec else None, only))
+        if rec is None:
+            return None
+        if self.rival is not None:  # a run promoted between the check and this write
+            promote(self.output, *self.rival)
+        return promotion.promote(self.output, rec, self.decide)
+
+    def files(self) -> promotion.RunFiles:
+        return promotion.RunFiles(
+            write=lambda res, why: self.writes.append((res, why)),
+            publish=self.publish,
+            lost=lambda why: _result("bbbbbbbb", promoted=False).model_copy(
+                update={"message": why}
+            ),
+        )
+
+
+WHEN = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+def _settle(output: str, loss: float, rival: tuple[str, float] | None) -> tuple[Any, Published]:
+    io = Published(output, "bbbbbbbb", loss, rival)
+    settled = promotion.settle(
+        output,
+        "bbbbbbbb",
+        _result("bbbbbbbb"),
+        "",
+        lambda res: record(res.run_id, loss).model_copy(update={"promoted_at": WHEN}),
+        io.files(),
+    )
+    return settled, io
+
+
+def test_a_run_that_wins_is_published_once_and_names_what_it_replaced(tmp_path: Path) -> None:
+    output = (tmp_path / "out").as_uri()
+    promote(output, "aaaaaaaa", 0.5)
+    settled, io = _settle(output, 0.4, None)
+    assert settled.promoted and settled.previous_run_id == "aaaaaaaa"
+    assert settled.promoted_at == WHEN
+    assert io.publishes == [("bbbbbbbb", ())]
+    assert [w[0] for w in io.writes] == [settled]
+
+
+def test_a_run_that_loses_the_race_says_so_in_its_own_files_published_again(
+    tmp_path: Path,
+) -> None:
+    output = (tmp_path / "out").as_uri()
+    settled, io = _settle(output, 0.5, ("cccccccc", 0.3))
+    assert not settled.promoted
+    assert "run cccccccc was promoted meanwhile with a better loss" in settled.message
+    assert io.publishes == [("bbbbbbbb", ()), (None, promotion.RESULT_FILES)]
+    assert io.writes[-1] == (settled, settled.message)
+    assert promotion.read_champion(output).record.run_id == "cccccccc"
+
+
+def test_a_run_that_still_wins_over_a_run_promoted_meanwhile_names_that_run(
+    tmp_path: Path,
+) -> None:
+    output = (tmp_path / "out").as_uri()
+    settled, io = _settle(output, 0.2, ("cccccccc", 0.3))
+    assert settled.promoted and settled.previous_run_id == "cccccccc"
+    assert io.publishes == [("bbbbbbbb", ()), (None, promotion.RESULT_FILES)]
+    assert io.writes[-1] == (settled, "")

@@ -26,7 +26,6 @@ from kubetune.api import (
     ExitCode,
     GateResult,
     MetricsStatus,
-    PromotionRecord,
     RegressionMetrics,
     TrainerConfig,
     TrainerResult,
@@ -720,47 +719,21 @@ def _export(
             staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, res, why
         )
 
-    record = None
-    if result.promoted:
-        # What the promotion will say, in the run's own result too (the operator announces it
-        # from there): when, and the run it replaces (looked up now; checked again below).
-        record = latest_record(config, result)
-        current = promotion.read_champion(config.spec.output.uri).record
-        result = result.model_copy(
-            update={
-                "promoted_at": record.promoted_at,
-                "previous_run_id": _other_run(current, config.run_id),
-            }
-        )
-    write(result, superseded)
     if (workdir / LOG_FILE).exists():
         shutil.copyfile(workdir / LOG_FILE, staging / LOG_FILE)  # the log up to the upload
-    promoted = publish(staging, config, record, decide)
-    if promoted is not None and not promoted.promoted:
-        # A better run was promoted in the moment between the check and the write: say so in
-        # the run's own files, and the manifest again, last.
-        superseded = promoted.reason
-        lost = _result(config, outcome, evaluation, gates, merged, superseded)
-        result = lost.model_copy(update={"warnings": result.warnings})
-        write(result, superseded)
-        publish(staging, config, None, decide, only=RESULT_FILES)
-    elif (
-        promoted is not None
-        and (previous := _other_run(promoted.previous, config.run_id)) != result.previous_run_id
-    ):
-        # Another run was promoted in that moment and this one still replaced it.
-        result = result.model_copy(update={"previous_run_id": previous})
-        write(result, superseded)
-        publish(staging, config, None, decide, only=RESULT_FILES)
-    return result
-
-
-def _other_run(record: PromotionRecord | None, run_id: str) -> str | None:
-    """The run a promotion replaces: the champion's, unless it is this run itself (a resume)."""
-    return record.run_id if record is not None and record.run_id != run_id else None
-
-
-RESULT_FILES = ("result.json", "report.md", "metrics.json", "eval_samples.jsonl")
+    files = promotion.RunFiles(
+        write=write,
+        publish=lambda record, only: publish(staging, config, record, decide, only=only),
+        lost=lambda why: _result(config, outcome, evaluation, gates, merged, why),
+    )
+    return promotion.settle(
+        spec.output.uri,
+        config.run_id,
+        result,
+        superseded,
+        lambda res: latest_record(config, res),
+        files,
+    )
 
 
 def _result(

@@ -17,6 +17,11 @@ Between two runs promoting at once, the better one stays promoted: after a confl
 re-reads the new champion and promotes itself only if it still beats that champion on the
 deciding metric (the metric of its first gate that compares with the promoted run), keeping it
 otherwise; with no such gate, the later run wins.
+
+A run's whole way there (`settle`): decided before its models are saved (a run that already
+lost merges nothing), its files published, latest.json written conditionally, and its own
+files rewritten and published again when a run promoted in the moment between decided
+otherwise, so that result.json never claims a promotion latest.json does not show.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from urllib.parse import urlsplit
 import obstore
 from pydantic import ValidationError
 
-from kubetune.api import EvalMetrics, GateSpec, PromotionRecord, latest_uri
+from kubetune.api import EvalMetrics, GateSpec, PromotionRecord, TrainerResult, latest_uri
 from kubetune_trainer import storage
 from kubetune_trainer.errors import SpecError
 from kubetune_trainer.gates import improvement, metric_value
@@ -148,3 +153,67 @@ def decider(run_id: str, gates: list[GateSpec], tuned: EvalMetrics, judged: str 
         )
 
     return decide
+
+
+def other_run(record: PromotionRecord | None, run_id: str) -> str | None:
+    """The run a promotion replaces: the champion's, unless it is this run itself (a resume)."""
+    return record.run_id if record is not None and record.run_id != run_id else None
+
+
+Publish = Callable[[PromotionRecord | None, tuple[str, ...]], Outcome | None]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What the race needs from the export stage, which owns the run's files."""
+
+    # The run's own files (result.json, report.md, ...) staged from a result, and why a run
+    # promoted meanwhile kept latest.json ("": none did).
+    write: Callable[[TrainerResult, str], None]
+    # The staged files uploaded (only these names, when given; the manifest always), then,
+    # with a record, latest.json written by `promote`; its Outcome, None without a record.
+    publish: Publish
+    # The result of this run once it lost latest.json to a better run, and why.
+    lost: Callable[[str], TrainerResult]
+
+
+def settle(
+    output_uri: str,
+    run_id: str,
+    result: TrainerResult,
+    superseded: str,
+    record: Callable[[TrainerResult], PromotionRecord],
+    files: RunFiles,
+) -> TrainerResult:
+    """The run published and, when its result says promoted, made the promoted run: its
+    result first says what the promotion will (when, and the run it replaces, read now); the
+    files are written and published, then latest.json conditionally. If a better run took
+    latest.json in the moment between, or another run was promoted then and this one still
+    replaced it, the run's own files say so and are published again, the manifest last.
+    Returns the result as published."""
+    promoting = None
+    if result.promoted:
+        promoting = record(result)
+        current = read_champion(output_uri).record
+        update = {
+            "promoted_at": promoting.promoted_at,
+            "previous_run_id": other_run(current, run_id),
+        }
+        result = result.model_copy(update=update)
+    files.write(result, superseded)
+    outcome = files.publish(promoting, ())
+    if outcome is None:
+        return result
+    if not outcome.promoted:
+        result = files.lost(outcome.reason).model_copy(update={"warnings": result.warnings})
+        files.write(result, outcome.reason)
+    elif (previous := other_run(outcome.previous, run_id)) != result.previous_run_id:
+        result = result.model_copy(update={"previous_run_id": previous})
+        files.write(result, superseded)
+    else:
+        return result
+    files.publish(None, RESULT_FILES)
+    return result
+
+
+RESULT_FILES = ("result.json", "report.md", "metrics.json", "eval_samples.jsonl")
