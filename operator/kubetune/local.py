@@ -18,7 +18,6 @@ import secrets
 import socket
 import sys
 import threading
-import time
 import urllib.request
 from contextlib import closing
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from kubetune.api import (
     TrainerConfig,
     TrainerResult,
     spec_hash,
+    stamp,
 )
 from kubetune.api.wire import CONFIG_FILE, Env, Stage
 from kubetune.manifests import (
@@ -43,7 +43,6 @@ from kubetune.manifests import (
     Loader,
     RawDocument,
     read_documents,
-    stamped_job,
     validate_document,
 )
 
@@ -159,20 +158,13 @@ def load_job(path: str, name: str | None, overrides: dict[str, Any]) -> FineTune
 
 
 def _stamped(raw: RawDocument) -> RawDocument:
-    """The FineTuneJob a FineTuneSchedule's template stamps (named as a stamp for now), after
-    the schedule itself is validated (its problems keep their lines)."""
+    """The FineTuneJob a FineTuneSchedule's template stamps for now (api.stamp: the operator's
+    stamp), after the schedule itself is validated (its problems keep their lines)."""
     checked = validate_document(raw.data, raw.node, raw.doc)
     if checked.problems or checked.schedule is None:
         raise ValidationProblems([str(p) for p in checked.problems])
-    job = stamped_job(checked.schedule)
-    name = f"{checked.schedule.metadata.name}-{int(time.time()) // 60}"
-    data = {
-        "apiVersion": job.api_version,
-        "kind": job.kind,
-        "metadata": {"name": name},
-        "spec": raw.data["spec"]["jobTemplate"]["spec"],
-    }
-    return RawDocument(data, None, raw.doc)  # its lines are the schedule's, not the job's
+    # Its lines are the schedule's, not the job's: no node.
+    return RawDocument(stamp(raw.data, datetime.now(UTC)), None, raw.doc)
 
 
 class ValidationProblems(Exception):
@@ -374,7 +366,7 @@ def _free_port() -> int:
 def _run_processes(config: TrainerConfig, workdir: Path, cache: Path, nproc: int) -> TrainerResult:
     """The run as nproc processes of the trainer's launcher (one pod's worth); the bar follows
     rank 0's metrics, which rank 0 serves on 127.0.0.1."""
-    from kubetune.controller.observe import parse_metrics
+    from kubetune.progress import parse_metrics
     from kubetune_trainer.launch import launch
 
     port = config.metrics_port or _free_port()

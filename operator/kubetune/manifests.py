@@ -11,12 +11,14 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from kubetune.admission import ClusterPolicy, admit_pinned
 from kubetune.api import (
     GROUP,
     KIND,
@@ -26,8 +28,8 @@ from kubetune.api import (
     FineTuneProfile,
     FineTuneSchedule,
     describe_errors,
+    stamp,
 )
-from kubetune.controller.settings import OperatorSettings
 
 
 class Loader(yaml.SafeLoader):
@@ -293,7 +295,7 @@ def load_manifests(path: str | Path) -> list[Document]:
 
 def check_against_cluster(
     docs: list[Document],
-    settings: OperatorSettings | None = None,
+    settings: ClusterPolicy | None = None,
     settings_source: str = "",
 ) -> None:
     """Each valid FineTuneJob (and each schedule's template, as the job it stamps) checked as
@@ -309,7 +311,7 @@ def check_against_cluster(
     - the operator's policy: trainer images, GPUs per job, file:// outputs, with `settings`
       (the chart's values: settings_from_values) or the chart's defaults.
     """
-    settings = settings or OperatorSettings.model_validate({})  # not this shell's KUBETUNE_*
+    settings = settings or ClusterPolicy()
     profiles = {d.profile.metadata.name: d.profile for d in docs if d.profile and not d.problems}
     read = ", ".join(dict.fromkeys(d.source for d in docs))
     for doc in docs:
@@ -325,12 +327,13 @@ def _check_job(
     job: FineTuneJob,
     prefix: str,
     profiles: dict[str, FineTuneProfile],
-    settings: OperatorSettings,
+    settings: ClusterPolicy,
     settings_source: str,
     read: str,
 ) -> None:
-    from kubetune.controller.policy import policy_problems
-    from kubetune.controller.profiles import apply_profile
+    """One job admitted as the operator admits it (admission.admit_pinned, under the profile
+    given beside it or none), each problem reported at its field; what only the cluster can
+    decide is a warning."""
 
     def at(line: str, to: Callable[[str, int | None, str | None], None]) -> None:
         line = prefix + line.removeprefix("spec.")
@@ -339,7 +342,6 @@ def _check_job(
 
     origin = f"the values in {settings_source}" if settings_source else "the chart's defaults"
     name = job.spec.profile
-    images: tuple[str, ...] = ()
     if name and name not in profiles:
         at(
             f"spec.profile: FineTuneProfile {name!r} is not among the files read ({read}); "
@@ -348,15 +350,15 @@ def _check_job(
             "yaml > profile.yaml)",
             doc.warn,
         )
-    elif name:
-        resolution = apply_profile(job, profiles[name])
-        for line in resolution.problems:
+    admission = admit_pinned(job, profiles.get(name or ""), settings)
+    if name in profiles:
+        for line in admission.profile_problems:
             at(line, doc.problem)
-        if resolution.problems:
+        if admission.profile_problems:
             return
-        doc.under_profile, job, images = name, resolution.job, resolution.allowed_images
-    else:
-        for line in apply_profile(job, None).problems:
+        doc.under_profile = name
+    elif not name:
+        for line in admission.profile_problems:
             at(f"{line}; a default FineTuneProfile of the cluster may allow it", doc.warn)
         if settings.require_profile:
             at(
@@ -366,15 +368,15 @@ def _check_job(
                 doc.warn,
             )
     hint = "" if settings_source else "; --settings VALUES.yaml checks against your cluster's"
-    for line in policy_problems(job, settings, images):
+    for line in admission.policy_problems:
         # A profile not among the files may allow more images: only a warning then.
         unknown = name and not doc.under_profile and line.startswith("spec.image:")
         report = doc.warn if unknown else doc.problem
         at(f"{line} (the operator's policy: {origin}{hint})", report)
 
 
-def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, Document]:
-    """The operator settings `kubetune validate` checks against, from a Helm values file of the
+def settings_from_values(path: str | Path) -> tuple[ClusterPolicy | None, Document]:
+    """The cluster policy `kubetune validate` checks against, from a Helm values file of the
     chart (what `helm install -f` is given, or `helm get values RELEASE -o yaml`):
     trainer.image (repository, tag or digest), trainer.allowedImages, trainer.maxGpusPerJob,
     trainer.allowFileOutput, trainer.requireProfile; the chart's defaults for what it leaves out.
@@ -396,7 +398,7 @@ def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, Doc
             return None, doc
     fields: dict[str, Any] = {}
     if image.get("repository") or image.get("tag") or image.get("digest"):
-        default = OperatorSettings.model_validate({}).trainer_image
+        default = ClusterPolicy().trainer_image
         repository, _, tag = default.rpartition(":")
         repository = image.get("repository") or repository
         # The chart's helper: a digest, when set, is used instead of the tag.
@@ -410,7 +412,7 @@ def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, Doc
     }
     fields.update({k: trainer[key] for k, key in keys.items() if trainer.get(key) is not None})
     try:
-        return OperatorSettings.model_validate(fields), doc  # the file's values, not the env's
+        return ClusterPolicy.model_validate(fields), doc
     except ValidationError as exc:
         for line in describe_errors(exc):
             name, _, message = line.partition(": ")
@@ -421,15 +423,6 @@ def settings_from_values(path: str | Path) -> tuple[OperatorSettings | None, Doc
 
 
 def stamped_job(schedule: FineTuneSchedule) -> FineTuneJob:
-    """A FineTuneJob as the schedule stamps it (the name of its first possible time)."""
-    return FineTuneJob.model_validate(
-        {
-            "apiVersion": "kubetune.dev/v1alpha1",
-            "kind": KIND,
-            "metadata": {
-                "name": f"{schedule.metadata.name}-00000000",
-                "namespace": schedule.metadata.namespace,
-            },
-            "spec": schedule.spec.job_template.spec,
-        }
-    )
+    """A FineTuneJob as the schedule stamps it (api.stamp), for a time as of now."""
+    raw = schedule.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return FineTuneJob.model_validate(stamp(raw, datetime.now(UTC)))

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.admission.policy import policy_problems
 from kubetune.api import PERMANENT_EXIT_CODES, FineTuneJob, TrainerConfig, make_run_id
 from kubetune.controller.build import build_configmap, build_job, build_service
-from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
 from kubetune.manifests import Loader
 from tests.conftest import ROOT, valid_job

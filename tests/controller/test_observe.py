@@ -10,8 +10,9 @@ from prometheus_client import generate_latest
 from kubetune.api import ExitCode, TrainerResult, make_run_id
 from kubetune.controller.build import build_configmap, build_job
 from kubetune.controller.decide import decide
-from kubetune.controller.observe import observe, parse_metrics
+from kubetune.controller.observe import observe
 from kubetune.controller.settings import OperatorSettings
+from kubetune.progress import parse_metrics
 from kubetune_trainer.telemetry import PrometheusReporter, StepInfo, TrainerMetrics
 from tests.controller.test_decide import job
 

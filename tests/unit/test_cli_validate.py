@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -317,3 +319,32 @@ def test_json_output_names_invalid_documents_and_files_without_objects(
         (str(other), None, None, None, False),  # the file's problem: no kubetune object in it
     ]
     assert report[2]["problems"][0]["message"].startswith("no FineTuneJob, FineTuneProfile")
+
+
+def test_validate_runs_on_the_core_dependencies_alone_and_imports_no_controller() -> None:
+    """`pip install .` (no extras) is enough for kubetune validate: with the operator's and the
+    trainer's libraries made unimportable, a job, a schedule and a profile check out, and
+    nothing of kubetune.controller is loaded (admission is outside it)."""
+    script = """
+import importlib.abc, sys
+EXTRAS = {"pydantic_settings", "kopf", "kubernetes", "torch", "prometheus_client", "obstore"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ImportError(f"{name} is not a core dependency")
+sys.meta_path.insert(0, Block())
+from kubetune.cli import main
+sys.argv = ["kubetune", "validate", *sys.argv[1:]]
+try:
+    main()
+finally:
+    print(sorted(m for m in sys.modules if m.startswith("kubetune.controller")))
+"""
+    files = ["examples/quickstart.yaml", "examples/retraining-schedule.yaml"]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *files], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "FineTuneJob quickstart is valid" in done.stdout
+    assert "FineTuneSchedule text-to-sql-weekly is valid" in done.stdout
+    assert done.stdout.rstrip().endswith("[]")

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from kubernetes.utils.quantity import parse_quantity as client_parse_quantity
 
+from kubetune.admission.policy import policy_problems
+from kubetune.admission.profiles import apply_profile, pinned_profile, select_profile
 from kubetune.api import (
     FineTuneJob,
     FineTuneProfile,
@@ -21,8 +23,6 @@ from kubetune.api.spec import TokenSecret
 from kubetune.api.types import parse_quantity
 from kubetune.codegen.crd import PROFILE, crd
 from kubetune.controller.build import NO_PROFILE, build_configmap, build_job
-from kubetune.controller.policy import policy_problems
-from kubetune.controller.profiles import apply_profile, pinned_profile, select_profile
 from kubetune.controller.settings import OperatorSettings
 from kubetune.manifests import Loader
 from tests.conftest import ROOT, valid_job
@@ -523,3 +523,36 @@ def test_pull_secrets_come_from_the_chart_and_the_profile() -> None:
     assert pod["imagePullSecrets"] == [{"name": "platform-registry"}, {"name": "team-registry"}]
     plain = build_job(job(), "0123abcd", SETTINGS, NO_PROFILE)["spec"]["template"]["spec"]
     assert "imagePullSecrets" not in plain
+
+
+# -- admission: profile and policy in one answer -----------------------------------------------
+
+
+def test_admit_merges_the_profiles_and_the_policys_refusals_into_one() -> None:
+    from kubetune.admission import admit
+
+    limited = profile(default=True, limits={"gpus": 1})
+    wanting = job(resources={"gpus": 2}, image="evil.example.com/miner:1")
+    admitted = admit(wanting, [limited], {}, SETTINGS)
+    assert admitted.refusal is not None and admitted.refusal.reason == "PolicyViolation"
+    lines = admitted.refusal.message.split("; ")
+    assert any(line.startswith("spec.resources.gpus: 2") for line in lines)  # the profile's
+    assert any(line.startswith("spec.image:") for line in lines)  # the cluster's
+    assert admitted.profile_problems and admitted.policy_problems
+
+
+def test_admit_keeps_a_missing_profile_apart_from_policy_problems() -> None:
+    from kubetune.admission import admit
+
+    admitted = admit(job(profile="gone", image="evil.example.com/miner:1"), [], {}, SETTINGS)
+    assert admitted.refusal is not None and admitted.refusal.reason == "ProfileNotFound"
+    assert "spec.image" not in admitted.refusal.message
+    assert admitted.policy_problems  # still known, for the log of a run that had started
+
+
+def test_admit_fails_closed_on_an_unreadable_default_profile() -> None:
+    from kubetune.admission import admit
+
+    admitted = admit(job(), [], {}, SETTINGS, unreadable={"broken": True})
+    assert admitted.refusal is not None and admitted.refusal.reason == "ProfileUnreadable"
+    assert admit(job(), [], {}, SETTINGS).refusal is None

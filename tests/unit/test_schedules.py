@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.controller.schedules import decide_schedule, refused, stamp_name
+from kubetune.api import stamp_name
+from kubetune.controller.schedules import decide_schedule, refused
 
 TEMPLATE_SPEC = {
     "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from kubetune.admission.policy import policy_problems
 from kubetune.api import FineTuneJob, FineTuneSchedule, describe_errors
 from kubetune.controller.build import build_configmap, build_job
-from kubetune.controller.policy import policy_problems
 from kubetune.controller.settings import OperatorSettings
 from kubetune.manifests import Loader, stamped_job
 from tests.conftest import ROOT, valid_job

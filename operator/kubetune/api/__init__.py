@@ -48,6 +48,8 @@ from kubetune.api.schedule import (
     FineTuneSchedule,
     FineTuneScheduleSpec,
     FineTuneScheduleStatus,
+    stamp,
+    stamp_name,
 )
 from kubetune.api.spec import (
     ADAPTER_METHODS,
@@ -186,4 +188,6 @@ __all__ = [
     "resolve_spec",
     "run_prefix",
     "spec_hash",
+    "stamp",
+    "stamp_name",
 ]

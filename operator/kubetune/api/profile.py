@@ -5,7 +5,7 @@ on a GPU pool, priority, queue, service account, pull secrets, extra environment
 shared model cache) and the limits within which a job may change the defaults (GPUs, pods, CPU,
 memory, images, output prefixes, service accounts). A job names one in `spec.profile`; a job that
 names none gets the default profile offered to its namespace, if there is one. Resolving a job
-against its profile is the operator's (controller/profiles.py); these are only the types.
+against its profile is the operator's (admission/profiles.py); these are only the types.
 
 Like Kubeflow Trainer's ClusterTrainingRuntime, a profile is cluster-scoped and platform-owned:
 users reference it and cannot change it. Which namespaces may use it is a label selector on

@@ -4,7 +4,9 @@ Its fields mean what batch/v1 CronJob's mean (schedule, timeZone, startingDeadli
 concurrencyPolicy, suspend, successful/failedJobsHistoryLimit; kubernetes.io/docs/concepts/
 workloads/controllers/cron-jobs/), with one deliberate difference: concurrencyPolicy defaults to
 Forbid, not Allow, since two runs of one template train on the same GPUs' budget and race to
-promote into the same output. The controller is controller/schedules.py.
+promote into the same output. Its controller is controller/schedule_controller.py (deciding:
+controller/schedules.py); `stamp` makes a run from it for the operator, `kubetune validate` and
+`kubetune run` alike.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import re
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
 from kubetune.api.base import ApiModel, Rule
-from kubetune.api.resource import MAX_DISTRIBUTED_NAME_LENGTH, ObjectMeta
+from kubetune.api.resource import API_VERSION, KIND, MAX_DISTRIBUTED_NAME_LENGTH, ObjectMeta
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import Condition, Phase, StatusModel
 from kubetune.api.types import MAX_NAME_LENGTH, DnsSubdomain
+from kubetune.api.wire import SCHEDULE_LABEL, SCHEDULED_TIME_ANNOTATION
 
 SCHEDULE_KIND = "FineTuneSchedule"
 SCHEDULE_PLURAL = "finetuneschedules"
@@ -271,3 +274,41 @@ class FineTuneSchedule(ApiModel):
     status: FineTuneScheduleStatus | None = Field(
         default=None, description="status is what the schedule has done."
     )
+
+
+def stamp_name(schedule: str, scheduled: datetime) -> str:
+    """The FineTuneJob stamped for a scheduled time: <schedule>-<minutes since the epoch>."""
+    return f"{schedule}-{int(scheduled.timestamp()) // 60}"
+
+
+def stamp(raw: dict[str, Any], scheduled: datetime) -> dict[str, Any]:
+    """The FineTuneJob a FineTuneSchedule (`raw`, as stored or as written in a file) stamps for
+    a scheduled time: the template as the user wrote it (the API server fills the defaults),
+    named for the time, labelled as the schedule's, and, for a schedule on a cluster (one with
+    a uid), owned by it. The one stamp: the operator's, `kubetune validate`'s and `kubetune
+    run`'s."""
+    meta = raw.get("metadata") or {}
+    template = raw["spec"]["jobTemplate"]
+    tmeta = template.get("metadata") or {}
+    stamped: dict[str, Any] = {
+        "name": stamp_name(meta["name"], scheduled),
+        "labels": {**(tmeta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]},
+        "annotations": {
+            **(tmeta.get("annotations") or {}),
+            SCHEDULED_TIME_ANNOTATION: scheduled.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+    }
+    if meta.get("namespace"):
+        stamped["namespace"] = meta["namespace"]
+    if meta.get("uid"):
+        stamped["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": SCHEDULE_KIND,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": stamped, "spec": template["spec"]}

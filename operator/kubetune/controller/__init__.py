@@ -1,8 +1,9 @@
 """The kubetune operator: FineTuneJob -> ConfigMap + batch/v1 Job (+ a headless Service for a run
 of several pods) -> status; FineTuneSchedule -> stamped FineTuneJobs -> status.
 
-Pure, no I/O (an import-linter contract holds it): settings.py, policy.py, profiles.py,
-build.py, observe.py, decide.py, conditions.py, usage.py, schedules.py, patch.py.
+Pure, no I/O (an import-linter contract holds it): settings.py, build.py, observe.py,
+decide.py, conditions.py, usage.py, schedules.py, patch.py; and kubetune.admission (profile and
+policy: what may run), which `kubetune validate` and `kubetune run` share.
 
 One controller per kind, each with its reconcile, its I/O protocol and the events that wake it:
 finetunejob_controller.py and schedule_controller.py. runtime.py runs them without naming a

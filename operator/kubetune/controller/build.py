@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from kubetune.admission.template import NO_PROFILE, PROFILE_FILE, RunTemplate
 from kubetune.api import (
     API_VERSION,
     CREDENTIAL_ENV,
     KIND,
     PERMANENT_EXIT_CODES,
     FineTuneJob,
-    ModelCacheSpec,
-    Pricing,
-    ProfileRef,
     TrainerConfig,
     child_name,
     spec_hash,
@@ -49,37 +46,10 @@ from kubetune.controller.settings import OperatorSettings
 
 CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The profile a run was resolved against, name, generation and spec, as a key of the ConfigMap's
-# data (which outlives the Job, so that the run keeps it whatever happens to the profile). The
-# ConfigMap's data is trusted only when its hash is the one the operator wrote in
-# status.configHash (data_hash).
-PROFILE_FILE = "profile.json"
 RUN_AS = 1000
 # The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 HF_TOKEN = "HF_TOKEN"  # what huggingface_hub reads
-
-
-@dataclass(frozen=True)
-class RunTemplate:
-    """What a run's pods get beyond its FineTuneJob's spec: its profile's service-level parts
-    (controller/profiles.py resolves them). The default is a run with no profile."""
-
-    spec_hash: str | None = None  # of the job's own spec, which names the run; default: job's
-    profile: ProfileRef | None = None
-    profile_spec: str | None = None  # the profile's spec as JSON, pinned on the ConfigMap
-    affinity: dict[str, Any] | None = None
-    image_pull_secrets: tuple[str, ...] = ()
-    env: tuple[dict[str, Any], ...] = ()
-    volumes: tuple[dict[str, Any], ...] = ()
-    volume_mounts: tuple[dict[str, Any], ...] = ()
-    model_cache: ModelCacheSpec | None = None
-    pricing: Pricing | None = None
-    pod_labels: tuple[tuple[str, str], ...] = ()
-    pod_annotations: tuple[tuple[str, str], ...] = ()
-
-
-NO_PROFILE = RunTemplate()
 
 
 def labels(job: FineTuneJob, run_id: str, template: RunTemplate = NO_PROFILE) -> dict[str, str]:

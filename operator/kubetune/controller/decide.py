@@ -318,7 +318,7 @@ def decide(
     decision then changes nothing but the status (the caller retries with backoff).
     denied: the API server refused a child built from the spec (AdmissionDenied): the refusal
     of the run, and nothing is created again.
-    template: what the run's pods get beyond the spec (its profile's, resolved by profiles.py).
+    template: what the run's pods get beyond the spec (its profile's: kubetune.admission).
     """
     refusal = denied or refusal
     run_id = run_id or make_run_id(job.metadata.uid or "", job.metadata.generation or 0)
@@ -346,9 +346,10 @@ def decide(
         elif current is not None and not ended and not current.deleting:
             own = ("ConfigMap", child_name(job.metadata.name, run_id))
             if not observed.configmap and own in observed.stale:
-                # Someone else's under the run's name, deleted now (finetunejob_controller.py): the operator's
-                # goes back, for a restarted pod to mount. (One that merely vanished, as when
-                # the garbage collector removes a deleted job's children, is left gone.)
+                # Someone else's under the run's name, deleted now (finetunejob_controller.py):
+                # the operator's goes back, for a restarted pod to mount. (One that merely
+                # vanished, as when the garbage collector removes a deleted job's children, is
+                # left gone.)
                 decision.create.append(build_configmap(job, run_id, settings, template))
             if spec.queue_name and spec.suspend:
                 # Kueue owns a queued Job's suspend flag (it unsuspends what it admitted), so a

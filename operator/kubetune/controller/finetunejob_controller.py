@@ -4,7 +4,7 @@ One reconcile of one FineTuneJob: read → parse → profile and policy → obse
 Level-based: it reads the FineTuneJob and its children (from the operator's watch-fed caches,
 cached.CachedKube) every time, so every trigger runs the same code and running it twice is
 harmless. The I/O goes through a `FineTuneJobIO` and, for a finished run whose pod is gone,
-results.py; deciding is pure (profiles.py, policy.py, observe.py, decide.py).
+results.py; deciding is pure (kubetune.admission: profile and policy; observe.py, decide.py).
 
 What wakes it (`FineTuneJobController.wakes`; the trigger label in parentheses):
 - a FineTuneJob added (added), deleted, its spec changed (generation), its deletionTimestamp
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from kubetune.admission import Admission, admit, admit_pinned, pinned_profile
 from kubetune.api import (
     FINAL_PHASES,
     FineTuneJob,
@@ -64,14 +65,6 @@ from kubetune.controller.observe import (
     running_pod,
 )
 from kubetune.controller.patch import finite, status_dict, write_status
-from kubetune.controller.policy import policy_problems
-from kubetune.controller.profiles import (
-    Resolution,
-    apply_profile,
-    pinned_profile,
-    select_profile,
-    unreadable_refusal,
-)
 from kubetune.controller.runtime import Enqueue, Object, Request, Result
 from kubetune.controller.scraper import Scraper
 from kubetune.controller.settings import OperatorSettings
@@ -188,31 +181,26 @@ def _stored_result(
     return read_result(output.uri, run_id, credentials)
 
 
-def _resolve(
+def _admit(
     kube: FineTuneJobIO,
     job: FineTuneJob,
     pinned: dict[str, Any] | None,
     settings: OperatorSettings,
-) -> Resolution:
-    """The job resolved against its profile: the one its run started with, if the run's
+) -> Admission:
+    """The job admitted under its profile: the one its run started with, if the run's
     ConfigMap is vouched for (pinned); else the one it selects now."""
     if pinned is not None:
-        return apply_profile(job, pinned_profile(pinned))
+        return admit_pinned(job, pinned_profile(pinned), settings)
     namespace = job.metadata.namespace or ""
     profiles = kube.profiles()
-    unreadable = unreadable_refusal(job, kube.unreadable_profiles())
-    if unreadable is not None:
-        return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), unreadable)
+    unreadable = kube.unreadable_profiles()
     labels: dict[str, str] | None = {}
     if any(p.spec.namespace_selector is not None for p in profiles):
         labels = kube.namespace_labels(namespace)
         if labels is None:
             # Every namespaced object's namespace exists: the cache has not seen it yet.
             raise Retry(f"namespace {namespace} is not in the cache yet", 1.0)
-    profile, refusal = select_profile(job, profiles, labels, settings)
-    if refusal is not None:
-        return Resolution(job, RunTemplate(spec_hash=spec_hash(job)), refusal)
-    return apply_profile(job, profile)
+    return admit(job, profiles, labels, settings, unreadable)
 
 
 def _own_configmap(
@@ -222,7 +210,7 @@ def _own_configmap(
     previous: FineTuneJobStatus,
     settings: OperatorSettings,
     kube: FineTuneJobIO,
-) -> tuple[Resolution, str | None]:
+) -> tuple[Admission, str | None]:
     """The job resolved, and the hash of the run's ConfigMap when its contents are the
     operator's: the hash status.configHash recorded for this run, or (status not written yet,
     or by an older operator) the contents the operator would write now. A ConfigMap with any
@@ -232,12 +220,12 @@ def _own_configmap(
     found = (configmap.get(DATA_HASH) or data_hash(configmap)) if configmap is not None else None
     recorded = previous.config_hash if previous.run_id == run_id else None
     if found is not None and found == recorded:
-        return _resolve(kube, job, configmap, settings), found
-    resolution = _resolve(kube, job, None, settings)
+        return _admit(kube, job, configmap, settings), found
+    admission = _admit(kube, job, None, settings)
     if found is None:
-        return resolution, None
-    wanted = data_hash(build_configmap(resolution.job, run_id, settings, resolution.template))
-    return resolution, (found if found == wanted else None)
+        return admission, None
+    wanted = data_hash(build_configmap(admission.job, run_id, settings, admission.template))
+    return admission, (found if found == wanted else None)
 
 
 def reconcile(
@@ -283,7 +271,7 @@ def reconcile(
         job = job.model_copy(update={"status": previous, "metadata": meta})
         run_id = current_run_id(job, children["jobs"], children["configmaps"])
         configmap = run_configmap(children["configmaps"], run_id)
-        resolution, config_hash = _own_configmap(job, run_id, configmap, previous, settings, kube)
+        admission, config_hash = _own_configmap(job, run_id, configmap, previous, settings, kube)
         foreign: tuple[tuple[str, str], ...] = ()
         finished = previous.run_id == run_id and previous.phase in FINAL_PHASES
         if configmap is not None and config_hash is None and not finished:
@@ -297,14 +285,10 @@ def reconcile(
             )
             children["configmaps"] = [c for c in children["configmaps"] if c is not configmap]
             foreign = (("ConfigMap", configmap["metadata"]["name"]),)
-        job, template = resolution.job, resolution.template
-        problems = policy_problems(job, settings, resolution.allowed_images)
-        refusal = resolution.refusal
-        if problems:
-            if refusal is not None and refusal.reason == "PolicyViolation":
-                problems = [refusal.message, *problems]
-            if refusal is None or refusal.reason == "PolicyViolation":
-                refusal = State("PolicyViolation", "; ".join(problems))
+        job, template = admission.job, admission.template
+        problems = admission.policy_problems
+        if admission.refusal is not None:
+            refusal = State(admission.refusal.reason, admission.refusal.message)
         observed = observe(
             run_id,
             children["jobs"],

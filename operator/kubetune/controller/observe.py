@@ -13,22 +13,21 @@ What the Job and its pods say, read as Kubernetes means it:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from kubetune.api import ExitCode, FineTuneJob, PodPhase, Progress, TrainerResult, make_run_id
+from kubetune.api import ExitCode, FineTuneJob, PodPhase, TrainerResult, make_run_id
 from kubetune.api.compute import DEFAULT_GPU_RESOURCE
 from kubetune.api.types import RUN_ID_LENGTH
-from kubetune.api.wire import RUN_LABEL, SPEC_HASH_ANNOTATION, TrainerMetric
+from kubetune.api.wire import RUN_LABEL, SPEC_HASH_ANNOTATION
 from kubetune.controller.build import COMPLETION_INDEX, CONTAINER, spec_hash
 from kubetune.controller.decide import Observed, ObservedJob, Waiting
 from kubetune.controller.usage import pod_run
+from kubetune.progress import parse_metrics
 
 RUN_ID = re.compile(f"[0-9a-f]{{{RUN_ID_LENGTH}}}")  # what make_run_id makes
 # Container waiting reasons that are a normal part of starting, not a problem to report.
@@ -303,56 +302,4 @@ def observe(
             )
             is not None
         ),
-    )
-
-
-# The most a count read from a trainer's metrics may be: what a float holds exactly (and far
-# below the API's int64).
-MAX_COUNT = 2**53
-
-
-def parse_metrics(text: str, now: datetime | None = None) -> tuple[Progress | None, str | None]:
-    """status.progress and the pipeline stage from the trainer's Prometheus metrics. The text is
-    whatever answers on the pod's port (an allowed custom image's, too), so nothing in it may
-    fail a reconcile: text that is not Prometheus's is no reading; values that are not finite
-    (a diverging loss is NaN: JSON, and so the API, has none), negative where the field cannot
-    be, or beyond MAX_COUNT are left out."""
-    values: dict[str, float] = {}
-    stage = None
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == TrainerMetric.STAGE:
-                    if sample.value == 1:
-                        stage = sample.labels.get(TrainerMetric.STAGE)
-                elif not sample.labels and math.isfinite(sample.value):
-                    values[sample.name] = sample.value
-    except ValueError:
-        return None, None
-
-    def amount(metric: TrainerMetric) -> float | None:
-        value = values.get(metric)
-        return value if value is not None and 0 <= value <= MAX_COUNT else None
-
-    def count(metric: TrainerMetric) -> int | None:
-        value = amount(metric)
-        return int(value) if value is not None else None
-
-    step = count(TrainerMetric.STEP)
-    if step is None:
-        return None, stage
-    total = count(TrainerMetric.TOTAL_STEPS) or None
-    return (
-        Progress(
-            step=step,
-            total_steps=total,
-            percent=min(100, int(100 * step / total)) if total else None,
-            epoch=amount(TrainerMetric.EPOCH),
-            loss=values.get(TrainerMetric.TRAIN_LOSS),
-            tokens_per_second=amount(TrainerMetric.TOKENS_PER_SECOND),
-            eta_seconds=count(TrainerMetric.ETA_SECONDS),
-            tokens=count(TrainerMetric.TOKENS) or None,
-            updated_at=now,
-        ),
-        stage,
     )

@@ -31,18 +31,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import (
-    API_VERSION,
     FINAL_PHASES,
-    KIND,
-    SCHEDULE_KIND,
-    SCHEDULE_LABEL,
     SCHEDULED_TIME_ANNOTATION,
     Condition,
     FineTuneSchedule,
     FineTuneScheduleStatus,
     describe_errors,
 )
-from kubetune.api.schedule import PromotedRun, ScheduledRun
+from kubetune.api.schedule import PromotedRun, ScheduledRun, stamp, stamp_name
 from kubetune.controller.conditions import make_condition
 from kubetune.controller.decide import Event
 from kubetune.controller.observe import parse_time
@@ -60,11 +56,6 @@ class ScheduleDecision:
     status: FineTuneScheduleStatus = field(default_factory=FineTuneScheduleStatus)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None  # seconds
-
-
-def stamp_name(schedule: str, scheduled: datetime) -> str:
-    """The FineTuneJob stamped for a scheduled time: <schedule>-<minutes since the epoch>."""
-    return f"{schedule}-{int(scheduled.timestamp()) // 60}"
 
 
 def scheduled_time(job: dict[str, Any]) -> datetime | None:
@@ -123,38 +114,6 @@ def due_times(
             break
         count, at = count + 1, step
     return recent, count
-
-
-def stamp(raw: dict[str, Any], scheduled: datetime) -> dict[str, Any]:
-    """The FineTuneJob for a scheduled time, from the template as the user wrote it (the API
-    server fills the defaults), owned by the schedule."""
-    meta = raw["metadata"]
-    template = raw["spec"]["jobTemplate"]
-    tmeta = template.get("metadata") or {}
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {
-            "name": stamp_name(meta["name"], scheduled),
-            "namespace": meta["namespace"],
-            "labels": {**(tmeta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]},
-            "annotations": {
-                **(tmeta.get("annotations") or {}),
-                SCHEDULED_TIME_ANNOTATION: scheduled.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": SCHEDULE_KIND,
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": template["spec"],
-    }
 
 
 def _runs(jobs: list[dict[str, Any]]) -> list[ScheduledRun]:

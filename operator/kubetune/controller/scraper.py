@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kubetune.controller.cache import Key
-from kubetune.controller.observe import parse_metrics
+from kubetune.progress import parse_metrics
 
 
 @dataclass

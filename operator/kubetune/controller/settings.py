@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from importlib.metadata import version
 from typing import Annotated
 
 from pydantic import Field, IPvAnyNetwork, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubetune.admission.policy import ClusterPolicy
 
 # The private ranges: every managed cluster's service, pod and node addresses are in them (the
 # chart's notify.deniedCidrs; a platform team may name its cluster's own ranges instead).
@@ -19,37 +20,21 @@ AllowedHost = Annotated[
 ]
 
 
-class OperatorSettings(BaseSettings):
-    """What a platform team configures (the Helm chart sets these as environment variables)."""
+class OperatorSettings(BaseSettings, ClusterPolicy):
+    """What a platform team configures (the Helm chart sets these as environment variables):
+    what may run (ClusterPolicy: trainer images, GPUs per job, file:// outputs, whether a
+    profile is required) and how the operator runs."""
 
     model_config = SettingsConfigDict(env_prefix="KUBETUNE_", extra="ignore")
 
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty watches all."
     )
-    trainer_image: str = Field(
-        # The release's own image, as the chart's default (the tag follows the version).
-        default=f"ghcr.io/kubetune/trainer:{version('kubetune')}",
-        description="The default trainer image.",
-    )
-    allowed_images: list[str] = Field(
-        default_factory=list,
-        description="Images a FineTuneJob may name in spec.image (exact match); empty allows none.",
-    )
-    max_gpus_per_job: int = Field(default=8, ge=0, description="The most GPUs one job may ask for.")
     default_cpu: str | None = Field(default=None, description="CPU for jobs that set none.")
     default_memory: str | None = Field(default=None, description="Memory for jobs that set none.")
     trainer_image_pull_secrets: list[str] = Field(
         default_factory=list,
         description="Secrets (in each job's namespace) for pulling the trainer image.",
-    )
-    require_profile: bool = Field(
-        default=False,
-        description="Run FineTuneJobs only under a FineTuneProfile (named, or a default one).",
-    )
-    allow_file_output: bool = Field(
-        default=False,
-        description="Allow file:// outputs (only useful with a shared volume; off by default).",
     )
     trainer_metrics_port: int = Field(
         default=9090, ge=1, le=65535, description="Trainer metrics port."

@@ -24,11 +24,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import FineTuneJob, FineTuneProfile, ProfileRef, describe_errors
+from kubetune.admission.policy import ClusterPolicy, Refusal
+from kubetune.admission.template import PROFILE_FILE, RunTemplate
+from kubetune.api import FineTuneJob, FineTuneProfile, ProfileRef, describe_errors, spec_hash
 from kubetune.api.types import parse_quantity
-from kubetune.controller.build import PROFILE_FILE, RunTemplate, spec_hash
-from kubetune.controller.conditions import State
-from kubetune.controller.settings import OperatorSettings
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Resolution:
 
     job: FineTuneJob
     template: RunTemplate = field(default_factory=RunTemplate)
-    refusal: State | None = None  # PolicyViolation, or ProfileNotFound (waits, not final)
+    refusal: Refusal | None = None  # PolicyViolation, or ProfileNotFound (waits, not final)
     allowed_images: tuple[str, ...] = ()  # images the profile allows, beside the operator's
     problems: tuple[str, ...] = ()  # the violations, one 'field: problem and fix' each
 
@@ -60,21 +59,21 @@ def pinned_profile(configmap: dict[str, Any]) -> FineTuneProfile | None:
     )
 
 
-def unreadable_refusal(job: FineTuneJob, unreadable: dict[str, bool]) -> State | None:
+def unreadable_refusal(job: FineTuneJob, unreadable: dict[str, bool]) -> Refusal | None:
     """Fail closed on a FineTuneProfile this operator cannot parse (a CRD or an operator of
     another version): a job naming it, or (naming none) any job while one marked `default` is
     unreadable, waits instead of running without the profile's limits. unreadable: name ->
     whether its raw spec says default."""
     name = job.spec.profile
     if name and name in unreadable:
-        return State(
+        return Refusal(
             "ProfileUnreadable",
             f"spec.profile: FineTuneProfile {name!r} cannot be read by this operator (an "
             "operator or CRD of another version); the run starts once it can be read",
         )
     defaults = sorted(n for n, default in unreadable.items() if default)
     if not name and defaults:
-        return State(
+        return Refusal(
             "ProfileUnreadable",
             f"spec.profile: the default FineTuneProfile {defaults[0]!r} cannot be read by this "
             "operator (an operator or CRD of another version), so its limits cannot be applied; "
@@ -92,8 +91,8 @@ def select_profile(
     job: FineTuneJob,
     profiles: Iterable[FineTuneProfile],
     namespace_labels: dict[str, str],
-    settings: OperatorSettings,
-) -> tuple[FineTuneProfile | None, State | None]:
+    policy: ClusterPolicy,
+) -> tuple[FineTuneProfile | None, Refusal | None]:
     """The profile a new run of job resolves against, or why there is none to use."""
     namespace = job.metadata.namespace
     profiles = list(profiles)
@@ -101,13 +100,13 @@ def select_profile(
     if name:
         found = next((p for p in profiles if p.metadata.name == name), None)
         if found is None:
-            return None, State(
+            return None, Refusal(
                 "ProfileNotFound",
                 f"spec.profile: FineTuneProfile {name!r} does not exist (yet); the run starts "
                 "when it does (kubectl get finetuneprofiles lists those there are)",
             )
         if not _offered(found, namespace_labels):
-            return None, State(
+            return None, Refusal(
                 "PolicyViolation",
                 f"spec.profile: FineTuneProfile {name!r} is not offered to namespace "
                 f"{namespace} (its namespaceSelector does not match the namespace's labels); "
@@ -122,10 +121,10 @@ def select_profile(
             key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name),
         )
         return newest, None
-    if settings.require_profile:
+    if policy.require_profile:
         offered = sorted(p.metadata.name for p in profiles if _offered(p, namespace_labels))
         choice = f"one of: {', '.join(offered)}" if offered else "none is offered here yet"
-        return None, State(
+        return None, Refusal(
             "PolicyViolation",
             f"spec.profile: this cluster runs FineTuneJobs only under a FineTuneProfile; name "
             f"{choice}",
@@ -311,7 +310,7 @@ def apply_profile(job: FineTuneJob, profile: FineTuneProfile | None) -> Resoluti
     """The job with the profile's defaults, limits checked; with no profile, the job as it is."""
     problems = _problems(job, profile)
     if profile is None:
-        refusal = State("PolicyViolation", "; ".join(problems)) if problems else None
+        refusal = Refusal("PolicyViolation", "; ".join(problems)) if problems else None
         return Resolution(
             job, RunTemplate(spec_hash=spec_hash(job)), refusal, problems=tuple(problems)
         )
@@ -331,5 +330,5 @@ def apply_profile(job: FineTuneJob, profile: FineTuneProfile | None) -> Resoluti
         ]
         spec = job.spec
     resolved = job.model_copy(update={"spec": spec})
-    refusal = State("PolicyViolation", "; ".join(problems)) if problems else None
+    refusal = Refusal("PolicyViolation", "; ".join(problems)) if problems else None
     return Resolution(resolved, template, refusal, allowed, tuple(problems))

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from importlib.metadata import version
+
+from pydantic import BaseModel, ConfigDict, Field
+
 from kubetune.api import FineTuneJob
-from kubetune.controller.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a run may not start: a reason (PolicyViolation, ProfileNotFound, ProfileUnreadable)
+    and a message of 'field: problem and fix' lines joined by '; '."""
+
+    reason: str
+    message: str
+
+
+class ClusterPolicy(BaseModel):
+    """The operator's settings that decide what may run (the chart's trainer.* values; the
+    operator's OperatorSettings extends it with how it runs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    trainer_image: str = Field(
+        # The release's own image, as the chart's default (the tag follows the version).
+        default=f"ghcr.io/kubetune/trainer:{version('kubetune')}",
+        description="The default trainer image.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Images a FineTuneJob may name in spec.image (exact match); empty allows none.",
+    )
+    max_gpus_per_job: int = Field(default=8, ge=0, description="The most GPUs one job may ask for.")
+    require_profile: bool = Field(
+        default=False,
+        description="Run FineTuneJobs only under a FineTuneProfile (named, or a default one).",
+    )
+    allow_file_output: bool = Field(
+        default=False,
+        description="Allow file:// outputs (only useful with a shared volume; off by default).",
+    )
 
 
 def policy_problems(
-    job: FineTuneJob, settings: OperatorSettings, profile_images: tuple[str, ...] = ()
+    job: FineTuneJob, settings: ClusterPolicy, profile_images: tuple[str, ...] = ()
 ) -> list[str]:
     """One 'field: problem and fix' line for each policy the job breaks. profile_images: the
     images its FineTuneProfile allows besides the operator's."""
