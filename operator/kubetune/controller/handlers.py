@@ -1,12 +1,14 @@
 """The kopf wiring: kopf runs the process (credentials, liveness endpoint, start-up, clean-up,
 signals); the operator's own runtime (runtime.py) does the watching and reconciling.
 
-kopf's resource handlers are not used: kopf's watch-streams feed its per-object handlers, and
-after a 410 Gone it lists again without telling the handlers which objects vanished meanwhile,
-so an index fed by it keeps deleted objects. The runtime's informers (cache.py) replace their
-store on a relist instead, as client-go's do. So kopf watches nothing and writes nothing on
-FineTuneJobs (no finalizer, no annotations): children carry controller ownerReferences, and
-deleting a FineTuneJob lets the garbage collector delete its ConfigMap, Job and pods.
+kopf's resource handlers are not used: after a 410 Gone kopf lists again without telling its
+handlers or indexes which objects vanished meanwhile (benchmarks/kopf_relist.py, measured with
+kopf itself: the vanished FineTuneJob stays in its index and no handler hears of it), and it
+writes its own annotations onto every object it handles. The runtime's informers (cache.py)
+replace their store on a relist instead, as client-go's do. So kopf watches nothing and writes
+nothing on FineTuneJobs (no finalizer, no annotations): children carry controller
+ownerReferences, and deleting a FineTuneJob lets the garbage collector delete its ConfigMap, Job
+and pods.
 
 With `KUBETUNE_LEADER_ELECTION=true` (the chart's default, with two replicas) the runtime
 reconciles only while this replica holds the Lease (leader.py); the liveness endpoint reports
