@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from typing import Any
 
@@ -233,7 +232,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=1000)
     args = parser.parse_args()
-    threading.excepthook = lambda *_: None
     asyncio.run(measure(args.objects))
 
 

@@ -51,9 +51,10 @@ class ScheduleIO(Protocol):
 
 def reconcile(
     kube: ScheduleIO, namespace: str, name: str, now: datetime | None = None
-) -> float | None:
+) -> Result | None:
     """One FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides, write its
-    status; returns the seconds until it is due again (None: only a change wakes it)."""
+    status; returns when it is due again (requeue_after None: only a change wakes it), or None:
+    it is gone."""
     raw = kube.get_schedule(namespace, name)
     if raw is None:
         return None
@@ -76,7 +77,7 @@ def reconcile(
     if write_status(raw, previous, status_dict(decision.status), kube.patch_schedule_status):
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
-    return decision.requeue_after
+    return Result(requeue_after=decision.requeue_after)
 
 
 class ScheduleController:
@@ -132,9 +133,7 @@ class ScheduleController:
         self.cached.refresh_schedule(namespace, name)
 
     def reconcile(self, namespace: str, name: str) -> Result | None:
-        if self.cached.get_schedule(namespace, name) is None:
-            return None
-        return Result(requeue_after=reconcile(self.cached, namespace, name))
+        return reconcile(self.cached, namespace, name)
 
 
 def _seen(job: Object) -> tuple[Any, ...]:
