@@ -79,6 +79,16 @@ def test_a_challenger_is_promoted_only_when_it_beats_the_champion(
     assert second.promoted_at is None and second.previous_run_id is None
     saved = json.loads((Path(urlsplit(out).path) / "runs/c3c3c3c3/metrics.json").read_text())
     assert saved["promoted"]["runId"] == "c1a1c1a1"
+    # Each promoted run keeps the record latest.json got (in its manifest): what a rollback
+    # writes back; a run that was not promoted has none.
+    runs = Path(urlsplit(out).path) / "runs"
+    kept = PromotionRecord.model_validate_json((runs / "c3c3c3c3/promotion.json").read_text())
+    assert kept == record
+    first_kept = (runs / "c1a1c1a1/promotion.json").read_text()
+    assert PromotionRecord.model_validate_json(first_kept).run_id == "c1a1c1a1"
+    assert not (runs / "c2b2c2b2/promotion.json").exists()
+    manifest = json.loads((runs / "c3c3c3c3/manifest.json").read_text())
+    assert "promotion.json" in {f["path"] for f in manifest["files"]}
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import (
+    RUN_RECORD,
     EvalMetrics,
     ExitCode,
     GateResult,
@@ -718,6 +719,15 @@ def _export(
         write_run_files(
             staging, config, evaluation, gates, outcome, prepared.splits, prepared.leakage, res, why
         )
+        # The record latest.json got for this run, kept with it (in its manifest): what a
+        # rollback to this run writes back.
+        record = staging / RUN_RECORD
+        if res.promoted:
+            update = {"promoted_at": res.promoted_at, "previous_run_id": res.previous_run_id}
+            promoted = latest_record(config, res).model_copy(update=update)
+            record.write_text(promoted.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+        else:
+            record.unlink(missing_ok=True)
 
     if (workdir / LOG_FILE).exists():
         shutil.copyfile(workdir / LOG_FILE, staging / LOG_FILE)  # the log up to the upload

@@ -35,7 +35,14 @@ from urllib.parse import urlsplit
 import obstore
 from pydantic import ValidationError
 
-from kubetune.api import EvalMetrics, GateSpec, PromotionRecord, TrainerResult, latest_uri
+from kubetune.api import (
+    RUN_RECORD,
+    EvalMetrics,
+    GateSpec,
+    PromotionRecord,
+    TrainerResult,
+    latest_uri,
+)
 from kubetune_trainer import storage
 from kubetune_trainer.errors import SpecError
 from kubetune_trainer.gates import improvement, metric_value
@@ -216,4 +223,4 @@ def settle(
     return result
 
 
-RESULT_FILES = ("result.json", "report.md", "metrics.json", "eval_samples.jsonl")
+RESULT_FILES = ("result.json", "report.md", "metrics.json", "eval_samples.jsonl", RUN_RECORD)

@@ -18,7 +18,7 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,18 @@ def _store_root(uri: str) -> tuple[str, str]:
 
 # (URI, environment prefix) of the sources with credentials of their own; set per process.
 _routes: list[tuple[str, str]] = []
+# Where those prefixed keys are read: the process's environment (the trainer pod's envFrom), or
+# the keys of the Secrets a client read with its user's identity (kubetune.client).
+_environ: list[Mapping[str, str]] = [os.environ]
 
 
-def use_credentials(routes: list[tuple[str, str]]) -> None:
-    """Which URIs take which source's credentials (kubetune.api.credential_routes)."""
+def use_credentials(
+    routes: list[tuple[str, str]], environ: Mapping[str, str] | None = None
+) -> None:
+    """Which URIs take which source's credentials (kubetune.api.credential_routes), and where
+    their keys are (default: the environment)."""
     _routes[:] = routes
+    _environ[:] = [os.environ if environ is None else environ]
 
 
 def _route(uri: str) -> str | None:
@@ -87,7 +94,7 @@ def credentials(uri: str) -> dict[str, str]:
     if env_prefix is None:
         return {}
     keys = {
-        key[len(env_prefix) :]: v for key, v in os.environ.items() if key.startswith(env_prefix)
+        key[len(env_prefix) :]: v for key, v in _environ[0].items() if key.startswith(env_prefix)
     }
     storage = storage_config(scheme, keys)
     if storage.refused:

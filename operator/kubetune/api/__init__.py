@@ -29,7 +29,13 @@ from kubetune.api.profile import (
     ModelCacheSpec,
     Pricing,
 )
-from kubetune.api.promotion import PromotedModel, PromotionRecord, latest_uri
+from kubetune.api.promotion import (
+    RUN_RECORD,
+    PromotedModel,
+    PromotionRecord,
+    Rollback,
+    latest_uri,
+)
 from kubetune.api.resource import (
     API_VERSION,
     CATEGORIES,
@@ -117,6 +123,7 @@ __all__ = [
     "PROFILE_PLURAL",
     "PROMOTED_EVENT_TYPE",
     "RUN_ID_LENGTH",
+    "RUN_RECORD",
     "SCHEDULED_TIME_ANNOTATION",
     "SCHEDULE_KIND",
     "SCHEDULE_LABEL",
@@ -169,6 +176,7 @@ __all__ = [
     "QuantizationSpec",
     "RegressionMetrics",
     "ResourcesSpec",
+    "Rollback",
     "Rule",
     "SecretKey",
     "Toleration",

@@ -30,6 +30,16 @@ class PromotedModel(ApiModel):
     )
 
 
+class Rollback(ApiModel):
+    """Who made an earlier run the promoted one again, and why (`kubetune rollback`)."""
+
+    model_config = ConfigDict(strict=False)
+
+    by: str = Field(description="by is the Kubernetes user who rolled back (SelfSubjectReview).")
+    reason: str | None = Field(default=None, description="reason is what they gave (--reason).")
+    from_run_id: str = Field(description="fromRunId is the run that was promoted until then.")
+
+
 class PromotionRecord(ApiModel):
     """latest.json. Records written before this schema (runId, job, URIs, metrics) still read."""
 
@@ -64,9 +74,19 @@ class PromotionRecord(ApiModel):
         default=None,
         description="previousRunId is the run this one replaced (the one to roll back to).",
     )
+    rollback: Rollback | None = Field(
+        default=None,
+        description=(
+            "rollback is set when this run was made the promoted one again by a rollback "
+            "(promotedAt is then when)."
+        ),
+    )
 
 
 LATEST = "latest.json"
+# <output.uri>/runs/<runId>/promotion.json: the record latest.json got when the run was
+# promoted, listed in its manifest; `kubetune rollback` writes it back.
+RUN_RECORD = "promotion.json"
 
 
 def latest_uri(output_uri: str) -> str:
