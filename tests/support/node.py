@@ -37,6 +37,13 @@ What no process of this machine can give is said plainly:
 - ports other than `metrics` (a distributed run's rendezvous, which torch binds on every
   address) get one free port per Job, and an env var `*_PORT` whose value is that containerPort
   gets the mapped one, as a hostPort would;
+- logs: it serves the kubelet's `/containerLogs/{namespace}/{pod}/{container}` (pkg/kubelet/
+  server/server.go getContainerLogs: follow, tailLines, limitBytes) over TLS on 127.0.0.1 and
+  posts that port as the Node's daemonEndpoints.kubeletEndpoint, so `pods/log` on the API server
+  reaches it as it reaches a kubelet. The API server has no --kubelet-certificate-authority
+  here, so it does not verify the certificate (pkg/kubelet/client/kubelet_client.go:
+  transportConfig, Insecure without a CA); unlike a kubelet, the agent does not check the API
+  server's client certificate either (it answers on 127.0.0.1 only);
 - `fake_seconds`: no process at all; each container "trains" that long and ends with a valid
   TrainerResult (the scale benchmark's fast fake trainer).
 """
@@ -48,18 +55,21 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +383,7 @@ class NodeAgent:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._ips = 0
+        self._log_server: ThreadingHTTPServer | None = None
         self._threads = [
             threading.Thread(target=self._watch, name="node-watch", daemon=True),
             threading.Thread(target=self._loop, name="node-sync", daemon=True),
@@ -383,11 +394,15 @@ class NodeAgent:
     def start(self) -> NodeAgent:
         for thread in self._threads:
             thread.start()
+        self._serve_logs()
         self._listed.wait(30)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._log_server is not None:
+            self._log_server.shutdown()
+            self._log_server.server_close()
         self._threads[1].join(10)  # the watch ends with its connection (a daemon thread)
         if self._pool is not None:
             self._pool.shutdown()
@@ -420,6 +435,93 @@ class NodeAgent:
     def log(self, namespace: str, pod_name: str) -> str:
         path = self.workdir / namespace / pod_name / "container.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- the kubelet's log endpoint, which the API server's pods/log proxies to
+
+    def _serve_logs(self) -> None:
+        from tests.support.oidc import tls_files
+
+        _, cert, key = tls_files(self.workdir / "kubelet-tls")
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                agent._container_log(self)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, name="node-logs", daemon=True).start()
+        self._log_server = server
+        status = {
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": server.server_address[1]}},
+        }
+        self.api.request(
+            "PATCH", f"/api/v1/nodes/{self.node}/status", {"status": status},
+            "application/merge-patch+json",
+        )  # fmt: skip
+
+    def _container_log(self, request: BaseHTTPRequestHandler) -> None:
+        """GET /containerLogs/NS/POD/CONTAINER: the container's output as the kubelet serves
+        it; with follow, until the container has ended. 404 for a pod this node never ran."""
+        url = urllib.parse.urlsplit(request.path)
+        parts = url.path.strip("/").split("/")
+        query = urllib.parse.parse_qs(url.query)
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            request.send_error(404)
+            return
+        _, namespace, pod, container = parts
+        with self._lock:
+            run = next(
+                (r for r in self.pods.values() if r.namespace == namespace and r.name == pod), None
+            )
+        path = self.workdir / namespace / pod / "container.log"
+        if run is None or not path.exists():
+            body = f'container "{container}" in pod "{pod}" is waiting to start'.encode()
+            request.send_response(400 if run is not None else 404)
+            request.send_header("Content-Type", "text/plain")
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body)
+            return
+        data = path.read_bytes()
+        tail = query.get("tailLines")
+        if tail:
+            data = b"".join(data.splitlines(keepends=True)[-int(tail[0]) :])
+        limit = int(query.get("limitBytes", ["0"])[0]) or None
+        request.send_response(200)
+        request.send_header("Content-Type", "text/plain")
+        request.end_headers()  # no Content-Length: the body ends when the connection does
+        sent = 0
+        offset = path.stat().st_size
+        try:
+            chunk = data[:limit] if limit else data
+            request.wfile.write(chunk)
+            sent += len(chunk)
+            while query.get("follow") == ["true"] and not self._stop.is_set():
+                if limit and sent >= limit:
+                    break
+                ended = not run.running
+                with path.open("rb") as log:
+                    log.seek(offset)
+                    more = log.read()
+                offset += len(more)
+                if more:
+                    request.wfile.write(more[: limit - sent] if limit else more)
+                    request.wfile.flush()
+                    sent += len(more)
+                elif ended:
+                    break
+                else:
+                    time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # the API server (its client) went away
 
     # -- the pod source: list, then watch from the list's resourceVersion
 
