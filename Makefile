@@ -19,7 +19,7 @@ define install
 endef
 
 # Everything (make test, make lint); make demo needs only the trainer.
-ALL_EXTRAS := operator,trainer,tracking,dev
+ALL_EXTRAS := operator,client,trainer,tracking,dev
 $(STAMP): pyproject.toml
 	$(call install,$(ALL_EXTRAS))
 TRAINER_STAMP := $(VENV)/.installed-trainer

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kubetune.api import ExitCode
 
@@ -118,6 +119,314 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(verb: str, args: argparse.Namespace, act: Any) -> int:
+    """Runs act(client) for a cluster verb; a ClientError is one line on stderr (exit 1),
+    an invalid manifest its problems (exit 2)."""
+    from kubetune.client import Client, ClientError, Invalid
+
+    try:
+        client = Client(args.namespace, context=args.context, kubeconfig=args.kubeconfig)
+        return int(act(client) or 0)
+    except Invalid as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    except (ClientError, TimeoutError) as exc:
+        print(f"kubetune {verb}: {exc}", file=sys.stderr)
+        return int(ExitCode.RUNTIME_ERROR)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _duration(text: str) -> float:
+    """30m, 1h30m, 90s, 600 (seconds): as kubectl's --timeout."""
+    import re
+
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30m, 1h, 90s)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kubetune.api import FineTuneJob
+    from kubetune.client import ClientError, Invalid
+    from kubetune.client.manifests import bodies
+    from kubetune.client.show import follow
+    from kubetune.manifests import settings_from_values
+
+    policy = None
+    if args.settings:
+        policy, values = settings_from_values(args.settings)
+        if policy is None:
+            for problem in values.problems:
+                print(problem, file=sys.stderr)
+            return int(ExitCode.INVALID_SPEC)
+    try:
+        docs = bodies(args.file, policy)
+    except Invalid as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    except ClientError as exc:
+        print(f"kubetune submit: {exc}", file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+    jobs = [d for d in docs if d.get("kind") == "FineTuneJob"]
+    if args.wait and len(jobs) != 1:
+        print(
+            f"kubetune submit: --wait follows one FineTuneJob; {args.file} has {len(jobs)}",
+            file=sys.stderr,
+        )
+        return int(ExitCode.INVALID_SPEC)
+
+    def act(client: Any) -> int:
+        created = client.create_all(docs)
+        for obj in created:
+            kind = "finetunejob" if isinstance(obj, FineTuneJob) else "finetuneschedule"
+            print(f"{kind}.kubetune.dev/{obj.metadata.name} created", file=sys.stderr)
+            if not args.wait:
+                print(obj.metadata.name)
+        if not args.wait:
+            return 0
+        (job,) = [c for c in created if isinstance(c, FineTuneJob)]
+        return follow(client, job.metadata.name, job.metadata.namespace, args.timeout)
+
+    return _cluster("submit", args, act)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from kubetune.client.show import table
+
+    def act(client: Any) -> int:
+        jobs = [client.get(args.name)] if args.name else client.list(
+            all_namespaces=args.all_namespaces)  # fmt: skip
+        if args.output in ("yaml", "json"):
+            dumped = [j.model_dump(mode="json", by_alias=True, exclude_none=True) for j in jobs]
+            data: Any = dumped[0] if args.name else {"apiVersion": "v1", "kind": "List",
+                                                      "items": dumped}  # fmt: skip
+            text = json.dumps(data, indent=2) if args.output == "json" else yaml.safe_dump(
+                data, sort_keys=False)  # fmt: skip
+            print(text.rstrip())
+        elif not jobs:
+            print(f"No FineTuneJobs in namespace {client.namespace}.", file=sys.stderr)
+        else:
+            print(table(jobs, namespaces=args.all_namespaces))
+        return 0
+
+    return _cluster("get", args, act)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from kubetune.client.show import describe
+
+    return _cluster("describe", args, lambda c: print(describe(c.describe(args.name))))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from kubetune.api import PHASES
+    from kubetune.client import Ended
+
+    key, _, phase = args.condition.partition("=")
+    if key != "phase" or phase not in PHASES:
+        print(
+            f"kubetune wait: --for {args.condition}: expected phase=PHASE, one of "
+            f"{', '.join(PHASES)}",
+            file=sys.stderr,
+        )
+        return int(ExitCode.INVALID_SPEC)
+
+    def act(client: Any) -> int:
+        try:
+            job = client.wait(args.name, phase=phase, timeout=args.timeout)
+        except Ended as exc:
+            print(f"kubetune wait: {exc}", file=sys.stderr)
+            return int(ExitCode.RUNTIME_ERROR)
+        print(f"finetunejob.kubetune.dev/{job.metadata.name} condition met (phase={phase})")
+        return 0
+
+    return _cluster("wait", args, act)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _cluster("cancel", args, lambda c: print(c.cancel(args.name, delete=args.delete)))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _cluster("resume", args, lambda c: print(c.resume(args.name)))
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    def act(client: Any) -> int:
+        for line in client.logs(args.name, follow=args.follow, rank=args.rank):
+            print(line, flush=args.follow)
+        return 0
+
+    return _cluster("logs", args, act)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if bool(args.name) == bool(args.promoted):
+        print("kubetune pull: give a FineTuneJob NAME or --promoted OUTPUT_URI", file=sys.stderr)
+        return int(ExitCode.INVALID_SPEC)
+
+    def act(client: Any) -> int:
+        to = Path(args.to) if args.to else None
+        pulled = client.pull(args.name, to, promoted=args.promoted)
+        for path, size in pulled.files:
+            print(f"  {path}  ({size:,} bytes)", file=sys.stderr)
+        print(f"run {pulled.run_id}: {len(pulled.files)} files checked against its manifest",
+              file=sys.stderr)  # fmt: skip
+        print(pulled.directory)
+        return 0
+
+    return _cluster("pull", args, act)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    def act(client: Any) -> int:
+        done = client.rollback(args.target, to=args.to, reason=args.reason)
+        record = done.record
+        print(
+            f"{done.output_uri}: run {record.run_id} is the promoted run again "
+            f"(replacing run {record.previous_run_id})"
+        )
+        if done.notification:
+            print(f"notification: {done.notification}")
+        return 0
+
+    return _cluster("rollback", args, act)
+
+
+def _cluster_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", help="the namespace (default: the context's)")
+    common.add_argument("--context", help="the kubeconfig context (default: the current one)")
+    common.add_argument("--kubeconfig", help="the kubeconfig file (default: $KUBECONFIG, "
+                        "~/.kube/config; in a pod its ServiceAccount)")  # fmt: skip
+    return common
+
+
+def _add_cluster_verbs(sub: Any) -> None:
+    common = [_cluster_options()]
+    p = sub.add_parser(
+        "submit",
+        parents=common,
+        help="create a FineTuneJob (or FineTuneSchedule) in the cluster; --wait follows it",
+        description=(
+            "Checks the file as the API server would admit it (with --settings, also as "
+            "`kubetune validate --settings` does), creates each FineTuneJob and "
+            "FineTuneSchedule in it (generateName supported) and prints each name. With "
+            "--wait, follows the one FineTuneJob with the progress bar and summary of "
+            "`kubetune run` and exits as it does: 0 promoted, 1 runtime failure (or "
+            "--timeout), 2 invalid spec or refused by the operator's policy or profile, "
+            "3 data error, 4 gates failed, 5 training diverged."
+        ),
+    )
+    p.add_argument("file", metavar="JOB.yaml", help="a YAML file; - reads standard input")
+    p.add_argument("--wait", action="store_true", help="follow the run until it finishes")
+    p.add_argument("--timeout", type=_duration, default=None, help="with --wait: give up after "
+                   "this long (30m, 1h); the run goes on")  # fmt: skip
+    p.add_argument(
+        "--settings",
+        metavar="VALUES.yaml",
+        help="the chart's values your cluster "
+        "was installed with: check against its policy first, as validate does",
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("get", parents=common, help="list FineTuneJobs, or show one")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser(
+        "describe",
+        parents=common,
+        help="a FineTuneJob's conditions, pods, gates, artifacts and Events",
+        description="What the run is and why it is where it is: its conditions (the profile, "
+        "policy and queue verdicts), its trainer pods (why one waits), gates, artifact URIs, "
+        "promotion and Events.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("wait", parents=common, help="wait until a FineTuneJob reaches a phase")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--for", dest="condition", default="phase=Succeeded",
+                   help="phase=PHASE (default phase=Succeeded); a run that ends in another "
+                   "phase exits 1 at once")  # fmt: skip
+    p.add_argument("--timeout", type=_duration, default=None, help="e.g. 30m (default: none)")
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser(
+        "cancel",
+        parents=common,
+        help="stop a run: suspend it (resumable), or --delete it",
+        description="Suspends the run (spec.suspend): its pods are removed, its status and "
+        "checkpoints stay, nothing is promoted; `kubetune resume` continues it from its last "
+        "checkpoint. --delete deletes the FineTuneJob (its pods go with it; what it wrote to "
+        "object storage stays). A finished run has nothing to cancel.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--delete", action="store_true", help="delete the FineTuneJob instead")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("resume", parents=common, help="continue a suspended FineTuneJob")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "logs",
+        parents=common,
+        help="the trainer's log: from its pod, or archived in object storage once it is gone",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-f", "--follow", action="store_true", help="stream the live pod's log")
+    p.add_argument("--rank", type=int, default=0, help="the node rank's pod (default 0)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser(
+        "pull",
+        parents=common,
+        help="fetch a finished run's model, report, loss curve and metrics",
+        description="Downloads the run's adapter/ (or merged/), report.md, loss.png, "
+        "metrics.json and result.json, each checked against the run's manifest.json; a "
+        "mismatch leaves nothing behind. Storage credentials: the Secret the run names "
+        "(spec.output.credentialsSecret, read as you), else your environment's.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--to", metavar="DIR", help="where (default: ./NAME-RUNID); must be empty")
+    p.add_argument(
+        "--promoted",
+        metavar="OUTPUT_URI",
+        help="the run latest.json at this output names (your credentials)",
+    )
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "rollback",
+        parents=common,
+        help="make the previous champion the promoted run again",
+        description="Rewrites <output>/latest.json to name an earlier promoted run (its "
+        "previousRunId, or --to), with the conditional write the trainer uses: a promotion at "
+        "the same moment and the rollback cannot both win. Records who and why in latest.json "
+        "and sends the job's promotion webhook, signed, so that serving follows.",
+    )
+    p.add_argument("target", metavar="OUTPUT_URI|SCHEDULE")
+    p.add_argument("--to", metavar="RUN_ID", help="the run to promote again")
+    p.add_argument("--reason", help="why, recorded in latest.json")
+    p.set_defaults(func=cmd_rollback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -208,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
         "spec.hyperparameters.batchSize",
     )
     p.set_defaults(func=cmd_run)
+
+    _add_cluster_verbs(sub)
 
     p = sub.add_parser(
         "operator",

@@ -30,6 +30,14 @@ def test_documented_get_output_has_the_crds_columns() -> None:
     assert header is not None and header.group(1).split() == _columns()
 
 
+def test_documented_kubetune_get_has_its_columns() -> None:
+    from kubetune.client.show import table
+
+    guide = (ROOT / "docs" / "user-guide.md").read_text()
+    (comment,) = re.findall(r"^kubetune get +# (.+)$", guide, re.MULTILINE)
+    assert comment.split() == table([]).split()
+
+
 def test_documented_profile_listing_has_the_crds_columns() -> None:
     guide = (ROOT / "docs" / "platform-guide.md").read_text()
     header = re.search(r"kubectl get finetuneprofiles .*\n# (.+)\n", guide)

@@ -11,7 +11,7 @@ from kubetune.api import (
     RegressionMetrics,
     TrainerResult,
 )
-from kubetune.local import summary
+from kubetune.console import summary
 from tests.conftest import valid_job
 
 

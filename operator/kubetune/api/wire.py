@@ -76,6 +76,11 @@ class TrainerMetric(StrEnum):
     WORLD_SIZE = "kubetune_trainer_world_size"
 
 
+# The trainer's container in each pod (its log is what `kubetune logs` reads), and the Job
+# controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod: its rank.
+CONTAINER = "trainer"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
 # Labels and annotations of the objects the operator makes (what it finds its children by).
 RUN_LABEL = "kubetune.dev/run-id"
 JOB_LABEL = "kubetune.dev/finetunejob"

@@ -28,9 +28,11 @@ from kubetune.api import (
     spec_hash,
 )
 from kubetune.api.wire import (
+    COMPLETION_INDEX,
     CONFIG_DIR,
     CONFIG_FILE,
     CONFIG_PATH,
+    CONTAINER,
     JOB_LABEL,
     MANAGED_BY,
     POD_WORK_DIR,
@@ -44,11 +46,8 @@ from kubetune.api.wire import (
 )
 from kubetune.controller.settings import OperatorSettings
 
-CONTAINER = "trainer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 1000
-# The Job controller's annotation (and, since Kubernetes 1.28, label) of an Indexed Job's pod.
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 HF_TOKEN = "HF_TOKEN"  # what huggingface_hub reads
 
 
