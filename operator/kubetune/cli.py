@@ -182,7 +182,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return int(ExitCode.INVALID_SPEC)
 
     def act(client: Any) -> int:
-        created = client.create_all(docs)
+        created = client.create_all(docs, args.namespace)
         for obj in created:
             kind = "finetunejob" if isinstance(obj, FineTuneJob) else "finetuneschedule"
             print(f"{kind}.kubetune.dev/{obj.metadata.name} created", file=sys.stderr)
@@ -214,7 +214,8 @@ def cmd_get(args: argparse.Namespace) -> int:
                 data, sort_keys=False)  # fmt: skip
             print(text.rstrip())
         elif not jobs:
-            print(f"No FineTuneJobs in namespace {client.namespace}.", file=sys.stderr)
+            where = "any namespace" if args.all_namespaces else f"namespace {client.namespace}"
+            print(f"No FineTuneJobs in {where}.", file=sys.stderr)
         else:
             print(table(jobs, namespaces=args.all_namespaces))
         return 0
@@ -298,8 +299,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             f"{done.output_uri}: run {record.run_id} is the promoted run again "
             f"(replacing run {record.previous_run_id})"
         )
-        if done.notification:
-            print(f"notification: {done.notification}")
+        print(f"notification: {done.notification}")
         return 0
 
     return _cluster("rollback", args, act)

@@ -131,7 +131,7 @@ def test_submit_wait_get_describe_logs_pull(
         os.environ.update(env)
     assert pulled.returncode == 0, pulled.stderr
     got = tmp_path / f"{created}-{run_id}"  # the default: ./NAME-RUNID
-    assert pulled.stdout.strip() == got.name
+    assert pulled.stdout.strip() == str(got)
     for name in ("report.md", "loss.png", "metrics.json", "result.json", "manifest.json"):
         assert (got / name).is_file(), name
     assert (got / "adapter" / "adapter_model.safetensors").stat().st_size > 0

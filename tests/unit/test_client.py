@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -289,3 +290,50 @@ def test_a_rollback_announces_the_run_promoted_again_signed(receiver: Receiver) 
     data = event.get_data()
     assert data["runId"] == "aaaa1111" and data["rollback"]["by"] == "alice"
     assert data["latestUri"] == "s3://models/reviews/latest.json"
+
+
+def test_rollback_refuses_a_record_that_is_not_its_runs(tmp_path: Path) -> None:
+    """The manifest lies in the same bucket: a record rewritten with its manifest still names
+    only its own run's files, or it is refused."""
+    output = tmp_path / "out"
+    uri = output.as_uri()
+    evil = PromotionRecord(run_id="eeee5555", adapter_uri="s3://elsewhere/model/")
+    _publish(output, "eeee5555", {**FILES, "promotion.json": evil.model_dump_json().encode()},
+             record=False)  # fmt: skip
+    _publish(output, "bbbb2222", FILES, record=True)
+    promotion.promote(uri, PromotionRecord(run_id="bbbb2222"), lambda c: None)
+    with pytest.raises(ClientError, match="is not run eeee5555's record"):
+        client_artifacts._rollback(_user(), uri, "eeee5555", None)
+
+
+def test_a_second_rollback_needs_to_say_where(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    uri = output.as_uri()
+    for run_id in ("aaaa1111", "bbbb2222"):
+        _publish(output, run_id, FILES, record=True)
+    promotion.promote(uri, PromotionRecord(run_id="aaaa1111"), lambda c: None)
+    promotion.promote(uri, PromotionRecord(run_id="bbbb2222"), lambda c: None)
+    client_artifacts._rollback(_user(), uri, None, None)
+    # Its previousRunId is the run rolled back from: going "back" again would restore it.
+    with pytest.raises(ClientError, match=r"is itself a rollback .* give --to RUN_ID"):
+        client_artifacts._rollback(_user(), uri, None, None)
+
+
+def test_a_secrets_keys_are_used_without_the_users_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """obstore fills in from the environment what a config leaves out: while a Secret's keys
+    are in use, the user's own are out of its reach (a Secret naming an endpoint would carry
+    them there), and back afterwards."""
+    from kubetune.api import FineTuneJob
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "the-users-own")
+    doc = minimal_job("reviews")
+    doc["spec"]["output"]["credentialsSecret"] = "s3"
+    spec = FineTuneJob.model_validate(doc).spec
+    keys = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    user = SimpleNamespace(kube=SimpleNamespace(secret=lambda ns, name: keys))
+    with client_artifacts.output_credentials(user, "ml", spec):
+        assert "AWS_SESSION_TOKEN" not in os.environ
+        from kubetune_trainer import storage
+
+        assert storage.credentials(spec.output.uri + "/runs/x")["AWS_ACCESS_KEY_ID"] == "a"
+    assert os.environ["AWS_SESSION_TOKEN"] == "the-users-own"

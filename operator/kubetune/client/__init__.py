@@ -361,23 +361,20 @@ class Client:
         run_id = job.status.run_id if job.status else None
         if not run_id:
             raise NotFound(f"FineTuneJob {name} has no run yet (kubetune describe {name} says why)")
-        pods = [
-            p
-            for p in (
-                _pod_state(raw)
-                for raw in self.kube.pods(ns, f"{JOB_LABEL}={name},{RUN_LABEL}={run_id}")
-            )
-            if p.index == rank
-        ]
+        listed = sorted(
+            self.kube.pods(ns, f"{JOB_LABEL}={name},{RUN_LABEL}={run_id}"),
+            key=lambda raw: str((raw.get("metadata") or {}).get("creationTimestamp") or ""),
+        )
+        pods = [p for p in (_pod_state(raw) for raw in listed) if p.index == rank]
         started = [p for p in pods if p.state in ("running", "terminated")]
         if started:
-            newest = started[-1]
+            newest = started[-1]  # pods are sorted oldest first
             try:
                 yield from self.kube.pod_log(ns, newest.name, CONTAINER, follow)
                 return
             except NotFound:
                 pass  # deleted meanwhile: the archive has it
-        if pods and not started and follow:
+        if pods and not started and pods[-1].phase == "Pending":
             raise NotFound(
                 f"the trainer of {name} has not started yet ({pods[-1].reason or pods[-1].phase}"
                 f"): kubetune describe {name} says why"

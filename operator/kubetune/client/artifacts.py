@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -53,6 +56,10 @@ MANIFEST = "manifest.json"
 PULLED = ("report.md", "loss.png", "metrics.json", "result.json")
 MODEL_DIRS = ("adapter/", "merged/")
 CHUNK = 1 << 20
+# The environment variables obstore reads credentials and endpoints from (object_store's
+# from_env for each cloud).
+AMBIENT = ("AWS_", "AZURE_", "GOOGLE_", "OBJECT_STORE_")
+RUN_ID = re.compile(r"^[0-9a-f]{8}$")
 
 
 class ChecksumMismatch(ClientError):
@@ -70,9 +77,14 @@ def output_credentials(client: Client, namespace: str, spec: FineTuneJobSpec) ->
         environ = {prefix + k: v for k, v in keys.items()}
     routes = [r for r in credential_routes(spec) if r[0] == spec.output.uri]
     storage.use_credentials(routes, environ)
+    # obstore fills in what a config leaves out from the environment (a session token, a
+    # bearer token): with a Secret's keys, none of the user's own may join them, or a Secret
+    # that names an endpoint would carry the user's credentials to it.
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if secret and k.startswith(AMBIENT)}
     try:
         yield
     finally:
+        os.environ.update(hidden)
         storage.use_credentials([])
 
 
@@ -151,11 +163,13 @@ def pull(
         output = promoted
         try:
             champion = promotion.read_champion(output)
-        except (TrainerError, SpecError) as exc:
+        except (TrainerError, SpecError, obstore.exceptions.BaseError) as exc:
             raise _storage_error(exc) from exc
         if champion.record is None:
             raise NotFound(f"nothing is promoted at {output}: it has no latest.json")
         run_id, label = champion.record.run_id, "promoted"
+        if not RUN_ID.match(run_id):
+            raise ClientError(f"{output}/latest.json names run {run_id!r}, not a run id")
         return _pull_run(run_prefix(output, run_id), run_id, to or Path(f"{label}-{run_id}"))
     assert name is not None
     job = client.get(name, namespace)
@@ -170,13 +184,14 @@ def pull(
 
 
 def _pull_run(run: str, run_id: str, directory: Path) -> Pulled:
+    directory = directory.resolve()
     if directory.exists() and any(directory.iterdir()):
         raise ClientError(f"{directory} exists and is not empty; choose another --to")
     try:
         entries = _manifest(run)
         wanted = [p for p in sorted(entries) if p in PULLED or p.startswith(MODEL_DIRS)]
-        partial = directory.with_name(f".{directory.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             files = []
             for path in wanted:
@@ -199,7 +214,6 @@ def _pull_run(run: str, run_id: str, directory: Path) -> Pulled:
                 files.append((path, target.stat().st_size))
             (partial / MANIFEST).write_text(json.dumps({"runId": run_id, "files": [
                 entries[p] for p in wanted]}, indent=2))  # fmt: skip
-            directory.parent.mkdir(parents=True, exist_ok=True)
             if directory.exists():
                 directory.rmdir()
             partial.rename(directory)
@@ -212,12 +226,12 @@ def _pull_run(run: str, run_id: str, directory: Path) -> Pulled:
 
 @dataclass(frozen=True)
 class RolledBack:
-    """A rollback done: latest.json's new record, and the notification's fate (None: the
-    output's job has no webhook, or it could not be found)."""
+    """A rollback done: latest.json's new record, and the notification's fate (delivered,
+    or why not)."""
 
     output_uri: str
     record: PromotionRecord
-    notification: str | None
+    notification: str
 
 
 def _target(client: Client, target: str, namespace: str) -> tuple[str, FineTuneJobSpec | None, str]:
@@ -246,13 +260,19 @@ def rollback(
             record = _rollback(client, output, to, reason)
     except (TrainerError, SpecError, obstore.exceptions.BaseError) as exc:
         raise _storage_error(exc) from exc
-    if spec is None and record.job and record.namespace:
-        try:  # the job that produced the run names the webhook, when the user may read it
-            spec = client.get(record.job, record.namespace).spec
-            namespace = record.namespace
-        except ClientError:
-            spec = None
-    note = _notify(client, namespace, spec, record, output) if spec is not None else None
+    note = "not sent: "
+    if spec is None and record.job and record.namespace == namespace:
+        try:  # the job of this namespace that made the run names the webhook
+            job = client.get(record.job, namespace).spec
+            spec = job if job.output.uri.rstrip("/") == output.rstrip("/") else None
+        except ClientError as exc:
+            note += f"the run's FineTuneJob cannot be read ({exc})"
+    elif spec is None:  # a record may name any job: only this namespace's is asked
+        note += f"the run's FineTuneJob is not in namespace {namespace} (-n)"
+    if spec is not None:
+        note = _notify(client, namespace, spec, record, output) or "not sent: no webhook"
+    elif note == "not sent: ":
+        note += "its FineTuneJob writes to another output now"
     return RolledBack(output, record, note)
 
 
@@ -260,11 +280,17 @@ def _rollback(client: Client, output: str, to: str | None, reason: str | None) -
     current = promotion.read_champion(output).record
     if current is None:
         raise NotFound(f"nothing is promoted at {output} (no latest.json): nothing to roll back")
+    if to is None and current.rollback is not None:
+        raise ClientError(
+            f"latest.json at {output} is itself a rollback (from run "
+            f"{current.rollback.from_run_id}, by {current.rollback.by}): its previous run is the "
+            "one rolled back from; give --to RUN_ID"
+        )
     dest = to or current.previous_run_id
-    if not dest:
+    if not dest or not RUN_ID.match(dest):
         raise ClientError(
             f"latest.json at {output} names run {current.run_id} and no run before it: give "
-            "--to RUN_ID"
+            "--to RUN_ID (8 hex characters)"
         )
     if dest == current.run_id:
         raise ClientError(f"run {dest} is already the promoted run of {output}")
@@ -286,6 +312,16 @@ def _rollback(client: Client, output: str, to: str | None, reason: str | None) -
             "published it; not rolled back"
         )
     record = PromotionRecord.model_validate_json(body)
+    # The bucket is writable by whoever holds its keys, the manifest too: the record must be
+    # this run's, and name only this run's files.
+    own = [record.adapter_uri, record.merged_uri, record.manifest_uri]
+    if record.run_id != dest or any(
+        uri and (not uri.startswith(run + "/") or "/../" in uri) for uri in own
+    ):
+        raise ClientError(
+            f"{run}/{RUN_RECORD} is not run {dest}'s record (it names run {record.run_id} or "
+            "files outside the run): not rolled back"
+        )
     record = record.model_copy(
         update={
             "promoted_at": datetime.now(UTC).replace(microsecond=0),
@@ -314,6 +350,11 @@ def _rollback(client: Client, output: str, to: str | None, reason: str | None) -
     return record.model_copy(update={"previous_run_id": current.run_id})
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
 def _notify(
     client: Client, namespace: str, spec: FineTuneJobSpec, record: PromotionRecord, output: str
 ) -> str | None:
@@ -339,12 +380,14 @@ def _notify(
         return f"not sent: {exc}"
     if not url:
         return "not sent: the webhook's URL Secret has no such key"
+    if not url.startswith(("https://", "http://")):
+        return "not sent: the webhook's URL is not http(s)"
     now = datetime.now(UTC)
     event_id = f"{record.run_id}-rollback-{int(now.timestamp())}"
     message = signed(promotion_event(record, output), key, event_id, now)
     request = urllib.request.Request(url, data=message.body, headers=message.headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+    try:  # no redirects: the signed event goes to the URL the job names, nowhere else
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=10) as response:
             return f"delivered to the webhook (HTTP {response.status})"
     except urllib.error.HTTPError as exc:
         return f"not delivered: the webhook answered HTTP {exc.code}"
