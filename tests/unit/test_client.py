@@ -337,3 +337,17 @@ def test_a_secrets_keys_are_used_without_the_users_own(monkeypatch: pytest.Monke
 
         assert storage.credentials(spec.output.uri + "/runs/x")["AWS_ACCESS_KEY_ID"] == "a"
     assert os.environ["AWS_SESSION_TOKEN"] == "the-users-own"
+
+
+def test_describe_prints_no_terminal_control_sequence() -> None:
+    """An Event's message is anyone's in the namespace: its escape sequences are not printed."""
+    from kubetune.api import FineTuneJob
+    from kubetune.client import Description
+    from kubetune.client.show import describe
+
+    job = FineTuneJob.model_validate(minimal_job("reviews")).model_copy(
+        update={"status": FineTuneJobStatus.model_validate({"phase": "Running"})}
+    )
+    event = {"type": "Normal", "reason": "Started", "message": "ok\x1b]0;owned\x07\x1b[2J done"}
+    page = describe(Description(job, [event], []))
+    assert "\x1b" not in page and "\x07" not in page and "ok?]0;owned??[2J done" in page

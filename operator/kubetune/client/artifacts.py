@@ -34,6 +34,7 @@ import obstore
 
 from kubetune.api import (
     CREDENTIAL_ENV,
+    RUN_ID_LENGTH,
     RUN_RECORD,
     FineTuneJob,
     FineTuneJobSpec,
@@ -59,7 +60,7 @@ CHUNK = 1 << 20
 # The environment variables obstore reads credentials and endpoints from (object_store's
 # from_env for each cloud).
 AMBIENT = ("AWS_", "AZURE_", "GOOGLE_", "OBJECT_STORE_")
-RUN_ID = re.compile(r"^[0-9a-f]{8}$")
+RUN_ID = re.compile(rf"^[0-9a-f]{{{RUN_ID_LENGTH}}}$")  # what make_run_id makes
 
 
 class ChecksumMismatch(ClientError):

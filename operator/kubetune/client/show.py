@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,14 @@ from typing import Any
 from kubetune.api import FINAL_PHASES, ExitCode, FineTuneJob, TrainerResult
 from kubetune.api.wire import Stage
 from kubetune.client import Client, Description, exit_code
+
+# Messages come from anyone who may write the namespace's Events, and from spec values: no
+# terminal control sequence of theirs reaches the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _plain(text: Any) -> str:
+    return _CONTROL.sub("?", str(text or ""))
 
 
 def _age(value: Any, now: datetime) -> str:
@@ -78,7 +87,7 @@ def describe(desc: Description) -> str:
         return "\n".join(lines)
     lines.append(f"Phase:       {status.phase}")
     if status.message:
-        lines.append(f"Message:     {status.message}")
+        lines.append(f"Message:     {_plain(status.message)}")
     if status.run_id:
         lines.append(f"Run:         {status.run_id} (attempts: {status.attempts})")
     if status.profile is not None:
@@ -96,12 +105,12 @@ def describe(desc: Description) -> str:
     if status.conditions:
         lines += ["", "Conditions:", f"  {'TYPE':<16}{'STATUS':<8}{'REASON':<24}MESSAGE"]
         for c in status.conditions:
-            lines.append(f"  {c.type:<16}{c.status:<8}{c.reason:<24}{c.message}")
+            lines.append(f"  {c.type:<16}{c.status:<8}{c.reason:<24}{_plain(c.message)}")
     if desc.pods:
         lines += ["", "Pods:"]
         for pod in desc.pods:
-            why = f" {pod.reason}" if pod.reason else ""
-            said = f": {pod.message}" if pod.message else ""
+            why = f" {_plain(pod.reason)}" if pod.reason else ""
+            said = f": {_plain(pod.message)}" if pod.message else ""
             code = f" exit {pod.exit_code}" if pod.exit_code is not None else ""
             lines.append(
                 f"  {pod.name} (rank {pod.index}) {pod.phase}{why}{code}"
@@ -126,8 +135,8 @@ def describe(desc: Description) -> str:
         for e in desc.events:
             when = e.get("lastTimestamp") or e.get("eventTime")
             lines.append(
-                f"  {e.get('type', ''):<9}{e.get('reason', ''):<22}{_age(when, now):<6}"
-                f"{e.get('message', '')}"
+                f"  {_plain(e.get('type')):<9}{_plain(e.get('reason')):<22}{_age(when, now):<6}"
+                f"{_plain(e.get('message'))}"
             )
     return "\n".join(lines)
 
