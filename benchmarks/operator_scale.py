@@ -436,6 +436,8 @@ def _run(
         "controlPlanePeakRssMB": plane_rss,
         "controlPlaneCpuSeconds": plane_cpu,
         "nodeErrors": len(node.errors),
+        "nodeErrorSamples": node.errors[:3],  # what broke, for whoever reads a failure
+        "nodeRetries": len(node.transient),  # 429/5xx answers the node retried
     }
 
 

@@ -78,11 +78,20 @@ from tests.support.client import TEST_AGENT, Client
 TERMINATION_LIMIT = 4096  # bytes of a termination message file the kubelet reads
 LOG_FALLBACK_LINES, LOG_FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError's tail
 STRATEGIC = "application/strategic-merge-patch+json"
+TRANSIENT = (429, 500, 502, 503, 504)  # answers a kubelet retries: overload, etcd timeouts
 KUBELET_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
 
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _body(exc: urllib.error.HTTPError) -> str:
+    """The API server's Status message of an error answer, for the record."""
+    try:
+        return str(json.loads(exc.read() or b"{}").get("message", ""))[:500]
+    except (OSError, ValueError):
+        return ""
 
 
 def free_port() -> int:
@@ -378,6 +387,9 @@ class NodeAgent:
         self.pods: dict[str, PodRun] = {}
         self.ports: dict[tuple[str, str, int], int] = {}  # (ns, job, containerPort) -> port
         self.errors: list[str] = []
+        # 429 and 5xx answers, retried on the next pass as the kubelet's status manager retries
+        # them: not the agent's fault, but counted so that a run can say how many it met.
+        self.transient: list[str] = []
         self._seen: dict[str, dict[str, Any]] = {}  # uid -> pod, from the watch
         self._listed = threading.Event()
         self._lock = threading.RLock()
@@ -593,8 +605,10 @@ class NodeAgent:
         try:
             self._sync_pod(run)
         except urllib.error.HTTPError as exc:
-            if exc.code not in (404, 409):  # gone or changed meanwhile: next pass
-                self.errors.append(f"pod {run.namespace}/{run.name}: {exc}")
+            if exc.code in TRANSIENT:  # an API server under load or restarting: next pass
+                self.transient.append(f"pod {run.namespace}/{run.name}: {exc}")
+            elif exc.code not in (404, 409):  # gone or changed meanwhile: next pass
+                self.errors.append(f"pod {run.namespace}/{run.name}: {exc}: {_body(exc)}")
         except (OSError, urllib.error.URLError):
             pass  # the API server is away: the next pass tries again
         except Exception:  # one bad pod does not stall the others
