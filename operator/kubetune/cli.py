@@ -300,6 +300,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             f"(replacing run {record.previous_run_id})"
         )
         print(f"notification: {done.notification}")
+        if done.schedule:
+            print(f"schedule {args.target}: {done.schedule}")
         return 0
 
     return _cluster("rollback", args, act)

@@ -3,8 +3,8 @@ ServiceAccount's token in a kubeconfig of its own, nothing of the operator's): `
 --wait` and its exit codes on a run that is promoted, one that fails its gates and one the
 operator refuses to start; get, describe, wait, cancel; logs from the live pod (the API server's
 pods/log, through the node agent's kubelet endpoint) and from object storage once the pods are
-gone; pull and its checksum check; rollback, and a rollback that loses a race to a promotion;
-the errors a user meets."""
+gone; pull and its checksum check; rollback, a rollback that loses a race to a promotion, and
+one by a FineTuneSchedule's name, which its status shows; the errors a user meets."""
 
 from __future__ import annotations
 
@@ -234,6 +234,57 @@ def test_rollback_and_a_rollback_that_loses_the_race(
     assert len(calls) >= 3  # the rollback's read, promote's read, the read after the 412
     final = PromotionRecord.model_validate_json(storage.read_bytes(f"{output}/latest.json"))
     assert final.run_id == runs[1] and final.rollback is None
+
+    # Rolled back by a FineTuneSchedule's name: the Secret of its template's output, and the
+    # schedule's status shows it once the operator has read latest.json itself.
+    schedule = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneSchedule",
+        "metadata": {"name": "weekly"},
+        "spec": {
+            "schedule": "0 3 * * 1",
+            "jobTemplate": {"spec": platform.job(ns, "t", output__uri=output)["spec"]},
+        },
+    }
+    made = kubetune("submit", str(_write(tmp_path / "s.yaml", schedule)), config=user)
+    assert made.returncode == 0, made.stderr
+    back = kubetune(
+        "rollback", "weekly", "--to", runs[0], "--reason", "a canary regressed", config=user
+    )
+    assert back.returncode == 0, back.stderr
+    assert "schedule weekly: annotated kubetune.dev/rollback" in back.stdout
+    promoted = platform.wait_for(
+        "the schedule to show the rollback",
+        lambda: (p := _schedule_status(platform, ns).get("promoted")) and p.get("rollback") and p,
+        60,
+    )
+    assert promoted["runId"] == runs[0] and promoted["name"] == "first"
+    assert promoted["rollback"] == {
+        "by": f"system:serviceaccount:{ns}:user",
+        "reason": "a canary regressed",
+        "fromRunId": runs[1],
+    }
+    (event,) = [e for e in platform.events(ns, "weekly") if e["reason"] == "RolledBack"]
+    assert f"run {runs[0]} is the promoted run again (replacing run {runs[1]})" in event["message"]
+
+    # Anyone with edit can annotate; the operator believes latest.json, not the annotation.
+    forged = {
+        "metadata": {"annotations": {"kubetune.dev/rollback": f"{runs[1]}@2030-01-01T00:00:00Z"}}
+    }
+    platform.api.patch("finetuneschedules", ns, "weekly", forged)
+    warning = platform.wait_for(
+        "the forged annotation refused",
+        lambda: [e for e in platform.events(ns, "weekly") if e["reason"] == "RollbackNotFound"],
+        60,
+    )
+    assert f"latest.json names run {runs[0]}, rolled back to at" in warning[0]["message"]
+    assert _schedule_status(platform, ns)["promoted"] == promoted
+
+
+def _schedule_status(platform: Platform, ns: str) -> dict[str, Any]:
+    obj = platform.api.get("finetuneschedules", ns, "weekly")
+    assert obj is not None
+    return obj.get("status") or {}
 
 
 def test_errors_name_the_fix(

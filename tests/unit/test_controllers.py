@@ -236,6 +236,12 @@ def test_a_schedule_wakes_on_its_spec_and_foreign_status_not_on_its_own_write() 
     assert _wakes("finetuneschedules", old, other) == {key: Trigger.SCHEDULE}
     assert _wakes("finetuneschedules", old, other, own=True) == {}
     assert _wakes("finetuneschedules", old, None) == {}  # the garbage collector's
+    # kubetune rollback's annotation: the reconcile checks it against latest.json.
+    annotated = _obj("FineTuneSchedule", "nightly", "3", status={"lastScheduleTime": "t1"})
+    annotated["metadata"]["annotations"] = {"kubetune.dev/rollback": "0a0a0a0a@t"}
+    assert _wakes("finetuneschedules", old, annotated) == {key: Trigger.SCHEDULE}
+    labelled = _obj("FineTuneSchedule", "nightly", "3", {"a": "b"}, status=old["status"])
+    assert _wakes("finetuneschedules", old, labelled) == {}  # other metadata wakes nothing
 
 
 def test_the_operators_status_write_reaches_the_controllers_as_its_own() -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import stamp_name
+from kubetune.api import ROLLBACK_ANNOTATION, PromotionRecord, Rollback, stamp_name
+from kubetune.controller import schedule_controller
 from kubetune.controller.schedules import decide_schedule, refused
 
 TEMPLATE_SPEC = {
@@ -280,3 +281,131 @@ def test_a_stamped_job_the_api_server_refuses_stalls_the_schedule_until_the_next
     assert after.requeue_after == decision.requeue_after
     # The decision it came from is unchanged (refused is pure).
     assert decision.create == [job] and "SuccessfulCreate" in [e.reason for e in decision.events]
+
+
+class ScheduleIO:
+    """The reconcile's view of the cluster (schedule_controller.ScheduleIO) over a Cluster, and
+    the output's latest.json as the operator would read it."""
+
+    def __init__(self, cluster: Cluster, latest: PromotionRecord | None) -> None:
+        self.cluster = cluster
+        self.latest = latest
+        self.reads: list[tuple[str, dict[str, str]]] = []
+        self.secrets = {("ml", "s3"): {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}}
+
+    def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.cluster.schedule)
+
+    def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return list(self.cluster.jobs.values())
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get((namespace, name))
+
+    def create(self, obj: dict[str, Any]) -> None:
+        self.cluster.jobs[obj["metadata"]["name"]] = copy.deepcopy(obj)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.cluster.jobs.pop(name, None)
+
+    def patch_schedule_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+    ) -> Any:
+        def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+            for key, value in patch.items():  # RFC 7386, as the API server applies it
+                if value is None:
+                    target.pop(key, None)
+                elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                    merge(target[key], value)
+                else:
+                    target[key] = value
+            return target
+
+        merge(self.cluster.schedule.setdefault("status", {}), patch)
+        return True
+
+    def event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str, now: datetime
+    ) -> None:
+        self.cluster.events.append((reason, message))
+
+    def read_latest(self, uri: str, credentials: dict[str, str]) -> PromotionRecord | None:
+        self.reads.append((uri, credentials))
+        return self.latest
+
+
+def _rolled_back_record(run_id: str, when: str, from_run: str) -> PromotionRecord:
+    return PromotionRecord(
+        run_id=run_id,
+        job=f"reviews-{run_id}",
+        promoted_at=at(when),
+        previous_run_id=from_run,
+        rollback=Rollback(by="alice", reason="serving disagrees", from_run_id=from_run),
+    )
+
+
+def test_a_rollback_shows_in_the_status_only_as_latest_json_records_it() -> None:
+    c = Cluster("2026-11-01T00:00:00Z", schedule="0 3 * * 1")
+    c.schedule["spec"]["jobTemplate"]["spec"] = {
+        **TEMPLATE_SPEC,
+        "output": {"uri": "s3://models/ml/reviews", "credentialsSecret": "s3"},
+    }
+    runs = {}
+    for tick, done, run_id in (("02T03", "02T04", "0a0a0a0a"), ("09T03", "09T04", "0b0b0b0b")):
+        (name,) = c.tick(f"2026-11-{tick}:00:00")
+        c.finish(name, "Succeeded", f"2026-11-{done}:00:00Z", promoted=True)
+        c.jobs[name]["status"]["runId"] = runs[name] = run_id
+    first, second = runs
+    c.tick("2026-11-09T05:00:00")
+    assert c.status["promoted"]["name"] == second
+    back = _rolled_back_record(runs[first], "2026-11-09T06:00:00", runs[second])
+    io = ScheduleIO(c, back)
+    now = at("2026-11-09T06:00:05")
+
+    def annotate(value: str) -> None:
+        c.schedule["metadata"]["annotations"] = {ROLLBACK_ANNOTATION: value}
+
+    # Nothing annotated: latest.json is never read.
+    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+    assert io.reads == []
+
+    # Annotated with a rollback latest.json does not record (a hand-written annotation): a
+    # Warning naming what latest.json says, the status's promoted run unchanged, said once.
+    annotate(f"{runs[second]}@2026-11-09T06:00:00Z")
+    io.latest = back.model_copy(update={"run_id": "ffffffff"})
+    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+    assert io.reads == [("s3://models/ml/reviews", io.secrets[("ml", "s3")])]
+    reason, message = c.events[-1]
+    assert reason == "RollbackNotFound"
+    assert "s3://models/ml/reviews/latest.json names run ffffffff" in message
+    assert c.status["promoted"]["name"] == second and c.status["promoted"]["rollback"] is None
+    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+    assert len(io.reads) == 1 and c.events[-1] == (reason, message)
+
+    # Not in the form kubetune rollback writes: not read at all.
+    annotate("../../x@yesterday")
+    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+    assert len(io.reads) == 2 and c.events[-1][0] == "RollbackNotFound"
+    assert "is not <runId>@<promotedAt>" in c.events[-1][1]
+
+    # The rollback kubetune rollback wrote, and annotated: the status names the run again.
+    io.latest = back
+    annotate(f"{runs[first]}@2026-11-09T06:00:00Z")
+    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+    promoted = c.status["promoted"]
+    assert (promoted["name"], promoted["runId"]) == (first, runs[first])
+    assert promoted["rollback"] == {
+        "by": "alice",
+        "reason": "serving disagrees",
+        "fromRunId": runs[second],
+    }
+    assert promoted["latestUri"] == "s3://models/ml/reviews/latest.json"
+    assert c.events[-1][0] == "RolledBack" and "by alice: serving disagrees" in c.events[-1][1]
+    # It stays through reconciles, and a later promotion replaces it.
+    c.tick("2026-11-09T07:00:00")
+    assert c.status["promoted"]["runId"] == runs[first]
+    (third,) = c.tick("2026-11-16T03:00:00")
+    c.finish(third, "Succeeded", "2026-11-16T04:00:00Z", promoted=True)
+    c.tick("2026-11-16T05:00:00")
+    assert c.status["promoted"]["name"] == third and c.status["promoted"]["rollback"] is None
+    assert len(io.reads) == 3

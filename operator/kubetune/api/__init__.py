@@ -101,7 +101,7 @@ from kubetune.api.status import (
 from kubetune.api.tracking import MlflowSpec, TrackingSpec, WandbSpec
 from kubetune.api.training import MUTUALLY_EXCLUSIVE
 from kubetune.api.types import MAX_NAME_LENGTH, RUN_ID_LENGTH
-from kubetune.api.wire import SCHEDULE_LABEL, SCHEDULED_TIME_ANNOTATION
+from kubetune.api.wire import ROLLBACK_ANNOTATION, SCHEDULE_LABEL, SCHEDULED_TIME_ANNOTATION
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -122,6 +122,7 @@ __all__ = [
     "PROFILE_KIND",
     "PROFILE_PLURAL",
     "PROMOTED_EVENT_TYPE",
+    "ROLLBACK_ANNOTATION",
     "RUN_ID_LENGTH",
     "RUN_RECORD",
     "SCHEDULED_TIME_ANNOTATION",

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from kubetune.api.base import ApiModel, Rule
+from kubetune.api.promotion import Rollback
 from kubetune.api.resource import API_VERSION, KIND, MAX_DISTRIBUTED_NAME_LENGTH, ObjectMeta
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import Condition, Phase, StatusModel
@@ -169,12 +170,18 @@ class ScheduledRun(StatusModel):
 
 
 class PromotedRun(StatusModel):
-    """The stamped run promoted last: latest.json names it unless another writer promoted since."""
+    """The stamped run promoted last, or the run a rollback made the promoted one again:
+    latest.json names it unless another writer promoted since."""
 
     name: str = Field(description="name of the FineTuneJob.")
     run_id: str | None = Field(default=None, description="runId of the promoted run.")
     promoted_at: datetime | None = Field(default=None, description="promotedAt: when.")
     latest_uri: str | None = Field(default=None, description="latestUri is its latest.json.")
+    rollback: Rollback | None = Field(
+        default=None,
+        description="rollback says who made this run the promoted one again, and why (`kubetune "
+        "rollback`), as latest.json records it.",
+    )
 
 
 class FineTuneScheduleStatus(StatusModel):
@@ -208,6 +215,12 @@ class FineTuneScheduleStatus(StatusModel):
     )
     promoted: PromotedRun | None = Field(
         default=None, description="promoted is the stamped run promoted last (the champion)."
+    )
+    observed_rollback: str | None = Field(
+        default=None,
+        max_length=128,
+        description="observedRollback is the kubetune.dev/rollback annotation last checked "
+        "against latest.json.",
     )
 
 

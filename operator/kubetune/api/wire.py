@@ -92,4 +92,7 @@ PROFILE_ANNOTATION = "kubetune.dev/profile"
 # A run stamped from a FineTuneSchedule: its schedule, and the time it was due.
 SCHEDULE_LABEL = "kubetune.dev/schedule"
 SCHEDULED_TIME_ANNOTATION = "kubetune.dev/scheduled-time"
+# `kubetune rollback SCHEDULE` annotates the schedule with <runId>@<promotedAt> of the record it
+# wrote to latest.json; the operator checks it against latest.json before its status shows it.
+ROLLBACK_ANNOTATION = "kubetune.dev/rollback"
 MANAGED_BY = "kubetune-operator"  # app.kubernetes.io/managed-by of every child

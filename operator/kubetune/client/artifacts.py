@@ -60,6 +60,7 @@ CHUNK = 1 << 20
 # The environment variables obstore reads credentials and endpoints from (object_store's
 # from_env for each cloud).
 AMBIENT = ("AWS_", "AZURE_", "GOOGLE_", "OBJECT_STORE_")
+MAX_REASON = 1024  # Rollback.reason's bound
 RUN_ID = re.compile(rf"^[0-9a-f]{{{RUN_ID_LENGTH}}}$")  # what make_run_id makes
 
 
@@ -233,6 +234,7 @@ class RolledBack:
     output_uri: str
     record: PromotionRecord
     notification: str
+    schedule: str | None = None  # for a schedule named: whether its status will show it
 
 
 def _target(client: Client, target: str, namespace: str) -> tuple[str, FineTuneJobSpec | None, str]:
@@ -252,6 +254,8 @@ def _target(client: Client, target: str, namespace: str) -> tuple[str, FineTuneJ
 def rollback(
     client: Client, target: str, to: str | None, reason: str | None, namespace: str
 ) -> RolledBack:
+    if reason is not None and len(reason) > MAX_REASON:
+        raise ClientError(f"--reason is at most {MAX_REASON} characters (it is {len(reason)})")
     output, spec = _target(client, target, namespace)
     try:
         if spec is not None:
@@ -274,7 +278,25 @@ def rollback(
         note = _notify(client, namespace, spec, record, output) or "not sent: no webhook"
     elif note == "not sent: ":
         note += "its FineTuneJob writes to another output now"
-    return RolledBack(output, record, note)
+    shown = None if "://" in target else _annotate(client, namespace, target, record)
+    return RolledBack(output, record, note, shown)
+
+
+def _annotate(client: Client, namespace: str, schedule: str, record: PromotionRecord) -> str:
+    """Ask the operator to show the rollback in the schedule's status: it checks the
+    annotation against latest.json before it does (a RolledBack Event, else RollbackNotFound)."""
+    from kubetune.api import ROLLBACK_ANNOTATION, SCHEDULE_PLURAL
+
+    at = record.promoted_at.strftime("%Y-%m-%dT%H:%M:%SZ") if record.promoted_at else ""
+    body = {"metadata": {"annotations": {ROLLBACK_ANNOTATION: f"{record.run_id}@{at}"}}}
+    try:
+        client.kube.patch(namespace, schedule, body, SCHEDULE_PLURAL)
+    except ClientError as exc:
+        return f"its status will not show the rollback: {exc}"
+    return (
+        f"annotated {ROLLBACK_ANNOTATION}; its status shows the rollback once the operator "
+        "has checked latest.json"
+    )
 
 
 def _rollback(client: Client, output: str, to: str | None, reason: str | None) -> PromotionRecord:

@@ -1,11 +1,14 @@
-"""Reading a finished run's result.json from object storage, for when no pod carries the result.
+"""Reading what the trainer wrote to a tenant's object storage: a finished run's result.json, for
+when no pod carries the result, and an output's latest.json, for a schedule's rollback.
 
 The trainer writes its result twice: compact, as the pod's termination message, and in full as
 `<output.uri>/runs/<runId>/result.json`, before `manifest.json` (written last). The pod can be gone
 before the operator reads it: the Job's ttlSecondsAfterFinished, the pod garbage collector, a
 deleted Job, an operator that was down. Then the operator reads result.json, with the credentials
 from the same Secret the trainer used (spec.output.credentialsSecret, in the job's namespace), and
-trusts it only when the run's manifest is there.
+trusts it only when the run's manifest is there. A FineTuneSchedule whose owner rolled back
+(`kubetune rollback SCHEDULE`, which annotates it) has its output's latest.json read the same way,
+once per annotation, and its status shows the rollback only when latest.json records it.
 
 The Secret is the tenant's: only the keys `kubetune.api.storage_keys` allows configure the client
 (never a token file, a credential endpoint or a command), and the operator lends a tenant's store
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
@@ -29,9 +32,10 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 from obstore.store import from_url
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from kubetune.api import TrainerResult, run_prefix
+from kubetune.api import PromotionRecord, TrainerResult, run_prefix
+from kubetune.api.promotion import LATEST
 from kubetune.api.storage_keys import (
     AZURE_ACCOUNT_KEYS,
     AZURE_SAS_KEYS,
@@ -44,6 +48,7 @@ from kubetune.controller.errors import Retry
 log = logging.getLogger("kubetune.operator")
 
 MAX_RESULT_BYTES = 1 << 20  # a result.json is a few KiB; a bigger one is not the trainer's
+M = TypeVar("M", bound=BaseModel)
 _CREDENTIAL_KEYS = {
     "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
     "gs": ("GOOGLE_BEARER_TOKEN",),
@@ -104,56 +109,86 @@ def _store(root: str, storage: StorageConfig) -> Any:
     return from_url(root, config=config, client_options=options, retry_config=retry, **extra)
 
 
-def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult | None:
-    """The run's result.json when its manifest is there; None when it is not or cannot be read."""
-    parts = urlsplit(run_prefix(output_uri, run_id))
+def _open(uri: str, credentials: dict[str, str], what: str) -> tuple[Any, str] | None:
+    """The tenant's store holding `uri` (s3, gs, az), configured only from the Secret's own
+    credentials, and the key prefix; None (logged) when the operator must not or cannot read
+    it."""
+    parts = urlsplit(uri)
     if parts.scheme not in ("s3", "gs", "az"):
         return None  # file:// lies inside the trainer pod; http(s) is read-only input
     root, prefix = f"{parts.scheme}://{parts.netloc}", parts.path.strip("/")
     storage = storage_config(parts.scheme, credentials)
     if storage.refused:
-        log.warning("result.json of run %s not read: %s", run_id, storage.refusal("the Secret"))
+        log.warning("%s not read: %s", what, storage.refusal("the Secret"))
         return None
     if not storage.signs_itself:
         # The operator's own identity (its ServiceAccount, IRSA, a metadata server) is never
-        # lent to a tenant's bucket: without credentials in the Secret, the run ends without it.
+        # lent to a tenant's bucket: without credentials in the Secret, nothing is read.
         log.warning(
-            "result.json of run %s not read: spec.output.credentialsSecret holds no credentials "
-            "of its own, and the operator lends its identity to no tenant's store",
-            run_id,
+            "%s not read: spec.output.credentialsSecret holds no credentials of its own, and the "
+            "operator lends its identity to no tenant's store",
+            what,
         )
         return None
     try:
         store = _store(root, storage)
     except Exception as exc:  # obstore refused the configuration: the tenant's to fix
-        log.warning("result.json of run %s not read: the Secret's storage config: %s",
-                    run_id, type(exc).__name__)  # fmt: skip
+        log.warning("%s not read: the Secret's storage config: %s", what, type(exc).__name__)
         return None
     if store is None:
         log.warning(
-            "result.json of run %s not read: spec.output.credentialsSecret holds no credentials "
-            "the operator signs with (keys, a SAS, a bearer token or a service account key)",
-            run_id,
+            "%s not read: spec.output.credentialsSecret holds no credentials the operator signs "
+            "with (keys, a SAS, a bearer token or a service account key)",
+            what,
         )
         return None
+    return store, prefix
+
+
+def _small(store: Any, key: str, what: str) -> bytes | None:
+    """A small object's bytes; None when it is bigger than any file the trainer writes there."""
+    meta = obstore.head(store, key)
+    size = int(meta["size"])
+    if not 0 < size <= MAX_RESULT_BYTES:
+        log.warning("%s not read: %d bytes", what, size)
+        return None
+    # A range: a store that said one size in HEAD and sends more is refused, not read.
+    return bytes(obstore.get_range(store, key, start=0, end=size))
+
+
+def _read(uri: str, name: str, credentials: dict[str, str], what: str, model: type[M]) -> M | None:
+    """`<uri>/<name>` as `model` (with `<uri>/manifest.json` there first for a run's files);
+    None when it is not there or cannot be read for good; Retry when the store may answer
+    later."""
+    opened = _open(uri, credentials, what)
+    if opened is None:
+        return None
+    store, prefix = opened
     try:
-        obstore.head(store, f"{prefix}/manifest.json")
-        meta = obstore.head(store, f"{prefix}/result.json")
-        size = int(meta["size"])
-        if not 0 < size <= MAX_RESULT_BYTES:
-            log.warning("result.json of run %s not read: %d bytes", run_id, int(meta["size"]))
-            return None
-        # A range: a store that said one size in HEAD and sends more is refused, not read.
-        ranged = obstore.get_range(store, f"{prefix}/result.json", start=0, end=size)
-        return TrainerResult.model_validate_json(bytes(ranged))
+        if name != LATEST:
+            obstore.head(store, f"{prefix}/manifest.json")
+        body = _small(store, f"{prefix}/{name}", what)
+        return None if body is None else model.model_validate_json(body)
     except (FileNotFoundError, NotFoundError):
         return None
     except (PermissionDeniedError, UnauthenticatedError, ValidationError, ValueError) as exc:
-        # Permanent: the run ends without its metrics rather than waiting forever. The error's
-        # class only: its text can quote what the tenant's store answered.
-        log.warning("result.json of run %s not readable: %s", run_id, type(exc).__name__)
+        # Permanent: given up rather than waited for forever. The error's class only: its text
+        # can quote what the tenant's store answered.
+        log.warning("%s not readable: %s", what, type(exc).__name__)
         return None
     except (BaseError, OSError) as exc:
-        # A timeout, a 5xx, a connection refused: read it again later, before the run's final
-        # status is written (a final status is never revisited).
-        raise Retry(f"result.json of run {run_id} not read yet: {exc}", 5.0) from exc
+        # A timeout, a 5xx, a connection refused: read it again later (for a run, before its
+        # final status is written: a final status is never revisited).
+        raise Retry(f"{what} not read yet: {exc}", 5.0) from exc
+
+
+def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult | None:
+    """The run's result.json when its manifest is there; None when it is not or cannot be read."""
+    what = f"result.json of run {run_id}"
+    return _read(run_prefix(output_uri, run_id), "result.json", credentials, what, TrainerResult)
+
+
+def read_latest(output_uri: str, credentials: dict[str, str]) -> PromotionRecord | None:
+    """The output's latest.json (what is promoted there now), or None."""
+    what = f"latest.json of {output_uri}"
+    return _read(output_uri.rstrip("/"), LATEST, credentials, what, PromotionRecord)

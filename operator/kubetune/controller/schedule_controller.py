@@ -10,27 +10,47 @@ What wakes it (`ScheduleController.wakes`; the trigger label in parentheses):
 - a FineTuneJob it stamped came, went, finished or was promoted (stamped): its phase or
   promotion changed, whether the watch saw it or the operator wrote it (not at every progress
   write), except its own stamping;
-- its next scheduled time (timer): the reconcile's Result.requeue_after.
+- its next scheduled time (timer): the reconcile's Result.requeue_after;
+- its kubetune.dev/rollback annotation changed (schedule): `kubetune rollback SCHEDULE` wrote
+  latest.json; the reconcile reads latest.json (results.read_latest, with the template's output
+  Secret, as the FineTuneJob controller reads result.json) once per annotation value, and the
+  status shows the rollback only when latest.json records it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from kubetune.api import SCHEDULE_LABEL, FineTuneScheduleStatus
+from kubetune.api import (
+    ROLLBACK_ANNOTATION,
+    SCHEDULE_LABEL,
+    FineTuneScheduleStatus,
+    PromotionRecord,
+)
+from kubetune.controller import results
 from kubetune.controller.cached import CachedKube
-from kubetune.controller.errors import Rejected
+from kubetune.controller.errors import Misconfigured, Rejected
 from kubetune.controller.metrics import OperatorMetrics, Trigger
 from kubetune.controller.patch import status_dict, write_status
 from kubetune.controller.runtime import Enqueue, Object, Request, Result
-from kubetune.controller.schedules import decide_schedule, refused
+from kubetune.controller.schedules import (
+    ScheduleDecision,
+    decide_schedule,
+    refused,
+    rollback_output,
+    rollback_to_check,
+    rolled_back,
+)
 from kubetune.controller.settings import OperatorSettings
 
 KIND = "finetuneschedules"
+log = logging.getLogger("kubetune.operator")
+LatestReader = Callable[[str, dict[str, str]], PromotionRecord | None]
 
 
 class ScheduleIO(Protocol):
@@ -39,6 +59,7 @@ class ScheduleIO(Protocol):
 
     def get_schedule(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def stamped(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
     def patch_schedule_status(
@@ -50,7 +71,11 @@ class ScheduleIO(Protocol):
 
 
 def reconcile(
-    kube: ScheduleIO, namespace: str, name: str, now: datetime | None = None
+    kube: ScheduleIO,
+    namespace: str,
+    name: str,
+    now: datetime | None = None,
+    read_latest: LatestReader = results.read_latest,
 ) -> Result | None:
     """One FineTuneSchedule: stamp and delete FineTuneJobs as schedules.py decides, write its
     status; returns when it is due again (requeue_after None: only a change wakes it), or None:
@@ -60,6 +85,7 @@ def reconcile(
         return None
     now = now or datetime.now(UTC)
     decision = decide_schedule(raw, kube.stamped(namespace, name), now)
+    decision = _check_rollback(kube, raw, decision, read_latest)
     for job in decision.delete:
         kube.delete("FineTuneJob", namespace, job)
     for obj in list(decision.create):
@@ -78,6 +104,31 @@ def reconcile(
         for event in decision.events:
             kube.event(raw, event.type, event.reason, event.message, now)
     return Result(requeue_after=decision.requeue_after)
+
+
+def _check_rollback(
+    kube: ScheduleIO, raw: dict[str, Any], decision: ScheduleDecision, read_latest: LatestReader
+) -> ScheduleDecision:
+    """The decision with a new kubetune.dev/rollback annotation checked against latest.json.
+    A transient storage failure (Retry) propagates: the reconcile is retried."""
+    value = rollback_to_check(raw)
+    if value is None:
+        return decision
+    output = rollback_output(raw)
+    record = None
+    if output is not None:
+        uri, secret = output
+        credentials: dict[str, str] | None = {}
+        if secret:
+            namespace = (raw.get("metadata") or {}).get("namespace") or ""
+            try:
+                credentials = kube.secret_data(namespace, secret)
+            except Misconfigured as exc:  # the operator may not read the namespace's Secrets
+                log.warning("latest.json of %s not read: %s", uri, exc)
+                credentials = None
+        if credentials is not None:
+            record = read_latest(uri, credentials)
+    return rolled_back(decision, value, output[0] if output else None, record)
 
 
 class ScheduleController:
@@ -120,6 +171,7 @@ class ScheduleController:
                 old is None
                 or before.get("generation") != meta.get("generation")
                 or (old.get("status") or {}) != (new.get("status") or {})
+                or _rollback(old) != _rollback(new)
             ):
                 yield Request(KIND, namespace, meta.get("name") or ""), Trigger.SCHEDULE
         elif kind == "finetunejobs":
@@ -140,3 +192,7 @@ def _seen(job: Object) -> tuple[Any, ...]:
     """What a schedule looks at in a run it stamped."""
     status = job.get("status") or {}
     return status.get("phase"), status.get("promotion")
+
+
+def _rollback(schedule: Object) -> Any:
+    return ((schedule.get("metadata") or {}).get("annotations") or {}).get(ROLLBACK_ANNOTATION)

@@ -19,10 +19,18 @@ controllers/cron-jobs/), reading the stamped FineTuneJobs' phases instead of Job
   oldest first (their artifacts stay in object storage; the garbage collector removes their
   Jobs, pods and ConfigMaps).
 - The next reconcile is due at the next scheduled time plus 100 ms (nextScheduleTimeDuration).
+
+A rollback (`kubetune rollback SCHEDULE`) is the user's own write to latest.json; the user
+annotates the schedule with what it wrote (kubetune.dev/rollback: <runId>@<promotedAt>). The
+annotation is anyone's with `edit`, so it is a request to look, never a fact: the status shows
+the rollback only when the output's latest.json (read by the controller, once per annotation
+value) records that very rollback; otherwise a RollbackNotFound Warning says what latest.json
+names.
 """
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -32,10 +40,13 @@ from pydantic import ValidationError
 
 from kubetune.api import (
     FINAL_PHASES,
+    ROLLBACK_ANNOTATION,
+    RUN_ID_LENGTH,
     SCHEDULED_TIME_ANNOTATION,
     Condition,
     FineTuneSchedule,
     FineTuneScheduleStatus,
+    PromotionRecord,
     describe_errors,
 )
 from kubetune.api.schedule import PromotedRun, ScheduledRun, stamp, stamp_name
@@ -44,6 +55,10 @@ from kubetune.controller.decide import Event
 from kubetune.controller.observe import parse_time
 
 TOO_MANY_MISSED = 100  # the CronJob controller's bound
+MAX_ROLLBACK_ANNOTATION = 128  # status.observedRollback's bound
+ROLLBACK_VALUE = re.compile(
+    rf"^([0-9a-f]{{{RUN_ID_LENGTH}}})@(\d{{4}}-\d\d-\d\dT[0-9:.]+(Z|[+-]\d\d:\d\d))$"
+)
 REQUEUE_SLACK = timedelta(milliseconds=100)
 
 
@@ -348,3 +363,87 @@ def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> S
     status.active = sorted({*status.active, name})
     status.runs = [ScheduledRun(name=name, scheduled_time=due), *status.runs]
     return decision
+
+
+def rollback_to_check(raw: dict[str, Any]) -> str | None:
+    """The schedule's kubetune.dev/rollback annotation when it was not checked yet (against
+    status.observedRollback, which holds at most its first 128 characters)."""
+    value = ((raw.get("metadata") or {}).get("annotations") or {}).get(ROLLBACK_ANNOTATION)
+    if not isinstance(value, str) or not value:
+        return None
+    observed = (raw.get("status") or {}).get("observedRollback")
+    return value if value[:MAX_ROLLBACK_ANNOTATION] != observed else None
+
+
+def rollback_output(raw: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(output URI, its credentialsSecret) of the schedule's template, or None when the spec
+    has none to read (an invalid schedule says why in its own status)."""
+    spec = (raw.get("spec") or {}).get("jobTemplate") or {}
+    output = ((spec.get("spec") or {}).get("output")) or {}
+    uri, secret = output.get("uri"), output.get("credentialsSecret")
+    if not isinstance(uri, str) or not uri:
+        return None
+    return uri, secret if isinstance(secret, str) and secret else None
+
+
+def rolled_back(
+    decision: ScheduleDecision,
+    value: str,
+    output: str | None,
+    record: PromotionRecord | None,
+) -> ScheduleDecision:
+    """The decision once the annotation `value` was checked against `record`, the output's
+    latest.json as read (None: not there or not readable). The status names the run rolled back
+    to only when latest.json records that rollback; either way the value is observed, so it is
+    checked once."""
+    status = decision.status.model_copy(
+        update={"observed_rollback": value[:MAX_ROLLBACK_ANNOTATION]}
+    )
+    match = ROLLBACK_VALUE.match(value)
+    at = parse_time(match.group(2)) if match else None
+    latest = f"{output.rstrip('/')}/latest.json" if output else "the schedule's output"
+    if match is None or at is None:
+        problem = (
+            f"annotation {ROLLBACK_ANNOTATION} is not <runId>@<promotedAt> as kubetune "
+            "rollback writes it: ignored"
+        )
+        event = Event("Warning", "RollbackNotFound", problem)
+    elif (
+        record is None
+        or record.rollback is None
+        or record.run_id != match.group(1)
+        or record.promoted_at != at
+    ):
+        if record is None:
+            found = "cannot be read (see the operator's log) or is not there"
+        elif record.rollback is None:
+            found = f"names run {record.run_id}, promoted by a run, not by a rollback"
+        else:
+            found = f"names run {record.run_id}, rolled back to at {_when(record.promoted_at)}"
+        problem = (
+            f"annotation {ROLLBACK_ANNOTATION} names run {match.group(1)} rolled back to at "
+            f"{match.group(2)}, but {latest} {found}: the status does not show it"
+        )
+        event = Event("Warning", "RollbackNotFound", problem)
+    else:
+        back = record.rollback
+        names = [r.name for r in status.runs if r.run_id == record.run_id]
+        status.promoted = PromotedRun(
+            name=names[0] if names else (record.job or ""),
+            run_id=record.run_id,
+            promoted_at=record.promoted_at,
+            latest_uri=latest,
+            rollback=back,
+        )
+        why = f": {back.reason[:200]}" if back.reason else ""
+        event = Event(
+            "Normal",
+            "RolledBack",
+            f"run {record.run_id} is the promoted run again (replacing run {back.from_run_id}), "
+            f"rolled back by {back.by}{why}",
+        )
+    return replace(decision, status=status, events=[*decision.events, event])
+
+
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else "an unknown time"
