@@ -14,8 +14,9 @@ from kubetune.api.wire import Stage
 class ProgressBar:
     """Draws stages as lines and training as a tqdm bar with loss, throughput and ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, mininterval: float = 0.1) -> None:
         self.bar: Any = None
+        self.mininterval = mininterval  # seconds between two draws (tqdm's)
 
     def stage(self, name: str, detail: str = "") -> None:
         if self.bar is not None and name != Stage.TRAIN:
@@ -28,19 +29,32 @@ class ProgressBar:
     def step(self, info: Any) -> None:
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(
-                total=info.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True
-            )
-            self.bar.update(info.step - 1)
-        self.bar.total = info.total_steps
-        self.bar.update(info.step - self.bar.n)
         postfix = {}
         if info.loss is not None:
             postfix["loss"] = f"{info.loss:.3f}"
         if info.tokens_per_second:
             postfix["tok/s"] = f"{info.tokens_per_second:.0f}"
+        if self.bar is None:  # its first line is this step's, not an empty 0/N
+            self.bar = tqdm(
+                total=info.total_steps,
+                initial=info.step,
+                postfix=postfix,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=self.mininterval,
+            )
+            return
+        self.bar.total = info.total_steps
+        # The step's own loss and rate first, then the step: the line drawn shows them together
+        # (set after the update, the line showed the step before's until the next draw).
         self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(info.step - self.bar.n)
+
+    @property
+    def shown(self) -> int:
+        """The step the bar shows (0 before training)."""
+        return int(self.bar.n) if self.bar is not None else 0
 
     def eval_loss(self, step: int, loss: float) -> None:
         if self.bar is not None:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,34 @@ def test_cancel_suspends_and_resume_continues(
     path = _job_file(platform, ns, tmp_path, "long", hyperparameters__maxSteps=400)
     assert kubetune("submit", str(path), config=user).stdout.strip() == "long"
     platform.wait_phase(ns, "long", "Running", timeout=120)
+    (pod,) = platform.wait_for(
+        "the trainer to write", lambda: _writing(platform, ns, "long"), timeout=120
+    )
+    # logs -f: the live pod's lines as they come, until its container ends (the cancel).
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "logs", "long", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "KUBECONFIG": str(user)},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follow.stdout or []), daemon=True)
+    reader.start()
+    platform.wait_for("a line followed", lambda: lines, timeout=60)
+    grown = len(platform.kubelet.log(ns, pod))
+    platform.wait_for(
+        "the log to grow while followed",
+        lambda: len(platform.kubelet.log(ns, pod)) > grown and len("".join(lines)) > grown,
+        timeout=120,
+    )
+    assert follow.poll() is None  # still following
     cancelled = kubetune("cancel", "long", config=user)
     assert cancelled.returncode == 0 and "suspended" in cancelled.stdout
+    assert follow.wait(timeout=60) == 0, follow.stderr.read() if follow.stderr else ""
+    reader.join(10)
+    assert "".join(lines) == _lines(platform.kubelet.log(ns, pod))  # all of it, in order
     platform.wait_phase(ns, "long", "Suspended", timeout=60)
     platform.wait_for("its pods removed", lambda: not platform.children(ns, "pods", "long"))
     assert "resumed" in kubetune("resume", "long", config=user).stdout
@@ -185,6 +212,13 @@ def test_cancel_suspends_and_resume_continues(
     deleted = kubetune("cancel", "long", "--delete", config=user)
     assert deleted.returncode == 0 and "deleted" in deleted.stdout
     platform.wait_for("the job gone", lambda: platform.get(ns, "long") is None, timeout=60)
+
+
+def _writing(platform: Platform, ns: str, job: str) -> list[str]:
+    """The job's pod once its container has written a line."""
+    pods = platform.children(ns, "pods", job)
+    names = [p["metadata"]["name"] for p in pods]
+    return names if len(names) == 1 and platform.kubelet.log(ns, names[0]) else []
 
 
 def test_rollback_and_a_rollback_that_loses_the_race(

@@ -351,3 +351,44 @@ def test_describe_prints_no_terminal_control_sequence() -> None:
     event = {"type": "Normal", "reason": "Started", "message": "ok\x1b]0;owned\x07\x1b[2J done"}
     page = describe(Description(job, [event], []))
     assert "\x1b" not in page and "\x07" not in page and "ok?]0;owned??[2J done" in page
+
+
+def test_the_bar_draws_each_steps_own_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetune.api import Progress
+    from kubetune.console import ProgressBar
+
+    bar = ProgressBar(mininterval=0)
+    for step in (3, 4, 5):
+        bar.step(Progress(step=step, total_steps=5, loss=step / 10, tokens_per_second=900.0))
+    bar.stage("Evaluating")
+    drawn = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    bars = [line for line in drawn if "/5" in line]
+    assert bars and not any("0/5" in line for line in bars), bars  # no empty first line
+    for line in bars:
+        step = int(line.split("/5")[0].split()[-1])
+        assert f"loss={step / 10:.3f}" in line, bars
+    assert "5/5" in bars[-1] and drawn[-1] == "==> Evaluating"
+
+
+def test_submit_wait_ends_the_bar_where_training_did(capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that leaves Running with its last steps in the same status (the status is written
+    at most every few seconds: the final steps often come with Evaluating) ends its bar there."""
+    from kubetune.api import FineTuneJob
+    from kubetune.client.show import follow
+
+    def job(phase: str, step: int, loss: float) -> FineTuneJob:
+        status = {"phase": phase, "runId": "0123abcd", "progress": {
+            "step": step, "totalSteps": 30, "loss": loss, "tokensPerSecond": 900.0}}  # fmt: skip
+        return FineTuneJob.model_validate({**minimal_job("reviews"), "status": status})
+
+    seen = [job("Running", 10, 1.25), job("Running", 28, 0.5), job("Evaluating", 30, 0.25),
+            job("Succeeded", 30, 0.25)]  # fmt: skip
+    client = SimpleNamespace(watch=lambda name, namespace, timeout: iter(seen))
+    follow(client, "reviews", None, 60)  # type: ignore[arg-type]
+    drawn = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    bars = [line for line in drawn if "/30" in line]
+    assert "30/30" in bars[-1] and "loss=0.250" in bars[-1], bars
+    stages = [line for line in drawn if line.startswith("==>")]
+    assert stages == ["==> Running", "==> Evaluating", "==> Succeeded"], stages
+    assert drawn.index("==> Running") < drawn.index(bars[0])
+    assert drawn.index(bars[-1]) < drawn.index("==> Evaluating")

@@ -180,11 +180,14 @@ def follow(client: Client, name: str, namespace: str | None, timeout: float | No
         status = job.status
         if status is None:
             continue
+        progress = status.progress
+        trained = progress is not None and progress.step and progress.total_steps
+        if trained and phase == "Running" and status.phase != phase and progress.step > bar.shown:
+            bar.step(progress)  # the last steps, reported as it left Running: the bar ends there
         if status.phase != phase:
             phase = status.phase
             bar.stage(phase or "", status.message or "")
-        progress = status.progress
-        if phase == "Running" and progress is not None and progress.step and progress.total_steps:
+        if trained and phase == "Running":
             bar.step(progress)
     bar.stage(Stage.DONE)
     if job is None or job.status is None or job.status.phase not in FINAL_PHASES:
