@@ -131,7 +131,7 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
             return arguments
 
         training.training_arguments = grouped
-        training._trainer_class = lambda window: Trainer
+        training._trainer_class = lambda window, answer_only=False: Trainer
         training.pad_multiple = lambda: 8
     elif variant.startswith("ours-window"):
         window = int(variant.removeprefix("ours-window"))

@@ -313,8 +313,57 @@ def choose_window(lengths: list[int], batch_size: int, multiple: int) -> tuple[i
     return WINDOWS[-1], waste
 
 
-def _trainer_class(window: int) -> Any:
-    """The Hugging Face Trainer, with bucketed_order's batches when the window is over 1."""
+# Methods whose virtual tokens shift the positions between the inputs and the output layer
+# (PEFT prepends them inside its forward): the output layer sees every position for them.
+SHIFTED_POSITIONS = ("prefix", "prompt")
+
+
+def answer_positions(labels: Any) -> tuple[Any, Any]:
+    """(keep, targets): keep[b, t] says position t of row b predicts an answer token (the
+    label of t + 1 is not -100, as the causal LM loss shifts them), and targets are those
+    tokens, in keep's row-major order."""
+    import torch
+
+    following = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = following != -100
+    return keep, following[following != -100]
+
+
+def answer_only_loss(
+    model: Any, head: Any, inputs: dict[str, Any], num_items_in_batch: Any, sums_over_batch: bool
+) -> Any:
+    """The causal LM loss with the output layer applied only where it predicts an answer
+    token: the prompt's positions (most of the tokens) skip the widest matmul of the model and
+    its softmax. The same loss as transformers' ForCausalLMLoss: the sum of the cross entropy
+    over those tokens (logits in float32) over num_items_in_batch when the model takes it
+    (sums_over_batch), else their mean. model: what to call (a DDP wrapper syncs gradients);
+    head: its output layer (the unwrapped model's get_output_embeddings())."""
+    import torch
+
+    labels = inputs["labels"]
+    keep, targets = answer_positions(labels)
+
+    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    finally:
+        handle.remove()
+    logits = outputs.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    if sums_over_batch and num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+    return loss / max(int(targets.numel()), 1)
+
+
+def _trainer_class(window: int, answer_only: bool = False) -> Any:
+    """The Hugging Face Trainer, with bucketed_order's batches when the window is over 1 and
+    answer_only_loss in training when answer_only."""
     import torch
     from transformers import Trainer
 
@@ -337,13 +386,31 @@ def _trainer_class(window: int) -> Any:
 
     class KubetuneTrainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if window == 1:  # random order: the Trainer's own sampler
+                return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             # In micro-batches: the ranks take turns at them, so a step sees the same examples
             # whatever the world size (at the same microBatchSize).
             return Order(dataset["length"], self.args.train_batch_size, self.args.seed)
 
-    # Random order is the Trainer's own sampler (train_sampling_strategy "random").
-    return Trainer if window == 1 else KubetuneTrainer
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if not answer_only or return_outputs or not model.training or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            sums = bool(self.model_accepts_loss_kwargs)
+            loss = answer_only_loss(model, head, inputs, num_items_in_batch, sums)
+            # As Trainer.compute_loss: a loss summed over the step's tokens of every rank.
+            if self.args.average_tokens_across_devices and sums and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
+
+    return KubetuneTrainer
 
 
 def pad_multiple() -> int:
@@ -412,7 +479,9 @@ def train(
         "random" if window == 1 else f"length-buckets window={window}",
         100 * waste,
     )
-    trainer = _trainer_class(window)(
+    answer_only = spec.method.type not in SHIFTED_POSITIONS
+    log.info("Output layer=%s", "answer positions only" if answer_only else "every position")
+    trainer = _trainer_class(window, answer_only)(
         model=model,
         args=args,
         train_dataset=dataset(train_rows),
