@@ -12,6 +12,8 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
                     batches sorted, longest first), padded to multiples of 8.
   ours-window2/4    batches from length-sorted windows of 2 or 4 batches, shuffled.
   ours-packed       packing: true (padding-free, examples flattened into one sequence).
+  ours-all-logits   the output layer at every position, as before 2026-12-07 (ours computes it
+                    only where a position predicts an answer token).
 
 Each (variant, steps, seed) runs in its own process, so peak memory is its own. Reported per run:
 real tokens per second (padding excluded: the attention mask counts them, or every token of a
@@ -46,6 +48,7 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 CACHE = ROOT / ".cache" / "kubetune" / "cache"
 VARIANTS = [
     "ours",
+    "ours-all-logits",
     "trl",
     "trl-padding-free",
     "naive",
@@ -133,6 +136,9 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
         training.training_arguments = grouped
         training._trainer_class = lambda window, answer_only=False: Trainer
         training.pad_multiple = lambda: 8
+    elif variant == "ours-all-logits":
+        every = training._trainer_class
+        training._trainer_class = lambda window, answer_only=False: every(window, False)
     elif variant.startswith("ours-window"):
         window = int(variant.removeprefix("ours-window"))
         training.choose_window = lambda lengths, size, multiple: (
