@@ -199,8 +199,8 @@ def run(args: Any) -> int:
             f"profile.yaml {args.file})",
             file=sys.stderr,
         )
-    # The console shows stages and the progress bar; of the trainer's log only warnings (its
-    # whole log goes to trainer.log beside the artifacts).
+    # The console shows stages and the progress bar; of the trainer's log only its warnings
+    # (its whole log, and the libraries' warnings, go to trainer.log beside the artifacts).
     trainer_log = logging.getLogger("kubetune_trainer")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
@@ -243,12 +243,10 @@ def run(args: Any) -> int:
         result = _run_processes(config, workdir, home / "cache", nproc)
     else:
         trainer_log.addHandler(console)
-        propagate, trainer_log.propagate = trainer_log.propagate, False
         try:
             result = run_pipeline(config, Reporters(*reporters), workdir, cache=home / "cache")
         finally:
             trainer_log.removeHandler(console)
-            trainer_log.propagate = propagate
     print(summary(job, result))
     if getattr(args, "print_notification", False):
         print("\n" + notification(job, result, config.spec_hash or ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,12 @@ def test_artifacts_in_s3_match_manifest_and_adapter_reloads(
         "trainer.log",
     } <= stored
     # the trainer's log survives its pod, up to the upload
-    assert "Gate passed" in storage.read_bytes(f"{run}/trainer.log").decode()
+    trainer_log = storage.read_bytes(f"{run}/trainer.log").decode()
+    assert "Gate passed" in trainer_log
+    # every step's line: step, loss, learning rate, throughput
+    assert re.search(r"Step 1/\d+ loss=\d+\.\d{4} lr=\S+ tokens/s=\d+", trainer_log), trainer_log
+    written = json.loads(storage.read_bytes(f"{run}/result.json"))
+    assert written["tokensPerSecond"] > 0 and written["tokens"] > 0
 
     # The adapter is portable: its config names the base model as the spec did (not the pod's
     # cache), and its README.md is the run's model card.

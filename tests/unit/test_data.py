@@ -281,3 +281,30 @@ def test_a_data_file_over_the_bound_is_refused_before_download(
 def test_the_default_bound_is_generous() -> None:
     spec = DatasetSpec.model_validate({"uri": "s3://data/train.jsonl"})
     assert data.max_file_bytes(spec) == data.DEFAULT_MAX_FILE_BYTES == 4 << 30
+
+
+def test_the_report_says_what_a_prompt_begins_with_when_no_system_prompt_is_given(
+    tmp_path: Path,
+) -> None:
+    """SmolLM2's template puts a system message of its own before every user turn: "system
+    prompt: none" would be wrong, so the description quotes the prompt's real opening."""
+    own = (
+        "{% if messages[0].role != 'system' %}<system>You are SmolLM{% endif %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    )
+    uri = write(tmp_path, "c.jsonl", CHAT_ROWS)
+    described = {}
+    for name, extra in (("default", {}), ("given", {"systemPrompt": "be brief"})):
+        spec = DatasetSpec.model_validate(
+            {"uri": uri, "testSplit": 0.1, "chatTemplate": own} | extra
+        )
+        splits = data.prepare(spec, ChatTokenizer(), tmp_path / name)
+        assert splits.prompts is not None
+        described[name] = splits.prompts.describe()
+    assert described["default"].endswith(
+        "system prompt: none given; each prompt begins '<system>You are SmolLM<user>'"
+    )
+    assert described["given"].endswith("system prompt: 'be brief'")
+    plain = DatasetSpec.model_validate({"uri": uri, "testSplit": 0.1, "chatTemplate": "plain"})
+    prompts = data.prepare(plain, ChatTokenizer(), tmp_path / "plain").prompts
+    assert prompts is not None and "each prompt begins '### User:" in prompts.describe()

@@ -14,7 +14,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +39,9 @@ CHATML = (
 NAMED_TEMPLATES = {"chatml": CHATML}
 
 
+PROBE = "\x00kubetune-probe\x00"  # a user turn no template rewrites
+
+
 @dataclass(frozen=True)
 class Prompts:
     """How chat and alpaca records become prompt text: a Jinja chat template (None: the plain
@@ -47,6 +50,9 @@ class Prompts:
     template: str | None
     system: str | None = None
     choice: str = "tokenizer"  # what the spec asked for, for the model card
+    # What every rendered prompt begins with, before the user's words: a chat template may put
+    # a system message of its own there (SmolLM2's does) when the spec gives none.
+    opening: str = ""
 
     @classmethod
     def default(cls, tokenizer: Any) -> Prompts:
@@ -62,7 +68,12 @@ class Prompts:
             template = cls.default(tokenizer).template
         else:
             template = NAMED_TEMPLATES.get(choice, choice)
-        return cls(template, spec.system_prompt, choice)
+        prompts = cls(template, spec.system_prompt, choice)
+        try:
+            probe = render_prompt(tokenizer, [{"role": "user", "content": PROBE}], prompts)
+        except Exception:  # a template that cannot render a lone user turn: nothing to show
+            return prompts
+        return replace(prompts, opening=probe.split(PROBE, 1)[0])
 
     def describe(self) -> str:
         if self.choice == "tokenizer":
@@ -72,7 +83,13 @@ class Prompts:
         else:
             digest = hashlib.sha256(self.choice.encode()).hexdigest()[:12]
             layout = f"an inline chat template (sha256 {digest})"
-        system = "none" if self.system is None else repr(self.system)
+        if self.system is not None:
+            system = repr(self.system)
+        elif self.opening.strip():
+            shown = self.opening if len(self.opening) <= 160 else self.opening[:157] + "..."
+            system = f"none given; each prompt begins {shown!r}"
+        else:
+            system = "none"
         return f"prompt layout: {layout}; system prompt: {system}"
 
 

@@ -117,11 +117,16 @@ def run(
         workdir = workdir / f"rank-{rank.rank}"
     # The run's own log, kept beside its artifacts (trainer.log): it outlives the pod.
     workdir.mkdir(parents=True, exist_ok=True)
+    # On the root logger: the trainer's own lines (INFO and up) and the libraries' warnings
+    # (bitsandbytes, transformers, Python's warnings), which a console shows only when they ask
+    # the user to act (kubetune run's console handler takes the trainer's WARNINGs).
     handler = logging.FileHandler(workdir / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
-    log.addHandler(handler)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
     # Trackers hear from rank 0 only, and only from a run that trains: one run, one record.
@@ -161,7 +166,8 @@ def run(
         reporter.stage(Stage.FAILED, message)
         result = _failure(config, rank, code, message)
     finally:
-        log.removeHandler(handler)
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
         handler.close()
     if opened and rank.main and result.outcome == "Failed":
         _keep_failure(config, result, workdir)
@@ -756,7 +762,9 @@ def _result(
 ) -> TrainerResult:
     passed = all(g.passed for g in gates) and not superseded
     failed = [describe(g) for g in gates if not g.passed]
-    if passed:
+    if passed and not gates:
+        message = f"trained {outcome.steps} steps; promoted: the job has no gates to pass"
+    elif passed:
         message = f"trained {outcome.steps} steps; {len(gates)} gate(s) passed; promoted"
     elif superseded:
         message = f"trained {outcome.steps} steps; gates passed but not promoted: {superseded}"
@@ -772,6 +780,7 @@ def _result(
         train_seconds=outcome.seconds,
         tokens=outcome.tokens,
         resumed_from_step=outcome.resumed_from_step,
+        tokens_per_second=outcome.tokens_per_second,
         metrics=MetricsStatus(
             tuned=evaluation.tuned,
             base=evaluation.base,

@@ -51,6 +51,7 @@ class TrainOutcome:
     seconds: float
     resumed_from_step: int | None
     tokens: int | None = None  # real tokens trained, every rank's, from the run's start
+    tokens_per_second: float | None = None  # this attempt's real tokens per training second
     started: float | None = None  # time.monotonic() when this attempt's trainer started
     history: list[dict[str, float]] = field(default_factory=list)
     model: Any = None  # FSDP: the trained model gathered whole on rank 0 (None elsewhere)
@@ -117,6 +118,15 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
             # Every rank logs each step together (the loss is their mean): the peak memory of
             # each, for the per-rank gauges (one rank in a run of one process).
             memory = distributed.gather(distributed.memory())
+            tokens_per_second = (state.num_input_tokens_seen - self.tokens0) / elapsed
+            log.info(
+                "Step %d/%d loss=%.4f lr=%.3g tokens/s=%.0f",
+                state.global_step,
+                state.max_steps,
+                self.loss if self.loss is not None else float("nan"),
+                self.lr if self.lr is not None else float("nan"),
+                tokens_per_second,
+            )
             reporter.step(
                 StepInfo(
                     step=state.global_step,
@@ -124,7 +134,7 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                     epoch=float(state.epoch or 0.0),
                     loss=self.loss,
                     learning_rate=self.lr,
-                    tokens_per_second=(state.num_input_tokens_seen - self.tokens0) / elapsed,
+                    tokens_per_second=tokens_per_second,
                     tokens=int(state.num_input_tokens_seen),
                     eta_seconds=(state.max_steps - state.global_step) / rate if rate else None,
                     rank_memory=memory,
@@ -161,6 +171,13 @@ def _callbacks(reporter: Reporter, checkpoints_uri: str) -> list[Any]:
                 storage.delete_prefix(old_uri)
 
     return [Progress(), SaveAtEpochEnd(), UploadCheckpoints()]
+
+
+def _attempt_rate(progress: Any, tokens: int, seconds: float) -> float | None:
+    """Real tokens per second of this attempt's training (from the Progress callback's start:
+    after a resume, the tokens seen before it are not this attempt's)."""
+    done = tokens - progress.tokens0
+    return done / seconds if done > 0 and seconds > 0 else None
 
 
 def training_arguments(
@@ -537,6 +554,7 @@ def train(
         seconds=seconds,
         resumed_from_step=resume,
         tokens=int(state.num_input_tokens_seen) or None,
+        tokens_per_second=_attempt_rate(callbacks[0], int(state.num_input_tokens_seen), seconds),
         history=history,
         model=gathered,
     )

@@ -258,6 +258,14 @@ class TrainerResult(ApiModel):
         ge=0,
         description="resumedFromStep is the checkpoint step training resumed from.",
     )
+    tokens_per_second: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "tokensPerSecond is the real tokens trained per second of training wall time, in "
+            "this attempt (every process's)."
+        ),
+    )
     metrics: MetricsStatus | None = Field(
         default=None, description="metrics of the final evaluation."
     )
