@@ -243,10 +243,12 @@ def run(args: Any) -> int:
         result = _run_processes(config, workdir, home / "cache", nproc)
     else:
         trainer_log.addHandler(console)
+        propagate, trainer_log.propagate = trainer_log.propagate, False
         try:
             result = run_pipeline(config, Reporters(*reporters), workdir, cache=home / "cache")
         finally:
             trainer_log.removeHandler(console)
+            trainer_log.propagate = propagate
     print(summary(job, result))
     if getattr(args, "print_notification", False):
         print("\n" + notification(job, result, config.spec_hash or ""))

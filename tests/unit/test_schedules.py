@@ -13,6 +13,7 @@ import pytest
 
 from kubetune.api import ROLLBACK_ANNOTATION, PromotionRecord, Rollback, stamp_name
 from kubetune.controller import schedule_controller
+from kubetune.controller.errors import Retry
 from kubetune.controller.schedules import decide_schedule, refused
 
 TEMPLATE_SPEC = {
@@ -382,11 +383,26 @@ def test_a_rollback_shows_in_the_status_only_as_latest_json_records_it() -> None
     schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
     assert len(io.reads) == 1 and c.events[-1] == (reason, message)
 
-    # Not in the form kubetune rollback writes: not read at all.
-    annotate("../../x@yesterday")
-    schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
-    assert len(io.reads) == 2 and c.events[-1][0] == "RollbackNotFound"
-    assert "is not <runId>@<promotedAt>" in c.events[-1][1]
+    # Not in the form kubetune rollback writes (a month 99 included): not read at all, the
+    # schedule goes on.
+    for bad in ("../../x@yesterday", "deadbeef@2026-99-99T10:00:00Z"):
+        said = len(c.events)
+        annotate(bad)
+        schedule_controller.reconcile(io, "ml", "reviews", now, io.read_latest)
+        assert len(io.reads) == 1 and c.events[-1][0] == "RollbackNotFound"
+        assert "is not <runId>@<promotedAt>" in c.events[-1][1]
+        assert c.status["observedRollback"] == bad and len(c.events) == said + 1
+
+    # Storage that does not answer: the value stays unobserved, checked again later.
+    def unavailable(uri: str, credentials: dict[str, str]) -> PromotionRecord | None:
+        io.reads.append((uri, credentials))
+        raise Retry("latest.json not read yet: 503", 5.0)
+
+    annotate(f"{runs[first]}@2026-11-09T06:00:00Z")
+    result = schedule_controller.reconcile(io, "ml", "reviews", now, unavailable)
+    assert result is not None and result.requeue_after == 60.0
+    assert c.status["observedRollback"] == "deadbeef@2026-99-99T10:00:00Z"
+    assert len(io.reads) == 2
 
     # The rollback kubetune rollback wrote, and annotated: the status names the run again.
     io.latest = back
@@ -409,3 +425,11 @@ def test_a_rollback_shows_in_the_status_only_as_latest_json_records_it() -> None
     c.tick("2026-11-16T05:00:00")
     assert c.status["promoted"]["name"] == third and c.status["promoted"]["rollback"] is None
     assert len(io.reads) == 3
+
+    # A forged latest.json dated in the future would pin the status: refused.
+    future = _rolled_back_record(runs[second], "2030-01-01T00:00:00", runs[first])
+    io.latest = future
+    annotate(f"{runs[second]}@2030-01-01T00:00:00Z")
+    schedule_controller.reconcile(io, "ml", "reviews", at("2026-11-16T06:00:00"), io.read_latest)
+    assert c.events[-1][0] == "RollbackNotFound" and "in the future" in c.events[-1][1]
+    assert c.status["promoted"]["name"] == third

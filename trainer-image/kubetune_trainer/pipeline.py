@@ -102,6 +102,26 @@ def _on_regression_set(model: Any, prepared: Prepared, spec: Any) -> EvalMetrics
     return evaluate(model, prepared.tokenizer, prepared.regression_examples, rows, spec).metrics
 
 
+class _LibraryWarnings(logging.Handler):
+    """The libraries' warnings into trainer.log (the trainer's own lines get there through its
+    own logger's handler, not twice)."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(logging.WARNING)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(log.name):
+            self.target.handle(record)
+
+
+def warnings_captured() -> bool:
+    """Whether Python's warnings already go to logging (a caller's logging.captureWarnings)."""
+    import warnings
+
+    return getattr(warnings.showwarning, "__module__", "") == "logging"
+
+
 def run(
     config: TrainerConfig, reporter: Reporter, workdir: Path, cache: Path | None = None
 ) -> TrainerResult:
@@ -117,15 +137,18 @@ def run(
         workdir = workdir / f"rank-{rank.rank}"
     # The run's own log, kept beside its artifacts (trainer.log): it outlives the pod.
     workdir.mkdir(parents=True, exist_ok=True)
-    # On the root logger: the trainer's own lines (INFO and up) and the libraries' warnings
-    # (bitsandbytes, transformers, Python's warnings), which a console shows only when they ask
-    # the user to act (kubetune run's console handler takes the trainer's WARNINGs).
+    # The trainer's own lines (INFO and up), and on the root logger the libraries' warnings
+    # (bitsandbytes, Python's warnings: WARNING and up only), which kubetune run's console does
+    # not show (it shows the trainer's own WARNINGs).
     handler = logging.FileHandler(workdir / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    libraries = _LibraryWarnings(handler)
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(libraries)
+    captured = warnings_captured()
     logging.captureWarnings(True)
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
@@ -166,8 +189,10 @@ def run(
         reporter.stage(Stage.FAILED, message)
         result = _failure(config, rank, code, message)
     finally:
-        logging.captureWarnings(False)
-        root.removeHandler(handler)
+        if not captured:
+            logging.captureWarnings(False)
+        root.removeHandler(libraries)
+        log.removeHandler(handler)
         handler.close()
     if opened and rank.main and result.outcome == "Failed":
         _keep_failure(config, result, workdir)

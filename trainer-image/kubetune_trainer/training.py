@@ -335,6 +335,17 @@ def choose_window(lengths: list[int], batch_size: int, multiple: int) -> tuple[i
 SHIFTED_POSITIONS = ("prefix", "prompt")
 
 
+class AnswerOnlyUnsupported(Exception):
+    """The model's forward does not apply its output layer in a way answer_only_loss can use."""
+
+
+def answer_only_supported(model: Any) -> bool:
+    """Models whose loss is more than the tokens' cross entropy (a mixture of experts' router
+    loss, added when the forward gets labels) keep transformers' own loss."""
+    config = getattr(model, "config", None)
+    return not getattr(config, "output_router_logits", False)
+
+
 def answer_positions(labels: Any) -> tuple[Any, Any]:
     """(keep, targets): keep[b, t] says position t of row b predicts an answer token (the
     label of t + 1 is not -100, as the causal LM loss shifts them), and targets are those
@@ -361,7 +372,10 @@ def answer_only_loss(
     labels = inputs["labels"]
     keep, targets = answer_positions(labels)
 
+    calls = []
+
     def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        calls.append(1)
         return (args[0][keep], *args[1:])
 
     handle = head.register_forward_pre_hook(gather)
@@ -369,7 +383,11 @@ def answer_only_loss(
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
     finally:
         handle.remove()
-    logits = outputs.logits.float()
+    logits = outputs.logits
+    if len(calls) != 1 or logits.dim() != 2 or logits.shape[0] != targets.numel():
+        # A model that does not call its output layer once on the hidden states: no guess.
+        raise AnswerOnlyUnsupported(f"output layer called {len(calls)} time(s)")
+    logits = logits.float()
     loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     if sums_over_batch and num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
@@ -402,6 +420,8 @@ def _trainer_class(window: int, answer_only: bool = False) -> Any:
             return iter(bucketed_order(self.lengths, self.batch_size, window, generator))
 
     class KubetuneTrainer(Trainer):
+        _answer_only = answer_only
+
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if window == 1:  # random order: the Trainer's own sampler
                 return super()._get_train_sampler(train_dataset)
@@ -419,9 +439,18 @@ def _trainer_class(window: int, answer_only: bool = False) -> Any:
         ) -> Any:
             if not answer_only or return_outputs or not model.training or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            unwrapped = self.accelerator.unwrap_model(model)
+            if not self._answer_only or not answer_only_supported(unwrapped):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             sums = bool(self.model_accepts_loss_kwargs)
-            loss = answer_only_loss(model, head, inputs, num_items_in_batch, sums)
+            try:
+                loss = answer_only_loss(
+                    model, unwrapped.get_output_embeddings(), inputs, num_items_in_batch, sums
+                )
+            except AnswerOnlyUnsupported as exc:
+                log.warning("Output layer=every position (%s)", exc)
+                self._answer_only = False
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # As Trainer.compute_loss: a loss summed over the step's tokens of every rank.
             if self.args.average_tokens_across_devices and sums and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())

@@ -35,16 +35,9 @@ class Rollback(ApiModel):
 
     model_config = ConfigDict(strict=False)
 
-    by: str = Field(
-        max_length=512,
-        description="by is the Kubernetes user who rolled back (SelfSubjectReview).",
-    )
-    reason: str | None = Field(
-        default=None, max_length=1024, description="reason is what they gave (--reason)."
-    )
-    from_run_id: str = Field(
-        max_length=64, description="fromRunId is the run that was promoted until then."
-    )
+    by: str = Field(description="by is the Kubernetes user who rolled back (SelfSubjectReview).")
+    reason: str | None = Field(default=None, description="reason is what they gave (--reason).")
+    from_run_id: str = Field(description="fromRunId is the run that was promoted until then.")
 
 
 class PromotionRecord(ApiModel):

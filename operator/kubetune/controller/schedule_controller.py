@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from kubetune.api import (
 )
 from kubetune.controller import results
 from kubetune.controller.cached import CachedKube
-from kubetune.controller.errors import Misconfigured, Rejected
+from kubetune.controller.errors import Misconfigured, Rejected, Retry
 from kubetune.controller.metrics import OperatorMetrics, Trigger
 from kubetune.controller.patch import status_dict, write_status
 from kubetune.controller.runtime import Enqueue, Object, Request, Result
@@ -43,6 +44,7 @@ from kubetune.controller.schedules import (
     decide_schedule,
     refused,
     rollback_output,
+    rollback_time,
     rollback_to_check,
     rolled_back,
 )
@@ -50,6 +52,7 @@ from kubetune.controller.settings import OperatorSettings
 
 KIND = "finetuneschedules"
 log = logging.getLogger("kubetune.operator")
+ROLLBACK_RETRY = 60.0  # seconds before latest.json is asked again after no answer
 LatestReader = Callable[[str, dict[str, str]], PromotionRecord | None]
 
 
@@ -85,7 +88,7 @@ def reconcile(
         return None
     now = now or datetime.now(UTC)
     decision = decide_schedule(raw, kube.stamped(namespace, name), now)
-    decision = _check_rollback(kube, raw, decision, read_latest)
+    decision = _check_rollback(kube, raw, decision, read_latest, now)
     for job in decision.delete:
         kube.delete("FineTuneJob", namespace, job)
     for obj in list(decision.create):
@@ -107,28 +110,34 @@ def reconcile(
 
 
 def _check_rollback(
-    kube: ScheduleIO, raw: dict[str, Any], decision: ScheduleDecision, read_latest: LatestReader
+    kube: ScheduleIO,
+    raw: dict[str, Any],
+    decision: ScheduleDecision,
+    read_latest: LatestReader,
+    now: datetime,
 ) -> ScheduleDecision:
     """The decision with a new kubetune.dev/rollback annotation checked against latest.json.
-    A transient storage failure (Retry) propagates: the reconcile is retried."""
+    Storage that does not answer now leaves the value unobserved and the rest of the decision
+    goes on (the schedule keeps stamping); the check comes back with the next reconcile."""
     value = rollback_to_check(raw)
     if value is None:
         return decision
     output = rollback_output(raw)
     record = None
-    if output is not None:
+    if output is not None and rollback_time(value) is not None:  # no read for a malformed one
         uri, secret = output
-        credentials: dict[str, str] | None = {}
-        if secret:
-            namespace = (raw.get("metadata") or {}).get("namespace") or ""
-            try:
-                credentials = kube.secret_data(namespace, secret)
-            except Misconfigured as exc:  # the operator may not read the namespace's Secrets
-                log.warning("latest.json of %s not read: %s", uri, exc)
-                credentials = None
-        if credentials is not None:
-            record = read_latest(uri, credentials)
-    return rolled_back(decision, value, output[0] if output else None, record)
+        namespace = (raw.get("metadata") or {}).get("namespace") or ""
+        try:
+            credentials = kube.secret_data(namespace, secret) if secret else {}
+            record = read_latest(uri, credentials) if credentials is not None else None
+        except Misconfigured as exc:  # the operator may not read the namespace's Secrets
+            log.warning("latest.json of %s not read: %s", uri, exc)
+        except Retry as exc:
+            log.info("latest.json of %s not read yet: %s", uri, exc)
+            later = max(exc.delay, ROLLBACK_RETRY)  # a slow store holds a worker: not often
+            after = decision.requeue_after
+            return replace(decision, requeue_after=later if after is None else min(after, later))
+    return rolled_back(decision, value, output[0] if output else None, record, now)
 
 
 class ScheduleController:

@@ -47,6 +47,7 @@ from kubetune.api import (
     FineTuneSchedule,
     FineTuneScheduleStatus,
     PromotionRecord,
+    Rollback,
     describe_errors,
 )
 from kubetune.api.schedule import PromotedRun, ScheduledRun, stamp, stamp_name
@@ -56,9 +57,10 @@ from kubetune.controller.observe import parse_time
 
 TOO_MANY_MISSED = 100  # the CronJob controller's bound
 MAX_ROLLBACK_ANNOTATION = 128  # status.observedRollback's bound
-ROLLBACK_VALUE = re.compile(
-    rf"^([0-9a-f]{{{RUN_ID_LENGTH}}})@(\d{{4}}-\d\d-\d\dT[0-9:.]+(Z|[+-]\d\d:\d\d))$"
-)
+CLOCK_SKEW = timedelta(minutes=5)  # a rollback written by a laptop whose clock is ahead
+# <runId>@<promotedAt> as kubetune rollback writes it: whole seconds, UTC.
+ROLLBACK_VALUE = re.compile(rf"^([0-9a-f]{{{RUN_ID_LENGTH}}})@(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
+MAX_JOB_NAME = 253  # a FineTuneJob's name, at most a DNS subdomain
 REQUEUE_SLACK = timedelta(milliseconds=100)
 
 
@@ -365,6 +367,19 @@ def _decide(raw: dict[str, Any], jobs: list[dict[str, Any]], now: datetime) -> S
     return decision
 
 
+def rollback_time(value: str) -> tuple[str, datetime] | None:
+    """(runId, promotedAt) of an annotation in the form kubetune rollback writes, else None."""
+    match = ROLLBACK_VALUE.match(value)
+    if match is None:
+        return None
+    try:
+        return match.group(1), datetime.strptime(match.group(2), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=UTC
+        )
+    except ValueError:  # a month 13, a 25th hour: not a time
+        return None
+
+
 def rollback_to_check(raw: dict[str, Any]) -> str | None:
     """The schedule's kubetune.dev/rollback annotation when it was not checked yet (against
     status.observedRollback, which holds at most its first 128 characters)."""
@@ -391,6 +406,7 @@ def rolled_back(
     value: str,
     output: str | None,
     record: PromotionRecord | None,
+    now: datetime,
 ) -> ScheduleDecision:
     """The decision once the annotation `value` was checked against `record`, the output's
     latest.json as read (None: not there or not readable). The status names the run rolled back
@@ -399,10 +415,9 @@ def rolled_back(
     status = decision.status.model_copy(
         update={"observed_rollback": value[:MAX_ROLLBACK_ANNOTATION]}
     )
-    match = ROLLBACK_VALUE.match(value)
-    at = parse_time(match.group(2)) if match else None
+    parsed = rollback_time(value)
     latest = f"{output.rstrip('/')}/latest.json" if output else "the schedule's output"
-    if match is None or at is None:
+    if parsed is None:
         problem = (
             f"annotation {ROLLBACK_ANNOTATION} is not <runId>@<promotedAt> as kubetune "
             "rollback writes it: ignored"
@@ -411,8 +426,9 @@ def rolled_back(
     elif (
         record is None
         or record.rollback is None
-        or record.run_id != match.group(1)
-        or record.promoted_at != at
+        or record.run_id != parsed[0]
+        or record.promoted_at != parsed[1]
+        or parsed[1] > now + CLOCK_SKEW
     ):
         if record is None:
             found = "cannot be read (see the operator's log) or is not there"
@@ -420,16 +436,24 @@ def rolled_back(
             found = f"names run {record.run_id}, promoted by a run, not by a rollback"
         else:
             found = f"names run {record.run_id}, rolled back to at {_when(record.promoted_at)}"
+        if record is not None and parsed[1] > now + CLOCK_SKEW:
+            found = f"says the rollback is in the future ({_when(parsed[1])})"
         problem = (
-            f"annotation {ROLLBACK_ANNOTATION} names run {match.group(1)} rolled back to at "
-            f"{match.group(2)}, but {latest} {found}: the status does not show it"
+            f"annotation {ROLLBACK_ANNOTATION} names run {parsed[0]} rolled back to at "
+            f"{_when(parsed[1])}, but {latest} {found}: the status does not show it"
         )
         event = Event("Warning", "RollbackNotFound", problem)
     else:
-        back = record.rollback
+        # latest.json is the bucket's: what reaches the status is bounded.
+        back = Rollback(
+            by=record.rollback.by[:256],
+            reason=record.rollback.reason[:1024] if record.rollback.reason else None,
+            from_run_id=record.rollback.from_run_id[:64],
+        )
         names = [r.name for r in status.runs if r.run_id == record.run_id]
+        job = record.job if record.job and len(record.job) <= MAX_JOB_NAME else ""
         status.promoted = PromotedRun(
-            name=names[0] if names else (record.job or ""),
+            name=names[0] if names else job,
             run_id=record.run_id,
             promoted_at=record.promoted_at,
             latest_uri=latest,
@@ -439,8 +463,8 @@ def rolled_back(
         event = Event(
             "Normal",
             "RolledBack",
-            f"run {record.run_id} is the promoted run again (replacing run {back.from_run_id}), "
-            f"rolled back by {back.by}{why}",
+            f"{latest} says run {record.run_id} is the promoted run again (replacing run "
+            f"{back.from_run_id}), rolled back by {back.by}{why}",
         )
     return replace(decision, status=status, events=[*decision.events, event])
 
