@@ -431,5 +431,5 @@ def test_a_rollback_shows_in_the_status_only_as_latest_json_records_it() -> None
     io.latest = future
     annotate(f"{runs[second]}@2030-01-01T00:00:00Z")
     schedule_controller.reconcile(io, "ml", "reviews", at("2026-11-16T06:00:00"), io.read_latest)
-    assert c.events[-1][0] == "RollbackNotFound" and "in the future" in c.events[-1][1]
+    assert c.events[-1][0] == "RollbackNotFound" and "dates it in the future" in c.events[-1][1]
     assert c.status["promoted"]["name"] == third
