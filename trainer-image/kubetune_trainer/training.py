@@ -437,10 +437,14 @@ def _trainer_class(window: int, answer_only: bool = False) -> Any:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            if not answer_only or return_outputs or not model.training or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             unwrapped = self.accelerator.unwrap_model(model)
-            if not self._answer_only or not answer_only_supported(unwrapped):
+            if (
+                not self._answer_only  # switched off, or off after a model it did not suit
+                or return_outputs  # evaluation: the Trainer's own, every position
+                or not model.training
+                or "labels" not in inputs
+                or not answer_only_supported(unwrapped)
+            ):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             sums = bool(self.model_accepts_loss_kwargs)
             try:

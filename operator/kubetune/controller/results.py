@@ -156,16 +156,23 @@ def _small(store: Any, key: str, what: str) -> bytes | None:
     return bytes(obstore.get_range(store, key, start=0, end=size))
 
 
-def _read(uri: str, name: str, credentials: dict[str, str], what: str, model: type[M]) -> M | None:
-    """`<uri>/<name>` as `model` (with `<uri>/manifest.json` there first for a run's files);
-    None when it is not there or cannot be read for good; Retry when the store may answer
-    later."""
+def _read(
+    uri: str,
+    name: str,
+    credentials: dict[str, str],
+    what: str,
+    model: type[M],
+    manifest_first: bool = False,
+) -> M | None:
+    """`<uri>/<name>` as `model` (with manifest_first, only once `<uri>/manifest.json` is
+    there: a run's files count once the run published them); None when it is not there or
+    cannot be read for good; Retry when the store may answer later."""
     opened = _open(uri, credentials, what)
     if opened is None:
         return None
     store, prefix = opened
     try:
-        if name != LATEST:
+        if manifest_first:
             obstore.head(store, f"{prefix}/manifest.json")
         body = _small(store, f"{prefix}/{name}", what)
         return None if body is None else model.model_validate_json(body)
@@ -185,7 +192,8 @@ def _read(uri: str, name: str, credentials: dict[str, str], what: str, model: ty
 def read_result(output_uri: str, run_id: str, credentials: dict[str, str]) -> TrainerResult | None:
     """The run's result.json when its manifest is there; None when it is not or cannot be read."""
     what = f"result.json of run {run_id}"
-    return _read(run_prefix(output_uri, run_id), "result.json", credentials, what, TrainerResult)
+    run = run_prefix(output_uri, run_id)
+    return _read(run, "result.json", credentials, what, TrainerResult, manifest_first=True)
 
 
 def read_latest(output_uri: str, credentials: dict[str, str]) -> PromotionRecord | None:

@@ -27,12 +27,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from kubetune.api import (
-    ROLLBACK_ANNOTATION,
-    SCHEDULE_LABEL,
-    FineTuneScheduleStatus,
-    PromotionRecord,
-)
+from kubetune.api import SCHEDULE_LABEL, FineTuneScheduleStatus, PromotionRecord
 from kubetune.controller import results
 from kubetune.controller.cached import CachedKube
 from kubetune.controller.errors import Misconfigured, Rejected, Retry
@@ -43,6 +38,7 @@ from kubetune.controller.schedules import (
     ScheduleDecision,
     decide_schedule,
     refused,
+    rollback_annotation,
     rollback_output,
     rollback_time,
     rollback_to_check,
@@ -180,7 +176,7 @@ class ScheduleController:
                 old is None
                 or before.get("generation") != meta.get("generation")
                 or (old.get("status") or {}) != (new.get("status") or {})
-                or _rollback(old) != _rollback(new)
+                or rollback_annotation(old) != rollback_annotation(new)
             ):
                 yield Request(KIND, namespace, meta.get("name") or ""), Trigger.SCHEDULE
         elif kind == "finetunejobs":
@@ -201,7 +197,3 @@ def _seen(job: Object) -> tuple[Any, ...]:
     """What a schedule looks at in a run it stamped."""
     status = job.get("status") or {}
     return status.get("phase"), status.get("promotion")
-
-
-def _rollback(schedule: Object) -> Any:
-    return ((schedule.get("metadata") or {}).get("annotations") or {}).get(ROLLBACK_ANNOTATION)

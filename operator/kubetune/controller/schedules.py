@@ -380,10 +380,14 @@ def rollback_time(value: str) -> tuple[str, datetime] | None:
         return None
 
 
+def rollback_annotation(schedule: dict[str, Any]) -> Any:
+    return ((schedule.get("metadata") or {}).get("annotations") or {}).get(ROLLBACK_ANNOTATION)
+
+
 def rollback_to_check(raw: dict[str, Any]) -> str | None:
     """The schedule's kubetune.dev/rollback annotation when it was not checked yet (against
     status.observedRollback, which holds at most its first 128 characters)."""
-    value = ((raw.get("metadata") or {}).get("annotations") or {}).get(ROLLBACK_ANNOTATION)
+    value = rollback_annotation(raw)
     if not isinstance(value, str) or not value:
         return None
     observed = (raw.get("status") or {}).get("observedRollback")
@@ -417,27 +421,14 @@ def rolled_back(
     )
     parsed = rollback_time(value)
     latest = f"{output.rstrip('/')}/latest.json" if output else "the schedule's output"
+    found = _not_recorded(record, parsed, now) if parsed else None
     if parsed is None:
         problem = (
             f"annotation {ROLLBACK_ANNOTATION} is not <runId>@<promotedAt> as kubetune "
             "rollback writes it: ignored"
         )
         event = Event("Warning", "RollbackNotFound", problem)
-    elif (
-        record is None
-        or record.rollback is None
-        or record.run_id != parsed[0]
-        or record.promoted_at != parsed[1]
-        or parsed[1] > now + CLOCK_SKEW
-    ):
-        if record is None:
-            found = "cannot be read (see the operator's log) or is not there"
-        elif record.rollback is None:
-            found = f"names run {record.run_id}, promoted by a run, not by a rollback"
-        elif record.run_id != parsed[0] or record.promoted_at != parsed[1]:
-            found = f"names run {record.run_id}, rolled back to at {_when(record.promoted_at)}"
-        else:  # the very rollback, dated after now: it would outrank every later promotion
-            found = f"dates it in the future ({_when(parsed[1])})"
+    elif found or record is None or record.rollback is None:
         problem = (
             f"annotation {ROLLBACK_ANNOTATION} names run {parsed[0]} rolled back to at "
             f"{_when(parsed[1])}, but {latest} {found}: the status does not show it"
@@ -467,6 +458,23 @@ def rolled_back(
             f"{back.from_run_id}), rolled back by {back.by}{why}",
         )
     return replace(decision, status=status, events=[*decision.events, event])
+
+
+def _not_recorded(
+    record: PromotionRecord | None, parsed: tuple[str, datetime], now: datetime
+) -> str | None:
+    """What latest.json (`record`) says instead of the rollback the annotation names, or None
+    when it records that very rollback. Its run id is the bucket's text: shown cut short."""
+    if record is None:
+        return "cannot be read (see the operator's log) or is not there"
+    shown = record.run_id[: RUN_ID_LENGTH * 2]
+    if record.rollback is None:
+        return f"names run {shown}, promoted by a run, not by a rollback"
+    if (record.run_id, record.promoted_at) != parsed:
+        return f"names run {shown}, rolled back to at {_when(record.promoted_at)}"
+    if parsed[1] > now + CLOCK_SKEW:  # it would outrank every later promotion
+        return f"dates it in the future ({_when(parsed[1])})"
+    return None
 
 
 def _when(at: datetime | None) -> str:
