@@ -51,11 +51,14 @@ VARIANTS = [
     "ours-all-logits",
     "trl",
     "trl-padding-free",
+    "trl-plain-loss",
     "naive",
     "ours-grouped",
     "ours-packed",
     "ours-window2",
     "ours-window4",
+    "ours-bf16",
+    "ours-bf16-base",
 ]
 
 
@@ -66,7 +69,9 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def setup(steps: int, seed: int, workdir: Path) -> tuple[Any, Any, Any, Any, Any]:
+def setup(
+    steps: int, seed: int, workdir: Path, model: bool = True
+) -> tuple[Any, Any, Any, Any, Any]:
     import transformers
     import yaml
 
@@ -85,14 +90,21 @@ def setup(steps: int, seed: int, workdir: Path) -> tuple[Any, Any, Any, Any, Any
     source = modeling.materialize_gguf(modeling.locate_model(spec.model.uri, None, CACHE), CACHE)
     tokenizer = modeling.load_tokenizer(source, False)
     splits = data.prepare(spec.dataset, tokenizer, workdir / "data")
-    model = modeling.load_model(spec, source)
+    if not model:
+        return spec, source, tokenizer, splits, None
+    loaded = modeling.load_model(spec, source)
     transformers.set_seed(seed)  # ...and again before the method is applied
-    return spec, source, tokenizer, splits, model
+    return spec, source, tokenizer, splits, loaded
 
 
-def exact_match(model: Any, tokenizer: Any, splits: Any, spec: Any) -> float:
+EVALUATE = True  # False in a count run: one step, no answers
+
+
+def exact_match(model: Any, tokenizer: Any, splits: Any, spec: Any) -> float | None:
     from kubetune_trainer.evaluation import generate, score
 
+    if not EVALUATE:
+        return None
     model.eval()  # no dropout while answering, as evaluation.evaluate does
     test = splits.test[: spec.evaluation.max_samples]
     answers = generate(model, tokenizer, test, spec.evaluation.max_new_tokens, 16)
@@ -139,6 +151,19 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
     elif variant == "ours-all-logits":
         every = training._trainer_class
         training._trainer_class = lambda window, answer_only=False: every(window, False)
+    elif variant.startswith("ours-bf16"):
+        build = training.training_arguments
+
+        def autocast(*args: Any, **kwargs: Any) -> Any:
+            arguments = build(*args, **kwargs)
+            arguments.bf16 = True
+            return arguments
+
+        training.training_arguments = autocast
+        if variant == "ours-bf16-base":
+            import torch
+
+            model = model.to(torch.bfloat16)
     elif variant.startswith("ours-window"):
         window = int(variant.removeprefix("ours-window"))
         training.choose_window = lambda lengths, size, multiple: (
@@ -208,6 +233,33 @@ def timed(trainer: Any, tokenizer: Any, splits: Any, spec: Any) -> dict[str, Any
     }
 
 
+def PlainLossSFTTrainer() -> Any:
+    """TRL's SFTTrainer with the plain Trainer's loss: the model's own (transformers' causal LM
+    loss over the labels TRL's collator masks), without TRL's entropy and token accuracy over
+    every position's logits."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PlainLoss(SFTTrainer):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            inputs["use_cache"] = False  # as SFTTrainer.compute_loss
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+    return PlainLoss
+
+
 def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -227,7 +279,8 @@ def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any
         # A padding-free batch has no attention mask: count all its tokens (see ours).
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
     )
-    trainer = SFTTrainer(
+    trainer_class = PlainLossSFTTrainer() if variant == "trl-plain-loss" else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -261,14 +314,77 @@ def run_naive(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, A
     return timed(trainer, tokenizer, splits, spec)
 
 
-def child(variant: str, steps: int, seed: int) -> None:
-    import torch
+def count_first_step() -> dict[str, Any]:
+    """Has the first training step of any Trainer (ours, TRL's) recorded by flops.StepCount."""
+    from flops import StepCount
+    from transformers import Trainer
 
-    runner = run_trl if variant.startswith("trl") else run_naive if variant == "naive" else run_ours
+    original = Trainer.training_step
+    box: dict[str, Any] = {}
+
+    def training_step(self: Any, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if "count" in box:
+            return original(self, model, inputs, *args, **kwargs)
+        box["count"] = count = StepCount.for_model(model)
+        return count.record(model, lambda: original(self, model, inputs, *args, **kwargs))
+
+    Trainer.training_step = training_step  # type: ignore[method-assign]
+    return box
+
+
+def train_lengths(seed: int) -> list[tuple[int, int]]:
+    """(real tokens, positions predicting an answer token) of each training example, as ours
+    tokenizes them (TRL's tokens are the same: see the runs' token counts)."""
+    from kubetune_trainer import data
+
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"variant": variant, "seed": seed, **runner(variant, steps, seed, Path(tmp))}
+        spec, _, tokenizer, splits, _ = setup(1, seed, Path(tmp), model=False)
+        rows, _ = data.tokenize(splits.train, tokenizer, spec.dataset.max_seq_length)
+    return [(len(r["input_ids"]), sum(1 for x in r["labels"][1:] if x != -100)) for r in rows]
+
+
+def child(variant: str, steps: int, seed: int, mode: str = "time") -> None:
+    """One run in this process. mode: time (train, then exactMatch); count (one step under
+    flops.StepCount, no timing); profile (time, under torch.profiler)."""
+    import torch
+    from flops import matmul_peak
+
+    global EVALUATE
+    runner = run_trl if variant.startswith("trl") else run_naive if variant == "naive" else run_ours
+    if mode == "count":
+        EVALUATE = False
+        box = count_first_step()
+        with tempfile.TemporaryDirectory() as tmp:
+            runner(variant, 1, seed, Path(tmp))
+        count = box["count"]
+        result = {
+            "variant": variant,
+            "seed": seed,
+            "check": count.check(),
+            "model_flops_per_token": count.model_flops_per_token(train_lengths(seed)),
+        }
+        print(json.dumps(result))
+        return
+    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
+    peak = matmul_peak(dtype)  # in this process, before the run, with its threads
+    with tempfile.TemporaryDirectory() as tmp:
+        if mode == "profile":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                result = {
+                    "variant": variant,
+                    "seed": seed,
+                    **runner(variant, steps, seed, Path(tmp)),
+                }
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            print(table, file=sys.stderr)
+        else:
+            result = {"variant": variant, "seed": seed, **runner(variant, steps, seed, Path(tmp))}
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_flops"] = peak
+    result["peak_dtype"] = str(dtype).removeprefix("torch.")
     result["device"] = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -281,12 +397,18 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per variant and step count: median and range of each figure over the seeds."""
     rows = []
     keys = sorted({(r["variant"], r["steps"]) for r in results}, key=lambda k: (k[1], k[0]))
+    figures = ("tokens_per_second", "train_seconds", "peak_rss_mib", "exact_match", "mfu")
     for variant, steps in keys:
         runs = [r for r in results if (r["variant"], r["steps"]) == (variant, steps)]
         row: dict[str, Any] = {"variant": variant, "steps": steps, "runs": len(runs)}
-        for key in ("tokens_per_second", "train_seconds", "peak_rss_mib", "exact_match"):
-            values = [r[key] for r in runs]
-            row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        for key in figures:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                row[key] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
         rows.append(row)
     return rows
 
@@ -294,22 +416,42 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(summary: list[dict[str, Any]]) -> str:
     """The summary as the table in docs/benchmarks.md: median (min-max) over the seeds."""
 
-    def cell(figure: dict[str, float], fmt: str) -> str:
-        low, high = format(figure["min"], fmt), format(figure["max"], fmt)
-        return f"{format(figure['median'], fmt)} ({low}-{high})"
+    def cell(figure: dict[str, float] | None, fmt: str, scale: float = 1) -> str:
+        if figure is None:
+            return "-"
+        median, low, high = (format(figure[k] * scale, fmt) for k in ("median", "min", "max"))
+        return f"{median} ({low}-{high})"
 
     lines = [
-        "| steps | variant | seeds | real tokens/s | train s | peak RSS GiB | exactMatch |",
-        "|---|---|---|---|---|---|---|",
+        "| steps | variant | seeds | real tokens/s | MFU % | train s | peak RSS GiB | exactMatch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
-        rss = {k: v / 1024 for k, v in row["peak_rss_mib"].items()}
         lines.append(
             f"| {row['steps']} | {row['variant']} | {row['runs']} "
-            f"| {cell(row['tokens_per_second'], '.1f')} | {cell(row['train_seconds'], '.0f')} "
-            f"| {cell(rss, '.2f')} | {cell(row['exact_match'], '.2f')} |"
+            f"| {cell(row['tokens_per_second'], '.1f')} | {cell(row.get('mfu'), '.1f', 100)} "
+            f"| {cell(row['train_seconds'], '.0f')} "
+            f"| {cell(row['peak_rss_mib'], '.2f', 1 / 1024)} | {cell(row['exact_match'], '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def spawn(variant: str, steps: int, seed: int, mode: str) -> dict[str, Any]:
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, str(steps), str(seed), mode],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
+    if mode == "profile":
+        print(f"--- {variant}, {steps} steps, seed {seed}", file=sys.stderr)
+        print(out.stderr[out.stderr.find("----") :], file=sys.stderr)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.monotonic() - started
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> None:
@@ -319,7 +461,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "trl"])
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="each variant once (first seed, first step count) under torch.profiler: the top "
+        "operators by self CPU time, to stderr",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument(
         "--markdown",
         nargs="+",
@@ -334,29 +482,30 @@ def main() -> None:
         print(markdown(summarise(merged)))
         return
     if args.child:
-        variant, steps, seed = args.child
-        child(variant, int(steps), int(seed))
+        variant, steps, seed, mode = args.child
+        child(variant, int(steps), int(seed), mode)
         return
     if any(v.startswith("trl") for v in args.variants) and not importlib.util.find_spec("trl"):
         raise SystemExit("TRL is a benchmark dependency: pip install -e '.[bench]'")
+    if args.profile:
+        for variant in args.variants:
+            spawn(variant, args.steps[0], args.seeds[0], "profile")
+        return
+    # First each variant's first step counted (flops.py): its model FLOPs per real token.
+    counts = {v: spawn(v, 1, args.seeds[0], "count") for v in args.variants}
     results = []
     # Seeds outermost, variants innermost: a slow spell of the machine hits every variant alike.
     for seed in args.seeds:
         for steps in args.steps:
             for variant in args.variants:
-                started = time.monotonic()
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", variant, str(steps), str(seed)],
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode:
-                    raise SystemExit(f"{variant} failed:\n{out.stderr[-4000:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                result["process_seconds"] = time.monotonic() - started
+                result = spawn(variant, steps, seed, "time")
+                per_token = counts[variant]["model_flops_per_token"]
+                result["model_flops_per_token"] = per_token
+                result["mfu"] = result["tokens_per_second"] * per_token / result["peak_flops"]
                 results.append(result)
-                print(json.dumps(result), file=sys.stderr, flush=True)
-    print(json.dumps({"results": results, "summary": summarise(results)}, indent=2))
+    print(
+        json.dumps({"checks": counts, "results": results, "summary": summarise(results)}, indent=2)
+    )
 
 
 if __name__ == "__main__":
