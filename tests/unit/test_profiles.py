@@ -234,6 +234,23 @@ VIOLATIONS = [
 # fmt: on
 
 
+@pytest.mark.parametrize(("gates", "refused"), [(0, True), (1, False), (2, False)])
+def test_a_profile_can_require_gates(gates: int, refused: bool) -> None:
+    """A job without gates is promoted whatever its evaluation says; minGates: 1 refuses it."""
+    wanted = [{"metric": "exactMatch", "min": 0.5}, {"metric": "loss", "max": 5.0}][:gates]
+    resolution = apply_profile(job(output=OUT, gates=wanted), profile(minGates=1))
+    if not refused:
+        assert resolution.refusal is None, resolution.refusal
+        return
+    assert resolution.refusal is not None and resolution.refusal.reason == "PolicyViolation"
+    assert resolution.refusal.message == (
+        "spec.gates: 0 gate(s) is fewer than FineTuneProfile 'pool' allows (minGates: 1); add a "
+        "gate, e.g. {metric: exactMatch, min: 0.5}, that the tuned model must pass to be promoted"
+    )
+    # without the field, as before: no gate is required
+    assert apply_profile(job(output=OUT, gates=wanted), profile()).refusal is None
+
+
 def test_a_cpu_only_profile_refuses_a_job_that_leaves_its_gpus_unset() -> None:
     """Neither the job nor the profile sets resources.gpus: the pod gets one GPU, which a
     profile with limits.gpus 0 does not allow (a CPU pool lent no GPU by omission)."""

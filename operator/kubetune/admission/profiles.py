@@ -248,6 +248,12 @@ def _problems(job: FineTuneJob, profile: FineTuneProfile | None) -> list[str]:
             f"spec.resources.priorityClassName: FineTuneProfile {name!r} runs at "
             f"{ps.priority_class_name}; remove the field or use another profile"
         )
+    if len(spec.gates) < ps.min_gates:
+        problems.append(
+            f"spec.gates: {len(spec.gates)} gate(s) is fewer than {of} (minGates: "
+            f"{ps.min_gates}); add a gate, e.g. {{metric: exactMatch, min: 0.5}}, that the "
+            "tuned model must pass to be promoted"
+        )
     account = spec.service_account_name
     if (
         account

@@ -540,6 +540,16 @@ class FineTuneProfileSpec(ApiModel):
         description="limits are the most a job may ask for; a job over a limit fails with "
         "PolicyViolation naming the field and this profile.",
     )
+    min_gates: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "minGates is the fewest gates a job must have (e.g. 1: no run is promoted without "
+            "passing an evaluation); a job with fewer fails PolicyViolation. It counts gates; "
+            "it does not judge their thresholds."
+        ),
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict,
         max_length=32,
