@@ -11,6 +11,9 @@ its input needs no gradient). Attention (scaled dot-product, per decoder layer) 
 4 x B x H x T^2 x d forward for a [B, T] batch with H query heads of size d; its backward is
 counted as torch counts it (10 x B x H x T^2 x d: the scores recomputed, then four products).
 Elementwise work (norms, activations, softmax, the optimizer) is not counted, as by torch.
+An output layer a trainer applies without calling its nn.Linear (TRL's fused_lm_head, which
+computes log-probabilities, entropy and accuracy from the weight in chunks) escapes the hooks:
+the shapes' count of such a step is short by it, and torch's is not.
 
 The check (`StepCount.check`): the same step under torch.utils.flop_counter.FlopCounterMode.
 torch 2.13 has no formula for the CPU attention kernel (_scaled_dot_product_flash_attention_
@@ -76,6 +79,7 @@ class StepCount:
     padding_free: bool = False
     torch_flops: int = 0
     torch_by_operator: dict[str, int] = field(default_factory=dict)
+    output_layer: Linear | None = None  # its shape, whether the step calls it or not
 
     @classmethod
     def for_model(cls, model: Any) -> StepCount:
@@ -90,6 +94,16 @@ class StepCount:
         from torch.utils import flop_counter
 
         output = model.get_output_embeddings()
+        # The hidden states it takes need a gradient whenever anything before it is trained.
+        self.output_layer = Linear(
+            "output",
+            output.in_features,
+            output.out_features,
+            0,
+            True,
+            bool(output.weight.requires_grad),
+            True,
+        )
         handles = []
 
         def on_linear(name: str, module: Any) -> Any:
@@ -177,7 +191,8 @@ class StepCount:
     def model_flops_per_token(self, lengths: list[tuple[int, int]]) -> float:
         """Model FLOPs per real token over examples given as (tokens, answer positions)."""
         per_token = sum(call.per_row() for call in self._unique() if not call.output_layer)
-        per_answer = sum(call.per_row() for call in self._unique() if call.output_layer)
+        assert self.output_layer is not None, "record a step first"
+        per_answer = self.output_layer.per_row()
         attention = 12 * self.layers * self.heads * self.head_dim
         tokens = sum(n for n, _ in lengths)
         total = sum(n * per_token + a * per_answer + attention * n * n for n, a in lengths)

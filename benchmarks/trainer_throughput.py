@@ -5,6 +5,8 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
   trl               TRL SFTTrainer, prompt-completion data (loss on the completion only), dynamic
                     padding, random batch order; bf16 and gradient checkpointing off as ours.
   trl-padding-free  the same with padding_free=True (examples flattened into one sequence).
+  trl-plain-loss    TRL SFTTrainer with the plain Trainer's compute_loss (the model's own loss;
+                    none of TRL's entropy and token accuracy over every position's logits).
   naive             HF Trainer + peft as guides write it: every example padded to 512 tokens,
                     DataCollatorForLanguageModeling (loss on prompt and answer).
 
@@ -14,6 +16,9 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
   ours-packed       packing: true (padding-free, examples flattened into one sequence).
   ours-all-logits   the output layer at every position, as before 2026-12-07 (ours computes it
                     only where a position predicts an answer token).
+  ours-bf16         the Trainer's bf16 mixed precision (autocast to bfloat16, float32 weights).
+  ours-bf16-base    the frozen base in bfloat16 (the LoRA weights in float32), with autocast.
+  ours-bf16-weights the frozen base in bfloat16 (the LoRA weights in float32), no autocast.
 
 Each (variant, steps, seed) runs in its own process, so peak memory is its own. Reported per run:
 real tokens per second (padding excluded: the attention mask counts them, or every token of a
@@ -22,9 +27,17 @@ padding-free batch), wall time of training, peak resident memory, and exactMatch
 dropout, batch order); the split is the same in every run. SmolLM2's GGUF is converted once into
 .cache/kubetune/cache, the cache `make demo` uses.
 
+Model FLOPs utilisation (MFU): real tokens/s x model FLOPs per real token / the machine's peak.
+Model FLOPs per real token come from each variant's first step, recorded in a run of its own
+(flops.py says how they are counted and checks the count against torch's FLOP counter: the
+`checks` of the output); the peak is a dense matmul of the run's dtype (float32, or bfloat16 for
+the bf16 variants), measured in each run's own process before it trains. --profile runs each
+variant once under torch.profiler and prints the top operators by self CPU time.
+
   pip install -e '.[bench]'   # TRL, a benchmark dependency only
   .venv/bin/python benchmarks/trainer_throughput.py --steps 10 30 --seeds 1 2 3 \\
-      --variants ours trl trl-padding-free > /tmp/bench.json
+      --variants ours trl trl-plain-loss > /tmp/bench.json
+  .venv/bin/python benchmarks/trainer_throughput.py --markdown /tmp/bench.json   # the table
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ VARIANTS = [
     "ours-window4",
     "ours-bf16",
     "ours-bf16-base",
+    "ours-bf16-weights",
 ]
 
 
@@ -152,6 +166,8 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
         every = training._trainer_class
         training._trainer_class = lambda window, answer_only=False: every(window, False)
     elif variant.startswith("ours-bf16"):
+        import torch
+
         build = training.training_arguments
 
         def autocast(*args: Any, **kwargs: Any) -> Any:
@@ -159,10 +175,9 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
             arguments.bf16 = True
             return arguments
 
-        training.training_arguments = autocast
-        if variant == "ours-bf16-base":
-            import torch
-
+        if variant != "ours-bf16-weights":
+            training.training_arguments = autocast
+        if variant != "ours-bf16":
             model = model.to(torch.bfloat16)
     elif variant.startswith("ours-window"):
         window = int(variant.removeprefix("ours-window"))
