@@ -12,12 +12,14 @@ others wait; every rank ends with rank 0's result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,31 @@ class _LibraryWarnings(logging.Handler):
             self.target.handle(record)
 
 
+@contextlib.contextmanager
+def _libraries_quiet() -> Iterator[None]:
+    """transformers' warnings through the root logger (to trainer.log) instead of its own stderr
+    handler, and no library progress bars ("Loading weights", "Writing model shards",
+    downloads): the run's reporter says what stage it is in. Restored as found."""
+    from transformers.utils import logging as hf_logging
+
+    library = logging.getLogger("transformers")
+    hf_logging.get_logger("transformers")  # its handler set up first, as transformers does
+    handlers, propagate = list(library.handlers), library.propagate
+    bars = hf_logging.is_progress_bar_enabled()
+    for handler in handlers:
+        library.removeHandler(handler)
+    library.propagate = True
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        library.propagate = propagate
+        for handler in handlers:
+            library.addHandler(handler)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def warnings_captured() -> bool:
     """Whether Python's warnings already go to logging (a caller's logging.captureWarnings)."""
     import warnings
@@ -150,6 +177,8 @@ def run(
     root.addHandler(libraries)
     captured = warnings_captured()
     logging.captureWarnings(True)
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(_libraries_quiet())
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
     # Trackers hear from rank 0 only, and only from a run that trains: one run, one record.
@@ -189,6 +218,7 @@ def run(
         reporter.stage(Stage.FAILED, message)
         result = _failure(config, rank, code, message)
     finally:
+        quiet.close()
         if not captured:
             logging.captureWarnings(False)
         root.removeHandler(libraries)
