@@ -18,8 +18,8 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
