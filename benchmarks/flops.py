@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def matmul_peak(dtype: Any, size: int = 2048, seconds: float = 1.0, repeats: int = 3) -> float:
-    """FLOP/s of a dense size x size x size matmul in dtype, the best of repeats windows."""
+def matmul_rate(
+    m: int, k: int, n: int, dtype: Any, seconds: float = 1.0, repeats: int = 3
+) -> float:
+    """FLOP/s of an [m, k] x [k, n] matmul in dtype, the best of repeats windows."""
     import torch
 
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
     for _ in range(3):
         a @ b
     best = 0.0
@@ -49,8 +51,13 @@ def matmul_peak(dtype: Any, size: int = 2048, seconds: float = 1.0, repeats: int
         while time.perf_counter() - started < seconds:
             a @ b
             count += 1
-        best = max(best, 2 * size**3 * count / (time.perf_counter() - started))
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - started))
     return best
+
+
+def matmul_peak(dtype: Any, size: int = 2048) -> float:
+    """The machine's peak for dtype: a dense size x size x size matmul."""
+    return matmul_rate(size, size, size, dtype)
 
 
 @dataclass
@@ -204,3 +211,24 @@ class StepCount:
         for call in self.linears:
             seen.setdefault(call.name, call)
         return list(seen.values())
+
+
+# SmolLM2-135M's matmuls for a batch of 8 x 80 tokens: the decoder's projections, then the
+# output layer, then the peak's square.
+SHAPES = [
+    (640, 576, 1536),
+    (640, 1536, 576),
+    (640, 576, 576),
+    (640, 576, 192),
+    (640, 576, 49152),
+    (2048, 2048, 2048),
+]
+
+if __name__ == "__main__":
+    import torch
+
+    print("| m x k x n | float32 GFLOP/s | bfloat16 GFLOP/s |")
+    print("|---|---|---|")
+    for m, k, n in SHAPES:
+        rates = [matmul_rate(m, k, n, dtype) / 1e9 for dtype in (torch.float32, torch.bfloat16)]
+        print(f"| {m} x {k} x {n} | {rates[0]:.0f} | {rates[1]:.0f} |")

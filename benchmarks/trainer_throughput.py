@@ -43,6 +43,7 @@ variant once under torch.profiler and prints the top operators by self CPU time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -248,36 +249,19 @@ def timed(trainer: Any, tokenizer: Any, splits: Any, spec: Any) -> dict[str, Any
     }
 
 
-def PlainLossSFTTrainer() -> Any:
-    """TRL's SFTTrainer with the plain Trainer's loss: the model's own (transformers' causal LM
-    loss over the labels TRL's collator masks), without TRL's entropy and token accuracy over
-    every position's logits."""
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class PlainLoss(SFTTrainer):
-        def compute_loss(
-            self,
-            model: Any,
-            inputs: Any,
-            return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:
-            inputs["use_cache"] = False  # as SFTTrainer.compute_loss
-            return Trainer.compute_loss(
-                self,
-                model,
-                inputs,
-                return_outputs=return_outputs,
-                num_items_in_batch=num_items_in_batch,
-            )
-
-    return PlainLoss
-
-
 def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
     from datasets import Dataset
+    from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
+
+    class PlainLoss(SFTTrainer):
+        """The plain Trainer's loss: the model's own (transformers' causal LM loss over the
+        labels TRL's collator masks), none of TRL's entropy and token accuracy over every
+        position's logits."""
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            inputs["use_cache"] = False  # as SFTTrainer.compute_loss
+            return Trainer.compute_loss(self, model, inputs, *args, **kwargs)
 
     spec, _, tokenizer, splits, model = setup(steps, seed, workdir)
     padding_free = variant == "trl-padding-free"
@@ -294,7 +278,7 @@ def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any
         # A padding-free batch has no attention mask: count all its tokens (see ours).
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
     )
-    trainer_class = PlainLossSFTTrainer() if variant == "trl-plain-loss" else SFTTrainer
+    trainer_class = PlainLoss if variant == "trl-plain-loss" else SFTTrainer
     trainer = trainer_class(
         model=model,
         args=args,
@@ -382,20 +366,16 @@ def child(variant: str, steps: int, seed: int, mode: str = "time") -> None:
         return
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     peak = matmul_peak(dtype)  # in this process, before the run, with its threads
-    with tempfile.TemporaryDirectory() as tmp:
-        if mode == "profile":
-            from torch.profiler import ProfilerActivity, profile
+    profiler = contextlib.nullcontext()
+    if mode == "profile":
+        from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                result = {
-                    "variant": variant,
-                    "seed": seed,
-                    **runner(variant, steps, seed, Path(tmp)),
-                }
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-            print(table, file=sys.stderr)
-        else:
-            result = {"variant": variant, "seed": seed, **runner(variant, steps, seed, Path(tmp))}
+        profiler = profile(activities=[ProfilerActivity.CPU])
+    with tempfile.TemporaryDirectory() as tmp, profiler:
+        result = {"variant": variant, "seed": seed, **runner(variant, steps, seed, Path(tmp))}
+    if mode == "profile":
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        print(table, file=sys.stderr)
     result["tokens_per_second"] = result["tokens"] / result["train_seconds"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_flops"] = peak

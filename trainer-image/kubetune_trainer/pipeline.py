@@ -12,13 +12,12 @@ others wait; every rank ends with rank 0's result.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,11 +116,10 @@ class _LibraryWarnings(logging.Handler):
             self.target.handle(record)
 
 
-@contextlib.contextmanager
-def _libraries_quiet() -> Iterator[None]:
+def _quiet_libraries() -> Callable[[], None]:
     """transformers' warnings through the root logger (to trainer.log) instead of its own stderr
     handler, and no library progress bars ("Loading weights", "Writing model shards",
-    downloads): the run's reporter says what stage it is in. Restored as found."""
+    downloads): the run's reporter says what stage it is in. Returns what restores them."""
     from transformers.utils import logging as hf_logging
 
     library = logging.getLogger("transformers")
@@ -132,14 +130,15 @@ def _libraries_quiet() -> Iterator[None]:
         library.removeHandler(handler)
     library.propagate = True
     hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         library.propagate = propagate
         for handler in handlers:
             library.addHandler(handler)
         if bars:
             hf_logging.enable_progress_bar()
+
+    return restore
 
 
 def warnings_captured() -> bool:
@@ -177,8 +176,7 @@ def run(
     root.addHandler(libraries)
     captured = warnings_captured()
     logging.captureWarnings(True)
-    quiet = contextlib.ExitStack()
-    quiet.enter_context(_libraries_quiet())
+    restore_libraries = _quiet_libraries()
     # Each storage source with a Secret of its own reads and writes with it.
     storage.use_credentials(credential_routes(config.spec, config.model_cache))
     # Trackers hear from rank 0 only, and only from a run that trains: one run, one record.
@@ -218,7 +216,7 @@ def run(
         reporter.stage(Stage.FAILED, message)
         result = _failure(config, rank, code, message)
     finally:
-        quiet.close()
+        restore_libraries()
         if not captured:
             logging.captureWarnings(False)
         root.removeHandler(libraries)
