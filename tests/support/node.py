@@ -86,6 +86,14 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def graph_lag(code: int, message: str) -> bool:
+    """The Node authorizer's answer while its graph does not yet link this node to the object
+    (a pod just bound, its ConfigMap or Secret not yet an edge of the graph): 403 "no
+    relationship found between node '<node>' and this object" (plugin/pkg/auth/authorizer/node/
+    node_authorizer.go). A kubelet's volume manager retries MountVolume.SetUp until it passes."""
+    return code == 403 and "no relationship found between node" in message
+
+
 def _body(exc: urllib.error.HTTPError) -> str:
     """The API server's Status message of an error answer, for the record."""
     try:
@@ -605,10 +613,11 @@ class NodeAgent:
         try:
             self._sync_pod(run)
         except urllib.error.HTTPError as exc:
-            if exc.code in TRANSIENT:  # an API server under load or restarting: next pass
-                self.transient.append(f"pod {run.namespace}/{run.name}: {exc}")
+            body = _body(exc)
+            if exc.code in TRANSIENT or graph_lag(exc.code, body):  # next pass, as a kubelet
+                self.transient.append(f"pod {run.namespace}/{run.name}: {exc}: {body}")
             elif exc.code not in (404, 409):  # gone or changed meanwhile: next pass
-                self.errors.append(f"pod {run.namespace}/{run.name}: {exc}: {_body(exc)}")
+                self.errors.append(f"pod {run.namespace}/{run.name}: {exc}: {body}")
         except (OSError, urllib.error.URLError):
             pass  # the API server is away: the next pass tries again
         except Exception:  # one bad pod does not stall the others
