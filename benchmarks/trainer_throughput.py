@@ -1,9 +1,16 @@
 """kubetune's trainer against TRL's SFTTrainer (and the pad-to-512 recipe of typical guides), on
 the same model, data, LoRA settings, learning rate, schedule, batch size, seed and split.
 
-  ours              kubetune's train stage, as the trainer runs it (training.train).
+  ours              kubetune's train stage, as the trainer runs it (training.train), with the
+                    default model.dtype auto: on a CPU with AMX or AVX512-BF16 the frozen base in
+                    bfloat16 and the LoRA weights in float32; float32 on other CPUs.
+  ours-fp32         the same with model.dtype float32 (the default on every CPU before
+                    2026-12-07).
   trl               TRL SFTTrainer, prompt-completion data (loss on the completion only), dynamic
-                    padding, random batch order; bf16 and gradient checkpointing off as ours.
+                    padding, random batch order, float32 (TRL's default dtype); bf16 mixed
+                    precision and gradient checkpointing off.
+  trl-bf16-base     the same given the frozen base in bfloat16 (PEFT keeps the LoRA weights in
+                    float32, as in ours).
   trl-padding-free  the same with padding_free=True (examples flattened into one sequence).
   trl-plain-loss    TRL SFTTrainer with the plain Trainer's compute_loss (the model's own loss;
                     none of TRL's entropy and token accuracy over every position's logits).
@@ -18,7 +25,7 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
                     only where a position predicts an answer token).
   ours-bf16         the Trainer's bf16 mixed precision (autocast to bfloat16, float32 weights).
   ours-bf16-base    the frozen base in bfloat16 (the LoRA weights in float32), with autocast.
-  ours-bf16-weights the frozen base in bfloat16 (the LoRA weights in float32), no autocast.
+  (The other ours-* variants load the model as ours does, model.dtype auto.)
 
 Each (variant, steps, seed) runs in its own process, so peak memory is its own. Reported per run:
 real tokens per second (padding excluded: the attention mask counts them, or every token of a
@@ -30,13 +37,14 @@ dropout, batch order); the split is the same in every run. SmolLM2's GGUF is con
 Model FLOPs utilisation (MFU): real tokens/s x model FLOPs per real token / the machine's peak.
 Model FLOPs per real token come from each variant's first step, recorded in a run of its own
 (flops.py says how they are counted and checks the count against torch's FLOP counter: the
-`checks` of the output); the peak is a dense matmul of the run's dtype (float32, or bfloat16 for
-the bf16 variants), measured in each run's own process before it trains. --profile runs each
-variant once under torch.profiler and prints the top operators by self CPU time.
+`checks` of the output); the peak is a dense matmul of the dtype the run's matmuls use (its
+frozen base's dtype; bfloat16 under autocast), measured in each run's own process before it
+trains. --profile runs each variant once under torch.profiler and prints the top operators by
+self CPU time.
 
   pip install -e '.[bench]'   # TRL, a benchmark dependency only
   .venv/bin/python benchmarks/trainer_throughput.py --steps 10 30 --seeds 1 2 3 \\
-      --variants ours trl trl-plain-loss > /tmp/bench.json
+      --variants ours ours-fp32 trl trl-plain-loss trl-bf16-base > /tmp/bench.json
   .venv/bin/python benchmarks/trainer_throughput.py --markdown /tmp/bench.json   # the table
 """
 
@@ -62,10 +70,12 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 CACHE = ROOT / ".cache" / "kubetune" / "cache"
 VARIANTS = [
     "ours",
+    "ours-fp32",
     "ours-all-logits",
     "trl",
     "trl-padding-free",
     "trl-plain-loss",
+    "trl-bf16-base",
     "naive",
     "ours-grouped",
     "ours-packed",
@@ -73,8 +83,16 @@ VARIANTS = [
     "ours-window4",
     "ours-bf16",
     "ours-bf16-base",
-    "ours-bf16-weights",
 ]
+
+
+def model_dtype(variant: str) -> str:
+    """The model.dtype a variant loads the base model with."""
+    if variant in ("ours-bf16-base", "trl-bf16-base"):
+        return "bfloat16"
+    if variant.startswith(("trl", "naive")) or variant in ("ours-fp32", "ours-bf16"):
+        return "float32"
+    return "auto"
 
 
 def smollm2_gguf() -> Path:
@@ -85,7 +103,7 @@ def smollm2_gguf() -> Path:
 
 
 def setup(
-    steps: int, seed: int, workdir: Path, model: bool = True
+    steps: int, seed: int, workdir: Path, model: bool = True, dtype: str = "auto"
 ) -> tuple[Any, Any, Any, Any, Any]:
     import transformers
     import yaml
@@ -98,6 +116,7 @@ def setup(
     doc["spec"]["model"]["uri"] = smollm2_gguf().as_uri()
     doc["spec"]["dataset"]["uri"] = DATA.as_uri()
     doc["spec"]["output"] = {"uri": (workdir / "out").as_uri()}
+    doc["spec"]["model"]["dtype"] = dtype
     hp = doc["spec"]["hyperparameters"]
     hp.update(maxSteps=steps, seed=seed, evalEverySteps=None, checkpointEverySteps=None)
     spec = resolve_spec(FineTuneJob.model_validate(doc).spec)
@@ -143,7 +162,7 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
     from kubetune_trainer import data, modeling, training
     from kubetune_trainer.telemetry import LogReporter
 
-    spec, source, tokenizer, splits, model = setup(steps, seed, workdir)
+    spec, source, tokenizer, splits, model = setup(steps, seed, workdir, dtype=model_dtype(variant))
     if variant == "ours-packed":
         spec = spec.model_copy(
             update={"dataset": spec.dataset.model_copy(update={"packing": True})}
@@ -167,8 +186,6 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
         every = training._trainer_class
         training._trainer_class = lambda window, answer_only=False: every(window, False)
     elif variant.startswith("ours-bf16"):
-        import torch
-
         build = training.training_arguments
 
         def autocast(*args: Any, **kwargs: Any) -> Any:
@@ -176,10 +193,7 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
             arguments.bf16 = True
             return arguments
 
-        if variant != "ours-bf16-weights":
-            training.training_arguments = autocast
-        if variant != "ours-bf16":
-            model = model.to(torch.bfloat16)
+        training.training_arguments = autocast
     elif variant.startswith("ours-window"):
         window = int(variant.removeprefix("ours-window"))
         training.choose_window = lambda lengths, size, multiple: (
@@ -263,7 +277,7 @@ def run_trl(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, Any
             inputs["use_cache"] = False  # as SFTTrainer.compute_loss
             return Trainer.compute_loss(self, model, inputs, *args, **kwargs)
 
-    spec, _, tokenizer, splits, model = setup(steps, seed, workdir)
+    spec, _, tokenizer, splits, model = setup(steps, seed, workdir, dtype=model_dtype(variant))
     padding_free = variant == "trl-padding-free"
     dataset = Dataset.from_list(
         [{"prompt": ex.prompt, "completion": ex.completion} for ex in splits.train]
@@ -294,7 +308,7 @@ def run_naive(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, A
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    spec, _, tokenizer, splits, model = setup(steps, seed, workdir)
+    spec, _, tokenizer, splits, model = setup(steps, seed, workdir, dtype=model_dtype(variant))
     texts = [ex.prompt + ex.completion + tokenizer.eos_token for ex in splits.train]
     encoded = tokenizer(texts, padding="max_length", max_length=512, truncation=True)
     dataset = Dataset.from_dict(
@@ -342,6 +356,16 @@ def train_lengths(seed: int) -> list[tuple[int, int]]:
     return [(len(r["input_ids"]), sum(1 for x in r["labels"][1:] if x != -100)) for r in rows]
 
 
+def peak_dtype(variant: str) -> Any:
+    """The dtype of the frozen base's matmuls: the variant's model.dtype as the trainer resolves
+    it for LoRA on this machine."""
+    from kubetune_trainer import modeling
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, *_ = setup(1, 1, Path(tmp), model=False, dtype=model_dtype(variant))
+    return modeling.torch_dtype(spec)
+
+
 def child(variant: str, steps: int, seed: int, mode: str = "time") -> None:
     """One run in this process. mode: time (train, then exactMatch); count (one step under
     flops.StepCount, no timing); profile (time, under torch.profiler)."""
@@ -364,7 +388,7 @@ def child(variant: str, steps: int, seed: int, mode: str = "time") -> None:
         }
         print(json.dumps(result))
         return
-    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
+    dtype = torch.bfloat16 if variant == "ours-bf16" else peak_dtype(variant)
     peak = matmul_peak(dtype)  # in this process, before the run, with its threads
     profiler = contextlib.nullcontext()
     if mode == "profile":

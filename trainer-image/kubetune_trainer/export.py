@@ -32,7 +32,7 @@ from kubetune.api import (
 from kubetune_trainer import promotion, storage
 from kubetune_trainer.data import Example, Leakage, Splits
 from kubetune_trainer.gates import describe
-from kubetune_trainer.modeling import hf_repo
+from kubetune_trainer.modeling import hf_repo, resolve_dtype
 from kubetune_trainer.training import TrainOutcome
 
 log = logging.getLogger("kubetune_trainer")
@@ -209,7 +209,8 @@ def _method_lines(spec: FineTuneJobSpec) -> list[str]:
         )
     if method.virtual_tokens and method.type in ("prefix", "prompt"):
         lines.append(f"- virtual tokens: {method.virtual_tokens}")
-    lines.append(f"- base model dtype: {spec.model.dtype}")
+    dtype, why = resolve_dtype(spec)
+    lines.append(f"- base model dtype: {dtype}" + (f" ({why})" if why else ""))
     return lines
 
 

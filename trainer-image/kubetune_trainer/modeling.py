@@ -139,14 +139,47 @@ def load_tokenizer(source: ModelSource, trust: bool) -> Any:
     return tokenizer
 
 
-def torch_dtype(name: str) -> Any:
+# Methods whose frozen base trains in bfloat16 under model.dtype auto on a CPU that multiplies
+# bfloat16 natively: their trained weights stay float32 (PEFT keeps adapters in float32) and only
+# the frozen base's matmuls run in bfloat16, measured faster at the same exactMatch
+# (docs/benchmarks.md). Not full fine-tuning (bfloat16 weights updated with no float32 master
+# copy lose small updates) and not qlora (bitsandbytes computes in float32 on CPUs).
+CPU_BF16_METHODS = frozenset({"lora", "dora", "ia3", "prefix", "prompt"})
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX512-BF16), which oneDNN uses
+    for torch's bfloat16 matmuls; without them bfloat16 is emulated and slower than float32.
+    torch has no public query: its private one, and False where that is missing."""
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_dtype(spec: FineTuneJobSpec) -> tuple[str, str]:
+    """The precision the base model is loaded in (a torch dtype's name) and, for auto, why."""
+    import torch
+
+    name = spec.model.dtype
+    if name != "auto":
+        return name, ""
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU supports bfloat16"
+        return "float32", "auto: the GPU has no bfloat16"
+    if spec.method.type not in CPU_BF16_METHODS:
+        method = "full fine-tuning" if spec.method.type == "full" else spec.method.type
+        return "float32", f"auto: {method} trains in float32 on a CPU"
+    if cpu_multiplies_bf16():
+        return "bfloat16", "auto: this CPU multiplies bfloat16 natively (AMX or AVX512-BF16)"
+    return "float32", "auto: this CPU has no bfloat16 matrix instructions"
+
+
+def torch_dtype(spec: FineTuneJobSpec) -> Any:
+    import torch
+
+    return getattr(torch, resolve_dtype(spec)[0])
 
 
 def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
@@ -154,7 +187,7 @@ def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.model.dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec)}
     quant = spec.method.quantization
     if spec.method.type == "qlora" and quant is not None:
         from transformers import BitsAndBytesConfig
@@ -179,10 +212,11 @@ def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
 
 
 def load_unquantized(spec: FineTuneJobSpec, source: ModelSource) -> Any:
-    """The base model in its own precision (never quantized): what an adapter is merged into."""
+    """The base model never quantized, in the precision it trained and was evaluated in: what an
+    adapter is merged into."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch_dtype(spec.model.dtype)
+    dtype = torch_dtype(spec)
     return _from_pretrained(AutoModelForCausalLM, source, spec.model.trust_remote_code, dtype=dtype)
 
 

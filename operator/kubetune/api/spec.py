@@ -119,10 +119,12 @@ class ModelSpec(ApiModel):
     dtype: Dtype = Field(
         default="auto",
         description=(
-            "dtype is the precision the model weights are loaded in; auto picks bfloat16 on "
-            "GPUs that support it and float32 elsewhere. On a CPU with AMX or AVX512-BF16, "
-            "bfloat16 trains LoRA about 1.2x faster at the same exactMatch (the adapter's "
-            "weights stay float32; docs/benchmarks.md)."
+            "dtype is the precision the base model's weights are loaded in. auto picks "
+            "bfloat16 on GPUs that support it; on a CPU with AMX or AVX512-BF16 it picks "
+            "bfloat16 for the adapter methods (lora, dora, ia3, prefix, prompt), whose trained "
+            "weights stay float32, measured 1.1-1.5x faster at the same exactMatch "
+            "(docs/benchmarks.md); float32 elsewhere, and for full and qlora on a CPU. The "
+            "run's report names the precision chosen and why."
         ),
     )
     trust_remote_code: bool = Field(

@@ -1,0 +1,92 @@
+"""model.dtype auto on a CPU: the frozen base of an adapter method loads in bfloat16 where the CPU
+multiplies bfloat16 natively (AMX or AVX512-BF16), its trained weights stay float32; full
+fine-tuning and qlora stay float32, and so does everything on a CPU without those instructions.
+The report names the precision and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer import modeling
+from tests.trainer.conftest import config_for, job_manifest
+
+
+def _spec(tiny_model: Path, task_file: Path, method: str, **fields: Any) -> Any:
+    doc = job_manifest(tiny_model, task_file, "file:///tmp/unused", method, **fields)
+    return config_for(doc).spec
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("method", "bf16_cpu", "expected"),
+    [
+        ("lora", True, "bfloat16"),
+        ("dora", True, "bfloat16"),
+        ("ia3", True, "bfloat16"),
+        ("prefix", True, "bfloat16"),
+        ("prompt", True, "bfloat16"),
+        ("qlora", True, "float32"),
+        ("full", True, "float32"),
+        ("lora", False, "float32"),
+        ("prompt", False, "float32"),
+    ],
+)
+def test_auto_on_a_cpu(
+    method: str,
+    bf16_cpu: bool,
+    expected: str,
+    cpu_only: pytest.MonkeyPatch,
+    tiny_model: Path,
+    task_file: Path,
+) -> None:
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: bf16_cpu)
+    dtype, why = modeling.resolve_dtype(_spec(tiny_model, task_file, method))
+    assert dtype == expected
+    assert why.startswith("auto: ")
+
+
+def test_a_named_dtype_is_kept(
+    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path
+) -> None:
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
+    spec = _spec(tiny_model, task_file, "lora", model__dtype="float32")
+    assert modeling.resolve_dtype(spec) == ("float32", "")
+
+
+def test_bf16_base_keeps_the_adapter_in_float32(
+    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path
+) -> None:
+    import torch
+
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
+    for method in ("lora", "ia3"):
+        spec = _spec(tiny_model, task_file, method)
+        source = modeling.ModelSource(str(tiny_model))
+        model = modeling.apply_method(modeling.load_model(spec, source), spec, source)
+        trained = {p.dtype for p in model.parameters() if p.requires_grad}
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        assert trained == {torch.float32}, (method, trained)
+        assert frozen == {torch.bfloat16}, (method, frozen)
+        assert modeling.load_unquantized(spec, source).dtype == torch.bfloat16
+
+
+def test_the_report_names_the_precision_and_why(
+    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path
+) -> None:
+    from kubetune_trainer.export import _method_lines
+
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: False)
+    lines = _method_lines(_spec(tiny_model, task_file, "lora"))
+    assert (
+        "- base model dtype: float32 (auto: this CPU has no bfloat16 matrix instructions)" in lines
+    )
