@@ -55,12 +55,16 @@ def test_auto_on_a_cpu(
     assert why.startswith("auto: ")
 
 
-def test_a_named_dtype_is_kept(
+def test_a_named_dtype_is_kept_on_a_cpu(
     cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path
 ) -> None:
     cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
     spec = _spec(tiny_model, task_file, "lora", model__dtype="float32")
     assert modeling.resolve_dtype(spec) == ("float32", "")
+    # ...except by qlora on a CPU, whose bitsandbytes layers compute in float32.
+    spec = _spec(tiny_model, task_file, "qlora", model__dtype="bfloat16")
+    dtype, why = modeling.resolve_dtype(spec)
+    assert (dtype, why.startswith("not bfloat16: qlora")) == ("float32", True)
 
 
 def test_bf16_base_keeps_the_adapter_in_float32(

@@ -143,7 +143,7 @@ def load_tokenizer(source: ModelSource, trust: bool) -> Any:
 # bfloat16 natively: their trained weights stay float32 (PEFT keeps adapters in float32) and only
 # the frozen base's matmuls run in bfloat16, measured faster at the same exactMatch
 # (docs/benchmarks.md). Not full fine-tuning (bfloat16 weights updated with no float32 master
-# copy lose small updates) and not qlora (bitsandbytes computes in float32 on CPUs).
+# copy lose small updates) and not qlora (float32 on a CPU: resolve_dtype).
 CPU_BF16_METHODS = frozenset({"lora", "dora", "ia3", "prefix", "prompt"})
 
 
@@ -158,13 +158,19 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def resolve_dtype(spec: FineTuneJobSpec) -> tuple[str, str]:
-    """The precision the base model is loaded in (a torch dtype's name) and, for auto, why."""
+    """The precision the base model is loaded in (a torch dtype's name) and why, where the spec
+    did not name it (auto) or it is not the one named (qlora on a CPU)."""
     import torch
 
     name = spec.model.dtype
+    cuda = torch.cuda.is_available()
+    if spec.method.type == "qlora" and not cuda and name != "float32":
+        # bitsandbytes computes in float32 on CPUs (no bf16 matmuls in its autograd).
+        auto = "auto: " if name == "auto" else f"not {name}: "
+        return "float32", f"{auto}qlora computes in float32 on a CPU (bitsandbytes)"
     if name != "auto":
         return name, ""
-    if torch.cuda.is_available():
+    if cuda:
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "auto: the GPU supports bfloat16"
         return "float32", "auto: the GPU has no bfloat16"
@@ -187,7 +193,9 @@ def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec)}
+    name, why = resolve_dtype(spec)
+    log.info("Model dtype=%s%s", name, f" ({why})" if why else "")
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, name)}
     quant = spec.method.quantization
     if spec.method.type == "qlora" and quant is not None:
         from transformers import BitsAndBytesConfig
@@ -199,10 +207,7 @@ def load_model(spec: FineTuneJobSpec, source: ModelSource) -> Any:
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
         )
-        if not torch.cuda.is_available():
-            # bitsandbytes computes in float32 on CPUs without bf16 matmuls in autograd.
-            kwargs["dtype"] = torch.float32
-        else:
+        if torch.cuda.is_available():
             # Quantized on this process's own GPU (each rank of a DDP run holds the 4-bit model).
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = _from_pretrained(AutoModelForCausalLM, source, spec.model.trust_remote_code, **kwargs)
