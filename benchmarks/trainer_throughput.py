@@ -102,15 +102,12 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def setup(
-    steps: int, seed: int, workdir: Path, model: bool = True, dtype: str = "auto"
-) -> tuple[Any, Any, Any, Any, Any]:
-    import transformers
+def job_spec(steps: int, seed: int, workdir: Path, dtype: str = "auto") -> Any:
+    """The quickstart's spec with the benchmark's model, data, output, steps, seed and dtype."""
     import yaml
 
     from kubetune.api import FineTuneJob, resolve_spec
     from kubetune.manifests import Loader
-    from kubetune_trainer import data, modeling
 
     doc = yaml.load(QUICKSTART.read_text(), Loader=Loader)
     doc["spec"]["model"]["uri"] = smollm2_gguf().as_uri()
@@ -119,7 +116,17 @@ def setup(
     doc["spec"]["model"]["dtype"] = dtype
     hp = doc["spec"]["hyperparameters"]
     hp.update(maxSteps=steps, seed=seed, evalEverySteps=None, checkpointEverySteps=None)
-    spec = resolve_spec(FineTuneJob.model_validate(doc).spec)
+    return resolve_spec(FineTuneJob.model_validate(doc).spec)
+
+
+def setup(
+    steps: int, seed: int, workdir: Path, model: bool = True, dtype: str = "auto"
+) -> tuple[Any, Any, Any, Any, Any]:
+    import transformers
+
+    from kubetune_trainer import data, modeling
+
+    spec = job_spec(steps, seed, workdir, dtype)
     transformers.set_seed(seed)  # as the pipeline: once at the start...
     source = modeling.materialize_gguf(modeling.locate_model(spec.model.uri, None, CACHE), CACHE)
     tokenizer = modeling.load_tokenizer(source, False)
@@ -361,9 +368,7 @@ def peak_dtype(variant: str) -> Any:
     it for LoRA on this machine."""
     from kubetune_trainer import modeling
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, *_ = setup(1, 1, Path(tmp), model=False, dtype=model_dtype(variant))
-    return modeling.torch_dtype(spec)
+    return modeling.torch_dtype(job_spec(1, 1, Path(tempfile.gettempdir()), model_dtype(variant)))
 
 
 def child(variant: str, steps: int, seed: int, mode: str = "time") -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec
 from kubetune_trainer import distributed, storage
 from kubetune_trainer.errors import DivergedError
+from kubetune_trainer.modeling import resolve_dtype
 from kubetune_trainer.telemetry import Reporter, StepInfo
 
 log = logging.getLogger("kubetune_trainer")
@@ -195,8 +196,10 @@ def training_arguments(
     accumulation = max(1, hp.batch_size // (micro * world_size))
     strategy = spec.strategy(world_size)
     cuda = torch.cuda.is_available()
-    dtype = spec.model.dtype
-    bf16 = cuda and (dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()))
+    # Mixed precision on a GPU in the base's precision; on a CPU none (a bfloat16 base there runs
+    # without autocast: modeling.resolve_dtype).
+    dtype = resolve_dtype(spec)[0]
+    bf16 = cuda and dtype == "bfloat16"
     every_eval = hp.eval_every_steps
     every_save = hp.checkpoint_every_steps
     early = hp.early_stopping_patience is not None and has_validation
