@@ -3,9 +3,12 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
 
   ours              kubetune's train stage, as the trainer runs it (training.train), with the
                     default model.dtype auto: on a CPU with AMX or AVX512-BF16 the frozen base in
-                    bfloat16 and the LoRA weights in float32; float32 on other CPUs.
+                    bfloat16 and the LoRA weights in float32, trained under bfloat16 autocast
+                    without PEFT's input casts; float32 on other CPUs.
   ours-fp32         the same with model.dtype float32 (the default on every CPU before
                     2026-12-07).
+  ours-no-autocast  the bfloat16 base without autocast (PEFT casts each LoRA layer's input to
+                    float32 and its output back): the default from 2026-12-07 to 2026-12-08.
   trl               TRL SFTTrainer, prompt-completion data (loss on the completion only), dynamic
                     padding, random batch order, float32 (TRL's default dtype); bf16 mixed
                     precision and gradient checkpointing off.
@@ -23,8 +26,8 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
   ours-packed       packing: true (padding-free, examples flattened into one sequence).
   ours-all-logits   the output layer at every position, as before 2026-12-07 (ours computes it
                     only where a position predicts an answer token).
-  ours-bf16         the Trainer's bf16 mixed precision (autocast to bfloat16, float32 weights).
-  ours-bf16-base    the frozen base in bfloat16 (the LoRA weights in float32), with autocast.
+  ours-bf16         the Trainer's bf16 mixed precision over a float32 base (autocast to
+                    bfloat16, float32 weights).
   (The other ours-* variants load the model as ours does, model.dtype auto.)
 
 Each (variant, steps, seed) runs in its own process, so peak memory is its own. Reported per run:
@@ -71,6 +74,7 @@ CACHE = ROOT / ".cache" / "kubetune" / "cache"
 VARIANTS = [
     "ours",
     "ours-fp32",
+    "ours-no-autocast",
     "ours-all-logits",
     "trl",
     "trl-padding-free",
@@ -82,13 +86,12 @@ VARIANTS = [
     "ours-window2",
     "ours-window4",
     "ours-bf16",
-    "ours-bf16-base",
 ]
 
 
 def model_dtype(variant: str) -> str:
     """The model.dtype a variant loads the base model with."""
-    if variant in ("ours-bf16-base", "trl-bf16-base"):
+    if variant == "trl-bf16-base":
         return "bfloat16"
     if variant.startswith(("trl", "naive")) or variant in ("ours-fp32", "ours-bf16"):
         return "float32"
@@ -192,12 +195,14 @@ def run_ours(variant: str, steps: int, seed: int, workdir: Path) -> dict[str, An
     elif variant == "ours-all-logits":
         every = training._trainer_class
         training._trainer_class = lambda window, answer_only=False: every(window, False)
-    elif variant.startswith("ours-bf16"):
+    elif variant in ("ours-bf16", "ours-no-autocast"):
         build = training.training_arguments
+        on = variant == "ours-bf16"
 
         def autocast(*args: Any, **kwargs: Any) -> Any:
             arguments = build(*args, **kwargs)
-            arguments.bf16 = True
+            # Both: bf16 alone, set after the arguments are made, does not reach accelerate.
+            arguments.bf16, arguments.mixed_precision = on, "bf16" if on else "no"
             return arguments
 
         training.training_arguments = autocast

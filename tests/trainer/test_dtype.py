@@ -94,3 +94,77 @@ def test_the_report_names_the_precision_and_why(
     assert (
         "- base model dtype: float32 (auto: this CPU has no bfloat16 matrix instructions)" in lines
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "autocast"),
+    [
+        ("lora", "auto", True),
+        ("ia3", "auto", True),
+        ("prompt", "auto", True),
+        ("lora", "float32", False),
+        ("qlora", "auto", False),
+        ("full", "auto", False),
+        # bfloat16 weights of full fine-tuning train as they are: nothing to autocast from.
+        ("full", "bfloat16", False),
+    ],
+)
+def test_adapters_over_a_bf16_base_train_under_autocast_on_a_cpu(
+    method: str,
+    dtype: str,
+    autocast: bool,
+    cpu_only: pytest.MonkeyPatch,
+    tiny_model: Path,
+    task_file: Path,
+    tmp_path: Path,
+) -> None:
+    from kubetune_trainer.training import training_arguments
+
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
+    spec = _spec(tiny_model, task_file, method, model__dtype=dtype)
+    args = training_arguments(spec, tmp_path, has_validation=False)
+    assert (args.bf16, args.mixed_precision) == (autocast, "bf16" if autocast else "no")
+
+
+def test_lora_matmuls_run_in_bf16_with_float32_master_weights(
+    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path, tmp_path: Path
+) -> None:
+    """In training the LoRA layers take the bfloat16 input as it is (no cast to float32 and back)
+    and compute in bfloat16, while AdamW updates their float32 weights; afterwards PEFT's casts
+    and the model's own forward (no autocast) are back for the evaluation."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kubetune_trainer.training import train
+    from tests.trainer.conftest import Recorder
+
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
+    spec = _spec(tiny_model, task_file, "lora", hyperparameters={"maxSteps": 2, "batchSize": 4})
+    source = modeling.ModelSource(str(tiny_model))
+    model = modeling.apply_method(modeling.load_model(spec, source), spec, source)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [
+        {"input_ids": [5 + i, 9, 13, 20 + i], "labels": [-100, -100, 13, 20 + i]} for i in range(8)
+    ]
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_b = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
+    seen: list[tuple[Any, Any]] = []
+    hook = lora_a.register_forward_hook(lambda m, a, out: seen.append((a[0].dtype, out.dtype)))
+    before = lora_b.weight.detach().clone()
+    try:
+        train(
+            model, tokenizer, rows, [], spec, tmp_path / "w", (tmp_path / "c").as_uri(), Recorder()
+        )
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+        assert lora_a.weight.dtype == lora_b.weight.dtype == torch.float32
+        assert not torch.equal(lora_b.weight, before)  # trained (lora_B starts at zero)
+
+        seen.clear()
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert layers and all(m.cast_input_dtype_enabled for m in layers)
+        assert "_original_forward" not in vars(model)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 9, 13]]))
+        assert set(seen) == {(torch.float32, torch.float32)}  # PEFT's cast, no autocast
+    finally:
+        hook.remove()

@@ -140,10 +140,11 @@ def load_tokenizer(source: ModelSource, trust: bool) -> Any:
 
 
 # Methods whose frozen base trains in bfloat16 under model.dtype auto on a CPU that multiplies
-# bfloat16 natively: their trained weights stay float32 (PEFT keeps adapters in float32) and only
-# the frozen base's matmuls run in bfloat16, measured faster at the same exactMatch
-# (docs/benchmarks.md). Not full fine-tuning (bfloat16 weights updated with no float32 master
-# copy lose small updates) and not qlora (float32 on a CPU: resolve_dtype).
+# bfloat16 natively: their trained weights stay float32 (PEFT keeps adapters in float32), as the
+# master copies of the bfloat16 autocast they train under (training.training_arguments),
+# measured faster at the same exactMatch (docs/benchmarks.md). Not full fine-tuning (bfloat16
+# weights updated with no float32 master copy lose small updates) and not qlora (float32 on a
+# CPU: resolve_dtype).
 CPU_BF16_METHODS = frozenset({"lora", "dora", "ia3", "prefix", "prompt"})
 
 

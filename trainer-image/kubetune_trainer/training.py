@@ -14,11 +14,13 @@ rank resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec
 from kubetune_trainer import distributed, storage
 from kubetune_trainer.errors import DivergedError
-from kubetune_trainer.modeling import resolve_dtype
+from kubetune_trainer.modeling import CPU_BF16_METHODS, resolve_dtype
 from kubetune_trainer.telemetry import Reporter, StepInfo
 
 log = logging.getLogger("kubetune_trainer")
@@ -196,10 +198,12 @@ def training_arguments(
     accumulation = max(1, hp.batch_size // (micro * world_size))
     strategy = spec.strategy(world_size)
     cuda = torch.cuda.is_available()
-    # Mixed precision on a GPU in the base's precision; on a CPU none (a bfloat16 base there runs
-    # without autocast: modeling.resolve_dtype).
+    # Mixed precision (autocast) in the base's precision: on a GPU, and on a CPU for the adapter
+    # methods over a bfloat16 base (modeling.resolve_dtype), whose trained weights PEFT keeps in
+    # float32: their matmuls then run in bfloat16 too, the float32 weights as master copies.
+    # Full fine-tuning named bfloat16 on a CPU trains its bfloat16 weights as they are.
     dtype = resolve_dtype(spec)[0]
-    bf16 = cuda and dtype == "bfloat16"
+    bf16 = dtype == "bfloat16" and (cuda or spec.method.type in CPU_BF16_METHODS)
     every_eval = hp.eval_every_steps
     every_save = hp.checkpoint_every_steps
     early = hp.early_stopping_patience is not None and has_validation
@@ -490,6 +494,23 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _no_adapter_input_casts(model: Any, active: bool) -> Iterator[None]:
+    """Switches off PEFT's cast of each adapter layer's input to its weights' dtype (the layers'
+    cast_input_dtype_enabled, which peft.helpers.disable_input_dtype_casting sets too, but that
+    fails on layers without the attribute, IA3's in peft 0.21)."""
+    layers = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
+    if not active:
+        layers = []
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -562,10 +583,18 @@ def train(
     # Without a KV cache the attention mask follows the position ids, so packed examples do not
     # attend to each other; a cache is no use in training anyway.
     model.config.use_cache = False
+    # Under autocast an adapter layer takes the base's half-precision input as it is: PEFT's cast
+    # of it to the adapter weights' float32, which autocast undoes at once, costs two copies of
+    # every adapter layer's input and output, forward and backward.
+    mixed = bool(args.bf16 or args.fp16)
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        with _no_adapter_input_casts(model, active=mixed):
+            result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         model.config.use_cache = use_cache
+        # The evaluation runs in the precision the model was loaded in, as the base model's and
+        # the champion's do: the Trainer's autocast comes off the model's forward.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     seconds = time.monotonic() - started
     gathered = None
     if spec.strategy(world) == "fsdp":
