@@ -8,7 +8,7 @@ the same model, data, LoRA settings, learning rate, schedule, batch size, seed a
   ours-fp32         the same with model.dtype float32 (the default on every CPU before
                     2026-12-07).
   ours-no-autocast  the bfloat16 base without autocast (PEFT casts each LoRA layer's input to
-                    float32 and its output back): the default from 2026-12-07 to 2026-12-08.
+                    float32 and its output back): the default on the evening of 2026-12-07.
   trl               TRL SFTTrainer, prompt-completion data (loss on the completion only), dynamic
                     padding, random batch order, float32 (TRL's default dtype); bf16 mixed
                     precision and gradient checkpointing off.

@@ -5,6 +5,7 @@ The report names the precision and why."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,11 @@ def test_adapters_over_a_bf16_base_train_under_autocast_on_a_cpu(
 
 
 def test_lora_matmuls_run_in_bf16_with_float32_master_weights(
-    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path, tmp_path: Path
+    cpu_only: pytest.MonkeyPatch,
+    tiny_model: Path,
+    task_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """In training the LoRA layers take the bfloat16 input as it is (no cast to float32 and back)
     and compute in bfloat16, while AdamW updates their float32 weights; afterwards PEFT's casts
@@ -136,6 +141,8 @@ def test_lora_matmuls_run_in_bf16_with_float32_master_weights(
     from transformers import AutoTokenizer
 
     from kubetune_trainer.training import train
+
+    caplog.set_level(logging.INFO, logger="kubetune_trainer")
     from tests.trainer.conftest import Recorder
 
     cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
@@ -156,6 +163,7 @@ def test_lora_matmuls_run_in_bf16_with_float32_master_weights(
             model, tokenizer, rows, [], spec, tmp_path / "w", (tmp_path / "c").as_uri(), Recorder()
         )
         assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+        assert "Autocast=bfloat16 (adapter input casts off)" in caplog.text
         assert lora_a.weight.dtype == lora_b.weight.dtype == torch.float32
         assert not torch.equal(lora_b.weight, before)  # trained (lora_B starts at zero)
 

@@ -555,6 +555,11 @@ def train(
     )
     answer_only = spec.method.type not in SHIFTED_POSITIONS
     log.info("Output layer=%s", "answer positions only" if answer_only else "every position")
+    mixed = bool(args.bf16 or args.fp16)
+    log.info(
+        "Autocast=%s",
+        ("bfloat16" if args.bf16 else "float16") + " (adapter input casts off)" if mixed else "off",
+    )
     trainer = _trainer_class(window, answer_only)(
         model=model,
         args=args,
@@ -586,7 +591,6 @@ def train(
     # Under autocast an adapter layer takes the base's half-precision input as it is: PEFT's cast
     # of it to the adapter weights' float32, which autocast undoes at once, costs two copies of
     # every adapter layer's input and output, forward and backward.
-    mixed = bool(args.bf16 or args.fp16)
     try:
         with _no_adapter_input_casts(model, active=mixed):
             result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
