@@ -103,6 +103,8 @@ def test_the_report_names_the_precision_and_why(
         ("lora", "auto", True),
         ("ia3", "auto", True),
         ("prompt", "auto", True),
+        # DoRA's weight norm would be taken of a bfloat16 sum under autocast.
+        ("dora", "auto", False),
         ("lora", "float32", False),
         ("qlora", "auto", False),
         ("full", "auto", False),
@@ -163,16 +165,36 @@ def test_lora_matmuls_run_in_bf16_with_float32_master_weights(
             model, tokenizer, rows, [], spec, tmp_path / "w", (tmp_path / "c").as_uri(), Recorder()
         )
         assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
-        assert "Autocast=bfloat16 (adapter input casts off)" in caplog.text
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert f"Autocast=bfloat16 (input casts off in {len(layers)} adapter layers)" in caplog.text
         assert lora_a.weight.dtype == lora_b.weight.dtype == torch.float32
         assert not torch.equal(lora_b.weight, before)  # trained (lora_B starts at zero)
 
         seen.clear()
-        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
         assert layers and all(m.cast_input_dtype_enabled for m in layers)
-        assert "_original_forward" not in vars(model)
+        assert "_original_forward" not in vars(model) and "forward" not in vars(model)
         with torch.no_grad():
             model(input_ids=torch.tensor([[5, 9, 13]]))
         assert set(seen) == {(torch.float32, torch.float32)}  # PEFT's cast, no autocast
     finally:
         hook.remove()
+
+
+def test_dora_layers_keep_their_input_casts(
+    cpu_only: pytest.MonkeyPatch, tiny_model: Path, task_file: Path
+) -> None:
+    """A DoRA layer takes its weight norm in its input's dtype: under autocast (a GPU's) it keeps
+    PEFT's cast to float32; plain LoRA layers give theirs up."""
+    from kubetune_trainer.training import _no_adapter_input_casts
+
+    cpu_only.setattr(modeling, "cpu_multiplies_bf16", lambda: True)
+    counts = {}
+    for method in ("lora", "dora"):
+        spec = _spec(tiny_model, task_file, method)
+        source = modeling.ModelSource(str(tiny_model))
+        model = modeling.apply_method(modeling.load_model(spec, source), spec, source)
+        with _no_adapter_input_casts(model, active=True) as counts[method]:
+            pass
+        with _no_adapter_input_casts(model, active=False) as off:
+            assert off == 0
+    assert counts["lora"] > 0 and counts["dora"] == 0

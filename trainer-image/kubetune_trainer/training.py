@@ -201,9 +201,12 @@ def training_arguments(
     # Mixed precision (autocast) in the base's precision: on a GPU, and on a CPU for the adapter
     # methods over a bfloat16 base (modeling.resolve_dtype), whose trained weights PEFT keeps in
     # float32: their matmuls then run in bfloat16 too, the float32 weights as master copies.
-    # Full fine-tuning named bfloat16 on a CPU trains its bfloat16 weights as they are.
+    # Not DoRA on a CPU: under autocast its weight norm would be taken of a bfloat16 sum, where
+    # evaluation takes it in float32. Full fine-tuning named bfloat16 on a CPU trains its
+    # bfloat16 weights as they are.
     dtype = resolve_dtype(spec)[0]
-    bf16 = dtype == "bfloat16" and (cuda or spec.method.type in CPU_BF16_METHODS)
+    autocast_on_cpu = spec.method.type in CPU_BF16_METHODS - {"dora"}
+    bf16 = dtype == "bfloat16" and (cuda or autocast_on_cpu)
     every_eval = hp.eval_every_steps
     every_save = hp.checkpoint_every_steps
     early = hp.early_stopping_patience is not None and has_validation
@@ -495,17 +498,23 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _no_adapter_input_casts(model: Any, active: bool) -> Iterator[None]:
-    """Switches off PEFT's cast of each adapter layer's input to its weights' dtype (the layers'
+def _no_adapter_input_casts(model: Any, active: bool) -> Iterator[int]:
+    """Switches off PEFT's cast of each LoRA layer's input to its weights' dtype (the layers'
     cast_input_dtype_enabled, which peft.helpers.disable_input_dtype_casting sets too, but that
-    fails on layers without the attribute, IA3's in peft 0.21)."""
-    layers = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
+    fails on layers without the attribute, IA3's in peft 0.21); yields how many layers. Not a
+    DoRA layer's (a lora_variant): it takes its weight norm in its input's dtype."""
+    layers = [
+        m
+        for m in model.modules()
+        if getattr(m, "cast_input_dtype_enabled", None) is True
+        and not getattr(m, "lora_variant", None)
+    ]
     if not active:
         layers = []
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     try:
-        yield
+        yield len(layers)
     finally:
         for layer in layers:
             layer.cast_input_dtype_enabled = True
@@ -555,11 +564,7 @@ def train(
     )
     answer_only = spec.method.type not in SHIFTED_POSITIONS
     log.info("Output layer=%s", "answer positions only" if answer_only else "every position")
-    mixed = bool(args.bf16 or args.fp16)
-    log.info(
-        "Autocast=%s",
-        ("bfloat16" if args.bf16 else "float16") + " (adapter input casts off)" if mixed else "off",
-    )
+    mixed = args.mixed_precision in ("bf16", "fp16")
     trainer = _trainer_class(window, answer_only)(
         model=model,
         args=args,
@@ -592,13 +597,23 @@ def train(
     # of it to the adapter weights' float32, which autocast undoes at once, costs two copies of
     # every adapter layer's input and output, forward and backward.
     try:
-        with _no_adapter_input_casts(model, active=mixed):
+        with _no_adapter_input_casts(model, active=mixed) as uncast:
+            log.info(
+                "Autocast=%s",
+                f"{'bfloat16' if args.mixed_precision == 'bf16' else 'float16'} "
+                f"(input casts off in {uncast} adapter layers)"
+                if mixed
+                else "off",
+            )
             result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         model.config.use_cache = use_cache
         # The evaluation runs in the precision the model was loaded in, as the base model's and
-        # the champion's do: the Trainer's autocast comes off the model's forward.
-        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        # the champion's do: the Trainer's autocast comes off the model's forward (exactly the
+        # forward it wrapped: accelerate's own unwrap walks past the model's decorators).
+        prepared = trainer.accelerator.unwrap_model(trainer.model)
+        if prepared.__dict__.pop("_original_forward", None) is not None:
+            prepared.__dict__.pop("forward", None)
     seconds = time.monotonic() - started
     gathered = None
     if spec.strategy(world) == "fsdp":

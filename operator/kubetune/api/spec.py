@@ -121,9 +121,9 @@ class ModelSpec(ApiModel):
         description=(
             "dtype is the precision the base model's weights are loaded in. auto picks "
             "bfloat16 on GPUs that support it; on a CPU with AMX or AVX512-BF16 it picks "
-            "bfloat16 for the adapter methods (lora, dora, ia3, prefix, prompt), trained under "
-            "bfloat16 autocast with their weights in float32: measured 1.14x (lora) to 1.6x "
-            "(prompt) faster at equal exactMatch (docs/benchmarks.md); float32 "
+            "bfloat16 for the adapter methods (lora, dora, ia3, prefix, prompt), whose trained "
+            "weights stay float32 (all but dora train under bfloat16 autocast): measured 1.1x "
+            "(lora) to 1.6x (prompt) faster than float32 (docs/benchmarks.md); float32 "
             "elsewhere and for full on a CPU. qlora computes in float32 on a CPU whatever this "
             "says. The run's log and report name the precision and why."
         ),
