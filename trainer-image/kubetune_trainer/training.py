@@ -506,11 +506,10 @@ def _no_adapter_input_casts(model: Any, active: bool) -> Iterator[int]:
     layers = [
         m
         for m in model.modules()
-        if getattr(m, "cast_input_dtype_enabled", None) is True
+        if active
+        and getattr(m, "cast_input_dtype_enabled", None) is True
         and not getattr(m, "lora_variant", None)
     ]
-    if not active:
-        layers = []
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     try:
@@ -564,7 +563,6 @@ def train(
     )
     answer_only = spec.method.type not in SHIFTED_POSITIONS
     log.info("Output layer=%s", "answer positions only" if answer_only else "every position")
-    mixed = args.mixed_precision in ("bf16", "fp16")
     trainer = _trainer_class(window, answer_only)(
         model=model,
         args=args,
@@ -596,15 +594,13 @@ def train(
     # Under autocast an adapter layer takes the base's half-precision input as it is: PEFT's cast
     # of it to the adapter weights' float32, which autocast undoes at once, costs two copies of
     # every adapter layer's input and output, forward and backward.
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(args.mixed_precision)
     try:
-        with _no_adapter_input_casts(model, active=mixed) as uncast:
-            log.info(
-                "Autocast=%s",
-                f"{'bfloat16' if args.mixed_precision == 'bf16' else 'float16'} "
-                f"(input casts off in {uncast} adapter layers)"
-                if mixed
-                else "off",
-            )
+        with _no_adapter_input_casts(model, active=autocast is not None) as uncast:
+            if autocast:
+                log.info("Autocast=%s (input casts off in %d adapter layers)", autocast, uncast)
+            else:
+                log.info("Autocast=off")
             result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         model.config.use_cache = use_cache
